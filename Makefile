@@ -1,0 +1,34 @@
+# The two commands: `make demo` and `make test`. Each sets up .venv on first use.
+PYTHON ?= python3
+TORCH ?= torch==2.13.0
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: demo test lint format setup clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+
+$(STAMP): pyproject.toml | $(BIN)/python
+	$(BIN)/pip install -q "$(TORCH)"
+	$(BIN)/pip install -q -e ".[dev]"
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/resalign run specs/digits_demo.yaml
+
+test: $(STAMP)
+	$(BIN)/ruff check resalign tests
+	$(BIN)/ruff format --check resalign tests
+	$(BIN)/python -m pytest -q tests
+
+format: $(STAMP)
+	$(BIN)/ruff format resalign tests
+	$(BIN)/ruff check --fix resalign tests
+
+clean:
+	rm -rf $(VENV)

@@ -1,0 +1,108 @@
+"""The ``model`` section: which diffusion model, in which precision, and what is trained."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, PositiveInt, model_validator
+
+from .base import StrictModel
+
+# The published code trains rank-4 LoRA on these four projections of every attention layer.
+PUBLISHED_LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
+
+
+class TrainableSpec(StrictModel):
+    """Which UNet parameters unlearning updates."""
+
+    kind: Literal["lora", "full", "modules"] = "lora"
+    rank: PositiveInt = 4
+    alpha: float | None = Field(
+        default=None, description="LoRA alpha; default = rank, i.e. scale 1 as published"
+    )
+    targets: list[str] = Field(default_factory=lambda: list(PUBLISHED_LORA_TARGETS))
+    init: Literal["resalign", "peft_default"] = Field(
+        default="resalign",
+        description="resalign: up ~ N(0, 0.002), down ~ N(0, 0.008) as the published code; "
+        "peft_default: kaiming down, zero up (the adapter starts as a no-op)",
+    )
+    modules: list[str] = Field(
+        default_factory=list,
+        description="for kind=modules: substrings of parameter names to train",
+    )
+
+    @model_validator(mode="after")
+    def _check(self) -> TrainableSpec:
+        if self.kind == "modules" and not self.modules:
+            raise ValueError("trainable.kind 'modules' needs a non-empty 'modules' list")
+        if self.kind == "lora" and not self.targets:
+            raise ValueError("trainable.kind 'lora' needs a non-empty 'targets' list")
+        return self
+
+
+class NoiseScheduleSpec(StrictModel):
+    """Training noise schedule (DDPM), as SD v1.4 ships it."""
+
+    num_train_timesteps: PositiveInt = 1000
+    beta_schedule: Literal["scaled_linear", "linear", "squaredcos_cap_v2"] = "scaled_linear"
+    beta_start: float = Field(default=0.00085, gt=0)
+    beta_end: float = Field(default=0.012, gt=0)
+    prediction_type: Literal["epsilon", "v_prediction"] = "epsilon"
+
+
+class TinyPretrainSpec(StrictModel):
+    """Pretraining of a tiny model from scratch (the built-in demo's 'original model')."""
+
+    dataset: str
+    steps: PositiveInt = 2000
+    lr: float = Field(default=1e-3, gt=0)
+    batch_size: PositiveInt = 64
+    seed: int = 0
+
+
+class TinyModelSpec(StrictModel):
+    """Architecture of an SD-shaped model small enough for a CPU (family: tiny)."""
+
+    sample_size: PositiveInt = 8
+    in_channels: PositiveInt = 1
+    block_out_channels: list[PositiveInt] = Field(default_factory=lambda: [32, 64])
+    layers_per_block: PositiveInt = 1
+    attention_head_dim: PositiveInt = 8
+    cross_attention_dim: PositiveInt = 32
+    text_hidden_size: PositiveInt = 32
+    text_layers: PositiveInt = 2
+    max_length: PositiveInt = 16
+    latent: Literal["pixel", "vae"] = Field(
+        default="pixel",
+        description="pixel: the VAE is an identity-initialised 1×1 autoencoder so latents are "
+        "pixels; vae: a randomly initialised tiny AutoencoderKL",
+    )
+    pretrain: TinyPretrainSpec | None = None
+
+
+class ModelSpec(StrictModel):
+    """The model to unlearn. ``pretrained`` is a hub id (resolved in the local cache), a
+    diffusers folder, or a single-file ``.safetensors`` checkpoint."""
+
+    family: Literal["sd", "sdxl", "tiny"] = "sd"
+    pretrained: str | None = None
+    revision: str | None = None
+    variant: str | None = None
+    allow_download: bool = False
+    dtype: Literal["float32", "float16", "bfloat16"] = "float32"
+    device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
+    trainable: TrainableSpec = Field(default_factory=TrainableSpec)
+    noise_schedule: NoiseScheduleSpec = Field(default_factory=NoiseScheduleSpec)
+    tiny: TinyModelSpec | None = None
+
+    @model_validator(mode="after")
+    def _check(self) -> ModelSpec:
+        if self.family == "tiny":
+            if self.tiny is None:
+                self.tiny = TinyModelSpec()
+        elif not self.pretrained:
+            raise ValueError(
+                f"model.family '{self.family}' needs 'pretrained': a hub id "
+                "(e.g. CompVis/stable-diffusion-v1-4), a diffusers folder or a .safetensors file"
+            )
+        return self

@@ -1,0 +1,60 @@
+"""The ``threats`` section: downstream fine-tuning attacks on every model row."""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from pydantic import Field, PositiveInt, model_validator
+
+from .base import StrictModel
+from .unlearn import LoraAttackSpec
+
+PositiveFloat = Annotated[float, Field(gt=0)]
+
+
+class PoisonSpec(StrictModel):
+    """Replace ``ratio`` of the benign data by harmful pairs from ``data``."""
+
+    data: str
+    ratio: float = Field(ge=0, le=1)
+
+
+class ThreatSpec(StrictModel):
+    """A fine-tuning attack. Defaults are the published attack: full UNet, 200 steps, lr 1e-5
+    constant, AdamW, effective batch 4, fp16, seed 42."""
+
+    data: str
+    poison: PoisonSpec | None = None
+    algorithm: Literal["full", "lora", "dreambooth"] = "full"
+    lora: LoraAttackSpec = Field(default_factory=lambda: LoraAttackSpec(mode="fresh"))
+    prior: str | None = Field(default=None, description="class-prior dataset for dreambooth")
+    prior_weight: float = Field(default=1.0, ge=0)
+    optimizer: Literal["sgd", "adam", "adamw"] = "adamw"
+    lr: PositiveFloat = 1e-5
+    weight_decay: float = Field(default=1e-2, ge=0)
+    schedule: Literal["constant", "linear", "cosine"] = "constant"
+    warmup_steps: int = Field(default=0, ge=0)
+    steps: PositiveInt = 200
+    batch_size: PositiveInt = 1
+    grad_accumulation: PositiveInt = 4
+    precision: Literal["fp32", "fp16", "bf16"] = "fp16"
+    max_grad_norm: PositiveFloat | None = None
+    seeds: list[int] = Field(default_factory=lambda: [42], min_length=1)
+    eval_at: list[PositiveInt] = Field(
+        default_factory=list, description="steps at which to evaluate; default: the last step"
+    )
+    checkpoint_every: PositiveInt = 100
+
+    @model_validator(mode="after")
+    def _check(self) -> ThreatSpec:
+        late = [s for s in self.eval_at if s > self.steps]
+        if late:
+            raise ValueError(
+                f"eval_at has checkpoint(s) {late} after the last step ({self.steps}); "
+                f"use values in 1..{self.steps}"
+            )
+        if not self.eval_at:
+            self.eval_at = [self.steps]
+        if len(set(self.seeds)) != len(self.seeds):
+            raise ValueError(f"seeds has duplicates: {self.seeds}")
+        return self
