@@ -1,0 +1,801 @@
+"""Grid templates: one spec written in Jinja2, a front matter that declares the grid.
+
+A template file looks like::
+
+    # comments and blank lines may precede the front matter
+    ---
+    name: ablation                 # grid name (default: the file name without .yaml.j2)
+    description: the paper's ablation rows
+    matrix:                        # a product over named axes, first axis varies slowest
+      hypergradient: [none, moreau]
+      meta: [none, data, data_and_configs]
+    exclude:                       # cells removed when every listed axis matches
+      - {hypergradient: none, meta: data}
+    include:                       # explicit cells, as in CI matrices (below)
+      - {hypergradient: unrolled, meta: none}
+    vars:                          # constants visible to every cell
+      steps: 40
+    ---
+    name: ablation-{{ cell.slug }}
+    unlearn:
+      resilience:
+        hypergradient: {kind: {{ hypergradient }}}
+    ...
+
+``include`` follows CI-matrix semantics: an entry whose matrix-axis values match existing cells
+adds its other keys (as variables) to those cells; an entry that matches no cell becomes a new
+cell, and its keys become axes of the grid. The cell id lists the cell's axis values in the
+order the axes first appear in the front matter (``hypergradient=moreau,meta=data``), each value
+spelt as written in the front matter, so the same cell has the same id in run names, MLflow
+tags, file names and store paths.
+
+The body is rendered in Jinja's immutable sandbox with ``StrictUndefined`` and no loader: a
+template cannot reach Python internals, the file system or other templates, and an undefined
+variable is an error. Every cell is rendered and validated before any cell is used, and every
+problem of every cell is reported at once with the cell id and the template line.
+"""
+
+from __future__ import annotations
+
+import difflib
+import itertools
+import re
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from ..errors import UserError
+from .errors import Issue
+
+Scalar = str | int | float | bool
+
+FRONT_MATTER_KEYS = ("name", "description", "matrix", "include", "exclude", "vars")
+RESERVED_NAMES = frozenset(
+    {"cell", "grid", "range", "dict", "lipsum", "cycler", "joiner", "namespace", "loop", "self"}
+)
+_IDENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+_ID_VALUE = re.compile(r"^[A-Za-z0-9_.+-]+$")
+# YAML 1.1 (PyYAML) reads `1e-5` as a string; researchers mean a float, as in the spec loader.
+_FLOAT = re.compile(
+    r"^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?"
+    r"|[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)"
+    r"|\.[0-9_]+(?:[eE][-+]?[0-9]+)?"
+    r"|[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$"
+)
+# Private-use code points: they never occur in a spec, so they can tag template lines.
+_MARK_OPEN, _MARK_CLOSE = "\ue000", "\ue001"
+_MARK = re.compile(f"{_MARK_OPEN}(\\d+){_MARK_CLOSE}")
+_TAG = re.compile(r"\{\{.*?\}\}|\{%.*?%\}|\{#.*?#\}", re.DOTALL)
+
+
+class _FrontMatterLoader(yaml.SafeLoader):
+    """Safe loader whose floats follow YAML 1.2 (``1e-5`` is a float)."""
+
+
+_FrontMatterLoader.yaml_implicit_resolvers = {
+    k: [r for r in v if r[0] != "tag:yaml.org,2002:float"]
+    for k, v in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+_FrontMatterLoader.add_implicit_resolver("tag:yaml.org,2002:float", _FLOAT, list("-+0123456789."))
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One cell of a grid: its axis values (in axis order), extra variables from ``include``
+    and its position in the grid."""
+
+    id: str
+    axes: dict[str, Scalar]
+    extras: dict[str, Any] = field(default_factory=dict)
+    index: int = 0
+
+    @property
+    def slug(self) -> str:
+        """The id in the alphabet of spec names and run names (``=`` → ``-``, ``,`` → ``__``)."""
+        return self.id.replace("=", "-").replace(",", "__")
+
+    @property
+    def tags(self) -> dict[str, str]:
+        """MLflow tags that identify the cell (``grid.cell`` and one ``grid.axis.<name>``)."""
+        out = {"grid.cell": self.id}
+        out.update({f"grid.axis.{k}": _spell(v) for k, v in self.axes.items()})
+        return out
+
+
+@dataclass
+class GridTemplate:
+    """A parsed template: its grid and its Jinja body (padded so line numbers are file lines)."""
+
+    path: Path
+    name: str
+    description: str
+    axes: list[str]
+    cells: list[Cell]
+    variables: dict[str, Any]
+    body: str
+    body_line: int  # file line of the body's first line
+
+    def cell(self, cell_id: str) -> Cell:
+        for c in self.cells:
+            if c.id == cell_id:
+                return c
+        raise UserError(
+            f"no cell {cell_id!r} in grid {self.name!r}",
+            where=str(self.path),
+            hint="cells: " + ", ".join(c.id for c in self.cells),
+        )
+
+
+@dataclass
+class RenderedCell:
+    """A cell rendered to spec text (as written by ``--render``) and, once validated, its spec."""
+
+    cell: Cell
+    text: str
+    source: str  # pseudo file name used in messages: "<template>[<cell id>]"
+    line_map: list[int]  # rendered line (0-based) → template file line (1-based)
+    exact_lines: bool
+    spec: Any = None
+
+    def template_line(self, rendered_line: int) -> int:
+        """The template file line that produced line ``rendered_line`` (1-based) of ``text``."""
+        if not self.line_map:
+            return 1
+        i = min(max(rendered_line, 1), len(self.line_map)) - 1
+        return self.line_map[i]
+
+
+# --------------------------------------------------------------------------- parsing
+
+
+def _spell(value: Scalar) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return str(value)
+
+
+def _node_to_py(node: yaml.Node, loader: yaml.SafeLoader, where: Callable[[yaml.Node], str]):
+    """Build Python values from a composed YAML node, rejecting duplicate keys."""
+    if isinstance(node, yaml.MappingNode):
+        out: dict[Any, Any] = {}
+        for k_node, v_node in node.value:
+            key = _node_to_py(k_node, loader, where)
+            if key in out:
+                raise UserError(
+                    f"duplicate key {key!r} in the front matter",
+                    where=where(k_node),
+                    hint="each key may appear once; merge the two entries",
+                )
+            out[key] = _node_to_py(v_node, loader, where)
+        return out
+    if isinstance(node, yaml.SequenceNode):
+        return [_node_to_py(n, loader, where) for n in node.value]
+    return loader.construct_object(node, deep=True)
+
+
+def _split_front_matter(text: str, path: Path) -> tuple[str, int, int]:
+    """Return (front matter text, its first file line, first file line of the body)."""
+    lines = text.splitlines(keepends=True)
+    start = None
+    for i, line in enumerate(lines):
+        s = line.strip()
+        if not s or s.startswith("#"):
+            continue
+        if s == "---":
+            start = i
+        break
+    if start is None:
+        raise UserError(
+            "a grid template must begin with a front matter between two '---' lines",
+            where=f"{path}:1",
+            hint="put '---', then 'matrix:' with the grid's axes, then '---' above the spec",
+        )
+    for j in range(start + 1, len(lines)):
+        if lines[j].strip() == "---":
+            return "".join(lines[start + 1 : j]), start + 2, j + 2
+    raise UserError(
+        "the front matter opened on this line is never closed",
+        where=f"{path}:{start + 1}",
+        hint="close it with a line containing only '---' before the spec body",
+    )
+
+
+def _scalar_check(value: Any, what: str, where: str) -> Scalar:
+    if isinstance(value, bool | int | float | str) and value is not None:
+        if not _ID_VALUE.match(_spell(value)):
+            raise UserError(
+                f"{what} {_spell(value)!r} cannot appear in a cell id",
+                where=where,
+                hint="use letters, digits and _ . + - only (ids name files and MLflow runs)",
+            )
+        return value
+    raise UserError(
+        f"{what} must be a single value (string, number or boolean), got {type(value).__name__}",
+        where=where,
+        hint="put lists and mappings under 'vars:' or in the spec body",
+    )
+
+
+def _name_check(name: Any, what: str, where: str) -> str:
+    if not isinstance(name, str) or not _IDENT.match(name):
+        raise UserError(
+            f"{what} {name!r} is not a valid variable name",
+            where=where,
+            hint="use letters, digits and underscores, not starting with a digit",
+        )
+    if name in RESERVED_NAMES:
+        raise UserError(
+            f"{what} {name!r} is reserved in templates",
+            where=where,
+            hint="rename it; reserved: " + ", ".join(sorted(RESERVED_NAMES)),
+        )
+    return name
+
+
+def _same(a: Any, b: Any) -> bool:
+    """Equal values of the same YAML kind (``true`` is not ``1``, ``"1"`` is not ``1``)."""
+    kind = (bool, str)
+    for k in kind:
+        if isinstance(a, k) or isinstance(b, k):
+            return isinstance(a, k) and isinstance(b, k) and a == b
+    return a == b
+
+
+def load_template(path: str | Path, text: str | None = None) -> GridTemplate:
+    """Parse a template file: its front matter into cells, its body into a Jinja source.
+
+    Raises ``UserError`` (with file and line) for a malformed front matter, unknown keys,
+    empty axes, excludes naming unknown axes or values, and duplicate cell ids.
+    """
+    path = Path(path)
+    if text is None:
+        try:
+            text = path.read_text(encoding="utf-8")
+        except FileNotFoundError:
+            raise UserError("template not found", where=str(path), hint="check the path") from None
+        except (OSError, UnicodeDecodeError) as e:
+            raise UserError(f"cannot read the template: {e}", where=str(path)) from None
+    fm_text, fm_line, body_line = _split_front_matter(text, path)
+
+    loader = _FrontMatterLoader(fm_text)
+    try:
+        try:
+            root = loader.get_single_node()
+        except yaml.YAMLError as e:
+            mark = getattr(e, "problem_mark", None)
+            line = fm_line + mark.line if mark is not None else fm_line
+            problem = getattr(e, "problem", None) or str(e)
+            raise UserError(
+                f"the front matter is not valid YAML: {problem}",
+                where=f"{path}:{line}",
+                hint="the front matter is a YAML mapping with matrix/include/exclude/vars",
+            ) from None
+
+        def where(node: yaml.Node | None) -> str:
+            if node is None:
+                return f"{path}:{fm_line}"
+            return f"{path}:{fm_line + node.start_mark.line}:{node.start_mark.column + 1}"
+
+        if root is None:
+            raise UserError(
+                "the front matter is empty",
+                where=where(None),
+                hint="declare the grid, e.g. 'matrix: {hypergradient: [none, moreau]}'",
+            )
+        if not isinstance(root, yaml.MappingNode):
+            raise UserError(
+                "the front matter must be a mapping", where=where(root), hint="see docs"
+            )
+        nodes: dict[str, yaml.Node] = {}
+        for k_node, v_node in root.value:
+            key = k_node.value
+            if key not in FRONT_MATTER_KEYS:
+                close = difflib.get_close_matches(str(key), FRONT_MATTER_KEYS, n=1)
+                raise UserError(
+                    f"unknown front matter key {key!r}"
+                    + (f"; did you mean {close[0]!r}?" if close else ""),
+                    where=where(k_node),
+                    hint="allowed: " + ", ".join(FRONT_MATTER_KEYS),
+                )
+            if key in nodes:
+                raise UserError(
+                    f"duplicate key {key!r} in the front matter",
+                    where=where(k_node),
+                    hint="each key may appear once",
+                )
+            nodes[key] = v_node
+        fm = {k: _node_to_py(v, loader, where) for k, v in nodes.items()}
+    finally:
+        loader.dispose()
+
+    name = fm.get("name", path.name.removesuffix(".j2").removesuffix(".yaml"))
+    if not isinstance(name, str) or not re.match(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", name):
+        raise UserError(
+            f"grid name {name!r} is not a valid name",
+            where=where(nodes.get("name")),
+            hint="letters, digits and _ . - (it names the MLflow parent run)",
+        )
+    description = fm.get("description", "")
+    if not isinstance(description, str):
+        raise UserError("description must be a string", where=where(nodes.get("description")))
+
+    # matrix: ordered axes with their values
+    matrix = fm.get("matrix", {}) or {}
+    if not isinstance(matrix, dict):
+        raise UserError(
+            "matrix must be a mapping of axis name → list of values",
+            where=where(nodes.get("matrix")),
+            hint="e.g. 'matrix: {lr: [1e-5, 1e-4], steps: [50, 200]}'",
+        )
+    m_nodes = {k.value: (k, v) for k, v in nodes["matrix"].value} if matrix else {}
+    axes: list[str] = []
+    values: dict[str, list[Scalar]] = {}
+    for axis, vals in matrix.items():
+        k_node, v_node = m_nodes[axis]
+        _name_check(axis, "axis", where(k_node))
+        if not isinstance(vals, list) or not vals:
+            raise UserError(
+                f"axis {axis!r} needs a non-empty list of values",
+                where=where(v_node),
+                hint=f"e.g. '{axis}: [a, b]'",
+            )
+        checked = []
+        for i, v in enumerate(vals):
+            w = where(v_node.value[i])
+            checked.append(_scalar_check(v, f"value of axis {axis!r}", w))
+            if any(_same(v, c) for c in checked[:-1]):
+                raise UserError(f"axis {axis!r} lists {_spell(v)!r} twice", where=w)
+        axes.append(axis)
+        values[axis] = checked
+
+    # Spell values as written in the front matter so `1e-5` stays `1e-5` in ids.
+    spelling: dict[tuple[str, int], str] = {}
+    for axis in axes:
+        v_node = m_nodes[axis][1]
+        for i, n in enumerate(v_node.value):
+            spelling[(axis, i)] = n.value if isinstance(n, yaml.ScalarNode) else _spell(n)
+
+    variables = fm.get("vars", {}) or {}
+    if not isinstance(variables, dict):
+        raise UserError("vars must be a mapping of name → value", where=where(nodes.get("vars")))
+    for k in variables:
+        _name_check(k, "variable", where(nodes["vars"]))
+        if k in values:
+            raise UserError(
+                f"{k!r} is both an axis and a variable",
+                where=where(nodes["vars"]),
+                hint="rename one of them",
+            )
+
+    def entries(key: str) -> list[tuple[dict[str, Any], yaml.Node]]:
+        raw = fm.get(key, []) or []
+        node = nodes.get(key)
+        if not isinstance(raw, list) or not all(isinstance(e, dict) and e for e in raw):
+            raise UserError(
+                f"{key} must be a list of non-empty mappings axis → value",
+                where=where(node),
+                hint=f"e.g. '{key}: [{{hypergradient: none, meta: data}}]'",
+            )
+        return list(zip(raw, node.value)) if raw else []
+
+    # product, then exclude
+    cells: list[dict[str, Scalar]] = []
+    spellings: list[dict[str, str]] = []
+    if axes:
+        idx_product = itertools.product(*[range(len(values[a])) for a in axes])
+        for idx in idx_product:
+            cells.append({a: values[a][i] for a, i in zip(axes, idx)})
+            spellings.append({a: spelling[(a, i)] for a, i in zip(axes, idx)})
+    for entry, e_node in entries("exclude"):
+        for k, v in entry.items():
+            if k not in values:
+                close = difflib.get_close_matches(str(k), axes, n=1)
+                raise UserError(
+                    f"exclude names {k!r}, which is not a matrix axis"
+                    + (f"; did you mean {close[0]!r}?" if close else ""),
+                    where=where(e_node),
+                    hint="axes: " + ", ".join(axes),
+                )
+            if not any(_same(v, x) for x in values[k]):
+                raise UserError(
+                    f"exclude has {k}={_spell(v)!r}, which is not a value of axis {k!r}",
+                    where=where(e_node),
+                    hint=f"values of {k}: " + ", ".join(_spell(x) for x in values[k]),
+                )
+        keep = [i for i, c in enumerate(cells) if not all(_same(c[k], v) for k, v in entry.items())]
+        cells = [cells[i] for i in keep]
+        spellings = [spellings[i] for i in keep]
+
+    # include: extend matching cells, or add new cells
+    extras: list[dict[str, Any]] = [{} for _ in cells]
+    n_matrix = len(cells)
+    for entry, e_node in entries("include"):
+        w = where(e_node)
+        for k in entry:
+            _name_check(k, "include key", w)
+            if k in variables:
+                raise UserError(f"include key {k!r} is also declared under vars", where=w)
+        on_axes = {k: v for k, v in entry.items() if k in values}
+        rest = {k: v for k, v in entry.items() if k not in values}
+        matches = [
+            i for i in range(n_matrix) if all(_same(cells[i].get(k), v) for k, v in on_axes.items())
+        ]
+        if matches and axes:
+            for i in matches:
+                extras[i].update(rest)
+            continue
+        new: dict[str, Scalar] = {}
+        spelt: dict[str, str] = {}
+        k_nodes = {k.value: v for k, v in e_node.value}
+        for k, v in entry.items():
+            new[k] = _scalar_check(v, f"include value {k!r}", w)
+            n = k_nodes[k]
+            spelt[k] = n.value if isinstance(n, yaml.ScalarNode) else _spell(v)
+            if k not in values:
+                axes.append(k)
+                values[k] = []
+            if not any(_same(v, x) for x in values[k]):
+                values[k].append(v)
+        cells.append(new)
+        spellings.append(spelt)
+        extras.append({})
+
+    if not cells:
+        raise UserError(
+            "the grid has no cells",
+            where=where(None),
+            hint="declare 'matrix:' axes or 'include:' cells (and check 'exclude:')",
+        )
+
+    out: list[Cell] = []
+    seen: dict[str, int] = {}
+    for i, (c, sp, ex) in enumerate(zip(cells, spellings, extras)):
+        ordered = {a: c[a] for a in axes if a in c}
+        cid = ",".join(f"{a}={sp[a]}" for a in axes if a in c)
+        if cid in seen:
+            raise UserError(
+                f"two cells have the same id {cid!r}",
+                where=where(nodes.get("include")),
+                hint="an include entry repeats a cell of the matrix; remove it or change a value",
+            )
+        seen[cid] = i
+        out.append(Cell(id=cid, axes=ordered, extras=dict(ex), index=i))
+    slugs = [c.slug for c in out]
+    if len(set(slugs)) != len(slugs):
+        raise UserError("two cells map to the same name; rename an axis value", where=where(None))
+
+    lines = text.splitlines(keepends=True)
+    # Pad with blank lines so Jinja's line numbers are the file's line numbers.
+    body = "\n" * (body_line - 1) + "".join(lines[body_line - 1 :])
+    return GridTemplate(
+        path=path,
+        name=name,
+        description=description,
+        axes=axes,
+        cells=out,
+        variables=dict(variables),
+        body=body,
+        body_line=body_line,
+    )
+
+
+# --------------------------------------------------------------------------- rendering
+
+
+def _environment():
+    from jinja2 import StrictUndefined
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    # No loader: {% include %}/{% import %} cannot read files. Immutable sandbox: no
+    # attribute starting with '_' and no mutation of values passed in.
+    return ImmutableSandboxedEnvironment(
+        undefined=StrictUndefined,
+        autoescape=False,
+        keep_trailing_newline=True,
+        trim_blocks=False,
+        lstrip_blocks=False,
+    )
+
+
+def _with_line_marks(body: str) -> str:
+    """Tag every newline outside Jinja tags with its template line number."""
+    out: list[str] = []
+    pos = 0
+    line = 1
+
+    def mark_text(chunk: str) -> None:
+        nonlocal line
+        parts = chunk.split("\n")
+        for p in parts[:-1]:
+            out.append(f"{p}{_MARK_OPEN}{line}{_MARK_CLOSE}\n")
+            line += 1
+        out.append(parts[-1])
+
+    for m in _TAG.finditer(body):
+        mark_text(body[pos : m.start()])
+        out.append(m.group(0))
+        line += m.group(0).count("\n")
+        pos = m.end()
+    mark_text(body[pos:])
+    return "".join(out)
+
+
+def _template_line_of(exc: BaseException, name: str) -> int | None:
+    """Line of the template in Jinja's rewritten traceback (the innermost template frame)."""
+    line = None
+    tb = exc.__traceback__
+    while tb is not None:
+        if tb.tb_frame.f_code.co_filename == name:
+            line = tb.tb_lineno
+        tb = tb.tb_next
+    return line
+
+
+def _context(template: GridTemplate, cell: Cell) -> dict[str, Any]:
+    ctx: dict[str, Any] = dict(template.variables)
+    ctx.update(cell.axes)
+    ctx.update(cell.extras)
+    ctx["cell"] = {"id": cell.id, "slug": cell.slug, "index": cell.index, "axes": dict(cell.axes)}
+    ctx["grid"] = {"name": template.name, "template": template.path.name}
+    return ctx
+
+
+def _render_error(template: GridTemplate, cell: Cell, exc: Exception) -> UserError:
+    from jinja2 import TemplateSyntaxError, UndefinedError
+    from jinja2.exceptions import SecurityError
+
+    line = getattr(exc, "lineno", None) or _template_line_of(exc, str(template.path))
+    where = f"{template.path}:{line}" if line else str(template.path)
+    msg = getattr(exc, "message", None) or str(exc)
+    if isinstance(exc, SecurityError):
+        return UserError(
+            f"cell {cell.id}: the template tried something the sandbox forbids: {msg}",
+            where=where,
+            hint="templates may use their variables, filters and tests only; attributes "
+            "starting with '_' and Python internals are not reachable",
+        )
+    if isinstance(exc, UndefinedError):
+        known = sorted(_context(template, cell))
+        return UserError(
+            f"cell {cell.id}: {msg}",
+            where=where,
+            hint="variables of this cell: " + ", ".join(known),
+        )
+    if isinstance(exc, TemplateSyntaxError):
+        return UserError(f"template syntax error: {msg}", where=where, hint="fix the Jinja tag")
+    if isinstance(exc, TypeError) and "no loader" in str(exc):
+        return UserError(
+            f"cell {cell.id}: templates cannot include or import other files",
+            where=where,
+            hint="put shared values under 'vars:' in the front matter",
+        )
+    return UserError(f"cell {cell.id}: rendering failed: {type(exc).__name__}: {msg}", where=where)
+
+
+def _compile(env, template: GridTemplate, source: str):
+    from jinja2 import TemplateSyntaxError
+
+    try:
+        code = env.compile(source, name=str(template.path), filename=str(template.path))
+    except TemplateSyntaxError as e:
+        raise UserError(
+            f"template syntax error: {e.message}",
+            where=f"{template.path}:{e.lineno}",
+            hint="check the {{ }} / {% %} tags on that line",
+        ) from None
+    return env.template_class.from_code(env, code, env.make_globals(None))
+
+
+def render_cell_texts(template: GridTemplate) -> tuple[list[RenderedCell], list[UserError]]:
+    """Render every cell (no validation). Returns the rendered cells and the errors."""
+    env = _environment()
+    plain = _compile(env, template, template.body)
+    marked = _compile(env, template, _with_line_marks(template.body))
+    header = (
+        f"# rendered from {template.path.name}, cell {{id}}; edit the template, not this file\n"
+    )
+    rendered: list[RenderedCell] = []
+    errors: list[UserError] = []
+    for cell in template.cells:
+        ctx = _context(template, cell)
+        try:
+            text = plain.render(**ctx)
+            probe = marked.render(**ctx)
+        except Exception as e:  # noqa: BLE001 - every Jinja failure becomes a UserError
+            errors.append(_render_error(template, cell, e))
+            continue
+        # Drop the padding that kept line numbers aligned, then map lines to the template.
+        lines = text.splitlines()
+        probe_lines = probe.splitlines()
+        exact = _MARK.sub("", probe) == text and len(probe_lines) == len(lines)
+        marks = []
+        last = template.body_line
+        for pl in probe_lines if exact else []:
+            found = _MARK.findall(pl)
+            if found:
+                last = int(found[-1])
+            marks.append(last)
+        if not exact:
+            marks = [min(i + 1, template.body.count("\n") + 1) for i in range(len(lines))]
+        skip = 0
+        while skip < len(lines) and not lines[skip].strip():
+            skip += 1
+        body_text = "\n".join(lines[skip:]) + ("\n" if text.endswith("\n") else "")
+        head = header.format(id=cell.id)
+        rendered.append(
+            RenderedCell(
+                cell=cell,
+                text=head + body_text,
+                source=f"{template.path}[{cell.id}]",
+                line_map=[template.body_line] + marks[skip:],
+                exact_lines=exact,
+            )
+        )
+    return rendered, errors
+
+
+_WHERE_LINE = re.compile(r"^(?P<file>.*?):(?P<line>\d+)(?::(?P<col>\d+))?$")
+
+
+def _relocate(error: UserError, rc: RenderedCell, template: GridTemplate) -> list[Issue]:
+    """Point a spec error at the template lines that produced the offending rendered lines.
+
+    The spec loader reports positions in the rendered text (``source`` = ``<template>[<id>]``);
+    the researcher edits the template, so each position is mapped back to its template line.
+    """
+    raw = getattr(error, "issues", None)
+    if not raw:
+        m = _WHERE_LINE.match(error.where or "")
+        raw = [
+            Issue(
+                file=m.group("file") if m else (error.where or rc.source),
+                line=int(m.group("line")) if m else None,
+                col=int(m.group("col")) if m and m.group("col") else None,
+                message=error.message + (f" ({error.hint})" if error.hint else ""),
+            )
+        ]
+    out = []
+    for issue in raw:
+        if issue.file == rc.source and issue.line is not None:
+            t_line = rc.template_line(issue.line)
+            note = "" if rc.exact_lines else f"; rendered line {issue.line}"
+            out.append(
+                Issue(
+                    file=str(template.path),
+                    line=t_line,
+                    col=issue.col if rc.exact_lines else None,
+                    message=f"cell {rc.cell.id}: {issue.message}{note}",
+                    excerpt=issue.excerpt,
+                    allowed=issue.allowed,
+                    suggestion=issue.suggestion,
+                )
+            )
+        else:
+            out.append(
+                Issue(
+                    file=issue.file if issue.file != rc.source else str(template.path),
+                    line=issue.line if issue.file != rc.source else None,
+                    col=issue.col,
+                    message=f"cell {rc.cell.id}: {issue.message}",
+                    excerpt=issue.excerpt,
+                    allowed=issue.allowed,
+                    suggestion=issue.suggestion,
+                )
+            )
+    return out
+
+
+def _as_issue(error: UserError, template: GridTemplate) -> Issue:
+    m = _WHERE_LINE.match(error.where or "")
+    line = int(m.group("line")) if m else None
+    excerpt = None
+    if line is not None:
+        src = template.body.splitlines()
+        excerpt = src[line - 1] if 0 < line <= len(src) else None
+    return Issue(
+        file=m.group("file") if m else str(template.path),
+        line=line,
+        col=int(m.group("col")) if m and m.group("col") else None,
+        message=error.message,
+        excerpt=excerpt,
+        allowed=error.hint,
+    )
+
+
+def _default_validate(text: str, source: str) -> Any:
+    """Validate a rendered cell through the spec loader (positions, all errors, resolve)."""
+    from .loader import load_spec_text
+
+    return load_spec_text(text, source)
+
+
+def render_grid(
+    template: GridTemplate | str | Path,
+    *,
+    validate: Callable[[str, str], Any] | None = _default_validate,
+) -> list[RenderedCell]:
+    """Render and validate every cell; raise one ``GridError`` listing every problem.
+
+    ``validate(text, source)`` returns the validated spec or raises ``UserError`` (a
+    ``SpecError`` with positions in ``source``); the default is the spec loader. Pass ``None``
+    to render only. Nothing is run here: callers run cells only after this returns.
+    """
+    if not isinstance(template, GridTemplate):
+        template = load_template(template)
+    rendered, errors = render_cell_texts(template)
+    issues = [_as_issue(e, template) for e in errors]
+    if validate is not None:
+        for rc in rendered:
+            try:
+                rc.spec = validate(rc.text, rc.source)
+            except UserError as e:
+                issues.extend(_relocate(e, rc, template))
+        names: dict[str, str] = {}
+        for rc in rendered:
+            spec_name = getattr(rc.spec, "name", None)
+            if spec_name is None:
+                continue
+            if spec_name in names:
+                issues.append(
+                    Issue(
+                        file=str(template.path),
+                        line=None,
+                        col=None,
+                        message=f"cells {names[spec_name]} and {rc.cell.id} render the same "
+                        f"spec name {spec_name!r}; use {{{{ cell.slug }}}} in the name",
+                    )
+                )
+            names[spec_name] = rc.cell.id
+    if issues:
+        raise GridError(template, issues)
+    return rendered
+
+
+class GridError(UserError):
+    """Every problem found while rendering and validating a grid's cells (in cell order)."""
+
+    def __init__(self, template: GridTemplate, issues: Sequence[Issue]):
+        self.issues = list(issues)
+        self.template = template
+        first = self.issues[0]
+        super().__init__(first.message, where=first.where)
+
+    def render(self) -> str:
+        cells = {i.message.split(":", 1)[0] for i in self.issues if i.message.startswith("cell ")}
+        n = len(self.issues)
+        tail = (
+            f"{n} problem{'s' if n != 1 else ''} in grid {self.template.name!r}"
+            + (f" ({len(cells)} of {len(self.template.cells)} cells)" if cells else "")
+            + "; no cell was run"
+        )
+        return "\n".join([i.render() for i in self.issues] + [tail])
+
+    def __str__(self) -> str:
+        return self.render()
+
+
+def write_rendered(rendered: Sequence[RenderedCell], out_dir: str | Path) -> list[Path]:
+    """Write each cell's spec to ``<out_dir>/<cell id>.yaml`` atomically; return the paths."""
+    import os
+    import tempfile
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for rc in rendered:
+        target = out / f"{rc.cell.id}.yaml"
+        fd, tmp = tempfile.mkstemp(dir=out, prefix=".tmp-", suffix=".yaml")
+        try:
+            with os.fdopen(fd, "w", encoding="utf-8") as f:
+                f.write(rc.text)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, target)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+        paths.append(target)
+    return paths
