@@ -1,0 +1,466 @@
+"""Downstream fine-tuning attacks: the real fine-tuning loop a threat model runs.
+
+Implements the paper's threat model (an adversary fine-tunes the released model on benign,
+optionally poisoned, image-caption pairs) with ``torch.optim`` and diffusers' schedules:
+
+- ``full``: every UNet parameter is trained (the published attack: AdamW, lr 1e-5, constant,
+  200 steps, effective batch 4 = batch 1 x 4 accumulation, fp16 mixed precision).
+- ``lora``: a fresh peft LoRA adapter (rank, alpha, target modules) is attached to the UNet and
+  only its tensors change; the base weights stay bit-identical.
+- ``dreambooth``: full-UNet DreamBooth with prior preservation: every step adds
+  ``prior_weight`` times the denoising loss on a class-prior batch of the same size.
+
+The loss is the standard DDPM objective (ε- or v-prediction per the model's noise scheduler,
+timesteps uniform over the training schedule). All randomness (batch order, timesteps, noise)
+comes from one CPU ``torch.Generator`` seeded by the attack seed, so results do not depend on
+the device's RNG and a resumed run continues the exact stream. Every ``checkpoint_every``
+steps the full state (trainable tensors, optimizer, schedule, generator, sampler position,
+grad scaler) is written atomically to ``state_dir``; a rerun resumes from it.
+
+Precision is mixed precision (fp32 master weights, autocast compute) where the device supports
+it: fp16 and bf16 on CUDA (fp16 with a gradient scaler), bf16 on CPU. fp16 on CPU (and any
+half precision on MPS) falls back to fp32 with a logged warning; ``AttackResult.precision``
+records what actually ran.
+
+Departure from the published code: that code fine-tunes through ``accelerate`` with its own
+defaults; here every knob is explicit and recorded.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable, Mapping, Sequence
+from contextlib import AbstractContextManager, nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+
+from ..errors import UserError
+
+log = logging.getLogger("resalign.attack")
+
+PUBLISHED_LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
+ADAPTER_NAME = "attack"
+STATE_FILE = "attack_state.pt"
+
+
+class DenoiserBundle(Protocol):
+    """What the attack needs from ``resalign.models.bundle.ModelBundle``."""
+
+    unet: Any
+    noise_scheduler: Any
+
+    def encode_text(self, captions: list[str]) -> torch.Tensor: ...
+
+    def encode_images(self, images: torch.Tensor) -> torch.Tensor: ...
+
+
+class Pairs(Protocol):
+    """What the attack needs from ``resalign.data.pairs.PairSet``."""
+
+    images: torch.Tensor  # [N, C, H, W] in [-1, 1]
+    captions: list[str]
+
+
+@dataclass(frozen=True)
+class AttackConfig:
+    """One fine-tuning attack. Defaults are the published attack."""
+
+    algorithm: str = "full"
+    optimizer: str = "adamw"
+    lr: float = 1e-5
+    weight_decay: float = 1e-2
+    schedule: str = "constant"
+    warmup_steps: int = 0
+    steps: int = 200
+    batch_size: int = 1
+    grad_accumulation: int = 4
+    precision: str = "fp16"
+    max_grad_norm: float | None = None
+    seed: int = 42
+    lora_rank: int = 4
+    lora_alpha: float | None = None
+    lora_targets: tuple[str, ...] = PUBLISHED_LORA_TARGETS
+    prior_weight: float = 1.0
+    checkpoint_every: int = 100
+
+    def __post_init__(self) -> None:
+        if self.algorithm not in ("full", "lora", "dreambooth"):
+            raise UserError(f"unknown attack algorithm {self.algorithm!r}")
+        if self.optimizer not in ("sgd", "adam", "adamw"):
+            raise UserError(f"unknown attack optimizer {self.optimizer!r}")
+        if self.schedule not in ("constant", "linear", "cosine"):
+            raise UserError(f"unknown lr schedule {self.schedule!r}")
+        if self.precision not in ("fp32", "fp16", "bf16"):
+            raise UserError(f"unknown precision {self.precision!r}")
+
+    @classmethod
+    def from_threat(
+        cls, threat: Mapping[str, Any], seed: int, checkpoint_every: int | None = None
+    ) -> AttackConfig:
+        """Build from a ``threats.<name>`` block (dict as in the node params) and one seed."""
+        lora = dict(threat.get("lora") or {})
+        if lora.get("mode", "fresh") != "fresh":
+            raise UserError(
+                "threats fine-tune with a fresh LoRA adapter; lora.mode 'own' only applies to "
+                "the simulated fine-tunes of unlearn.resilience.meta",
+                hint="remove lora.mode from the threat (or set it to 'fresh')",
+            )
+        every = checkpoint_every or threat.get("checkpoint_every", 100)
+        return cls(
+            algorithm=threat.get("algorithm", "full"),
+            optimizer=threat.get("optimizer", "adamw"),
+            lr=float(threat.get("lr", 1e-5)),
+            weight_decay=float(threat.get("weight_decay", 1e-2)),
+            schedule=threat.get("schedule", "constant"),
+            warmup_steps=int(threat.get("warmup_steps", 0)),
+            steps=int(threat.get("steps", 200)),
+            batch_size=int(threat.get("batch_size", 1)),
+            grad_accumulation=int(threat.get("grad_accumulation", 4)),
+            precision=threat.get("precision", "fp16"),
+            max_grad_norm=threat.get("max_grad_norm"),
+            seed=int(seed),
+            lora_rank=int(lora.get("rank", 4)),
+            lora_alpha=lora.get("alpha"),
+            lora_targets=tuple(lora.get("targets") or PUBLISHED_LORA_TARGETS),
+            prior_weight=float(threat.get("prior_weight", 1.0)),
+            checkpoint_every=int(every),
+        )
+
+
+@dataclass
+class AttackResult:
+    """Summary of a finished attack."""
+
+    steps: int
+    precision: str  # what actually ran (may differ from the request, see notes)
+    losses: list[float]
+    trainable: int  # number of trained scalars
+    trainable_tensors: int
+    resumed_from: int | None = None
+    notes: list[str] = field(default_factory=list)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "steps": self.steps,
+            "precision": self.precision,
+            "final_loss": self.losses[-1] if self.losses else None,
+            "trainable": self.trainable,
+            "trainable_tensors": self.trainable_tensors,
+            "resumed_from": self.resumed_from,
+            "notes": list(self.notes),
+        }
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+class _Sampler:
+    """Epoch-wise shuffled indices from a CPU generator; its state is checkpointable."""
+
+    def __init__(self, n: int, generator: torch.Generator):
+        if n <= 0:
+            raise UserError("the fine-tuning data set is empty")
+        self.n = n
+        self.g = generator
+        self.perm = torch.randperm(n, generator=generator)
+        self.pos = 0
+
+    def take(self, k: int) -> torch.Tensor:
+        out = []
+        for _ in range(k):
+            if self.pos == self.n:
+                self.perm = torch.randperm(self.n, generator=self.g)
+                self.pos = 0
+            out.append(int(self.perm[self.pos]))
+            self.pos += 1
+        return torch.tensor(out, dtype=torch.long)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"perm": self.perm.clone(), "pos": self.pos}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.perm = state["perm"].clone()
+        self.pos = int(state["pos"])
+
+
+def resolve_precision(precision: str, device: torch.device) -> tuple[str, str | None]:
+    """The precision that will actually run on ``device`` and, if it differs, why."""
+    if precision == "fp32":
+        return "fp32", None
+    if device.type == "cuda":
+        if precision == "bf16" and not torch.cuda.is_bf16_supported():
+            return "fp32", "bf16 requested but this GPU does not support it; ran fp32"
+        return precision, None
+    if device.type == "cpu" and precision == "bf16":
+        return "bf16", None
+    return "fp32", f"{precision} autocast is not supported on {device.type}; ran fp32"
+
+
+def _autocast(precision: str, device: torch.device) -> AbstractContextManager[Any]:
+    if precision == "fp32":
+        return nullcontext()
+    dtype = torch.float16 if precision == "fp16" else torch.bfloat16
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def _schedule_name(schedule: str, warmup: int) -> str:
+    if schedule == "constant":
+        return "constant_with_warmup" if warmup > 0 else "constant"
+    return schedule
+
+
+def make_optimizer(params: list[torch.nn.Parameter], config: AttackConfig) -> torch.optim.Optimizer:
+    """The attack's optimizer (torch defaults for betas/eps/momentum)."""
+    if config.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=config.lr, weight_decay=config.weight_decay)
+    if config.optimizer == "adam":
+        return torch.optim.Adam(params, lr=config.lr, weight_decay=config.weight_decay)
+    return torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+
+
+def attach_fresh_lora(unet: torch.nn.Module, config: AttackConfig) -> list[str]:
+    """Attach a new peft LoRA adapter to ``unet`` and freeze everything else.
+
+    The adapter starts as a no-op (peft's default: Kaiming ``lora_A``, zero ``lora_B``), so
+    step 0 of a LoRA attack is the attacked model itself. Returns the adapted module names.
+    """
+    from peft import LoraConfig
+
+    names = [n for n, _ in unet.named_modules()]
+    matched = [n for n in names if any(n == t or n.endswith("." + t) for t in config.lora_targets)]
+    if not matched:
+        raise UserError(
+            f"LoRA targets {list(config.lora_targets)} match no module of the UNet",
+            hint="use module name suffixes such as to_q, to_k, to_v, to_out.0",
+        )
+    lora_config = LoraConfig(
+        r=config.lora_rank,
+        lora_alpha=config.lora_alpha if config.lora_alpha is not None else config.lora_rank,
+        target_modules=list(config.lora_targets),
+        init_lora_weights=True,
+    )
+    unet.add_adapter(lora_config, adapter_name=ADAPTER_NAME)
+    unet.set_adapter(ADAPTER_NAME)
+    for name, p in unet.named_parameters():
+        p.requires_grad_("lora_" in name and f".{ADAPTER_NAME}" in name)
+    return matched
+
+
+def merged_unet_state_dict(unet: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The UNet's weights with any peft LoRA folded in, under the plain UNet's names.
+
+    Works on a live adapter without merging it in place, so training can continue after a
+    checkpoint is written.
+    """
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    state = {
+        k: v.detach().clone()
+        for k, v in unet.state_dict().items()
+        if "lora_" not in k and "lora_magnitude" not in k
+    }
+    for mod_name, module in unet.named_modules():
+        if not isinstance(module, BaseTunerLayer):
+            continue
+        for adapter in module.active_adapters:
+            if adapter not in getattr(module, "lora_A", {}):
+                continue
+            key = f"{mod_name}.base_layer.weight"
+            delta = module.get_delta_weight(adapter)
+            state[key] = state[key] + delta.to(state[key].dtype)
+    return {k.replace(".base_layer.", "."): v for k, v in state.items()}
+
+
+def save_merged_unet(unet: torch.nn.Module, path: Path) -> None:
+    """Write a diffusers UNet folder (config + safetensors) with LoRA folded in."""
+    from safetensors.torch import save_file
+
+    path.mkdir(parents=True, exist_ok=True)
+    unet.save_config(path)
+    state = {k: v.contiguous() for k, v in merged_unet_state_dict(unet).items()}
+    tmp = path / "diffusion_pytorch_model.safetensors.tmp"
+    save_file(state, str(tmp), metadata={"format": "pt"})
+    os.replace(tmp, path / "diffusion_pytorch_model.safetensors")
+
+
+def denoise_loss(
+    unet: torch.nn.Module,
+    noise_scheduler: Any,
+    latents: torch.Tensor,
+    cond: torch.Tensor,
+    generator: torch.Generator,
+) -> torch.Tensor:
+    """DDPM training loss: squared error of the UNet's ε (or v) prediction, batch mean."""
+    n_t = int(noise_scheduler.config.num_train_timesteps)
+    noise = torch.randn(latents.shape, generator=generator, dtype=torch.float32)
+    t = torch.randint(0, n_t, (latents.shape[0],), generator=generator)
+    noise = noise.to(latents.device, latents.dtype)
+    t = t.to(latents.device)
+    noisy = noise_scheduler.add_noise(latents, noise, t)
+    if noise_scheduler.config.prediction_type == "v_prediction":
+        target = noise_scheduler.get_velocity(latents, noise, t)
+    else:
+        target = noise
+    pred = unet(noisy, t, encoder_hidden_states=cond).sample
+    return ((pred.float() - target.float()) ** 2).mean()
+
+
+def _save_state(path: Path, state: dict[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+# --------------------------------------------------------------------------- the loop
+
+StepCallback = Callable[[int, Mapping[str, float]], None]
+CheckpointHook = Callable[[int, torch.nn.Module], None]
+
+
+def run_attack(
+    bundle: DenoiserBundle,
+    data: Pairs,
+    config: AttackConfig,
+    *,
+    prior: Pairs | None = None,
+    eval_at: Sequence[int] = (),
+    on_eval: CheckpointHook | None = None,
+    callback: StepCallback | None = None,
+    state_dir: Path | None = None,
+    device: torch.device | str | None = None,
+) -> AttackResult:
+    """Fine-tune ``bundle.unet`` in place on ``data`` as the attack ``config`` says.
+
+    ``on_eval(step, unet)`` is called after each step in ``eval_at`` (typically to save a
+    merged UNet); ``callback(step, {"loss", "lr"})`` after every optimizer step. With
+    ``state_dir`` the loop checkpoints every ``config.checkpoint_every`` steps and resumes
+    from the last checkpoint there. ``on_eval`` of steps before the resume point is not
+    repeated: the caller must keep what it wrote then under durable storage too.
+    """
+    unet = bundle.unet
+    dev = torch.device(device) if device is not None else next(unet.parameters()).device
+    precision, note = resolve_precision(config.precision, dev)
+    notes = []
+    if note:
+        log.warning(note)
+        notes.append(note)
+    if config.algorithm == "dreambooth" and prior is None:
+        raise UserError(
+            "a dreambooth attack needs a class-prior data set for prior preservation",
+            hint="set the threat's 'prior' to a dataset name",
+        )
+
+    if config.algorithm == "lora":
+        attach_fresh_lora(unet, config)
+    else:
+        for p in unet.parameters():
+            p.requires_grad_(True)
+    named = [(n, p) for n, p in unet.named_parameters() if p.requires_grad]
+    params = [p for _, p in named]
+    for module in (getattr(bundle, "text_encoder", None), getattr(bundle, "vae", None)):
+        if module is not None:
+            module.requires_grad_(False)
+
+    from diffusers.optimization import get_scheduler
+
+    optimizer = make_optimizer(params, config)
+    lr_sched = get_scheduler(
+        _schedule_name(config.schedule, config.warmup_steps),
+        optimizer,
+        num_warmup_steps=config.warmup_steps,
+        num_training_steps=config.steps,
+    )
+    scaler = torch.amp.GradScaler(dev.type, enabled=(precision == "fp16"))
+    gen = torch.Generator().manual_seed(config.seed)
+    sampler = _Sampler(len(data.captions), gen)
+    prior_sampler = _Sampler(len(prior.captions), gen) if prior is not None else None
+
+    start = 0
+    losses: list[float] = []
+    resumed_from = None
+    state_path = Path(state_dir) / STATE_FILE if state_dir is not None else None
+    if state_path is not None and state_path.exists():
+        st = torch.load(state_path, weights_only=True, map_location="cpu")
+        with torch.no_grad():
+            for n, p in named:
+                p.copy_(st["params"][n])
+        optimizer.load_state_dict(st["optimizer"])
+        lr_sched.load_state_dict(st["lr_scheduler"])
+        scaler.load_state_dict(st["scaler"])
+        gen.set_state(st["generator"])
+        sampler.load_state_dict(st["sampler"])
+        if prior_sampler is not None:
+            prior_sampler.load_state_dict(st["prior_sampler"])
+        start = resumed_from = int(st["step"])
+        losses = [float(x) for x in st["losses"]]
+
+    def batch(pairs: Pairs, smp: _Sampler) -> tuple[torch.Tensor, torch.Tensor]:
+        idx = smp.take(config.batch_size)
+        with torch.no_grad():
+            images = pairs.images[idx].to(dev)
+            latents = bundle.encode_images(images).float()
+            cond = bundle.encode_text([pairs.captions[i] for i in idx.tolist()])
+        return latents, cond
+
+    unet.train()
+    eval_steps = set(eval_at)
+    for step in range(start, config.steps):
+        total = 0.0
+        for _ in range(config.grad_accumulation):
+            latents, cond = batch(data, sampler)
+            if prior_sampler is not None and prior is not None:
+                p_lat, p_cond = batch(prior, prior_sampler)
+            with _autocast(precision, dev):
+                loss = denoise_loss(unet, bundle.noise_scheduler, latents, cond, gen)
+                if prior_sampler is not None:
+                    loss = loss + config.prior_weight * denoise_loss(
+                        unet, bundle.noise_scheduler, p_lat, p_cond, gen
+                    )
+            scaler.scale(loss / config.grad_accumulation).backward()
+            total += float(loss.detach()) / config.grad_accumulation
+        if config.max_grad_norm is not None:
+            scaler.unscale_(optimizer)
+            torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
+        lr_now = optimizer.param_groups[0]["lr"]
+        scaler.step(optimizer)
+        scaler.update()
+        lr_sched.step()
+        optimizer.zero_grad(set_to_none=True)
+        losses.append(total)
+        done = step + 1
+        if callback is not None:
+            callback(done, {"loss": total, "lr": float(lr_now)})
+        if done in eval_steps and on_eval is not None:
+            unet.eval()
+            on_eval(done, unet)
+            unet.train()
+        if state_path is not None and (done % config.checkpoint_every == 0 or done == config.steps):
+            _save_state(
+                state_path,
+                {
+                    "step": done,
+                    "params": {n: p.detach().cpu().clone() for n, p in named},
+                    "optimizer": optimizer.state_dict(),
+                    "lr_scheduler": lr_sched.state_dict(),
+                    "scaler": scaler.state_dict(),
+                    "generator": gen.get_state(),
+                    "sampler": sampler.state_dict(),
+                    "prior_sampler": prior_sampler.state_dict() if prior_sampler else None,
+                    "losses": torch.tensor(losses, dtype=torch.float64),
+                },
+            )
+    unet.eval()
+    return AttackResult(
+        steps=config.steps,
+        precision=precision,
+        losses=losses,
+        trainable=sum(p.numel() for p in params),
+        trainable_tensors=len(params),
+        resumed_from=resumed_from,
+        notes=notes,
+    )
