@@ -197,3 +197,43 @@ def test_missing_front_matter_and_syntax_error(tmp_path):
     with pytest.raises(UserError) as ei:
         render_grid(p, validate=None)
     assert ei.value.where.startswith(f"{p}:5") and "syntax error" in ei.value.render()
+
+
+def test_invalid_spec_cell_is_reported_at_template_line_through_spec_loader(tmp_path):
+    p = _tpl(
+        tmp_path,
+        """
+        ---
+        matrix:
+          lr: [1e-5, 1e-4]
+          beta: [0.8, -1]
+        ---
+        name: t-{{ cell.slug }}
+        model: {family: tiny}
+        datasets:
+          harm: {type: digits, digits: [0]}
+          keep: {type: digits, digits: [1, 2]}
+        concepts:
+          zero: {harmful: [harm], retain: [keep]}
+        unlearn:
+          optimizer: {lr: {{ lr }}}
+          resilience:
+            beta: {{ beta }}
+        """,
+    )
+    with pytest.raises(GridError) as ei:
+        render_grid(p)
+    msg = ei.value.render()
+    lines = msg.splitlines()
+    assert lines[0] == (
+        f"{p}:16:11: cell lr=1e-5,beta=-1: unlearn.resilience.beta: "
+        "input should be greater than or equal to 0 (got -1)"
+    )
+    assert "cell lr=1e-4,beta=-1" in msg and "beta=0.8" not in msg
+    assert lines[-1].endswith("(2 of 4 cells); no cell was run")
+    # The valid cells alone validate into resolved specs with distinct names and float lr.
+    fixed = tmp_path / "ok.yaml.j2"
+    fixed.write_text(p.read_text().replace("[0.8, -1]", "[0.8]"))
+    ok = render_grid(fixed)
+    assert [rc.spec.name for rc in ok] == ["t-lr-1e-5__beta-0.8", "t-lr-1e-4__beta-0.8"]
+    assert ok[0].spec.spec.unlearn.optimizer.lr == 1e-5

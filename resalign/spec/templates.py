@@ -705,26 +705,39 @@ def _as_issue(error: UserError, template: GridTemplate) -> Issue:
     )
 
 
-def _default_validate(text: str, source: str) -> Any:
-    """Validate a rendered cell through the spec loader (positions, all errors, resolve)."""
+def spec_validator(template: GridTemplate, *, check_files: bool = False) -> Callable:
+    """The spec loader as a cell validator: relative paths in the rendered spec are relative
+    to the template's folder, as they would be for a spec file kept next to it."""
     from .loader import load_spec_text
 
-    return load_spec_text(text, source)
+    base_dir = template.path.parent.resolve()
+
+    def validate(text: str, source: str) -> Any:
+        return load_spec_text(text, filename=source, base_dir=base_dir, check_files=check_files)
+
+    return validate
+
+
+_DEFAULT: Any = object()
 
 
 def render_grid(
     template: GridTemplate | str | Path,
     *,
-    validate: Callable[[str, str], Any] | None = _default_validate,
+    validate: Callable[[str, str], Any] | None = _DEFAULT,
+    check_files: bool = False,
 ) -> list[RenderedCell]:
     """Render and validate every cell; raise one ``GridError`` listing every problem.
 
     ``validate(text, source)`` returns the validated spec or raises ``UserError`` (a
-    ``SpecError`` with positions in ``source``); the default is the spec loader. Pass ``None``
-    to render only. Nothing is run here: callers run cells only after this returns.
+    ``SpecError`` with positions in ``source``); the default is the spec loader
+    (:func:`spec_validator`, whose result is a resolved spec). Pass ``None`` to render only.
+    Nothing is run here: callers run cells only after this returns.
     """
     if not isinstance(template, GridTemplate):
         template = load_template(template)
+    if validate is _DEFAULT:
+        validate = spec_validator(template, check_files=check_files)
     rendered, errors = render_cell_texts(template)
     issues = [_as_issue(e, template) for e in errors]
     if validate is not None:
