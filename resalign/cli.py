@@ -1,0 +1,193 @@
+"""The ``resalign`` command line: a thin click shell over the package.
+
+Every command imports what it needs inside its function, so ``validate``, ``plan``, ``schema``
+and ``--help`` load no torch, diffusers, peft or mlflow. A :class:`resalign.errors.UserError`
+raised anywhere is printed without a traceback and exits with its code (2).
+Each command lives in its own delimited block so that its owner can replace it alone.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+import click
+
+from . import __version__
+from .errors import UserError
+
+
+class _Group(click.Group):
+    """Renders user errors instead of tracebacks (also under click's CliRunner)."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except UserError as err:
+            click.echo(err.render(), err=True)
+            ctx.exit(err.exit_code)
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="resalign")
+def cli() -> None:
+    """resalign: declarative experiments for resilient safety unlearning of text-to-image
+    diffusion models (ResAlign).
+
+    Write a YAML spec (see `resalign schema` and specs/), check it with `resalign validate`,
+    see what would run with `resalign plan`, then `resalign run` it.
+    """
+
+
+def _load(path: str, check_files: bool) -> Any:
+    from .spec import load_spec
+
+    return load_spec(path, check_files=check_files)
+
+
+_CHECK_FILES = click.option(
+    "--check-files",
+    is_flag=True,
+    help="Also require every referenced data file, local model and metric weight file to "
+    "exist (run always does).",
+)
+
+
+# ----------------------------------------------------------------------------- validate
+@cli.command()
+@click.argument("specs", nargs=-1, required=True, type=click.Path(dir_okay=False))
+@_CHECK_FILES
+def validate(specs: tuple[str, ...], check_files: bool) -> None:
+    """Check SPEC files: schema, references, meta-learning, and compile each to its graph.
+
+    Prints `ok <file>: N nodes` per valid spec and every problem of the others (file:line:col,
+    the text, the allowed values, a suggestion); exits 2 if any spec is invalid.
+    """
+    from .graph.compile import compile_spec
+
+    failed = 0
+    for path in specs:
+        try:
+            graph = compile_spec(_load(path, check_files))
+        except UserError as err:
+            failed += 1
+            click.echo(err.render(), err=True)
+            continue
+        click.echo(f"ok {path}: {len(graph)} nodes")
+    if failed:
+        sys.exit(2)
+
+
+# ----------------------------------------------------------------------------- plan
+@cli.command()
+@click.argument("spec", type=click.Path(dir_okay=False))
+@click.option("--mermaid", is_flag=True, help="Print a Mermaid flowchart instead of the tree.")
+@_CHECK_FILES
+def plan(spec: str, mermaid: bool, check_files: bool) -> None:
+    """Show the execution graph of SPEC: every node with its kind, name and content key."""
+    from .graph.compile import compile_spec
+    from .graph.plan import render_mermaid, render_plan
+
+    graph = compile_spec(_load(spec, check_files))
+    click.echo(render_mermaid(graph) if mermaid else render_plan(graph))
+
+
+# ----------------------------------------------------------------------------- schema
+@cli.command()
+@click.option(
+    "--output", "-o", type=click.Path(dir_okay=False), help="Write to FILE instead of stdout."
+)
+def schema(output: str | None) -> None:
+    """Print the JSON Schema of the spec. Point your editor at it with a first line
+    `# yaml-language-server: $schema=<file>` for completion and checks."""
+    import json
+    import os
+    import tempfile
+    from pathlib import Path
+
+    from .spec.json_schema import spec_json_schema
+
+    text = json.dumps(spec_json_schema(), indent=2) + "\n"
+    if output is None:
+        click.echo(text, nl=False)
+        return
+    target = Path(output)
+    try:
+        fd, tmp = tempfile.mkstemp(dir=target.parent.resolve(), prefix=f".{target.name}.")
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(tmp, target)
+    except OSError as exc:
+        raise UserError(f"cannot write '{output}': {exc.strerror}") from None
+    click.echo(f"wrote {output}")
+
+
+# ----------------------------------------------------------------------------- placeholders
+# Commands brought by later issues. Each owner replaces its own block below.
+
+_PENDING = {"ignore_unknown_options": True, "allow_extra_args": True}
+
+
+def _pending(command: str, issue: int, what: str) -> None:
+    raise UserError(
+        f"`resalign {command}` is not available yet: issue {issue} brings it ({what})",
+        hint="`resalign validate` and `resalign plan` work now",
+    )
+
+
+# ----------------------------------------------------------------------------- run
+@cli.command(context_settings=_PENDING, add_help_option=True)
+@click.argument("args", nargs=-1, type=click.UNPROCESSED)
+def run(args: tuple[str, ...]) -> None:
+    """Run a spec's graph with caching and resume, logging to MLflow (issue 5)."""
+    _pending("run", 5, "the engine")
+
+
+# ----------------------------------------------------------------------------- report
+@cli.command(context_settings=_PENDING)
+@click.argument("args", nargs=-1, type=click.UNPROCESSED)
+def report(args: tuple[str, ...]) -> None:
+    """Make the results table of a spec or grid (issue 6)."""
+    _pending("report", 6, "threat models, evaluation and the report")
+
+
+# ----------------------------------------------------------------------------- ui
+@cli.command(context_settings=_PENDING)
+@click.argument("args", nargs=-1, type=click.UNPROCESSED)
+def ui(args: tuple[str, ...]) -> None:
+    """Start the MLflow UI on 127.0.0.1 for the project's store (issue 5)."""
+    _pending("ui", 5, "the engine and MLflow tracking")
+
+
+# ----------------------------------------------------------------------------- sync
+@cli.command(context_settings=_PENDING)
+@click.argument("args", nargs=-1, type=click.UNPROCESSED)
+def sync(args: tuple[str, ...]) -> None:
+    """Upload to a tracking server what it missed (issue 5)."""
+    _pending("sync", 5, "the engine and MLflow tracking")
+
+
+# ----------------------------------------------------------------------------- grid
+@cli.command(context_settings=_PENDING)
+@click.argument("args", nargs=-1, type=click.UNPROCESSED)
+def grid(args: tuple[str, ...]) -> None:
+    """List, render and run a grid of specs from a Jinja2 template (issue 7)."""
+    _pending("grid", 7, "ablation grids from templates")
+
+
+# ----------------------------------------------------------------------------- bench
+@cli.command(context_settings=_PENDING)
+@click.argument("args", nargs=-1, type=click.UNPROCESSED)
+def bench(args: tuple[str, ...]) -> None:
+    """Benchmarks: hypergradient accuracy/cost (issue 3), SD-scale memory (issue 8)."""
+    _pending("bench", 3, "`bench hypergrad`; issue 8 brings `bench sd`")
+
+
+# ----------------------------------------------------------------------------- entry
+def main() -> None:
+    """Console entry point."""
+    cli(prog_name="resalign")
+
+
+if __name__ == "__main__":
+    main()

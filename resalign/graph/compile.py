@@ -1,0 +1,216 @@
+"""Compile a resolved spec into the execution graph (docs/architecture.md, "The graph").
+
+    model ─► harvest/<ds> (implied or declared harvest datasets that something reads)
+      └────► unlearn/<row> ─► attack/<row>/<threat>/seed<s> ─► evaluate/<row>/<threat>/seed<s>/step<n>
+                          └─► evaluate/<row>/pre/step0                                      ─► report
+
+The row ``original`` (and any row whose method is ``none``) has no unlearn node: its attacks
+and evaluations start from the model node. Each node's params are exactly the resolved values
+its step reads; dataset and model locations carry a fingerprint (see :mod:`.keys`).
+Departure from the table in the architecture notes: ``model.allow_download`` is left out of
+the model node's key, like ``device``, because it changes where weights come from, not what
+they are (the fingerprint of the resolved weights is in the key). Evaluate nodes also carry
+``concepts``: concept-aware metrics (``concept_rate``) judge generations against them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+from ..spec.resolve import ResolvedSpec
+from .keys import canonical_json, fingerprint, node_key
+from .nodes import Graph, Node
+
+_DATASET_REFS = {
+    "harvest": ("prompts",),
+    "mix": ("base", "poison"),
+    "dreambooth": ("instance", "prior"),
+}
+
+
+class _Compiler:
+    def __init__(self, resolved: ResolvedSpec):
+        self.r = resolved
+        self.spec = resolved.spec
+        self.graph = Graph(spec_name=self.spec.name, spec_hash=spec_hash(resolved))
+        self._ds_cache: dict[str, dict[str, Any]] = {}
+
+    # -- helpers -------------------------------------------------------------------------
+
+    def dataset(self, name: str) -> dict[str, Any]:
+        if name not in self._ds_cache:
+            d = self.spec.datasets[name].model_dump(mode="json")
+            if "path" in d:
+                d["fingerprint"] = fingerprint(d["path"])
+            self._ds_cache[name] = d
+        return self._ds_cache[name]
+
+    def closure(self, names: Iterable[str | None]) -> dict[str, dict[str, Any]]:
+        """The specs of ``names`` and of every dataset they are built from, sorted by name."""
+        out: dict[str, dict[str, Any]] = {}
+        todo = [n for n in names if n]
+        while todo:
+            n = todo.pop()
+            if n in out:
+                continue
+            d = self.dataset(n)
+            out[n] = d
+            todo += [d[f] for f in _DATASET_REFS.get(d["type"], ()) if d.get(f)]
+        return dict(sorted(out.items()))
+
+    def add(self, kind: str, name: str, params: dict[str, Any], deps: dict[str, str], **loc: Any):
+        upstream = {role: self.graph.nodes[dep].key for role, dep in deps.items()}
+        node = Node(kind, name, params, deps, node_key(kind, params, upstream), **loc)
+        self.graph.nodes[name] = node
+        return node
+
+    def harvest_deps(self, datasets: Mapping[str, dict[str, Any]]) -> dict[str, str]:
+        deps = {}
+        for n, d in datasets.items():
+            if d["type"] == "harvest":
+                if f"harvest/{n}" not in self.graph.nodes:
+                    params = {"dataset": d, "prompts": self.closure([d["prompts"]])}
+                    self.add("harvest", f"harvest/{n}", params, {"model": "model"})
+                deps[f"harvest:{n}"] = f"harvest/{n}"
+        return deps
+
+    # -- nodes ---------------------------------------------------------------------------
+
+    def model(self) -> None:
+        m = self.spec.model.model_dump(mode="json", exclude={"device", "allow_download"})
+        if m.get("pretrained"):
+            m["fingerprint"] = fingerprint(
+                m["pretrained"], revision=m.get("revision"), variant=m.get("variant")
+            )
+        params: dict[str, Any] = {"model": m}
+        pre = self.spec.model.tiny.pretrain if self.spec.model.tiny else None
+        if self.spec.model.family == "tiny" and pre is not None:
+            params["pretrain_data"] = self.closure([pre.dataset])
+        self.add("model", "model", params, {})
+
+    def unlearn(self, row: str) -> Node | None:
+        u = self.r.rows[row]
+        if u.method == "none":
+            return None
+        meta = u.resilience.meta
+        used = [n for c in self.spec.concepts.values() for n in (*c.harmful, *c.retain)]
+        used += meta.data + [c.data for c in meta.configs.values()]
+        used += meta.distribution.data if meta.distribution else []
+        datasets = self.closure(used)
+        params = {
+            "unlearn": u.model_dump(mode="json"),
+            "trainable": self.spec.model.trainable.model_dump(mode="json"),
+            "concepts": {n: c.model_dump(mode="json") for n, c in self.spec.concepts.items()},
+            "datasets": datasets,
+        }
+        deps = {"model": "model", **self.harvest_deps(datasets)}
+        return self.add("unlearn", f"unlearn/{row}", params, deps, row=row)
+
+    def evaluate_params(self, step: int) -> dict[str, Any]:
+        ev = self.spec.evaluate.model_dump(mode="json")
+        for m in ev["metrics"]:
+            for f in [f for f in m if f.endswith("_path") and m[f]]:
+                m[f"{f[: -len('_path')]}_fingerprint"] = fingerprint(m[f])
+        names = [m.get(f) for m in ev["metrics"] for f in ("prompts", "reference")]
+        concepts = {n: c.model_dump(mode="json") for n, c in self.spec.concepts.items()}
+        return {
+            "evaluate": ev,
+            "step": step,
+            "datasets": self.closure(names),
+            "concepts": concepts,
+        }
+
+    def row(self, row: str) -> list[str]:
+        un = self.unlearn(row)
+        base = {"model": "model", **({"unlearn": un.name} if un else {})}
+        evals = [
+            self.add(
+                "evaluate",
+                f"evaluate/{row}/pre/step0",
+                self.evaluate_params(0),
+                dict(base),
+                row=row,
+                step=0,
+            ).name
+        ]
+        for tname, t in self.spec.threats.items():
+            tparams = t.model_dump(mode="json", exclude={"seeds"})
+            datasets = self.closure([t.data, t.poison.data if t.poison else None, t.prior])
+            for seed in t.seeds:
+                params = {"threat": tparams, "seed": seed, "datasets": datasets}
+                deps = {**base, **self.harvest_deps(datasets)}
+                at = self.add(
+                    "attack",
+                    f"attack/{row}/{tname}/seed{seed}",
+                    params,
+                    deps,
+                    row=row,
+                    threat=tname,
+                    seed=seed,
+                )
+                for step in t.eval_at:
+                    evals.append(
+                        self.add(
+                            "evaluate",
+                            f"evaluate/{row}/{tname}/seed{seed}/step{step}",
+                            self.evaluate_params(step),
+                            {**base, "attack": at.name},
+                            row=row,
+                            threat=tname,
+                            seed=seed,
+                            step=step,
+                        ).name
+                    )
+        return evals
+
+    def compile(self) -> Graph:
+        self.model()
+        evals: list[str] = []
+        for row in self.r.rows:
+            evals += self.row(row)
+        params = {
+            "rows": list(self.r.rows),
+            "threats": {
+                n: {"seeds": t.seeds, "eval_at": t.eval_at, "steps": t.steps}
+                for n, t in self.spec.threats.items()
+            },
+        }
+        self.add("report", "report", params, {e: e for e in evals})
+        return self.graph
+
+
+def spec_hash(resolved: ResolvedSpec) -> str:
+    """sha256 of the resolved spec without volatile parts: tracking, device and absolute
+    locations (the node keys carry the fingerprints of what is at those locations)."""
+    data = resolved.spec.model_dump(mode="json", exclude={"tracking": True, "model": {"device"}})
+    data["rows"] = {n: u.model_dump(mode="json") for n, u in resolved.rows.items()}
+
+    def strip(obj: Any) -> Any:
+        if isinstance(obj, dict):
+            return {
+                k: strip(v)
+                for k, v in obj.items()
+                if not (
+                    isinstance(v, str)
+                    and v.startswith("/")
+                    and (k == "path" or k.endswith("_path") or k == "pretrained")
+                )
+            }
+        if isinstance(obj, list):
+            return [strip(v) for v in obj]
+        return obj
+
+    return hashlib.sha256(canonical_json(strip(data)).encode()).hexdigest()
+
+
+def compile_spec(resolved: ResolvedSpec) -> Graph:
+    """The execution graph of ``resolved``, nodes in topological order.
+
+    Node names: ``model``, ``harvest/<dataset>``, ``unlearn/<row>``,
+    ``attack/<row>/<threat>/seed<s>``, ``evaluate/<row>/pre/step0`` (before any attack:
+    ``threat`` and ``seed`` None, ``step`` 0), ``evaluate/<row>/<threat>/seed<s>/step<n>``,
+    ``report`` (deps: role = name of each evaluate node).
+    """
+    return _Compiler(resolved).compile()

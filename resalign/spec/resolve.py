@@ -1,0 +1,540 @@
+"""The resolve pass: cross-references, defaults that depend on other sections, model rows.
+
+After schema validation a spec is resolved into a :class:`ResolvedSpec`:
+
+- every dataset name used anywhere must exist and be of a kind that fits its use;
+- a concept's (or a poison's) harmful dataset of type ``prompts`` is replaced by an implied
+  ``harvest`` dataset named ``<prompts>__harvest`` (the original model generates the pairs);
+- relative paths (datasets, a local model, metric weight files) become absolute, relative to
+  the spec file's folder; a hub id stays an id;
+- rows: ``original`` (no unlearning) first, then the ``unlearn`` block's label (default: its
+  method), then each ``baselines`` entry deep-merged into the user's ``unlearn`` block and
+  validated on its own; each row's ``seed`` defaults to the spec's ``seed``;
+- meta-learning: without explicit ``configs`` and ``distribution`` the published product
+  distribution is used; ``meta.data`` defaults to the concepts' retain datasets; a meta that
+  samples more configs per step than exist, or a distribution with an empty axis, is an error.
+
+Checks that need files on disk (data, local model, metric weights) run only with
+``check_files`` so that a spec validates on a machine that does not hold the data yet.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pydantic import ValidationError
+
+from .errors import Issue, did_you_mean, join_allowed
+from .loader import PathT, SourceMap, dotted, schema_issues
+from .schema import Spec
+from .schema.data import HarvestData
+from .schema.unlearn import DistributionSpec, UnlearnSpec
+
+# Dataset types that yield image–caption pairs, and those that yield prompts only.
+PAIR_TYPES = {"imagefolder", "digits", "harvest", "mix", "dreambooth"}
+PROMPT_TYPES = {"prompts"}
+
+ORIGINAL_ROW = "original"
+HARVEST_SUFFIX = "__harvest"
+
+# What each metric weight file is, for the message when it is missing.
+WEIGHT_FILES = {
+    ("mhsc_us", "clip_path"): "a CLIP ViT-L/14 model folder (transformers save_pretrained "
+    "layout, e.g. openai/clip-vit-large-patch14 downloaded once)",
+    ("mhsc_us", "head_path"): "the multi-headed safety classifier checkpoint "
+    "(the 'sexual' head on CLIP ViT-L/14 features)",
+    ("fid", "inception_path"): "the FID Inception-v3 weights (pt_inception-2015-12-05 .pth, "
+    "as pytorch-fid / torchmetrics use)",
+    ("clip_score", "clip_path"): "a CLIP ViT-B/32 model folder (transformers save_pretrained "
+    "layout, e.g. openai/clip-vit-base-patch32)",
+}
+
+
+@dataclass
+class ResolvedSpec:
+    """A validated spec with cross-section defaults filled in.
+
+    ``spec``: the :class:`Spec` (paths absolute, implied harvest datasets added, concepts and
+    poisons pointing at them, seeds and meta defaults filled). ``rows``: report row name →
+    the row's :class:`UnlearnSpec` (``original`` has method ``none``). ``implied_harvests``:
+    harvest dataset → the prompt dataset it was made from.
+    """
+
+    spec: Spec
+    rows: dict[str, UnlearnSpec]
+    source: str
+    base_dir: Path
+    implied_harvests: dict[str, str] = field(default_factory=dict)
+    smap: SourceMap | None = None
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+
+# --------------------------------------------------------------------------- references
+
+
+def _get(data: Any, *path: Any) -> Any:
+    cur = data
+    for p in path:
+        if isinstance(cur, Mapping) and p in cur:
+            cur = cur[p]
+        elif isinstance(cur, list) and isinstance(p, int) and 0 <= p < len(cur):
+            cur = cur[p]
+        else:
+            return None
+    return cur
+
+
+def _items(value: Any) -> Iterator[tuple[Any, Any]]:
+    if isinstance(value, Mapping):
+        yield from value.items()
+    elif isinstance(value, list):
+        yield from enumerate(value)
+
+
+def _names(value: Any, path: PathT) -> Iterator[tuple[PathT, Any]]:
+    """A single name or a list of names at ``path``."""
+    if isinstance(value, list):
+        for i, v in enumerate(value):
+            yield (*path, i), v
+    elif value is not None:
+        yield path, value
+
+
+def _unlearn_refs(block: Any, path: PathT) -> Iterator[tuple[PathT, Any, str]]:
+    meta = _get(block, "resilience", "meta")
+    mp = (*path, "resilience", "meta")
+    for p, n in _names(_get(meta, "data"), (*mp, "data")):
+        yield p, n, "pairs"
+    for cname, cfg in _items(_get(meta, "configs")):
+        for p, n in _names(_get(cfg, "data"), (*mp, "configs", cname, "data")):
+            yield p, n, "pairs"
+    for p, n in _names(_get(meta, "distribution", "data"), (*mp, "distribution", "data")):
+        yield p, n, "pairs"
+
+
+def references(data: Any) -> Iterator[tuple[PathT, Any, str]]:
+    """Every dataset reference in raw spec data: (path, name, use) where use is ``pairs``
+    (image–caption pairs), ``prompts`` or ``harmful`` (pairs, or prompts to harvest)."""
+    for cname, c in _items(_get(data, "concepts")):
+        for p, n in _names(_get(c, "harmful"), ("concepts", cname, "harmful")):
+            yield p, n, "harmful"
+        for p, n in _names(_get(c, "retain"), ("concepts", cname, "retain")):
+            yield p, n, "pairs"
+    yield from _unlearn_refs(_get(data, "unlearn"), ("unlearn",))
+    for bname, b in _items(_get(data, "baselines")):
+        yield from _unlearn_refs(b, ("baselines", bname))
+    for tname, t in _items(_get(data, "threats")):
+        for p, n in _names(_get(t, "data"), ("threats", tname, "data")):
+            yield p, n, "pairs"
+        for p, n in _names(_get(t, "poison", "data"), ("threats", tname, "poison", "data")):
+            yield p, n, "harmful"
+        for p, n in _names(_get(t, "prior"), ("threats", tname, "prior")):
+            yield p, n, "pairs"
+    for i, m in _items(_get(data, "evaluate", "metrics")):
+        for p, n in _names(_get(m, "prompts"), ("evaluate", "metrics", i, "prompts")):
+            yield p, n, "prompts"
+        for p, n in _names(_get(m, "reference"), ("evaluate", "metrics", i, "reference")):
+            yield p, n, "pairs"
+    for dname, d in _items(_get(data, "datasets")):
+        dp = ("datasets", dname)
+        kind = _get(d, "type")
+        if kind == "harvest":
+            for p, n in _names(_get(d, "prompts"), (*dp, "prompts")):
+                yield p, n, "prompts"
+        elif kind == "mix":
+            for p, n in _names(_get(d, "base"), (*dp, "base")):
+                yield p, n, "pairs"
+            for p, n in _names(_get(d, "poison"), (*dp, "poison")):
+                yield p, n, "harmful"
+        elif kind == "dreambooth":
+            for p, n in _names(_get(d, "instance"), (*dp, "instance")):
+                yield p, n, "pairs"
+            for p, n in _names(_get(d, "prior"), (*dp, "prior")):
+                yield p, n, "pairs"
+    for p, n in _names(
+        _get(data, "model", "tiny", "pretrain", "dataset"), ("model", "tiny", "pretrain", "dataset")
+    ):
+        yield p, n, "pairs"
+
+
+_USE_TEXT = {
+    "pairs": "image–caption pairs (imagefolder, digits, harvest, mix, dreambooth)",
+    "prompts": "a prompt list (type: prompts)",
+    "harmful": "harmful image–caption pairs, or a prompt list to harvest images from",
+}
+
+
+def check_references(data: Any, smap: SourceMap) -> list[Issue]:
+    """Unknown dataset names, datasets of the wrong kind, and cycles among datasets."""
+    issues: list[Issue] = []
+    datasets = _get(data, "datasets")
+    datasets = datasets if isinstance(datasets, Mapping) else {}
+    types = {n: _get(d, "type") for n, d in datasets.items()}
+    for path, name, use in references(data):
+        if not isinstance(name, str):
+            continue  # the schema reports the wrong type
+        if name not in datasets:
+            issues.append(
+                smap.issue(
+                    path,
+                    f"{dotted(path)}: unknown dataset '{name}'"
+                    + ("" if datasets else " (the spec defines no 'datasets')"),
+                    allowed=join_allowed(datasets) if datasets else None,
+                    suggestion=did_you_mean(name, datasets),
+                )
+            )
+            continue
+        kind = types.get(name)
+        if not isinstance(kind, str):
+            continue
+        ok = (
+            kind in PAIR_TYPES
+            if use == "pairs"
+            else kind in PROMPT_TYPES
+            if use == "prompts"
+            else kind in PAIR_TYPES | PROMPT_TYPES
+        )
+        if not ok:
+            issues.append(
+                smap.issue(
+                    path,
+                    f"{dotted(path)}: dataset '{name}' is of type '{kind}', but this needs "
+                    f"{_USE_TEXT[use]}",
+                )
+            )
+    # Cycles (a mix whose base is itself, ...): the loaders would recurse forever.
+    edges: dict[str, list[str]] = {}
+    for path, name, _ in references(data):
+        if path[0] == "datasets" and isinstance(name, str):
+            edges.setdefault(path[1], []).append(name)
+    state: dict[str, int] = {}
+
+    def visit(n: str, trail: list[str]) -> None:
+        state[n] = 1
+        for m in edges.get(n, []):
+            if state.get(m) == 1:
+                cycle = " → ".join([*trail[trail.index(m) :], m]) if m in trail else m
+                issues.append(
+                    smap.issue(("datasets", n), f"datasets form a cycle: {cycle}", at_key=True)
+                )
+            elif m in edges and state.get(m) is None:
+                visit(m, [*trail, m])
+        state[n] = 2
+
+    for n in edges:
+        if state.get(n) is None:
+            visit(n, [n])
+    return issues
+
+
+# --------------------------------------------------------------------------- rows
+
+
+def deep_merge(base: Mapping[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
+    """``over`` merged into ``base``: mappings merge key by key, anything else replaces."""
+    out = copy.deepcopy(dict(base))
+    for k, v in over.items():
+        if isinstance(v, Mapping) and isinstance(out.get(k), Mapping):
+            out[k] = deep_merge(out[k], v)
+        else:
+            out[k] = copy.deepcopy(v)
+    return out
+
+
+def _baseline_issues(
+    err: ValidationError, merged: Any, over: Mapping[str, Any], name: str, smap: SourceMap
+) -> list[Issue]:
+    """A baseline's errors, placed on its override when the bad value came from there, else
+    on the ``unlearn`` block it inherited it from."""
+
+    def prefix(path: PathT) -> PathT:
+        return ("baselines", name) if path and _get(over, path[0]) is not None else ("unlearn",)
+
+    return schema_issues(err, merged, smap, root=UnlearnSpec, prefix=prefix)
+
+
+def _meta_size(dist: DistributionSpec) -> int:
+    return math.prod(
+        len(getattr(dist, axis)) for axis in ("lr", "steps", "algorithm", "optimizer", "batch_size")
+    )
+
+
+def _check_meta(row: str, u: UnlearnSpec, path: PathT, smap: SourceMap) -> list[Issue]:
+    issues: list[Issue] = []
+    meta = u.resilience.meta
+    mp = (*path, "resilience", "meta")
+    if meta.distribution is not None:
+        for axis in ("lr", "steps", "algorithm", "optimizer", "batch_size"):
+            if not getattr(meta.distribution, axis):
+                issues.append(
+                    smap.issue(
+                        (*mp, "distribution", axis),
+                        f"{dotted((*mp, 'distribution', axis))}: empty axis, so the "
+                        "distribution has no configurations; list at least one value or "
+                        "remove the axis to use the published default",
+                    )
+                )
+    if u.method != "resalign" or u.resilience.beta == 0:
+        return issues
+    total = len(meta.configs) + (_meta_size(meta.distribution) if meta.distribution else 0)
+    if meta.samples_per_step > total and not issues:
+        issues.append(
+            smap.issue(
+                (*mp, "samples_per_step"),
+                f"row '{row}': meta samples {meta.samples_per_step} configurations per step "
+                f"without replacement but only {total} exist ({len(meta.configs)} explicit"
+                + (
+                    f" + {_meta_size(meta.distribution)} from the distribution"
+                    if meta.distribution
+                    else ""
+                )
+                + f"); lower samples_per_step to at most {total} or add configurations",
+            )
+        )
+    needs_pool = any(c.data is None for c in meta.configs.values()) or (
+        meta.distribution is not None and not meta.distribution.data
+    )
+    if needs_pool and not meta.data:
+        issues.append(
+            smap.issue(
+                (*mp,),
+                f"row '{row}': simulated fine-tuning has no data: set "
+                f"{dotted((*mp, 'data'))} to benign datasets, give each config a 'data', or "
+                "give the concepts 'retain' datasets (the default pool)",
+                at_key=True,
+            )
+        )
+    return issues
+
+
+def _fill_row(u: UnlearnSpec, seed: int, pool: list[str], label: str) -> UnlearnSpec:
+    meta = u.resilience.meta
+    updates: dict[str, Any] = {}
+    if not meta.configs and meta.distribution is None:
+        updates["distribution"] = DistributionSpec()
+    if not meta.data:
+        updates["data"] = list(pool)
+    if updates:
+        res = u.resilience.model_copy(update={"meta": meta.model_copy(update=updates)})
+        u = u.model_copy(update={"resilience": res})
+    return u.model_copy(update={"seed": seed if u.seed is None else u.seed, "label": label})
+
+
+def build_rows(
+    data: Mapping[str, Any], smap: SourceMap
+) -> tuple[dict[str, UnlearnSpec], list[Issue]]:
+    """Rows from the raw data, so a bad baseline is reported even when another section has
+    errors. Errors of the ``unlearn`` block itself are left to the schema pass."""
+    issues: list[Issue] = []
+    seed = data.get("seed") if isinstance(data.get("seed"), int) else 0
+    pool: list[str] = []
+    for _, c in _items(data.get("concepts")):
+        for _, r in _names(_get(c, "retain"), ()):
+            if isinstance(r, str) and r not in pool:
+                pool.append(r)
+    rows: dict[str, UnlearnSpec] = {
+        ORIGINAL_ROW: UnlearnSpec(method="none", label=ORIGINAL_ROW, seed=seed)
+    }
+    raw_unlearn = data.get("unlearn")
+    raw_unlearn = raw_unlearn if isinstance(raw_unlearn, Mapping) else {}
+    try:
+        main_spec: UnlearnSpec | None = UnlearnSpec.model_validate(raw_unlearn)
+    except ValidationError:
+        main_spec = None
+    if main_spec is not None:
+        main = main_spec.label or main_spec.method
+        if main == ORIGINAL_ROW:
+            issues.append(
+                smap.issue(
+                    ("unlearn", "label") if main_spec.label else ("unlearn", "method"),
+                    "the row name 'original' is reserved for the model before unlearning; "
+                    "set unlearn.label to another name",
+                )
+            )
+        else:
+            rows[main] = _fill_row(main_spec, seed, pool, main)
+            issues += _check_meta(main, rows[main], ("unlearn",), smap)
+    baselines = data.get("baselines")
+    for name, over in _items(baselines if isinstance(baselines, Mapping) else None):
+        if not isinstance(over, Mapping):
+            continue  # the schema reports it
+        if name in rows:
+            issues.append(
+                smap.issue(
+                    ("baselines", name),
+                    f"baselines.{name}: row name '{name}' is already used "
+                    f"({'reserved' if name == ORIGINAL_ROW else 'by the unlearn block'}); "
+                    "rename the baseline",
+                    at_key=True,
+                )
+            )
+            continue
+        merged = deep_merge(raw_unlearn, over)
+        merged.pop("label", None)
+        try:
+            u = UnlearnSpec.model_validate(merged)
+        except ValidationError as err:
+            issues += _baseline_issues(err, merged, over, name, smap)
+            continue
+        rows[name] = _fill_row(u, seed, pool, name)
+        issues += _check_meta(name, rows[name], ("baselines", name), smap)
+    return rows, issues
+
+
+# --------------------------------------------------------------------------- paths
+
+
+def is_hub_id(value: str, base_dir: Path) -> bool:
+    """``org/name`` that is not an existing local path (nor an explicitly local one)."""
+    if value.startswith(("/", ".", "~")) or "\\" in value:
+        return False
+    if (base_dir / value).exists():
+        return False
+    parts = value.split("/")
+    return len(parts) == 2 and all(parts) and not value.endswith((".safetensors", ".ckpt"))
+
+
+def _abs(value: str, base_dir: Path) -> str:
+    p = Path(value).expanduser()
+    return str(p if p.is_absolute() else (base_dir / p).resolve())
+
+
+def _absolutize(spec: Spec, base_dir: Path) -> Spec:
+    ds = {}
+    for name, d in spec.datasets.items():
+        ds[name] = (
+            d.model_copy(update={"path": _abs(d.path, base_dir)}) if hasattr(d, "path") else d
+        )
+    metrics = []
+    for m in spec.evaluate.metrics:
+        upd = {
+            f: _abs(getattr(m, f), base_dir)
+            for f in type(m).model_fields
+            if f.endswith("_path") and getattr(m, f)
+        }
+        metrics.append(m.model_copy(update=upd) if upd else m)
+    model = spec.model
+    if model.pretrained and not is_hub_id(model.pretrained, base_dir):
+        model = model.model_copy(update={"pretrained": _abs(model.pretrained, base_dir)})
+    return spec.model_copy(
+        update={
+            "datasets": ds,
+            "evaluate": spec.evaluate.model_copy(update={"metrics": metrics}),
+            "model": model,
+        }
+    )
+
+
+def missing_files(spec: Spec, smap: SourceMap) -> list[Issue]:
+    """Every referenced file exists: dataset paths, a local model, metric weight files.
+    ``spec`` must already have absolute paths."""
+    issues: list[Issue] = []
+    for name, d in spec.datasets.items():
+        path = getattr(d, "path", None)
+        if path and not Path(path).exists():
+            issues.append(
+                smap.issue(
+                    ("datasets", name, "path"),
+                    f"datasets.{name}.path: '{path}' does not exist; put the "
+                    + (
+                        "image folder (images + metadata.jsonl/metadata.csv)"
+                        if d.type == "imagefolder"
+                        else "prompt file (.csv or .txt)"
+                    )
+                    + " there or fix the path (relative to the spec's folder)",
+                )
+            )
+    for i, m in enumerate(spec.evaluate.metrics):
+        for f in type(m).model_fields:
+            value = getattr(m, f)
+            if f.endswith("_path") and value and not Path(value).exists():
+                what = WEIGHT_FILES.get((m.kind, f), "the weights this metric needs")
+                issues.append(
+                    smap.issue(
+                        ("evaluate", "metrics", i, f),
+                        f"evaluate.metrics[{i}].{f}: metric '{m.kind}' needs '{value}', which "
+                        f"does not exist; put {what} there",
+                    )
+                )
+    model = spec.model
+    if model.pretrained and Path(model.pretrained).is_absolute():
+        if not Path(model.pretrained).exists():
+            issues.append(
+                smap.issue(
+                    ("model", "pretrained"),
+                    f"model.pretrained: '{model.pretrained}' does not exist; give a diffusers "
+                    "folder, a .safetensors file, or a hub id (org/name) in the local cache",
+                )
+            )
+    return issues
+
+
+# --------------------------------------------------------------------------- entry
+
+
+def _implied_harvests(spec: Spec) -> tuple[Spec, dict[str, str]]:
+    implied: dict[str, str] = {}
+    ds = dict(spec.datasets)
+
+    def harvested(name: str) -> str:
+        d = ds.get(name)
+        if d is None or d.type not in PROMPT_TYPES:
+            return name
+        target = name + HARVEST_SUFFIX
+        if target not in ds:
+            ds[target] = HarvestData(type="harvest", prompts=name)
+        implied[target] = name
+        return target
+
+    concepts = {
+        n: c.model_copy(update={"harmful": [harvested(h) for h in c.harmful]})
+        for n, c in spec.concepts.items()
+    }
+    threats = {}
+    for n, t in spec.threats.items():
+        if t.poison is not None:
+            t = t.model_copy(
+                update={"poison": t.poison.model_copy(update={"data": harvested(t.poison.data)})}
+            )
+        threats[n] = t
+    for n, d in list(ds.items()):
+        if d.type == "mix":
+            ds[n] = d.model_copy(update={"poison": harvested(d.poison)})
+    spec = spec.model_copy(update={"datasets": ds, "concepts": concepts, "threats": threats})
+    return spec, implied
+
+
+def resolve(
+    spec: Spec | None,
+    data: Mapping[str, Any],
+    smap: SourceMap,
+    base_dir: Path,
+    *,
+    check_files: bool = False,
+) -> tuple[ResolvedSpec | None, list[Issue]]:
+    """Cross-reference checks on the raw data (always, so they are reported alongside schema
+    errors) and, when ``spec`` validated, the resolved spec. Returns (resolved or None, issues).
+    """
+    issues = check_references(data, smap)
+    rows, row_issues = build_rows(data, smap)
+    issues += row_issues
+    if spec is None or issues:
+        return None, issues
+    spec = _absolutize(spec, base_dir)
+    if check_files:
+        issues += missing_files(spec, smap)
+    spec, implied = _implied_harvests(spec)
+    main = [n for n in rows if n != ORIGINAL_ROW and n not in spec.baselines]
+    if main:
+        spec = spec.model_copy(update={"unlearn": rows[main[0]]})
+    if issues:
+        return None, issues
+    return ResolvedSpec(spec, rows, smap.file, base_dir, implied, smap), []
