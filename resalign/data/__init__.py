@@ -1,0 +1,2 @@
+"""Datasets: image–caption pairs (imagefolder, digits, DreamBooth, poison mixes, harvested)
+and prompt lists. Submodules import torch; import them directly."""

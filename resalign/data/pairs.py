@@ -1,0 +1,167 @@
+"""Image–caption pair sets: one loader for every dataset type of the ``datasets`` section."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..errors import UserError
+
+
+@dataclass
+class PairSet:
+    """Images ``[N, C, H, W]`` float in [-1, 1] at the model resolution, one caption each,
+    and class labels where the data has them (the digits). ``prior`` is a DreamBooth set's
+    class-prior pairs (None elsewhere)."""
+
+    images: torch.Tensor
+    captions: list[str]
+    labels: list[int] | None = None
+    prior: PairSet | None = None
+
+    def __len__(self) -> int:
+        return len(self.captions)
+
+    def subset(self, indices: list[int]) -> PairSet:
+        """The items at ``indices`` (in that order)."""
+        return PairSet(
+            images=self.images[list(indices)],
+            captions=[self.captions[i] for i in indices],
+            labels=None if self.labels is None else [self.labels[i] for i in indices],
+            prior=self.prior,
+        )
+
+
+def datasets_of(spec: Any) -> Mapping[str, Any]:
+    """The ``datasets`` mapping of a ``Spec``, a ``ResolvedSpec`` or a plain mapping."""
+    if hasattr(spec, "spec") and hasattr(spec.spec, "datasets"):
+        return spec.spec.datasets
+    if hasattr(spec, "datasets"):
+        return spec.datasets
+    return spec
+
+
+def dataset_spec(name: str, spec: Any) -> Any:
+    """The spec of dataset ``name``; a :class:`UserError` naming the known ones if absent."""
+    datasets = datasets_of(spec)
+    if name not in datasets:
+        raise UserError(
+            f"unknown dataset {name!r}",
+            hint=f"datasets defined: {', '.join(sorted(datasets)) or '(none)'}",
+        )
+    return datasets[name]
+
+
+def fit_images(images: torch.Tensor, resolution: int, channels: int) -> torch.Tensor:
+    """Images resized (bilinear, antialiased) to ``resolution`` and given ``channels``
+    (grey → RGB by repetition, RGB → grey by luma)."""
+    import torch.nn.functional as F
+
+    images = images.float()
+    if images.shape[1] != channels:
+        if images.shape[1] == 1:
+            images = images.repeat(1, channels, 1, 1)
+        elif channels == 1 and images.shape[1] >= 3:
+            w = torch.tensor([0.299, 0.587, 0.114]).view(1, 3, 1, 1)
+            images = (images[:, :3] * w).sum(1, keepdim=True)
+        else:
+            raise UserError(f"cannot convert {images.shape[1]}-channel images to {channels}")
+    if images.shape[-1] != resolution or images.shape[-2] != resolution:
+        images = F.interpolate(
+            images,
+            size=(resolution, resolution),
+            mode="bilinear",
+            antialias=True,
+            align_corners=False,
+        ).clamp(-1, 1)
+    return images.contiguous()
+
+
+def load_pairs(
+    name: str,
+    spec: Any,
+    inputs: Mapping[str, Path] | None = None,
+    resolution: int = 8,
+    channels: int = 1,
+) -> PairSet:
+    """Load dataset ``name`` as a :class:`PairSet` at ``resolution`` with ``channels``.
+
+    Types: ``imagefolder``; ``digits`` (with labels); ``dreambooth`` (instance pairs, class
+    prior in ``.prior``); ``mix`` (``base`` with ``round(ratio·n)`` items replaced by
+    ``poison`` items, :func:`resalign.data.mix.poison_plan`); ``harvest`` (the imagefolder of
+    the ``harvest/<name>`` node, passed as ``inputs['harvest:<name>']``). Prompt lists have
+    no images and are an error here. Any bad data is a :class:`UserError`.
+    """
+    inputs = inputs or {}
+    ds = dataset_spec(name, spec)
+    kind = ds.type
+    if kind == "digits":
+        from .digits import caption_for, select
+
+        images, labels = select(
+            ds.digits, ds.split, ds.test_fraction, tuple(ds.shard) if ds.shard else None, ds.limit
+        )
+        pairs = PairSet(
+            images=fit_images(torch.from_numpy(images), resolution, channels),
+            captions=[caption_for(int(y), ds.caption) for y in labels],
+            labels=[int(y) for y in labels],
+        )
+    elif kind == "imagefolder":
+        from .imagefolder import load_imagefolder
+
+        images, captions = load_imagefolder(
+            Path(ds.path), ds.caption_column, resolution, channels, ds.limit
+        )
+        pairs = PairSet(images=images, captions=captions)
+    elif kind == "harvest":
+        from .imagefolder import load_imagefolder
+
+        key = f"harvest:{name}"
+        if key not in inputs:
+            raise UserError(
+                f"dataset {name!r} is harvested but the harvest output was not given",
+                hint="harvested datasets are produced by the harvest/<name> graph node; run "
+                "the spec (resalign run) rather than loading the dataset directly",
+            )
+        images, captions = load_imagefolder(
+            Path(inputs[key]), "text", resolution, channels, ds.limit
+        )
+        pairs = PairSet(images=images, captions=captions)
+    elif kind == "dreambooth":
+        from .dreambooth import load_dreambooth
+
+        pairs = load_dreambooth(ds, resolution, channels)
+    elif kind == "mix":
+        from .mix import poison_plan
+
+        base = load_pairs(ds.base, spec, inputs, resolution, channels)
+        poison = load_pairs(ds.poison, spec, inputs, resolution, channels)
+        plan = poison_plan(len(base), len(poison), ds.ratio, ds.seed)
+        images = base.images.clone()
+        captions = list(base.captions)
+        keep_labels = base.labels is not None and poison.labels is not None
+        labels = list(base.labels) if keep_labels else None
+        for pos, item in plan:
+            images[pos] = poison.images[item]
+            captions[pos] = poison.captions[item]
+            if labels is not None:
+                labels[pos] = poison.labels[item]
+        pairs = PairSet(images=images, captions=captions, labels=labels)
+    elif kind == "prompts":
+        raise UserError(
+            f"dataset {name!r} is a prompt list (no images) where image–caption pairs are needed",
+            hint="use an imagefolder/digits dataset, or a 'harvest' dataset to generate images "
+            "from these prompts with the original model",
+        )
+    else:  # pragma: no cover - the schema admits no other type
+        raise UserError(f"dataset {name!r} has unknown type {kind!r}")
+    if len(pairs) == 0:
+        raise UserError(
+            f"dataset {name!r} is empty",
+            hint="check its filters (digits, split, shard, limit) or its folder",
+        )
+    return pairs

@@ -1,0 +1,267 @@
+"""A Stable-Diffusion-shaped pipeline small enough for a CPU (``model.family: tiny``).
+
+Every part is the real diffusers / transformers class that SD uses — ``UNet2DConditionModel``,
+``AutoencoderKL``, ``CLIPTextModel`` and ``CLIPTokenizer`` — only constructed here from a
+config instead of loaded, so tests and the built-in demo run through exactly the code paths a
+real checkpoint takes (``StableDiffusionPipeline``, ``save_pretrained``/``from_pretrained``,
+LoRA loading).
+
+Design choices (departures from SD, all in construction only):
+
+- Tokenizer: a byte-level BPE vocabulary with no merges (every character is a token), written
+  to a temporary folder as ``vocab.json``/``merges.txt`` and loaded by ``CLIPTokenizer``. No
+  download; any text tokenizes. Captions longer than ``max_length`` tokens are truncated as
+  CLIP truncates, so ``max_length`` must cover the captions (:func:`caption_token_count`).
+- ``latent: pixel``: the VAE is an ``AutoencoderKL`` with one block whose weights are set so
+  that encode and decode are the identity up to ~1e-5 (see :func:`_make_identity_vae`), with
+  ``scaling_factor`` 1: the diffusion model works on pixels, as small image-space DDPMs do, while
+  the pipeline still calls ``vae.encode``/``vae.decode`` like SD.
+- ``latent: vae``: a randomly initialised two-block ``AutoencoderKL`` (4 latent channels, 2×
+  downsampling). Useful to exercise latent-space code, not to generate recognisable images.
+- The UNet's ``attention_head_dim`` in the spec is the per-head width; diffusers' argument of
+  that name is really the head count (a documented naming quirk), so we pass
+  ``channels // attention_head_dim`` heads per block.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import tempfile
+from functools import reduce
+from pathlib import Path
+from typing import Any
+
+import torch
+from diffusers import (
+    AutoencoderKL,
+    DDPMScheduler,
+    PNDMScheduler,
+    StableDiffusionPipeline,
+    UNet2DConditionModel,
+)
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+from ..errors import UserError
+from ..spec.schema.model import NoiseScheduleSpec, TinyModelSpec
+
+BOS = "<|startoftext|>"
+EOS = "<|endoftext|>"
+
+# Identity-VAE constants. ``_BIG`` sets the constant channels that dominate GroupNorm's
+# variance (relative error ~ n_channels / (2·_BIG²)); 100 keeps _BIG² inside float16's range.
+# ``_SHIFT`` moves values into SiLU's linear region (SiLU(z) = z·(1 − ~e^(−z))).
+_BIG = 100.0
+_SHIFT = 16.0
+
+
+def write_byte_tokenizer(folder: Path, max_length: int) -> CLIPTokenizer:
+    """Write a byte-level CLIP vocabulary (256 byte symbols, each also as a word end, plus BOS
+    and EOS; no merges) to ``folder`` and load it as a ``CLIPTokenizer``."""
+    from tokenizers import pre_tokenizers
+
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    vocab: dict[str, int] = {BOS: 0, EOS: 1}
+    for symbol in alphabet:
+        vocab[symbol] = len(vocab)
+    for symbol in alphabet:
+        vocab[symbol + "</w>"] = len(vocab)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "vocab.json").write_text(json.dumps(vocab), encoding="utf-8")
+    (folder / "merges.txt").write_text("#version: 0.2\n", encoding="utf-8")
+    return CLIPTokenizer(
+        str(folder / "vocab.json"), str(folder / "merges.txt"), model_max_length=max_length
+    )
+
+
+def caption_token_count(tokenizer: Any, caption: str) -> int:
+    """Number of tokens ``caption`` takes, BOS and EOS included (what must fit in
+    ``model_max_length`` for nothing to be truncated)."""
+    return len(tokenizer(caption, truncation=False).input_ids)
+
+
+def _norm_groups(channels: list[int]) -> int:
+    # GroupNorm needs a group count dividing every width; 8 groups or fewer keeps several
+    # channels per group at these widths (32 groups would be instance norm on tiny maps).
+    return math.gcd(reduce(math.gcd, channels), 8)
+
+
+def build_unet(tiny: TinyModelSpec, latent_channels: int, sample_size: int) -> UNet2DConditionModel:
+    """The tiny UNet: cross-attention in every down/up block and the mid block."""
+    widths = list(tiny.block_out_channels)
+    bad = [w for w in widths if w % tiny.attention_head_dim]
+    if bad:
+        raise UserError(
+            f"model.tiny.block_out_channels {widths} are not all multiples of "
+            f"attention_head_dim {tiny.attention_head_dim}",
+            hint="pick widths divisible by attention_head_dim (e.g. [32, 64] with 8)",
+        )
+    n = len(widths)
+    kwargs: dict[str, Any] = {}
+    if tiny.text_hidden_size != tiny.cross_attention_dim:
+        # diffusers' own projection from the text width to the cross-attention width.
+        kwargs.update(encoder_hid_dim=tiny.text_hidden_size, encoder_hid_dim_type="text_proj")
+    return UNet2DConditionModel(
+        sample_size=sample_size,
+        in_channels=latent_channels,
+        out_channels=latent_channels,
+        down_block_types=("CrossAttnDownBlock2D",) * n,
+        up_block_types=("CrossAttnUpBlock2D",) * n,
+        block_out_channels=tuple(widths),
+        layers_per_block=tiny.layers_per_block,
+        attention_head_dim=tuple(w // tiny.attention_head_dim for w in widths),
+        cross_attention_dim=tiny.cross_attention_dim,
+        norm_num_groups=_norm_groups(widths),
+        **kwargs,
+    )
+
+
+def build_text_encoder(tiny: TinyModelSpec, vocab_size: int) -> CLIPTextModel:
+    """A small ``CLIPTextModel`` (random init; the demo keeps it frozen like SD's CLIP)."""
+    heads = max(1, tiny.text_hidden_size // 8)
+    while tiny.text_hidden_size % heads:
+        heads -= 1
+    config = CLIPTextConfig(
+        vocab_size=vocab_size,
+        hidden_size=tiny.text_hidden_size,
+        intermediate_size=2 * tiny.text_hidden_size,
+        num_hidden_layers=tiny.text_layers,
+        num_attention_heads=heads,
+        max_position_embeddings=tiny.max_length,
+        bos_token_id=0,
+        eos_token_id=1,
+        pad_token_id=1,
+        projection_dim=tiny.text_hidden_size,
+    )
+    return CLIPTextModel(config)
+
+
+def _make_identity_vae(channels: int) -> AutoencoderKL:
+    """A one-block ``AutoencoderKL`` whose encoder mean and decoder are (nearly) the identity.
+
+    Each residual branch (resnets, mid attention) is zeroed so it passes its input through.
+    What remains is conv_in → GroupNorm → SiLU → conv_out on each side. conv_in writes
+    ``x``, ``−x`` and two constant channels ``±_BIG``: the group mean is then exactly 0 and
+    the variance ≈ _BIG²/2·(2/width), so GroupNorm divides by a (nearly) fixed σ which its
+    affine weight undoes; its bias adds ``_SHIFT`` so SiLU is linear there, and conv_out
+    subtracts it. The encoder's log-variance is pinned at diffusers' floor (−30) so a
+    sampled latent equals the mean to ~3e-7.
+    """
+    width = 2 * channels + 2
+    vae = AutoencoderKL(
+        in_channels=channels,
+        out_channels=channels,
+        latent_channels=channels,
+        down_block_types=("DownEncoderBlock2D",),
+        up_block_types=("UpDecoderBlock2D",),
+        block_out_channels=(width,),
+        layers_per_block=1,
+        norm_num_groups=1,
+        sample_size=8,
+        scaling_factor=1.0,
+        mid_block_add_attention=False,
+    )
+    sigma = _BIG * math.sqrt(2.0 / width)
+    with torch.no_grad():
+        for p in vae.parameters():
+            p.zero_()
+        for module in vae.modules():
+            # GroupNorms inside the (zeroed) residual branches keep unit affine weights.
+            if isinstance(module, torch.nn.GroupNorm) and module.weight is not None:
+                module.weight.fill_(1.0)
+        for coder, out_channels in ((vae.encoder, 2 * channels), (vae.decoder, channels)):
+            w_in = coder.conv_in.weight  # [width, in, 3, 3]
+            for c in range(channels):
+                w_in[2 * c, c, 1, 1] = 1.0
+                w_in[2 * c + 1, c, 1, 1] = -1.0
+            coder.conv_in.bias[2 * channels] = _BIG
+            coder.conv_in.bias[2 * channels + 1] = -_BIG
+            coder.conv_norm_out.weight.fill_(sigma)
+            coder.conv_norm_out.bias.fill_(_SHIFT)
+            w_out = coder.conv_out.weight  # [out, width, 3, 3]
+            for c in range(channels):
+                w_out[c, 2 * c, 1, 1] = 1.0
+                coder.conv_out.bias[c] = -_SHIFT
+            if coder is vae.encoder:
+                coder.conv_out.bias[channels:out_channels] = -30.0
+        for conv in (vae.quant_conv, vae.post_quant_conv):
+            n = conv.weight.shape[0]
+            conv.weight[:, :, 0, 0] = torch.eye(n)
+    return vae
+
+
+def _make_random_vae(channels: int, tiny: TinyModelSpec) -> AutoencoderKL:
+    return AutoencoderKL(
+        in_channels=channels,
+        out_channels=channels,
+        latent_channels=4,
+        down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2,
+        block_out_channels=(16, 32),
+        layers_per_block=1,
+        norm_num_groups=8,
+        sample_size=tiny.sample_size,
+    )
+
+
+def noise_scheduler_from_spec(noise: NoiseScheduleSpec) -> DDPMScheduler:
+    """The training scheduler: DDPM with the spec's schedule (SD v1.x defaults otherwise)."""
+    return DDPMScheduler(
+        num_train_timesteps=noise.num_train_timesteps,
+        beta_schedule=noise.beta_schedule,
+        beta_start=noise.beta_start,
+        beta_end=noise.beta_end,
+        prediction_type=noise.prediction_type,
+        clip_sample=False,
+        steps_offset=1,
+    )
+
+
+def sampling_scheduler_from_spec(noise: NoiseScheduleSpec) -> PNDMScheduler:
+    """The pipeline's default sampler, configured as SD v1.x ships it (PNDM, PLMS steps)."""
+    return PNDMScheduler(
+        num_train_timesteps=noise.num_train_timesteps,
+        beta_schedule=noise.beta_schedule,
+        beta_start=noise.beta_start,
+        beta_end=noise.beta_end,
+        prediction_type=noise.prediction_type,
+        skip_prk_steps=True,
+        set_alpha_to_one=False,
+        steps_offset=1,
+    )
+
+
+def build_tiny_pipeline(
+    tiny: TinyModelSpec, noise: NoiseScheduleSpec, seed: int = 0
+) -> StableDiffusionPipeline:
+    """Build a randomly initialised tiny ``StableDiffusionPipeline`` (PNDM sampler, no safety
+    checker). Deterministic in ``seed``; the global RNG state is left untouched."""
+    channels = tiny.in_channels
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        with tempfile.TemporaryDirectory(prefix="resalign-tok-") as tmp:
+            tokenizer = write_byte_tokenizer(Path(tmp), tiny.max_length)
+        text_encoder = build_text_encoder(tiny, vocab_size=len(tokenizer))
+        if tiny.latent == "pixel":
+            vae = _make_identity_vae(channels)
+            unet = build_unet(tiny, channels, tiny.sample_size)
+        else:
+            if tiny.sample_size % 2:
+                raise UserError(
+                    f"model.tiny.sample_size {tiny.sample_size} must be even for latent 'vae'",
+                    hint="the tiny VAE downsamples by 2; use an even sample_size or latent: pixel",
+                )
+            vae = _make_random_vae(channels, tiny)
+            unet = build_unet(tiny, 4, tiny.sample_size // 2)
+    pipe = StableDiffusionPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        unet=unet,
+        scheduler=sampling_scheduler_from_spec(noise),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
