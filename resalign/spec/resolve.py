@@ -303,9 +303,11 @@ def _check_meta(row: str, u: UnlearnSpec, path: PathT, smap: SourceMap) -> list[
         meta.distribution is not None and not meta.distribution.data
     )
     if needs_pool and not meta.data:
+        # With no meta section written, point at the concepts, whose retain sets are the pool.
+        at = mp if smap.position(mp) != smap.position(()) else ("concepts",)
         issues.append(
             smap.issue(
-                (*mp,),
+                at,
                 f"row '{row}': simulated fine-tuning has no data: set "
                 f"{dotted((*mp, 'data'))} to benign datasets, give each config a 'data', or "
                 "give the concepts 'retain' datasets (the default pool)",
