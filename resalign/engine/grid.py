@@ -1,0 +1,303 @@
+"""Run a grid of specs rendered from a template (:mod:`resalign.spec.templates`).
+
+Every cell is rendered, validated (files checked) and compiled before the first node runs.
+Cells then run one after another through :func:`resalign.engine.runner.run_graph` on one store,
+so a node shared by several cells (the model, the original row's attacks and evaluations, a
+harvest) runs once and is a cache hit for every later cell. MLflow: one grid run, and under it
+one run per cell (the parent run that ``run_graph`` creates for the cell's spec, named by the
+cell id, re-parented to the grid run and tagged ``grid.cell`` / ``grid.axis.<name>``, with the
+axis values also logged as params ``axis.<name>`` for the compare and parallel-coordinates
+views); the node runs sit under their cell's run as usual.
+
+The grid's manifest ``<store>/grids/<grid name>/grid.json`` lists each cell's id, axes, spec
+name, report node key and MLflow run: :func:`report_cells` reads a template back into
+``(cell id, resolved spec)`` pairs for ``resalign report``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..errors import UserError
+from ..spec.templates import GridTemplate, RenderedCell, load_template, render_grid
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class CellResult:
+    cell_id: str
+    executed: list[str] = field(default_factory=list)
+    cached: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+    run_id: str | None = None
+    ok: bool = True
+    error: str | None = None
+
+
+@dataclass
+class GridSummary:
+    name: str
+    cells: list[CellResult]
+    seconds: float
+    parent_run_id: str | None = None
+    tracking_uri: str | None = None
+    manifest: Path | None = None
+
+    @property
+    def executed(self) -> int:
+        return sum(len(c.executed) for c in self.cells)
+
+    @property
+    def cache_hits(self) -> int:
+        """Node executions the cache saved: nodes of a cell that were already complete."""
+        return sum(len(c.cached) for c in self.cells)
+
+
+def prepare(template: str | Path, *, check_files: bool = False) -> tuple[GridTemplate, list]:
+    """Load, render and validate every cell and compile its graph; nothing runs.
+
+    Returns the template and ``[(rendered cell, graph)]``; raises ``UserError`` listing every
+    problem of every cell.
+    """
+    from ..graph.compile import compile_spec
+
+    tpl = load_template(template)
+    rendered = render_grid(tpl, check_files=check_files)
+    out, problems = [], []
+    for rc in rendered:
+        try:
+            out.append((rc, compile_spec(rc.spec)))
+        except UserError as e:
+            problems.append(f"cell {rc.cell.id}: {e.render()}")
+    if problems:
+        raise UserError(
+            "\n".join(problems) + "\nno cell was run", where=str(tpl.path), hint="fix the template"
+        )
+    return tpl, out
+
+
+def list_table(tpl: GridTemplate) -> str:
+    """The cells as an aligned text table: id, then one column per axis."""
+    head = ["cell", *tpl.axes]
+    rows = [[c.id, *[str(c.axes.get(a, "")) for a in tpl.axes]] for c in tpl.cells]
+    widths = [max(len(r[i]) for r in [head, *rows]) for i in range(len(head))]
+    fmt = "  ".join(f"{{:<{w}}}" for w in widths)
+    lines = [fmt.format(*head).rstrip()] + [fmt.format(*r).rstrip() for r in rows]
+    return "\n".join(lines + [f"{len(rows)} cells in grid {tpl.name!r}"])
+
+
+def _cell_spec(rc: RenderedCell) -> Any:
+    spec = rc.spec.spec
+    return spec.model_copy(
+        update={"tracking": spec.tracking.model_copy(update={"run_name": rc.cell.id})}
+    )
+
+
+class _GridTracking:
+    """The grid's MLflow run and the re-parenting of each cell's run under it."""
+
+    def __init__(self, uri: str, experiment: str, tpl: GridTemplate, store_root: Path):
+        from mlflow.tracking import MlflowClient
+
+        from .tracking import check_reachable, default_artifact_root, default_tracking_uri
+
+        check_reachable(uri)
+        self.client = MlflowClient(uri)
+        exp = self.client.get_experiment_by_name(experiment)
+        if exp is None:
+            loc = (
+                default_artifact_root(store_root)
+                if uri == default_tracking_uri(store_root)
+                else None
+            )
+            self.experiment_id = self.client.create_experiment(experiment, artifact_location=loc)
+        else:
+            self.experiment_id = exp.experiment_id
+        run = self.client.create_run(
+            self.experiment_id,
+            run_name=f"grid {tpl.name}",
+            tags={
+                "resalign.grid": tpl.name,
+                "resalign.grid.template": str(tpl.path),
+                "resalign.grid.cells": str(len(tpl.cells)),
+                "resalign.grid.axes": ",".join(tpl.axes),
+            },
+        )
+        self.run_id = run.info.run_id
+        self.grid_name = tpl.name
+
+    def adopt(self, run_id: str, rc: RenderedCell) -> None:
+        from mlflow.entities import Param, RunTag
+
+        tags = [RunTag("mlflow.parentRunId", self.run_id), RunTag("resalign.grid", self.grid_name)]
+        tags += [RunTag(k, v) for k, v in rc.cell.tags.items()]
+        params = [Param(f"axis.{k}", str(v)) for k, v in rc.cell.axes.items()]
+        self.client.log_batch(run_id, params=params, tags=tags)
+
+    def find_cell_run(self, rc: RenderedCell, since_ms: int) -> str | None:
+        runs = self.client.search_runs(
+            [self.experiment_id],
+            filter_string=f"attributes.run_name = '{rc.cell.id}' "
+            f"and attributes.start_time >= {since_ms}",
+            max_results=1,
+            order_by=["attributes.start_time DESC"],
+        )
+        return runs[0].info.run_id if runs else None
+
+    def finish(self, status: str) -> None:
+        self.client.set_terminated(self.run_id, status=status)
+
+
+def run_grid(
+    template: str | Path,
+    *,
+    store_root: str | Path = "runs",
+    executor: Any = None,
+    tracking: bool = True,
+    tracking_uri: str | None = None,
+    device: str | None = None,
+    cells: Sequence[str] | None = None,
+    command: Sequence[str] | None = None,
+) -> GridSummary:
+    """Run the grid's cells (all, or the ids in ``cells``) after validating all of them.
+
+    ``executor`` is a :class:`resalign.engine.executors.Executor` factory result used for
+    every cell (a fresh one per cell: ``run_graph`` shuts it down at the end of each);
+    pass a zero-argument callable to build one per cell.
+    """
+    from .runner import RunFailed, run_graph
+    from .store import atomic_write_json
+    from .tracking import resolve_tracking_uri
+
+    t0 = time.perf_counter()
+    tpl, prepared = prepare(template, check_files=True)
+    if cells:
+        unknown = [c for c in cells if c not in {rc.cell.id for rc, _ in prepared}]
+        if unknown:
+            raise UserError(
+                f"no cell {unknown[0]!r} in grid {tpl.name!r}",
+                hint="cells: " + ", ".join(rc.cell.id for rc, _ in prepared),
+            )
+        prepared = [(rc, g) for rc, g in prepared if rc.cell.id in cells]
+    store = Path(store_root)
+    store.mkdir(parents=True, exist_ok=True)
+    tracker = None
+    uri = None
+    first_spec = prepared[0][0].spec.spec
+    if tracking and first_spec.tracking.enabled:
+        uri = resolve_tracking_uri(tracking_uri, first_spec.tracking.uri, store.resolve())
+        tracker = _GridTracking(uri, first_spec.tracking.experiment, tpl, store.resolve())
+
+    results: list[CellResult] = []
+    status = "FINISHED"
+    try:
+        for rc, graph in prepared:
+            res = CellResult(rc.cell.id)
+            results.append(res)
+            since = int(time.time() * 1000) - 1000
+            ex = executor() if callable(executor) else executor
+            try:
+                summary = run_graph(
+                    graph,
+                    _cell_spec(rc),
+                    store_root=store,
+                    executor=ex,
+                    tracking=tracker is not None,
+                    tracking_uri=uri,
+                    device=device,
+                    command=[*(command or ["resalign", "grid", str(tpl.path), "--run"])],
+                )
+            except RunFailed as e:
+                res.ok, res.error = False, str(e)
+                status = "FAILED"
+                if tracker is not None:
+                    rid = tracker.find_cell_run(rc, since)
+                    if rid:
+                        res.run_id = rid
+                        tracker.adopt(rid, rc)
+                break
+            res.executed = list(summary.executed)
+            res.cached = list(summary.cached)
+            res.seconds = summary.seconds
+            res.run_id = summary.parent_run_id
+            if tracker is not None and res.run_id:
+                try:
+                    tracker.adopt(res.run_id, rc)
+                except Exception as e:  # the cell ran; the store has it, tags can be re-added
+                    log.warning("could not tag cell %s in MLflow: %s", rc.cell.id, e)
+    except KeyboardInterrupt:
+        status = "KILLED"
+        raise
+    finally:
+        if tracker is not None:
+            tracker.finish(status)
+        manifest = store / "grids" / tpl.name / "grid.json"
+        atomic_write_json(
+            manifest,
+            {
+                "grid": tpl.name,
+                "template": str(Path(tpl.path).resolve()),
+                "axes": tpl.axes,
+                "parent_run_id": tracker.run_id if tracker else None,
+                "tracking_uri": uri,
+                "cells": [
+                    {
+                        "id": rc.cell.id,
+                        "axes": {k: v for k, v in rc.cell.axes.items()},
+                        "spec_name": rc.spec.name,
+                        "report_key": next((n.key for n in g.of_kind("report")), None),
+                        **(
+                            {
+                                "run_id": r.run_id,
+                                "executed": r.executed,
+                                "cached": r.cached,
+                                "seconds": r.seconds,
+                                "ok": r.ok,
+                            }
+                            if (r := next((x for x in results if x.cell_id == rc.cell.id), None))
+                            else {}
+                        ),
+                    }
+                    for rc, g in prepared
+                ],
+            },
+        )
+    failed = [r for r in results if not r.ok]
+    if failed:
+        raise UserError(
+            f"grid {tpl.name!r}: cell {failed[0].cell_id} failed; later cells were not run",
+            hint="fix the failure and run the same command again: finished nodes are cached",
+        )
+    return GridSummary(
+        name=tpl.name,
+        cells=results,
+        seconds=time.perf_counter() - t0,
+        parent_run_id=tracker.run_id if tracker else None,
+        tracking_uri=uri,
+        manifest=manifest,
+    )
+
+
+def report_cells(template: str | Path) -> list[tuple[str, Any]]:
+    """``[(cell id, resolved spec)]`` of a grid, in cell order, for a one-row-per-cell report.
+
+    The resolved specs compile to the same graphs (and node keys) the grid ran, so a report
+    finds each cell's evaluations in the store by key.
+    """
+    tpl = load_template(template)
+    return [(rc.cell.id, rc.spec) for rc in render_grid(tpl)]
+
+
+def manifest(store_root: str | Path, grid_name: str) -> dict[str, Any]:
+    """The manifest a grid run wrote (cells, axes, run ids, executed/cached node names)."""
+    p = Path(store_root) / "grids" / grid_name / "grid.json"
+    if not p.exists():
+        raise UserError(f"grid {grid_name!r} has not run in {store_root}", where=str(p))
+    return json.loads(p.read_text())
