@@ -145,6 +145,21 @@ class MemorySpec(StrictModel):
     gradient_checkpointing: bool = False
     free_inner_state: bool = True
     offload_idle: bool = False
+    frozen_dtype: Literal["float32", "bfloat16", "float16"] = Field(
+        default="float32",
+        description="storage dtype of the frozen (non-trained) UNet weights; trained tensors "
+        "stay float32. A half dtype needs autocast of the same precision",
+    )
+
+    @model_validator(mode="after")
+    def _check_frozen_dtype(self) -> MemorySpec:
+        needs = {"bfloat16": "bf16", "float16": "fp16"}.get(self.frozen_dtype)
+        if needs is not None and self.autocast != needs:
+            raise ValueError(
+                f"memory.frozen_dtype {self.frozen_dtype} needs memory.autocast {needs} "
+                f"(it is {self.autocast}): half weights cannot meet float32 activations"
+            )
+        return self
 
 
 class UnlearnSpec(StrictModel):
