@@ -86,7 +86,9 @@ def prepare(template: str | Path, *, check_files: bool = False) -> tuple[GridTem
 def list_table(tpl: GridTemplate) -> str:
     """The cells as an aligned text table: id, then one column per axis."""
     head = ["cell", *tpl.axes]
-    rows = [[c.id, *[str(c.axes.get(a, "")) for a in tpl.axes]] for c in tpl.cells]
+    # Values spelt as in the id (as written in the front matter: 1e-5, not 1e-05).
+    spelt = [dict(kv.split("=", 1) for kv in c.id.split(",")) for c in tpl.cells]
+    rows = [[c.id, *[sp.get(a, "") for a in tpl.axes]] for c, sp in zip(tpl.cells, spelt)]
     widths = [max(len(r[i]) for r in [head, *rows]) for i in range(len(head))]
     fmt = "  ".join(f"{{:<{w}}}" for w in widths)
     lines = [fmt.format(*head).rstrip()] + [fmt.format(*r).rstrip() for r in rows]
