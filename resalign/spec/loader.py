@@ -28,6 +28,8 @@ from .schema import Spec
 PathT = tuple[Any, ...]
 
 _FLOAT_TAG = "tag:yaml.org,2002:float"
+_SEQ_TAG = "tag:yaml.org,2002:seq"
+_MAP_TAG = "tag:yaml.org,2002:map"
 # YAML 1.2-style floats: a dot or an exponent (sign optional) makes a float.
 _FLOAT_RE = re.compile(
     r"""^(?:[-+]?[0-9][0-9_]*\.[0-9_]*(?:[eE][-+]?[0-9]+)?
@@ -122,6 +124,11 @@ class _Builder:
             except yaml.YAMLError as exc:
                 self._issue_at(node, f"cannot read this value: {getattr(exc, 'problem', exc)}")
                 return None
+        if node.tag not in (_SEQ_TAG, _MAP_TAG):
+            self._issue_at(
+                node, f"cannot read this value: the tag {node.tag!r} is not allowed in a spec"
+            )
+            return None
         if id(node) in self.stack:
             self._issue_at(node, "recursive alias: a YAML anchor refers to itself")
             return None

@@ -1,0 +1,94 @@
+"""Graph compilation: the node table of docs/architecture.md."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from resalign.graph.compile import compile_spec
+from resalign.graph.plan import render_mermaid, render_plan
+from resalign.spec import load_spec_text
+
+SPEC = """\
+name: g
+model: {family: tiny, device: cpu, tiny: {pretrain: {dataset: all}}}
+datasets:
+  all: {type: digits}
+  keep: {type: digits, digits: [0, 1]}
+  p: {type: prompts, path: p.txt}
+  mixed: {type: mix, base: keep, poison: p, ratio: 0.5}
+concepts:
+  c: {harmful: [p], retain: [keep]}
+baselines:
+  nothing: {method: none}
+threats:
+  a: {data: keep, steps: 4, seeds: [1, 2], eval_at: [2, 4]}
+  b: {data: mixed, steps: 3}
+evaluate:
+  metrics: [{kind: concept_rate}]
+"""
+
+
+def graph(tmp_path: Path):
+    return compile_spec(load_spec_text(SPEC, filename="g.yaml", base_dir=tmp_path))
+
+
+def test_nodes_and_dependencies(tmp_path: Path) -> None:
+    g = graph(tmp_path)
+    names = list(g.nodes)
+    # topological: every dependency precedes its dependant
+    for n in g:
+        assert all(names.index(d) < names.index(n.name) for d in n.deps.values())
+    assert names[0] == "model" and names[-1] == "report"
+    assert [n.name for n in g.of_kind("harvest")] == ["harvest/p__harvest"]
+    assert [n.name for n in g.of_kind("unlearn")] == ["unlearn/resalign"]  # 'none' rows: none
+    attacks = {n.name for n in g.of_kind("attack")}
+    assert attacks == {
+        f"attack/{r}/{t}/seed{s}"
+        for r in ("original", "resalign", "nothing")
+        for t, seeds in (("a", (1, 2)), ("b", (42,)))
+        for s in seeds
+    }
+    evals = g.of_kind("evaluate")
+    assert len(evals) == 3 * (1 + 2 * 2 + 1)
+    u = g["unlearn/resalign"]
+    assert dict(u.deps) == {"model": "model", "harvest:p__harvest": "harvest/p__harvest"}
+    assert u.params["unlearn"]["seed"] == 0 and u.row == "resalign"
+    # the poisoned threat reads the harvest through the mix dataset
+    b = g["attack/resalign/b/seed42"]
+    assert b.deps["harvest:p__harvest"] == "harvest/p__harvest"
+    assert b.deps["unlearn"] == "unlearn/resalign"
+    assert "seeds" not in b.params["threat"] and b.params["seed"] == 42
+    assert set(b.params["datasets"]) == {"keep", "mixed", "p", "p__harvest"}
+    e = g["evaluate/resalign/a/seed2/step2"]
+    assert (e.row, e.threat, e.seed, e.step) == ("resalign", "a", 2, 2)
+    assert dict(e.deps) == {
+        "model": "model",
+        "unlearn": "unlearn/resalign",
+        "attack": "attack/resalign/a/seed2",
+    }
+    pre = g["evaluate/original/pre/step0"]
+    assert dict(pre.deps) == {"model": "model"} and pre.threat is None and pre.step == 0
+    assert set(g["report"].deps.values()) == {n.name for n in evals}
+    assert "device" not in g["model"].params["model"]
+    assert set(g["model"].params["pretrain_data"]) == {"all"}
+
+
+def test_none_row_shares_keys_with_original(tmp_path: Path) -> None:
+    g = graph(tmp_path)
+    assert g["attack/nothing/a/seed1"].key == g["attack/original/a/seed1"].key
+    assert g["evaluate/nothing/pre/step0"].key == g["evaluate/original/pre/step0"].key
+    assert g["attack/resalign/a/seed1"].key != g["attack/original/a/seed1"].key
+
+
+def test_plan_renderings(tmp_path: Path) -> None:
+    g = graph(tmp_path)
+    tree = render_plan(g)
+    assert tree.splitlines()[0].startswith(f"g  ({len(g)} nodes")
+    for n in g:
+        assert f"{n.name}  {n.key[:12]}" in tree
+    assert "unlearn/resalign  " in tree and "(needs harvest/p__harvest)" in tree
+    status = {n.name: "cached" for n in g}
+    assert tree.count("[cached]") == 0 and render_plan(g, status).count("[cached]") == len(g)
+    mer = render_mermaid(g)
+    assert mer.startswith("flowchart TD")
+    assert sum(1 for ln in mer.splitlines() if "-->" in ln) == sum(len(n.deps) for n in g)

@@ -1,0 +1,235 @@
+"""Node keys: stable under formatting, unrelated sections and moves; changed by what is used."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+
+from resalign.graph.compile import compile_spec
+from resalign.graph.keys import fingerprint, key_view, node_key
+from resalign.spec import load_spec, load_spec_text
+from resalign.steps.base import STEPS, Step
+
+SPEC = """\
+name: keys
+seed: 0
+model:
+  family: tiny
+  device: cpu
+  tiny: {pretrain: {dataset: all, steps: 50}}
+datasets:
+  all: {type: digits}
+  harm: {type: digits, digits: [3]}
+  keep: {type: digits, digits: [0, 1]}
+  bench: {type: imagefolder, path: data/bench}
+  p: {type: prompts, path: data/p.txt}
+concepts:
+  three: {harmful: [harm], retain: [keep]}
+unlearn:
+  steps: 20
+  optimizer: {lr: 1e-3}
+threats:
+  ft: {data: bench, steps: 10, lr: 1e-4, eval_at: [5, 10]}
+evaluate:
+  generation: {steps: 4}
+  metrics:
+    - {kind: nudenet_ip, prompts: p}
+tracking:
+  uri: file:///somewhere
+"""
+
+# The same spec with keys reordered, comments, other formatting and an unrelated section changed.
+SPEC_REORDERED = """\
+# a comment
+tracking: {uri: http://127.0.0.1:5000, experiment: other}   # volatile
+evaluate:
+  metrics:
+    - prompts: p
+      kind: nudenet_ip
+  generation:
+    steps: 4
+threats:
+  ft:
+    eval_at: [5, 10]
+    lr: 0.0001
+    steps: 10
+    data: bench
+concepts:
+  three: {retain: [keep], harmful: [harm]}
+unlearn:
+  optimizer: {lr: 0.001}
+  steps: 20
+datasets:
+  p: {path: data/p.txt, type: prompts}
+  bench: {path: data/bench, type: imagefolder}
+  keep: {digits: [0, 1], type: digits}
+  harm: {type: digits, digits: [3]}
+  all: {type: digits}
+model:
+  device: auto
+  tiny: {pretrain: {steps: 50, dataset: all}}
+  family: tiny
+seed: 0
+name: keys
+description: "an unrelated description"
+"""
+
+
+def _data(root: Path) -> None:
+    (root / "data" / "bench").mkdir(parents=True)
+    (root / "data" / "bench" / "metadata.jsonl").write_text('{"file_name": "a.png", "text": "x"}\n')
+    (root / "data" / "bench" / "a.png").write_bytes(b"\x89PNG fake")
+    (root / "data" / "p.txt").write_text("a prompt\nanother\n")
+
+
+def keys_of(text: str, root: Path) -> dict[str, str]:
+    graph = compile_spec(load_spec_text(text, filename="s.yaml", base_dir=root))
+    return {n.name: n.key for n in graph}
+
+
+@pytest.fixture()
+def root(tmp_path: Path) -> Path:
+    _data(tmp_path)
+    return tmp_path
+
+
+@pytest.fixture()
+def base(root: Path) -> dict[str, str]:
+    return keys_of(SPEC, root)
+
+
+def test_keys_unchanged_by_order_comments_and_unrelated(root: Path, base: dict[str, str]) -> None:
+    assert keys_of(SPEC_REORDERED, root) == base
+    assert len(set(base.values())) == len(base)  # no two nodes share a key in one spec
+
+
+def test_keys_unchanged_when_project_moves(root: Path, base: dict[str, str], tmp_path_factory):
+    moved = tmp_path_factory.mktemp("elsewhere") / "proj"
+    shutil.copytree(root, moved)
+    (moved / "spec.yaml").write_text(SPEC)
+    graph = compile_spec(load_spec(moved / "spec.yaml"))
+    assert {n.name: n.key for n in graph} == base
+    assert str(moved) in graph["attack/original/ft/seed42"].params["datasets"]["bench"]["path"]
+
+
+def _changed(base: dict[str, str], new: dict[str, str]) -> set[str]:
+    assert set(base) == set(new)
+    return {n for n in base if base[n] != new[n]}
+
+
+ALL_ROWS = {"original", "resalign"}
+
+
+def _evals(rows: set[str], pre: bool = True, post: bool = True) -> set[str]:
+    out = set()
+    for r in rows:
+        if pre:
+            out.add(f"evaluate/{r}/pre/step0")
+        if post:
+            out |= {f"evaluate/{r}/ft/seed42/step{s}" for s in (5, 10)}
+    return out
+
+
+def _attacks(rows: set[str]) -> set[str]:
+    return {f"attack/{r}/ft/seed42" for r in rows}
+
+
+UNLEARN_DOWN = {"unlearn/resalign"} | _attacks({"resalign"}) | _evals({"resalign"}) | {"report"}
+
+
+@pytest.mark.parametrize(
+    "old,new,expected",
+    [
+        ("  steps: 20\n", "  steps: 21\n", UNLEARN_DOWN),
+        ("optimizer: {lr: 1e-3}", "optimizer: {lr: 2e-3}", UNLEARN_DOWN),
+        ("seed: 0\nmodel", "seed: 1\nmodel", UNLEARN_DOWN),  # fills unlearn.seed
+        (
+            "lr: 1e-4, eval_at",
+            "lr: 2e-4, eval_at",
+            _attacks(ALL_ROWS) | _evals(ALL_ROWS, pre=False) | {"report"},
+        ),
+        (
+            "generation: {steps: 4}",
+            "generation: {steps: 5}",
+            _evals(ALL_ROWS) | {"report"},
+        ),
+        (
+            "keep: {type: digits, digits: [0, 1]}",
+            "keep: {type: digits, digits: [0, 2]}",
+            UNLEARN_DOWN,
+        ),
+        ("pretrain: {dataset: all, steps: 50}", "pretrain: {dataset: all, steps: 60}", "all"),
+        ("family: tiny\n  device: cpu", "family: tiny\n  device: cpu\n  dtype: float16", "all"),
+    ],
+    ids=[
+        "unlearn-steps",
+        "outer-lr",
+        "seed",
+        "threat-lr",
+        "generation",
+        "retain-data",
+        "pretrain",
+        "dtype",
+    ],
+)
+def test_keys_change_exactly_downstream_of_a_used_param(root, base, old, new, expected) -> None:
+    assert old in SPEC
+    changed = _changed(base, keys_of(SPEC.replace(old, new), root))
+    assert changed == (set(base) if expected == "all" else expected)
+
+
+def test_eval_at_adds_nodes_without_touching_unlearning(root: Path, base: dict[str, str]) -> None:
+    new = keys_of(SPEC.replace("eval_at: [5, 10]", "eval_at: [5, 8, 10]"), root)
+    assert {n for n in new if n not in base} == {
+        "evaluate/original/ft/seed42/step8",
+        "evaluate/resalign/ft/seed42/step8",
+    }
+    assert new["unlearn/resalign"] == base["unlearn/resalign"]
+    assert new["model"] == base["model"]
+
+
+def test_data_content_changes_keys_of_readers(root: Path, base: dict[str, str]) -> None:
+    (root / "data" / "p.txt").write_text("a different prompt\n")
+    changed = _changed(base, keys_of(SPEC, root))
+    assert changed == _evals(ALL_ROWS) | {"report"}
+    (root / "data" / "bench" / "b.png").write_bytes(b"more")
+    changed = _changed(base, keys_of(SPEC, root))
+    assert changed == _evals(ALL_ROWS) | _attacks(ALL_ROWS) | {"report"}
+
+
+def test_step_version_enters_the_key(root: Path, base: dict[str, str], monkeypatch) -> None:
+    class AttackV9(Step):
+        kind = "attack"
+        version = "9"
+
+    monkeypatch.setitem(STEPS, "attack", AttackV9)
+    changed = _changed(base, keys_of(SPEC, root))
+    assert changed == _attacks(ALL_ROWS) | _evals(ALL_ROWS, pre=False) | {"report"}
+
+
+def test_shared_prefix_shares_nodes(root: Path, base: dict[str, str]) -> None:
+    other = SPEC.replace("name: keys", "name: other").replace(
+        "  ft: {", "  ft2: {data: bench, steps: 3}\n  ft: {"
+    )
+    new = keys_of(other, root)
+    for name in ("model", "unlearn/resalign", "attack/resalign/ft/seed42"):
+        assert new[name] == base[name]
+
+
+def test_fingerprint_and_key_view(tmp_path: Path) -> None:
+    f = tmp_path / "w.bin"
+    f.write_bytes(b"abc")
+    fp = fingerprint(str(f))
+    assert fp["size"] == 3 and fp["file"] == "w.bin"
+    assert fingerprint("org/name", revision="r1") == {
+        "hub": "org/name",
+        "revision": "r1",
+        "variant": None,
+    }
+    assert fingerprint(str(tmp_path / "none")) == {"missing": "none"}
+    params = {"path": "/x", "fingerprint": fp, "clip_path": "/y", "clip_fingerprint": fp, "a": 1}
+    assert key_view(params) == {"fingerprint": fp, "clip_fingerprint": fp, "a": 1}
+    assert node_key("k", params, {}) == node_key("k", {**params, "path": "/elsewhere"}, {})
+    assert node_key("k", params, {"m": "1"}) != node_key("k", params, {"m": "2"})
