@@ -108,9 +108,7 @@ class DistributionSpec(StrictModel):
 
     lr: list[PositiveFloat] = Field(default_factory=lambda: [1e-4, 1e-5, 1e-6])
     steps: list[PositiveInt] = Field(default_factory=lambda: [5, 10, 20, 30])
-    algorithm: list[Literal["full", "lora", "dreambooth"]] = Field(
-        default_factory=lambda: ["lora"]
-    )
+    algorithm: list[Literal["full", "lora", "dreambooth"]] = Field(default_factory=lambda: ["lora"])
     optimizer: list[Literal["sgd", "adam", "adamw"]] = Field(
         default_factory=lambda: ["sgd", "adam"]
     )
