@@ -136,6 +136,8 @@ class ModelBundle:
         ):
             if key in self.noise_scheduler.config:
                 config[key] = self.noise_scheduler.config[key]
+        # SD ships clip_sample False; samplers whose default is True (DDIM) must not clip.
+        config.setdefault("clip_sample", False)
         scheduler = cls.from_config(config)
         if self.family == "sdxl":
             pipe = diffusers.StableDiffusionXLPipeline(

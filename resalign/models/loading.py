@@ -377,39 +377,35 @@ def load_state_file(path: Path) -> dict[str, torch.Tensor]:
     return state
 
 
-def apply_trainable(
+def apply_trained_tensors(
     unet: Any, state: Mapping[str, torch.Tensor], lora_config: Mapping[str, Any] | None = None
 ) -> None:
-    """Put trained tensors (by parameter name) into ``unet``.
+    """Put trained tensors (by parameter name, as in ``trainable.safetensors``) into ``unet``.
 
     Full/partial UNet tensors are copied into the matching parameters. LoRA tensors (names
-    containing ``lora_``) need the adapter they were trained with: ``lora_config``
-    (``{"rank", "alpha", "targets"}``; rank and targets are inferred from the tensors when
-    absent, alpha then defaults to rank, i.e. scale 1 as published), added through peft.
-    Every tensor must find its parameter; a name that matches nothing is an error.
+    containing ``lora_``) need their adapter: it is added with
+    :func:`resalign.models.trainable.apply_trainable` on exactly the modules the tensors name,
+    rank from the tensors, alpha from ``lora_config`` (default: rank, i.e. scale 1 as
+    published). A tensor that matches no parameter, or has another shape, is an error.
     """
     params = dict(unet.named_parameters())
     lora_keys = [k for k in state if "lora_" in k]
     if lora_keys and not any("lora_" in k for k in params):
-        from peft import LoraConfig
+        from .trainable import apply_trainable
 
         cfg = dict(lora_config or {})
-        rank = cfg.get("rank") or int(next(state[k] for k in lora_keys if "lora_A" in k).shape[0])
-        targets = cfg.get("targets") or sorted(
+        rank = int(next(state[k] for k in lora_keys if ".lora_A." in k).shape[0])
+        targets = sorted({k.split(".lora_")[0] for k in lora_keys})
+        alpha = cfg.get("alpha")
+        apply_trainable(
+            unet,
             {
-                k.split(".lora_")[0].split(".")[-1]
-                if not k.split(".lora_")[0].endswith("out.0")
-                else "to_out.0"
-                for k in lora_keys
-            }
-        )
-        unet.add_adapter(
-            LoraConfig(
-                r=rank,
-                lora_alpha=cfg.get("alpha") or rank,
-                target_modules=list(targets),
-                init_lora_weights=False,
-            )
+                "kind": "lora",
+                "rank": rank,
+                "alpha": alpha,
+                "targets": targets,
+                "init": "peft_default",
+            },
         )
         params = dict(unet.named_parameters())
     unknown = [k for k in state if k not in params]
@@ -443,7 +439,7 @@ def load_row(
 
     ``unet_dir`` (a merged UNet saved by ``save_pretrained``) replaces the UNet; otherwise
     ``trainable_file`` (``trainable.safetensors``, or a ``.pt``/``.bin`` state dict loaded
-    weights-only) is applied with :func:`apply_trainable`. Neither: the original model.
+    weights-only) is applied with :func:`apply_trained_tensors`. Neither: the original model.
     """
     bundle = load_model_node(model_dir, device=device, dtype=dtype)
     if unet_dir is not None:
@@ -459,7 +455,7 @@ def load_row(
         bundle.unet = unet.to(device).eval().requires_grad_(False)
     elif trainable_file is not None:
         state = load_state_file(Path(trainable_file))
-        apply_trainable(bundle.unet, state, lora_config)
+        apply_trained_tensors(bundle.unet, state, lora_config)
         bundle.unet.requires_grad_(False)
     return bundle
 

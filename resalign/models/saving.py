@@ -1,0 +1,122 @@
+"""Outputs plain diffusers loads: a LoRA folder for ``pipe.load_lora_weights(path)`` and a merged
+UNet folder for ``UNet2DConditionModel.from_pretrained(path)`` (both safetensors), plus the
+``trainable.safetensors`` of trained tensors by parameter name."""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
+
+
+def _lora_layers(unet: torch.nn.Module) -> list[tuple[str, Any]]:
+    from peft.tuners.lora import LoraLayer
+
+    return [(n, m) for n, m in unet.named_modules() if isinstance(m, LoraLayer)]
+
+
+def has_lora(unet: torch.nn.Module) -> bool:
+    """Whether ``unet`` carries a peft LoRA adapter."""
+    return bool(_lora_layers(unet))
+
+
+def _atomic_dir(path: Path) -> tuple[Path, Path]:
+    """A staging folder next to ``path``, renamed onto it by :func:`_commit_dir`."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    return path, tmp
+
+
+def _commit_dir(path: Path, tmp: Path) -> None:
+    if path.exists():
+        shutil.rmtree(path)
+    os.replace(tmp, path)
+
+
+def save_lora(unet: torch.nn.Module, path: Path, adapter_name: str = "default") -> Path:
+    """Write the UNet's LoRA as a diffusers LoRA folder (``pytorch_lora_weights.safetensors``
+    in diffusers' key format, with the adapter's peft config — rank, alpha, targets — as
+    metadata so alpha ≠ rank reloads at the right scale). ``pipe.load_lora_weights(path)``
+    then reproduces the trained model. Returns the folder."""
+    from diffusers import StableDiffusionPipeline
+    from diffusers.utils import convert_state_dict_to_diffusers
+    from peft.utils import get_peft_model_state_dict
+
+    if not has_lora(unet):
+        raise ValueError("save_lora: the UNet has no LoRA adapter (use save_merged_unet)")
+    state = get_peft_model_state_dict(unet, adapter_name=adapter_name)
+    state = convert_state_dict_to_diffusers(state)
+    state = {k: v.detach().to("cpu").contiguous() for k, v in state.items()}
+    config = unet.peft_config[adapter_name]
+    metadata = config.to_dict()
+    # JSON-able: peft stores target_modules as a set.
+    metadata = json.loads(
+        json.dumps(metadata, default=lambda o: sorted(o) if isinstance(o, set) else str(o))
+    )
+    path, tmp = _atomic_dir(Path(path))
+    StableDiffusionPipeline.save_lora_weights(
+        save_directory=str(tmp),
+        unet_lora_layers=state,
+        safe_serialization=True,
+        weight_name=LORA_WEIGHT_NAME,
+        unet_lora_adapter_metadata=metadata,
+    )
+    _commit_dir(path, tmp)
+    return path
+
+
+def merged_unet(unet: torch.nn.Module) -> torch.nn.Module:
+    """A plain ``UNet2DConditionModel`` (no peft layers) equal to ``unet`` with its active LoRA
+    merged in; ``unet`` itself is left untouched. Without LoRA: a detached copy."""
+    from diffusers import UNet2DConditionModel
+
+    work = copy.deepcopy(unet)
+    layers = _lora_layers(work)
+    for _, layer in layers:
+        layer.merge(safe_merge=True)
+    state = {}
+    for name, tensor in work.state_dict().items():
+        if "lora_" in name:
+            continue
+        state[name.replace(".base_layer.", ".")] = tensor
+    fresh = UNet2DConditionModel.from_config(work.config)
+    fresh.load_state_dict(state, strict=True)
+    p = next(unet.parameters())
+    return fresh.to(device=p.device, dtype=p.dtype).eval()
+
+
+def save_merged_unet(unet: torch.nn.Module, path: Path) -> Path:
+    """Save ``unet`` with its LoRA merged (if any) via ``save_pretrained`` (safetensors) into
+    ``path``, written atomically. Returns the folder."""
+    merged = merged_unet(unet)
+    path, tmp = _atomic_dir(Path(path))
+    merged.save_pretrained(str(tmp), safe_serialization=True)
+    _commit_dir(path, tmp)
+    return path
+
+
+def save_trainable(unet: torch.nn.Module, path: Path, names: list[str] | None = None) -> Path:
+    """Save tensors by parameter name (default: those with ``requires_grad``; LoRA tensors
+    keep their peft names) to a ``.safetensors`` file, atomically. Read back with
+    :func:`resalign.models.loading.load_state_file` / ``apply_trained_tensors``."""
+    from safetensors.torch import save_file
+
+    params = dict(unet.named_parameters())
+    if names is None:
+        names = [n for n, p in params.items() if p.requires_grad]
+    state = {n: params[n].detach().to("cpu").contiguous() for n in names}
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    save_file(state, str(tmp))
+    os.replace(tmp, path)
+    return path
