@@ -464,3 +464,36 @@ def run_attack(
         resumed_from=resumed_from,
         notes=notes,
     )
+
+
+def poison_pairs(base: Any, harmful: Any, ratio: float, seed: int) -> tuple[Any, list[int]]:
+    """``base`` with ``round(ratio·n)`` items replaced by harmful pairs (the paper's poisoning).
+
+    Which positions and which harmful items follow :func:`resalign.data.mix.poison_plan`,
+    deterministic in ``seed``. Returns the poisoned set (same type as ``base``) and the sorted
+    replaced positions.
+    """
+    import dataclasses
+
+    from ..data.mix import poison_plan
+
+    if not 0.0 <= ratio <= 1.0:
+        raise UserError(f"poison ratio must be in [0, 1], got {ratio}")
+    plan = poison_plan(len(base.captions), len(harmful.captions), ratio, seed)
+    images = base.images.clone()
+    captions = list(base.captions)
+    labels = getattr(base, "labels", None)
+    h_labels = getattr(harmful, "labels", None)
+    labels = list(labels) if labels is not None and h_labels is not None else None
+    for pos, item in plan:
+        images[pos] = harmful.images[item]
+        captions[pos] = harmful.captions[item]
+        if labels is not None:
+            labels[pos] = h_labels[item]
+    changes: dict[str, Any] = {"images": images, "captions": captions}
+    if hasattr(base, "labels"):
+        changes["labels"] = labels
+    if not dataclasses.is_dataclass(base):
+        raise TypeError("poison_pairs needs a dataclass pair set (resalign.data.pairs.PairSet)")
+    poisoned = dataclasses.replace(base, **changes)
+    return poisoned, sorted(p for p, _ in plan)

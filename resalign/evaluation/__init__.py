@@ -1,0 +1,1 @@
+"""Evaluation: image generation for evaluation, pinned metrics and the report."""

@@ -1,0 +1,98 @@
+"""The ``attack`` step: one downstream fine-tuning attack (threat × seed) on one model row.
+
+Params (graph): ``threat`` (the threat block minus seeds), ``seed``, ``datasets`` (specs of the
+data it reads). Inputs: ``model``, ``unlearn`` (absent for the original row), harvests.
+Outputs: ``checkpoints/step<n>/unet/`` (merged UNet, ``save_pretrained`` layout) for every
+``eval_at`` step, ``stats.json`` (what ran: precision, trainable size, poison positions, loss).
+Checkpoints are first written under ``ctx.state`` so a resumed attack still has the
+evaluation checkpoints it wrote before the crash.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+from .base import Step, StepContext, register
+
+
+def row_unet(inputs: Any) -> tuple[Path | None, Path | None]:
+    """(merged UNet folder, trainable tensors file) of the row's unlearn output, if any."""
+    un = inputs.get("unlearn")
+    if un is None:
+        return None, None
+    un = Path(un)
+    if (un / "unet" / "config.json").is_file():
+        return un / "unet", None
+    return None, un / "trainable.safetensors"
+
+
+@register
+class AttackStep(Step):
+    kind = "attack"
+    version = "1"
+
+    def run(self, ctx: StepContext) -> None:
+        from ..algorithms.attack import AttackConfig, poison_pairs, run_attack, save_merged_unet
+        from ..data.pairs import load_pairs
+        from ..models.loading import load_row
+
+        threat = dict(ctx.params["threat"])
+        seed = int(ctx.params["seed"])
+        config = AttackConfig.from_threat(threat, seed, ctx.checkpoint_every)
+        unet_dir, trainable = row_unet(ctx.inputs)
+        bundle = load_row(
+            Path(ctx.inputs["model"]), trainable, unet_dir, device=ctx.device, dtype="float32"
+        )
+        channels = int(bundle.vae.config.in_channels)
+        data = load_pairs(threat["data"], ctx.spec, ctx.inputs, bundle.resolution, channels)
+        poisoned: list[int] = []
+        if threat.get("poison"):
+            harm = load_pairs(
+                threat["poison"]["data"], ctx.spec, ctx.inputs, bundle.resolution, channels
+            )
+            data, poisoned = poison_pairs(data, harm, float(threat["poison"]["ratio"]), seed)
+        prior = None
+        if threat.get("prior"):
+            prior = load_pairs(threat["prior"], ctx.spec, ctx.inputs, bundle.resolution, channels)
+        elif getattr(data, "prior", None) is not None:
+            prior = data.prior
+
+        ckpt_root = Path(ctx.state) / "checkpoints"
+
+        def on_eval(step: int, unet: Any) -> None:
+            save_merged_unet(unet, ckpt_root / f"step{step}" / "unet")
+
+        with ctx.progress(config.steps, f"attack {ctx.node.name}") as bar:
+
+            def callback(step: int, m: Any) -> None:
+                ctx.log_metrics({"attack/loss": m["loss"], "attack/lr": m["lr"]}, step=step)
+                bar.advance(1)
+
+            result = run_attack(
+                bundle,
+                data,
+                config,
+                prior=prior,
+                eval_at=threat.get("eval_at") or [config.steps],
+                on_eval=on_eval,
+                callback=callback,
+                state_dir=Path(ctx.state),
+                device=ctx.device,
+            )
+        out_ckpt = Path(ctx.out) / "checkpoints"
+        for step in threat.get("eval_at") or [config.steps]:
+            src = ckpt_root / f"step{step}"
+            if not src.is_dir():
+                raise RuntimeError(f"attack checkpoint for step {step} is missing in {src}")
+            shutil.copytree(src, out_ckpt / f"step{step}", dirs_exist_ok=True)
+        stats = {
+            **result.as_dict(),
+            "config": {k: getattr(config, k) for k in config.__dataclass_fields__},
+            "data_items": len(data.captions),
+            "poisoned_positions": poisoned,
+        }
+        ctx.log_params({"attack.precision_ran": result.precision})
+        (Path(ctx.out) / "stats.json").write_text(json.dumps(stats, indent=2, default=list))

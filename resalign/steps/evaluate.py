@@ -1,0 +1,133 @@
+"""The ``evaluate`` step: generate with one model (row, attack checkpoint) and score it.
+
+Params (graph): ``evaluate`` (the section), ``step`` (0 = before any attack), ``datasets``
+(prompt/reference dataset specs), ``concepts``. Inputs: ``model``, ``unlearn``?, ``attack``?.
+Outputs: ``metrics.json`` (``{name: {"value", "definition", "version", "params", "role",
+"better", "n", ...}}``), ``generation.json``, ``images/g<k>/`` (one folder per distinct
+(prompts, generation settings) group, shared by the metrics that use it) and ``grid.png`` (the
+first group's sample grid). Every value is also logged as a metric with its definition id and
+version as params.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+from .base import Step, StepContext, register
+
+
+def metric_context(params: Any, spec: Any) -> dict[str, Any]:
+    """What concept-aware metrics need: the concept digit and the demo's caption template."""
+    ctx: dict[str, Any] = {}
+    concepts = params.get("concepts") or {}
+    datasets = params.get("datasets") or {}
+    for c in concepts.values():
+        if c.get("label") is not None:
+            ctx["concept_label"] = int(c["label"])
+            names = list(c.get("harmful", [])) + list(c.get("retain", []))
+            all_ds = dict(datasets)
+            if spec is not None and hasattr(spec, "spec"):
+                all_ds.update({n: d.model_dump() for n, d in spec.spec.datasets.items()})
+            for n in names:
+                d = all_ds.get(n) or {}
+                if d.get("type") == "digits":
+                    ctx["caption_template"] = d.get("caption", "a handwritten digit {name}")
+                    break
+            break
+    return ctx
+
+
+@register
+class EvaluateStep(Step):
+    kind = "evaluate"
+    version = "1"
+
+    def run(self, ctx: StepContext) -> None:
+        from ..data.prompts import load_prompts
+        from ..evaluation.generate import GenerationConfig, generate_images
+        from ..evaluation.metrics import EvalImage, get_metric
+        from ..models.loading import load_row
+        from .attack import row_unet
+
+        ev = dict(ctx.params["evaluate"])
+        step = int(ctx.params.get("step", 0))
+        out = Path(ctx.out)
+        if "attack" in ctx.inputs:
+            unet_dir: Path | None = (
+                Path(ctx.inputs["attack"]) / "checkpoints" / f"step{step}" / "unet"
+            )
+            trainable = None
+        else:
+            unet_dir, trainable = row_unet(ctx.inputs)
+        bundle = load_row(Path(ctx.inputs["model"]), trainable, unet_dir, device=ctx.device)
+        mctx = metric_context(ctx.params, ctx.spec)
+
+        groups: dict[str, dict[str, Any]] = {}
+        plan = []
+        for spec in ev.get("metrics", []):
+            metric = get_metric(spec["kind"])(spec, mctx)
+            metric.check()
+            gen = GenerationConfig.from_spec(spec.get("generation") or ev["generation"])
+            prompts = metric.prompts() or load_prompts(spec["prompts"], ctx.spec)
+            key = json.dumps([gen.as_dict(), prompts], sort_keys=True)
+            if key not in groups:
+                groups[key] = {"id": f"g{len(groups)}", "gen": gen, "prompts": prompts}
+            plan.append((metric, spec, groups[key]))
+
+        generated: dict[str, list[Any]] = {}
+        for g in groups.values():
+            n = len(g["prompts"][: g["gen"].limit] if g["gen"].limit else g["prompts"])
+            total = n * g["gen"].images_per_prompt
+            with ctx.progress(total, f"generate {ctx.node.name} {g['id']}") as bar:
+                pipe = bundle.pipeline(g["gen"].scheduler)
+                imgs = generate_images(
+                    pipe,
+                    g["prompts"],
+                    g["gen"],
+                    out / "images" / g["id"],
+                    device=ctx.device,
+                    progress=bar,
+                )
+            generated[g["id"]] = [
+                EvalImage(i.path, i.prompt, i.prompt_index, i.image_index) for i in imgs
+            ]
+        if groups:
+            shutil.copyfile(out / "images" / "g0" / "grid.png", out / "grid.png")
+
+        results: dict[str, Any] = {}
+        for metric, spec, g in plan:
+            if spec["kind"] == "fid":
+                metric.context["reference_images"] = _reference_images(
+                    spec["reference"], ctx.spec, ctx.inputs, bundle
+                )
+            for v in metric.compute(generated[g["id"]]):
+                name = v.name if v.name not in results else f"{v.name}@{spec.get('prompts')}"
+                results[name] = {**v.as_dict(), "images": f"images/{g['id']}"}
+                ctx.log_metrics({name: v.value}, step=step)
+                ctx.log_params(
+                    {f"metric.{name}.definition": v.definition, f"metric.{name}.version": v.version}
+                )
+        (out / "metrics.json").write_text(json.dumps(results, indent=2, default=str))
+        (out / "generation.json").write_text(
+            json.dumps(
+                {
+                    g["id"]: {**g["gen"].as_dict(), "prompts": len(g["prompts"])}
+                    for g in groups.values()
+                },
+                indent=2,
+            )
+        )
+
+
+def _reference_images(name: str, spec: Any, inputs: Any, bundle: Any) -> list[Any]:
+    import numpy as np
+    from PIL import Image
+
+    from ..data.pairs import load_pairs
+
+    pairs = load_pairs(name, spec, inputs, bundle.resolution, 3)
+    arr = ((pairs.images.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy()
+    return [Image.fromarray(np.ascontiguousarray(a)) for a in arr]

@@ -1,0 +1,36 @@
+"""The ``report`` step: the paper-shaped table, curves and grids from every evaluate node.
+
+Params (graph): ``rows``, ``threats`` (``{name: {seeds, eval_at, steps}}``). Inputs: one role
+per evaluate node (role = node name). Outputs: ``report.md``, ``report.html``,
+``ip_vs_steps.png``, ``grids.png``, ``table.json``; each is also logged as an artifact.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from .base import Step, StepContext, register
+
+
+@register
+class ReportStep(Step):
+    kind = "report"
+    version = "1"
+
+    def run(self, ctx: StepContext) -> None:
+        from ..evaluation.report import results_from_dirs, write_report
+
+        evals = {role: Path(p) for role, p in ctx.inputs.items() if role.startswith("evaluate/")}
+        results = results_from_dirs(evals)
+        spec = getattr(ctx.spec, "spec", ctx.spec)
+        write_report(
+            results,
+            Path(ctx.out),
+            rows=ctx.params.get("rows"),
+            threats=ctx.params.get("threats"),
+            title=f"resalign report: {getattr(spec, 'name', 'spec')}",
+        )
+        for name in ("report.md", "report.html", "table.json", "ip_vs_steps.png", "grids.png"):
+            path = Path(ctx.out) / name
+            if path.is_file():
+                ctx.log_artifact(path, "report")
