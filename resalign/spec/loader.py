@@ -16,7 +16,7 @@ import typing
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Union
+from typing import TYPE_CHECKING, Any, Literal, Union
 
 import yaml
 from pydantic import BaseModel, ValidationError
@@ -24,6 +24,9 @@ from pydantic import BaseModel, ValidationError
 from ..errors import UserError
 from .errors import Issue, SpecError, did_you_mean, join_allowed
 from .schema import Spec
+
+if TYPE_CHECKING:
+    from .resolve import ResolvedSpec
 
 PathT = tuple[Any, ...]
 
@@ -459,7 +462,7 @@ def load_spec_text(
     filename: str = "<spec>",
     base_dir: str | Path = ".",
     check_files: bool = False,
-) -> Any:
+) -> ResolvedSpec:
     """Load, validate and resolve a spec given as text (a rendered template, a test).
 
     Returns a :class:`resalign.spec.resolve.ResolvedSpec`; raises :class:`SpecError` listing
@@ -481,7 +484,7 @@ def load_spec_text(
     return resolved
 
 
-def load_spec(path: str | Path, *, check_files: bool = False) -> Any:
+def load_spec(path: str | Path, *, check_files: bool = False) -> ResolvedSpec:
     """Load, validate and resolve the spec file at ``path``; relative paths inside it are
     relative to its folder. See :func:`load_spec_text`."""
     p = Path(path)
