@@ -1,0 +1,42 @@
+"""The local executor: sequential in this process (default) or N worker processes."""
+
+from __future__ import annotations
+
+import multiprocessing
+from concurrent.futures import Future, ProcessPoolExecutor
+
+from .base import Executor, NodeResult, NodeTask
+
+
+class LocalExecutor(Executor):
+    """``workers=1``: run each task here, in order (progress bars work). ``workers>1``: a
+    spawn-started process pool (no fork: torch and threads do not survive it)."""
+
+    def __init__(self, workers: int = 1):
+        self.max_parallel = max(1, int(workers))
+        self.in_process = self.max_parallel == 1
+        self._pool: ProcessPoolExecutor | None = None
+        self.ui = None  # set by the driver for in-process progress bars
+
+    def submit(self, task: NodeTask) -> Future[NodeResult]:
+        from ..runner import execute_task
+
+        if self.in_process:
+            fut: Future[NodeResult] = Future()
+            try:
+                fut.set_result(execute_task(task, ui=self.ui))
+            except BaseException as e:  # KeyboardInterrupt reaches the driver through here
+                fut.set_exception(e)
+                if not isinstance(e, Exception):
+                    raise
+            return fut
+        if self._pool is None:
+            self._pool = ProcessPoolExecutor(
+                max_workers=self.max_parallel, mp_context=multiprocessing.get_context("spawn")
+            )
+        return self._pool.submit(execute_task, task)
+
+    def shutdown(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+            self._pool = None

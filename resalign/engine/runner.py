@@ -1,0 +1,445 @@
+"""Run a compiled graph: cache by key, resume from checkpoints, log to MLflow.
+
+``plan_status`` says for every node whether it is cached or will run, and why; ``run_graph``
+executes the nodes that must run (in dependency order, through an executor) and
+``execute_task`` is the worker side of one node. A node's result counts only once committed
+(see :mod:`.store`); a killed node leaves its checkpoints in ``runs/state/`` and running the
+same command again continues from them. When a run fails the last line printed is the exact
+command that resumes it.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import importlib
+import shlex
+import time
+import traceback
+from collections.abc import Iterable, Mapping, Sequence
+from concurrent.futures import FIRST_COMPLETED, Future, wait
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..errors import UserError
+from ..graph.nodes import Graph, Node
+from ..steps.base import STEPS
+from .executors.base import Executor, NodeResult, NodeTask
+from .progress import ProgressUI
+from .store import Store, atomic_write_json, atomic_write_text
+
+NEW = "new"
+PARAMS = "parameter changed"
+UPSTREAM = "upstream changed"
+FORCED = "forced"
+VERSION = "step version changed"
+
+
+@dataclass(frozen=True)
+class NodeStatus:
+    """``state`` is ``cached`` or ``run``; ``reason`` says why a node runs; ``resumes`` that
+    an interrupted attempt left checkpoints it will continue from."""
+
+    name: str
+    kind: str
+    key: str
+    state: str
+    reason: str | None = None
+    resumes: bool = False
+
+    def describe(self) -> str:
+        if self.state == "cached":
+            return "cached"
+        extra = ", resumes from checkpoint" if self.resumes else ""
+        return f"to run ({self.reason}{extra})"
+
+
+class RunFailed(Exception):
+    """Some node failed; the driver has printed why and the command that resumes."""
+
+    exit_code = 1
+
+    def __init__(self, failed: Sequence[str], resume_command: str, interrupted: bool = False):
+        super().__init__(f"failed: {', '.join(failed)}")
+        self.failed = list(failed)
+        self.resume_command = resume_command
+        self.interrupted = interrupted
+        self.exit_code = 130 if interrupted else 1
+
+
+@dataclass
+class RunSummary:
+    executed: list[str] = field(default_factory=list)
+    cached: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+    log_seconds: float = 0.0
+    parent_run_id: str | None = None
+    tracking_uri: str | None = None
+    node_seconds: dict[str, float] = field(default_factory=dict)
+
+
+def _step_version(kind: str) -> str:
+    cls = STEPS.get(kind)
+    return str(getattr(cls, "version", "?")) if cls else "?"
+
+
+def forced_names(graph: Graph, force: Iterable[str]) -> set[str]:
+    """Node names matched by ``--force`` values: ``all``, a name, a glob, or a kind."""
+    pats = [p for p in force if p]
+    if not pats:
+        return set()
+    out: set[str] = set()
+    unknown = []
+    for p in pats:
+        if p == "all":
+            return set(graph.nodes)
+        hits = {n.name for n in graph if n.kind == p or fnmatch.fnmatchcase(n.name, p)}
+        if not hits:
+            unknown.append(p)
+        out |= hits
+    if unknown:
+        raise UserError(
+            f"--force {', '.join(unknown)} matches no node of spec {graph.spec_name!r}",
+            where="--force",
+            hint="use 'all', a node kind, a node name or a glob (see `resalign plan SPEC`): "
+            + ", ".join(list(graph.nodes)[:8])
+            + (" ..." if len(graph) > 8 else ""),
+        )
+    return out
+
+
+def plan_status(
+    graph: Graph, store: Store | Path | str, force: Iterable[str] = ()
+) -> dict[str, NodeStatus]:
+    """For every node: cached, or to run and why (new / parameter changed / upstream changed
+    / forced). "parameter changed" needs the last key recorded under this node name in
+    ``runs/index/<spec>.json``; without one the node is "new"."""
+    store = store if isinstance(store, Store) else Store(store)
+    forced = forced_names(graph, force)
+    index = store.read_index(graph.spec_name)
+    out: dict[str, NodeStatus] = {}
+    for n in graph:
+        resumes = store.has_state(n.kind, n.key)
+        if n.name in forced:
+            out[n.name] = NodeStatus(n.name, n.kind, n.key, "run", FORCED, False)
+            continue
+        if store.is_complete(n.kind, n.key):
+            out[n.name] = NodeStatus(n.name, n.kind, n.key, "cached")
+            continue
+        prev = index.get(n.name)
+        if not prev or prev.get("key") == n.key:
+            reason = NEW
+        elif _canon(prev.get("params")) != _canon(n.params):
+            reason = PARAMS
+        elif prev.get("version") != _step_version(n.kind):
+            reason = VERSION
+        else:
+            reason = UPSTREAM
+        out[n.name] = NodeStatus(n.name, n.kind, n.key, "run", reason, resumes)
+    return out
+
+
+def _canon(x: Any) -> str:
+    import json
+
+    return json.dumps(x, sort_keys=True, default=str)
+
+
+def _index_entry(n: Node) -> dict[str, Any]:
+    return {"key": n.key, "kind": n.kind, "params": n.params, "version": _step_version(n.kind)}
+
+
+# -- the worker side -----------------------------------------------------------------------
+
+
+def _resolve_device(device: str) -> str:
+    if device != "auto":
+        return device
+    import torch
+
+    if torch.cuda.is_available():
+        return "cuda"
+    if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+        return "mps"
+    return "cpu"
+
+
+def execute_task(task: NodeTask, ui: ProgressUI | None = None) -> NodeResult:
+    """Execute one node (in whatever process the executor chose) and commit its result."""
+    from .context import NodeContext
+    from .tracking import NodeLogger
+
+    importlib.import_module(task.step_module)
+    node = task.node
+    t0 = time.perf_counter()
+    store = Store(task.store_root)
+    ui = ui or ProgressUI(enabled=False, verbose=task.verbose)
+    with store.lock(node.kind, node.key, on_wait=lambda: ui.line(f"waiting for {node.name}")):
+        if store.is_complete(node.kind, node.key) and not task.fresh:
+            return NodeResult(node.name, True, already_done=True)
+        if task.fresh:
+            store.discard_state(node.kind, node.key)
+        staging = store.new_staging(node.kind, node.key)
+        atomic_write_json(
+            staging / "node.json",
+            {
+                "kind": node.kind,
+                "name": node.name,
+                "key": node.key,
+                "params": node.params,
+                "deps": dict(node.deps),
+                "inputs": task.inputs,
+                "version": _step_version(node.kind),
+            },
+        )
+        state = store.state_dir(node.kind, node.key)
+        state.mkdir(parents=True, exist_ok=True)
+        logger = NodeLogger(task.tracking, state / "metrics.jsonl") if task.tracking else None
+        if logger is not None:
+            logger.start_system_metrics()
+        ctx = NodeContext(
+            node=node,
+            spec=task.spec,
+            inputs={k: Path(v) for k, v in task.inputs.items()},
+            out=staging,
+            state=state,
+            device=_resolve_device(task.device),
+            checkpoint_every=task.checkpoint_every,
+            logger=logger,
+            ui=ui,
+        )
+        step = STEPS[node.kind]()
+        try:
+            step.run(ctx)
+            ctx.close()
+        except BaseException as e:
+            ctx.close()
+            interrupted = not isinstance(e, Exception)
+            if logger is not None:
+                logger.finish("KILLED" if interrupted else "FAILED", ctx.metrics_path, None)
+            import shutil
+
+            shutil.rmtree(staging, ignore_errors=True)
+            if interrupted:
+                raise
+            user = isinstance(e, UserError)
+            return NodeResult(
+                node.name,
+                False,
+                error=e.render() if user else f"{type(e).__name__}: {e}",
+                details=None if user else traceback.format_exc(),
+                user_error=user,
+                seconds=time.perf_counter() - t0,
+                log_seconds=logger.log_seconds if logger else 0.0,
+            )
+        src = ctx.metrics_path
+        atomic_write_text(
+            staging / "metrics.jsonl", src.read_text(encoding="utf-8") if src.exists() else ""
+        )
+        final = store.commit(staging, node.kind, node.key)
+        store.discard_state(node.kind, node.key)
+        if logger is not None:
+            logger.finish("FINISHED", final / "metrics.jsonl", final)
+    return NodeResult(
+        node.name,
+        True,
+        seconds=time.perf_counter() - t0,
+        log_seconds=logger.log_seconds if logger else 0.0,
+    )
+
+
+# -- the driver ----------------------------------------------------------------------------
+
+
+def resume_command(command: Sequence[str] | None, pending_forced: Iterable[str]) -> str:
+    """``command`` (the invocation without its --force options) plus --force for the forced
+    nodes that had not started: re-forcing a node that was interrupted would throw away the
+    checkpoints it is meant to resume from."""
+    cmd = list(command or ["resalign", "run", "SPEC"])
+    for n in sorted(pending_forced):
+        cmd += ["--force", n]
+    return shlex.join(cmd)
+
+
+def run_graph(
+    graph: Graph,
+    spec: Any,
+    *,
+    store_root: Path | str = "runs",
+    force: Iterable[str] = (),
+    executor: Executor | None = None,
+    tracking: bool = True,
+    tracking_uri: str | None = None,
+    device: str | None = None,
+    checkpoint_every: int | None = None,
+    ui: ProgressUI | None = None,
+    command: Sequence[str] | None = None,
+) -> RunSummary:
+    """Execute every node of ``graph`` that is not cached; raise :class:`RunFailed` (after
+    printing the failures and, last, the resume command) if any node fails.
+
+    ``command`` is the invocation as argv without ``--force`` options (for the resume line).
+    ``tracking_uri`` is the --tracking-uri flag; the environment and the spec come next.
+    """
+    from .executors.local import LocalExecutor
+
+    store = Store(store_root)
+    store.root.mkdir(parents=True, exist_ok=True)
+    ui = ui or ProgressUI()
+    executor = executor or LocalExecutor()
+    if getattr(executor, "in_process", False) and hasattr(executor, "ui"):
+        executor.ui = ui
+    status = plan_status(graph, store, force)
+    missing = sorted({n.kind for n in graph} - set(STEPS))
+    if missing:
+        raise UserError(f"no step registered for node kind(s) {', '.join(missing)}")
+    tspec = getattr(spec, "tracking", None)
+    tracker = None
+    summary = RunSummary()
+    if tracking and (tspec is None or getattr(tspec, "enabled", True)):
+        from .tracking import Tracker, resolve_tracking_uri
+
+        uri = resolve_tracking_uri(tracking_uri, getattr(tspec, "uri", None), store.root)
+        tracker = Tracker(
+            uri,
+            store.root,
+            experiment=getattr(tspec, "experiment", "resalign"),
+            run_name=getattr(tspec, "run_name", None),
+            system_metrics=getattr(tspec, "system_metrics", True),
+        )
+        # Before any compute: an unreachable server is a UserError here.
+        tracker.start(spec, graph, command=shlex.join(command) if command else None)
+        summary.parent_run_id = tracker.parent_run_id
+        summary.tracking_uri = uri
+    if device is None:
+        device = getattr(getattr(spec, "model", None), "device", "auto") or "auto"
+
+    t_start = time.perf_counter()
+    to_run = [n for n in graph if status[n.name].state == "run"]
+    for n in graph:
+        if status[n.name].state == "cached":
+            summary.cached.append(n.name)
+            if tracker is not None:
+                tracker.cached(n)
+    ui.line(
+        f"{graph.spec_name}: {len(to_run)} node(s) to run, {len(summary.cached)} cached"
+        + (f" (store {store.root})" if to_run else "")
+    )
+    done = {n.name for n in graph if status[n.name].state == "cached"}
+    failed: dict[str, NodeResult] = {}
+    skipped: list[str] = []
+    started: set[str] = set()
+    running: dict[Future[NodeResult], Node] = {}
+    interrupted = False
+    index_updates: dict[str, Any] = {n: _index_entry(graph[n]) for n in done}
+    pending = list(to_run)
+    try:
+        with ui.session(), ui.bar(len(to_run), "nodes") as nodes_bar:
+            while pending or running:
+                progressed = True
+                while progressed and len(running) < executor.max_parallel:
+                    progressed = False
+                    for n in list(pending):
+                        deps = list(n.deps.values())
+                        if any(d in failed or d in skipped for d in deps):
+                            pending.remove(n)
+                            skipped.append(n.name)
+                            progressed = True
+                            continue
+                        if failed or not all(d in done for d in deps):
+                            continue
+                        pending.remove(n)
+                        running[_submit(executor, n, graph, spec, store, status, tracker,
+                                        device, checkpoint_every, ui)] = n  # fmt: skip
+                        started.add(n.name)
+                        progressed = True
+                        break
+                if not running:
+                    if failed:
+                        skipped += [n.name for n in pending]
+                        pending = []
+                    continue
+                finished, _ = wait(list(running), return_when=FIRST_COMPLETED)
+                for fut in finished:
+                    n = running.pop(fut)
+                    res = fut.result()
+                    summary.log_seconds += res.log_seconds
+                    if res.ok:
+                        done.add(n.name)
+                        summary.executed.append(n.name)
+                        summary.node_seconds[n.name] = res.seconds
+                        index_updates[n.name] = _index_entry(n)
+                        ui.line(
+                            f"done {n.name} ({res.seconds:.1f}s)"
+                            if not res.already_done
+                            else f"done {n.name} (by another invocation)"
+                        )
+                        nodes_bar.advance()
+                    else:
+                        failed[n.name] = res
+    except KeyboardInterrupt:
+        interrupted = True
+    finally:
+        executor.shutdown()
+        if index_updates:
+            store.update_index(graph.spec_name, index_updates)
+    summary.seconds = time.perf_counter() - t_start
+    if tracker is not None:
+        tracker.finish("KILLED" if interrupted else "FAILED" if failed else "FINISHED")
+    if failed or interrupted:
+        for name, res in failed.items():
+            if res.details:
+                ui.console.print(res.details, highlight=False, markup=False, end="")
+            ui.line(f"FAILED {name}: {res.error}")
+        if skipped:
+            ui.line(f"not run (upstream failed): {', '.join(skipped)}")
+        pending_forced = {
+            n for n in graph.nodes if status[n].reason == FORCED and n not in started
+        }
+        cmd = resume_command(command, pending_forced)
+        ui.line("interrupted; to resume, run:" if interrupted else "to resume, run:")
+        ui.line(cmd)
+        raise RunFailed(list(failed) or ["interrupted"], cmd, interrupted)
+    ui.line(
+        f"{graph.spec_name}: executed {len(summary.executed)}, cached {len(summary.cached)} "
+        f"in {summary.seconds:.1f}s"
+        + (
+            f"; MLflow run {summary.parent_run_id} at {summary.tracking_uri}"
+            if summary.parent_run_id
+            else ""
+        )
+    )
+    return summary
+
+
+def _submit(
+    executor: Executor,
+    n: Node,
+    graph: Graph,
+    spec: Any,
+    store: Store,
+    status: Mapping[str, NodeStatus],
+    tracker: Any,
+    device: str,
+    checkpoint_every: int | None,
+    ui: ProgressUI,
+) -> Future[NodeResult]:
+    st = status[n.name]
+    ui.line(f"run  {n.name} [{st.describe()[len('to run (') : -1]}]")
+    inputs = {}
+    for role, dep in n.deps.items():
+        d = graph[dep]
+        inputs[role] = str(store.node_dir(d.kind, d.key))
+    task = NodeTask(
+        node=n,
+        spec=spec,
+        store_root=str(store.root),
+        inputs=inputs,
+        step_module=STEPS[n.kind].__module__,
+        device=device,
+        checkpoint_every=checkpoint_every,
+        fresh=st.reason == FORCED,
+        tracking=tracker.child(n) if tracker is not None else None,
+        verbose=ui.verbose,
+    )
+    return executor.submit(task)
