@@ -144,11 +144,30 @@ def run(args: tuple[str, ...]) -> None:
 
 
 # ----------------------------------------------------------------------------- report
-@cli.command(context_settings=_PENDING)
-@click.argument("args", nargs=-1, type=click.UNPROCESSED)
-def report(args: tuple[str, ...]) -> None:
-    """Make the results table of a spec or grid (issue 6)."""
-    _pending("report", 6, "threat models, evaluation and the report")
+@cli.command()
+@click.argument("spec", type=click.Path(dir_okay=False))
+@click.option(
+    "--out",
+    type=click.Path(file_okay=False),
+    default=None,
+    help="Report folder (default: <store>/reports/<spec name>).",
+)
+@click.option(
+    "--store",
+    type=click.Path(file_okay=False),
+    default="runs",
+    show_default=True,
+    help="The store the runs were written to.",
+)
+def report(spec: str, out: str | None, store: str) -> None:
+    """Make the results table, curves and grids of a finished spec (issue 6)."""
+    from pathlib import Path
+
+    from .evaluation.report import report_for_spec
+
+    folder = report_for_spec(spec, Path(store), Path(out) if out else None)
+    click.echo((folder / "report.md").read_text(encoding="utf-8").split("\n## ")[0])
+    click.echo(f"report written to {folder}")
 
 
 # ----------------------------------------------------------------------------- ui
