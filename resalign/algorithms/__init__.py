@@ -1,0 +1,1 @@
+"""ResAlign's algorithms: hypergradients, simulated fine-tuning, objectives, methods."""

@@ -1,0 +1,281 @@
+"""ResAlign: unlearning plus the resilience term β·[L_harm(θ*_FT) − L_harm(θ)].
+
+Outer gradient at θ (one step):
+
+    (1 − β)·∇L_harm(θ) + Σᵢ wᵢ(k)·∇Rᵢ(θ) + β·meta_rate·(1/J)·Σⱼ hⱼ
+
+where hⱼ is the hypergradient d L_harm(θ*ⱼ)/dθ of the j-th sampled simulated fine-tuning
+(``moreau``: (I + γH)⁻¹∇L_harm(θ*) by Richardson on HVPs; ``unrolled``: exact backprop through
+the inner steps; ``none``: ∇L_harm(θ*), first-order). Published aggregation: sum over the J
+sampled configs / J × meta_rate (0.3); we apply meta_rate to the θ* part only, so β = 0 is
+exactly ``plain`` unlearning.
+
+Meta-learning: J = ``samples_per_step`` configurations per step, drawn without replacement
+from the explicit ``configs`` followed by every combination of the product ``distribution``.
+``over: data`` keeps the configuration fixed to the first candidate (the first explicit
+config, else the first combination) and only resamples the data (dataset from the pool,
+batches, noise) for each of the J runs.
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ...errors import UserError
+from ...models.attention import math_attention
+from ..callbacks import Stats
+from ..hypergrad import (
+    moreau_hypergradient,
+    tensors_cosine,
+    tensors_norm,
+    unrolled_hypergradient,
+)
+from ..inner import (
+    FunctionalOptimizer,
+    InnerView,
+    finetune_loss,
+    make_view,
+    simulate_finetune,
+)
+from ..objectives import EncodedPairs, noise_batch
+from .base import Method
+
+
+@dataclass(frozen=True)
+class InnerConfig:
+    """One candidate simulated fine-tuning configuration."""
+
+    name: str
+    algorithm: str
+    optimizer: str
+    lr: float
+    steps: int
+    batch_size: int
+    data: str | None
+    lora_mode: str = "own"
+    prior_weight: float = 1.0
+    weight_decay: float = 0.0
+
+
+def candidate_configs(meta: Any) -> list[InnerConfig]:
+    """Explicit configs (in spec order) followed by every product-distribution combination."""
+    out = [
+        InnerConfig(
+            name,
+            c.algorithm,
+            c.optimizer,
+            float(c.lr),
+            int(c.steps),
+            int(c.batch_size),
+            c.data,
+            c.lora.mode,
+            float(c.prior_weight),
+            float(c.weight_decay),
+        )
+        for name, c in meta.configs.items()
+    ]
+    d = meta.distribution
+    if d is not None:
+        datas: list[str | None] = list(d.data) or [None]
+        for alg, opt, lr, steps, bs, data in itertools.product(
+            d.algorithm, d.optimizer, d.lr, d.steps, d.batch_size, datas
+        ):
+            name = f"{alg}-{opt}-lr{lr:g}-s{steps}-b{bs}" + (f"-{data}" if data else "")
+            out.append(InnerConfig(name, alg, opt, float(lr), int(steps), int(bs), data))
+    return out
+
+
+class ResAlign(Method):
+    name = "resalign"
+
+    def __init__(self, problem: Any, spec: Any, seed: int = 0, callback: Any = None):
+        super().__init__(problem, spec, seed, callback)
+        res = spec.resilience
+        self.beta = float(res.beta)
+        self.hyper = res.hypergradient
+        self.meta = res.meta
+        self.candidates = candidate_configs(self.meta)
+        if not self.candidates:
+            raise UserError(
+                "unlearn.resilience.meta has no simulated fine-tuning configuration",
+                where="unlearn.resilience.meta",
+                hint="add 'configs:' or a 'distribution:' (or use method: plain)",
+            )
+        names = {c.data for c in self.candidates if c.data} | set(problem.default_pool)
+        missing = sorted(n for n in names if n not in problem.pools)
+        if missing:
+            raise ValueError(f"fine-tuning datasets not loaded: {missing}")
+        if any(c.data is None for c in self.candidates) and not problem.default_pool:
+            raise UserError(
+                "a simulated fine-tuning config has no 'data' and meta.data is empty",
+                where="unlearn.resilience.meta",
+                hint="list benign datasets under meta.data, or give each config its 'data'",
+            )
+        self._views: dict[tuple[str, str], InnerView] = {}
+
+    def _view(self, cfg: InnerConfig) -> InnerView:
+        key = (cfg.algorithm, cfg.lora_mode)
+        if key not in self._views:
+            self._views[key] = make_view(
+                self.unet, self.names, self.problem.selection.kind, cfg.algorithm, cfg.lora_mode
+            )
+        return self._views[key]
+
+    def sample_configs(self) -> list[InnerConfig]:
+        j = int(self.meta.samples_per_step)
+        if self.meta.over == "data":
+            return [self.candidates[0]] * j
+        idx = self.rng.sample(range(len(self.candidates)), min(j, len(self.candidates)))
+        return [self.candidates[i] for i in idx]
+
+    def _data(self, cfg: InnerConfig) -> tuple[str, EncodedPairs, EncodedPairs | None]:
+        name = cfg.data if cfg.data is not None else self.rng.choice(self.problem.default_pool)
+        prior = self.problem.priors.get(name) if cfg.algorithm == "dreambooth" else None
+        return name, self.problem.pools[name], prior
+
+    def hypergradient(
+        self, cfg: InnerConfig, theta: dict[str, Tensor]
+    ) -> tuple[list[Tensor], Stats]:
+        """Simulate fine-tuning ``cfg`` from θ and return (h over θ, stats)."""
+        view = self._view(cfg)
+        data_name, data, prior = self._data(cfg)
+        opt = FunctionalOptimizer(cfg.optimizer, cfg.lr, weight_decay=cfg.weight_decay)
+        psi0 = {k: v.detach() for k, v in view.start(theta).items()}
+        fixed = view.overrides()
+        h = self.hyper
+        st: Stats = {
+            "config": cfg.name,
+            "algorithm": cfg.algorithm,
+            "optimizer": cfg.optimizer,
+            "data": data_name,
+            "lr": cfg.lr,
+            "steps": float(cfg.steps),
+            "batch_size": float(cfg.batch_size),
+        }
+        names = list(psi0)
+        if h.kind == "unrolled":
+            batches = []
+            for _ in range(cfg.steps):
+                nb = noise_batch(
+                    data.sample(cfg.batch_size, self.gen), self.den.scheduler, self.gen
+                )
+                pb = None
+                if prior is not None:
+                    pb = noise_batch(
+                        prior.sample(cfg.batch_size, self.gen), self.den.scheduler, self.gen
+                    )
+                batches.append((nb, pb))
+            hb, target = self.sample_harmful()
+            ft = finetune_loss(self.den, fixed, cfg.prior_weight)
+            with math_attention(self.unet):
+                x, psi_star, losses = unrolled_hypergradient(
+                    [psi0[n] for n in names],
+                    lambda ps, k: ft(dict(zip(names, ps)), *batches[k]),
+                    lambda ps: self.harm_loss({**fixed, **dict(zip(names, ps))}, hb, target),
+                    cfg.steps,
+                    opt,
+                )
+            b = self._harm_grad(names, psi_star, fixed, hb, target)
+        else:
+            res = simulate_finetune(
+                self.den,
+                view,
+                psi0,
+                opt,
+                cfg.steps,
+                data,
+                cfg.batch_size,
+                self.gen,
+                prior,
+                cfg.prior_weight,
+            )
+            losses = res.losses
+            psi_star = [res.params[n] for n in names]
+            hb, target = self.sample_harmful()
+            b = self._harm_grad(names, psi_star, fixed, hb, target)
+            if h.kind == "moreau":
+                if h.hvp_batch == "fresh":
+                    nb = noise_batch(
+                        data.sample(cfg.batch_size, self.gen), self.den.scheduler, self.gen
+                    )
+                    pb = None
+                    if prior is not None:
+                        pb = noise_batch(
+                            prior.sample(cfg.batch_size, self.gen), self.den.scheduler, self.gen
+                        )
+                else:
+                    nb, pb = res.last_batch, res.last_prior
+                ft = finetune_loss(self.den, fixed, cfg.prior_weight)
+                with math_attention(self.unet):
+                    x, solve = moreau_hypergradient(
+                        b,
+                        lambda ps: ft(dict(zip(names, ps)), nb, pb),
+                        psi_star,
+                        gamma=h.gamma,
+                        iterations=h.iterations,
+                        tol=h.tol,
+                        backend=h.hvp_backend,
+                        damping=h.damping,
+                        divergence_ratio=h.divergence_ratio,
+                        max_norm=h.max_norm,
+                        retries=h.retries,
+                        fallback=h.fallback,
+                    )
+                st.update(solve.as_metrics())
+            else:
+                x = b
+        hyper = view.pullback(theta, dict(zip(names, x)))
+        direct = view.pullback(theta, dict(zip(names, b)))
+        hyper_l = [hyper[n] for n in self.names]
+        direct_l = [direct[n] for n in self.names]
+        st["inner_loss"] = float(losses[-1])
+        st["inner_loss_first"] = float(losses[0])
+        st["hypergrad_norm"] = tensors_norm(hyper_l)
+        st["cosine"] = tensors_cosine(hyper_l, direct_l)
+        return hyper_l, st
+
+    def _harm_grad(
+        self,
+        names: list[str],
+        psi: list[Tensor],
+        fixed: dict[str, Tensor],
+        hb: Any,
+        target: Tensor | None,
+    ) -> list[Tensor]:
+        leaves = [p.detach().clone().requires_grad_(True) for p in psi]
+        with torch.enable_grad():
+            loss = self.harm_loss({**fixed, **dict(zip(names, leaves))}, hb, target)
+            g = torch.autograd.grad(loss, leaves, allow_unused=True)
+        return [torch.zeros_like(p) if gi is None else gi.detach() for p, gi in zip(leaves, g)]
+
+    def outer_gradient(self) -> tuple[list[Tensor], Stats]:
+        grads, stats = self.direct_terms(harm_coef=1.0 - self.beta)
+        if self.beta == 0:
+            return grads, stats
+        theta = self.theta()
+        configs = self.sample_configs()
+        acc = [torch.zeros_like(g) for g in grads]
+        per: list[Stats] = []
+        for j, cfg in enumerate(configs):
+            h, st = self.hypergradient(cfg, theta)
+            acc = [a + hi for a, hi in zip(acc, h)]
+            per.append(st)
+            stats.update({f"meta{j}.{k}": v for k, v in st.items()})
+        mean = [a / len(configs) for a in acc]
+        scale = self.beta * float(self.meta.meta_rate)
+        grads = [g + scale * m for g, m in zip(grads, mean)]
+        stats["hypergrad_norm"] = tensors_norm(mean)
+        stats["retries"] = float(sum(float(s.get("retries", 0.0)) for s in per))
+        stats["fallbacks"] = float(sum(float(s.get("fallback", 0.0)) for s in per))
+        stats["cosine"] = sum(float(s["cosine"]) for s in per) / len(per)
+        stats["inner_loss"] = sum(float(s["inner_loss"]) for s in per) / len(per)
+        k = max((len([key for key in s if key.startswith("residual_")]) for s in per), default=0)
+        for i in range(k):
+            vals = [float(s[f"residual_{i}"]) for s in per if f"residual_{i}" in s]
+            stats[f"residual_{i}"] = sum(vals) / len(vals)
+        return grads, stats

@@ -1,0 +1,63 @@
+"""Small real diffusers UNets and random encoded data, for tests and the benchmark.
+
+Not a model family for users (that is ``resalign.models.tiny``): these builders only fix
+sizes so algorithm tests run in seconds in float64.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .objectives import EncodedPairs
+
+SIZES = {
+    # name: (block_out_channels, norm groups, cross-attention dim)
+    "tiny": ((4, 8), 2, 8),
+    "small": ((16, 32), 4, 16),
+    "medium": ((32, 64), 8, 32),
+}
+
+
+def toy_unet(
+    size: str = "tiny", dtype: torch.dtype = torch.float64, seed: int = 0
+) -> torch.nn.Module:
+    """A ``UNet2DConditionModel`` with cross-attention, 1 channel, 8×8 samples."""
+    from diffusers import UNet2DConditionModel
+
+    widths, groups, cross = SIZES[size]
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(
+        sample_size=8,
+        in_channels=1,
+        out_channels=1,
+        block_out_channels=widths,
+        layers_per_block=1,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=cross,
+        attention_head_dim=4,
+        norm_num_groups=groups,
+    )
+    return unet.to(dtype).eval()
+
+
+def toy_scheduler(num_train_timesteps: int = 1000):  # noqa: ANN201 (a diffusers scheduler)
+    """SD's training noise schedule (DDPM, scaled_linear 0.00085–0.012)."""
+    from diffusers import DDPMScheduler
+
+    return DDPMScheduler(
+        num_train_timesteps=num_train_timesteps,
+        beta_schedule="scaled_linear",
+        beta_start=0.00085,
+        beta_end=0.012,
+    )
+
+
+def toy_pairs(
+    n: int, cross_dim: int, seed: int, dtype: torch.dtype = torch.float64, shift: float = 0.0
+) -> EncodedPairs:
+    """``n`` random latents [n,1,8,8] (mean ``shift``) with random 4-token embeddings."""
+    g = torch.Generator().manual_seed(seed)
+    lat = torch.randn((n, 1, 8, 8), generator=g, dtype=dtype) * 0.5 + shift
+    emb = torch.randn((n, 4, cross_dim), generator=g, dtype=dtype)
+    return EncodedPairs(lat, emb)
