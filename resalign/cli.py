@@ -82,14 +82,24 @@ def validate(specs: tuple[str, ...], check_files: bool) -> None:
 @cli.command()
 @click.argument("spec", type=click.Path(dir_okay=False))
 @click.option("--mermaid", is_flag=True, help="Print a Mermaid flowchart instead of the tree.")
+@click.option(
+    "--store", default="runs", show_default=True, help="Store whose results count as cached."
+)
+@click.option(
+    "--force", "force", multiple=True, help="Show NODE as forced ('all', a kind, name or glob)."
+)
 @_CHECK_FILES
-def plan(spec: str, mermaid: bool, check_files: bool) -> None:
-    """Show the execution graph of SPEC: every node with its kind, name and content key."""
+def plan(spec: str, mermaid: bool, store: str, force: tuple[str, ...], check_files: bool) -> None:
+    """Show the execution graph of SPEC: every node with its kind, name and content key, and
+    whether it is cached or will run and why (new, parameter changed, upstream changed,
+    forced)."""
+    from .engine.runner import plan_status
     from .graph.compile import compile_spec
     from .graph.plan import render_mermaid, render_plan
 
     graph = compile_spec(_load(spec, check_files))
-    click.echo(render_mermaid(graph) if mermaid else render_plan(graph))
+    status = {name: st.describe() for name, st in plan_status(graph, store, force).items()}
+    click.echo(render_mermaid(graph, status) if mermaid else render_plan(graph, status))
 
 
 # ----------------------------------------------------------------------------- schema
@@ -136,11 +146,64 @@ def _pending(command: str, issue: int, what: str) -> None:
 
 
 # ----------------------------------------------------------------------------- run
-@cli.command(context_settings=_PENDING, add_help_option=True)
-@click.argument("args", nargs=-1, type=click.UNPROCESSED)
-def run(args: tuple[str, ...]) -> None:
-    """Run a spec's graph with caching and resume, logging to MLflow (issue 5)."""
-    _pending("run", 5, "the engine")
+@cli.command()
+@click.argument("spec", type=click.Path(dir_okay=False))
+@click.option(
+    "--force",
+    "force",
+    multiple=True,
+    help="Re-run NODE even if cached: 'all', a node kind, a node name or a glob (repeat).",
+)
+@click.option("--store", default="runs", show_default=True, help="Store folder.")
+@click.option(
+    "--tracking-uri",
+    default=None,
+    help="MLflow tracking URI (default: MLFLOW_TRACKING_URI, the spec's tracking.uri, "
+    "else SQLite at STORE/mlflow.db).",
+)
+@click.option("--no-tracking", is_flag=True, help="Do not log to MLflow.")
+@click.option("--device", default=None, help="Override the spec's device (cpu, cuda, mps).")
+@click.option(
+    "--checkpoint-every",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Override every step's checkpoint interval (in its own steps).",
+)
+@click.option("--workers", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Local worker processes (1 = sequential in this process).")  # fmt: skip
+@click.option("--verbose", "-v", is_flag=True, help="Print one line per logged step.")
+def run(spec: str, force: tuple[str, ...], store: str, tracking_uri: str | None,
+        no_tracking: bool, device: str | None, checkpoint_every: int | None, workers: int,
+        verbose: bool) -> None:  # fmt: skip
+    """Run SPEC's graph: cached nodes are reused, interrupted nodes resume from their last
+    checkpoint, everything is logged to MLflow. If a node fails, the last line printed is
+    the command that resumes."""
+    from .engine.executors import make_executor
+    from .engine.progress import ProgressUI
+    from .engine.runner import RunFailed, run_graph
+    from .graph.compile import compile_spec
+
+    resolved = _load(spec, True)
+    graph = compile_spec(resolved)
+    # The resume command: this invocation with its options but without --force (the runner
+    # re-adds the forced nodes that had not started).
+    command = ["resalign", "run", spec]
+    for flag, value in (("--store", store if store != "runs" else None),
+                        ("--tracking-uri", tracking_uri), ("--device", device),
+                        ("--checkpoint-every", checkpoint_every),
+                        ("--workers", workers if workers != 1 else None)):  # fmt: skip
+        if value is not None:
+            command += [flag, str(value)]
+    command += ["--no-tracking"] * no_tracking + ["--verbose"] * verbose
+    try:
+        run_graph(
+            graph, resolved, store_root=store, force=force,
+            executor=make_executor("local", workers=workers), tracking=not no_tracking,
+            tracking_uri=tracking_uri, device=device, checkpoint_every=checkpoint_every,
+            ui=ProgressUI(verbose=verbose), command=command,
+        )  # fmt: skip
+    except RunFailed as failed:
+        sys.exit(failed.exit_code)
 
 
 # ----------------------------------------------------------------------------- report
@@ -171,19 +234,30 @@ def report(spec: str, out: str | None, store: str) -> None:
 
 
 # ----------------------------------------------------------------------------- ui
-@cli.command(context_settings=_PENDING)
-@click.argument("args", nargs=-1, type=click.UNPROCESSED)
-def ui(args: tuple[str, ...]) -> None:
-    """Start the MLflow UI on 127.0.0.1 for the project's store (issue 5)."""
-    _pending("ui", 5, "the engine and MLflow tracking")
+@cli.command()
+@click.option("--store", default="runs", show_default=True, help="Store folder.")
+@click.option("--port", type=click.IntRange(1, 65535), default=5000, show_default=True)
+def ui(store: str, port: int) -> None:
+    """Start the MLflow UI on 127.0.0.1 for the project's store (STORE/mlflow.db); prints the
+    URL; Ctrl-C stops it and its worker processes."""
+    from .engine.ui import serve_ui
+
+    serve_ui(store, port=port)
 
 
 # ----------------------------------------------------------------------------- sync
-@cli.command(context_settings=_PENDING)
-@click.argument("args", nargs=-1, type=click.UNPROCESSED)
-def sync(args: tuple[str, ...]) -> None:
-    """Upload to a tracking server what it missed (issue 5)."""
-    _pending("sync", 5, "the engine and MLflow tracking")
+@cli.command()
+@click.option("--store", default="runs", show_default=True, help="Store folder.")
+@click.option("--tracking-uri", default=None, help="Only the runs that were logged to this URI.")
+def sync(store: str, tracking_uri: str | None) -> None:
+    """Upload to the tracking server what it missed while it was unreachable (idempotent:
+    running it twice uploads nothing twice). Exits 1 if a server is still unreachable."""
+    from .engine.tracking import sync as do_sync
+
+    report = do_sync(store, uri=tracking_uri)
+    click.echo(report.summary())
+    if report.unreachable:
+        sys.exit(1)
 
 
 # ----------------------------------------------------------------------------- grid

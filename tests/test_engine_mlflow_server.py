@@ -5,35 +5,86 @@ server dying mid-run; ``sync`` filling it afterwards, idempotently."""
 from __future__ import annotations
 
 import io
+import json
+import signal
+import subprocess
+import sys
 import threading
 import time
 import urllib.request
+from pathlib import Path
 
+import psutil
 import pytest
+from click.testing import CliRunner
 from engine_steps import TinySpec, make_graph
 from rich.console import Console
 
+from resalign.cli import cli
 from resalign.engine.progress import ProgressUI
 from resalign.engine.runner import run_graph
 from resalign.engine.store import Store, read_metrics
-from resalign.engine.tracking import sync
-from resalign.engine.ui import MlflowServer
+from resalign.engine.ui import free_port
 from resalign.spec.schema.tracking import TrackingSpec
 
 STEPS = 40
 
 
+class UiProcess:
+    """`resalign ui --store S --port P` as a subprocess: the real command, with its Ctrl-C."""
+
+    def __init__(self, store: Path, log: Path):
+        self.store, self.log, self.port = store, log, free_port()
+        self.proc: subprocess.Popen[str] | None = None
+        self.tree: list[int] = []
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self) -> None:
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "resalign", "ui", "--store", str(self.store)]
+            + ["--port", str(self.port)],
+            stdout=subprocess.PIPE,
+            stderr=open(self.log, "a"),  # noqa: SIM115
+            text=True,
+        )
+        for line in self.proc.stdout:  # the URL line comes once the server is healthy
+            if line.startswith("MLflow UI: "):
+                assert line.split()[2] == self.url
+                break
+        else:
+            raise AssertionError(f"resalign ui exited: {self.log.read_text()[-2000:]}")
+        self.tree = [c.pid for c in psutil.Process(self.proc.pid).children(recursive=True)]
+        assert self.tree, "the UI runs mlflow server as a child process"
+
+    def stop(self) -> None:
+        """Ctrl-C: the command must stop the server with all its children."""
+        self.proc.send_signal(signal.SIGINT)
+        assert self.proc.wait(timeout=60) == 0
+        self.proc.stdout.close()
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and any(_alive(p) for p in self.tree):
+            time.sleep(0.1)
+        assert not [p for p in self.tree if _alive(p)], "children left behind"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    d = tmp_path_factory.mktemp("mlflow-server")
-    srv = MlflowServer(
-        f"sqlite:///{d / 'server.db'}",
-        serve_artifacts_dir=d / "artifacts",
-        log_path=d / "server.log",
-    )
-    srv.start()
-    yield srv
-    srv.stop()
+    d = tmp_path_factory.mktemp("ui-store")
+    ui = UiProcess(d, d / "ui.log")
+    ui.start()
+    yield ui
+    if ui.proc is not None and ui.proc.poll() is None:
+        ui.stop()
 
 
 def client(srv):
@@ -81,9 +132,17 @@ def test_runs_params_metrics_artifacts_on_a_server(server, tmp_path, monkeypatch
     assert {"weights.safetensors", "metrics.jsonl", "node.json"} <= {
         a.path for a in c.list_artifacts(tr.info.run_id)
     }
-    # the UI itself answers over HTTP
+    # the UI answers over HTTP: the page, and the REST API it draws from lists the runs
     with urllib.request.urlopen(server.url + "/", timeout=10) as r:
         assert r.status == 200 and b"<html" in r.read(2000).lower()
+    req = urllib.request.Request(
+        server.url + "/api/2.0/mlflow/runs/search",
+        data=json.dumps({"experiment_ids": [parent.info.experiment_id]}).encode(),
+        headers={"Content-Type": "application/json"},
+    )
+    with urllib.request.urlopen(req, timeout=10) as r:
+        listed = {x["info"]["run_id"] for x in json.loads(r.read())["runs"]}
+    assert {s.parent_run_id} | {k.info.run_id for k in kids.values()} <= listed
 
 
 def test_server_gone_mid_run_completes_locally_then_sync_fills_it(server, tmp_path):
@@ -116,13 +175,15 @@ def test_server_gone_mid_run_completes_locally_then_sync_fills_it(server, tmp_pa
     assert sorted(s.executed) == sorted(g.nodes)
     assert all(store.is_complete(x.kind, x.key) for x in g)
 
+    assert CliRunner().invoke(cli, ["sync", "--store", str(tmp_path)]).exit_code == 1
     server.start()  # same port, same database
     c = client(server)
-    before = children(c, s.parent_run_id)
-    assert set(before) != set(g.nodes) or c.get_run(s.parent_run_id).info.status == "RUNNING"
+    assert c.get_run(s.parent_run_id).info.status == "RUNNING"  # its end was never logged
+    assert set(children(c, s.parent_run_id)) != set(g.nodes)
 
-    rep = sync(tmp_path)
-    assert rep.unreachable == [] and rep.nodes_synced >= 1
+    res = CliRunner().invoke(cli, ["sync", "--store", str(tmp_path)])
+    assert res.exit_code == 0, res.output
+    assert "unreachable" not in res.output and "1 invocation(s)" in res.output
     assert c.get_run(s.parent_run_id).info.status == "FINISHED"
     kids = children(c, s.parent_run_id)
     assert set(kids) == set(g.nodes)
@@ -134,7 +195,8 @@ def test_server_gone_mid_run_completes_locally_then_sync_fills_it(server, tmp_pa
     assert [m.value for m in sorted(hist, key=lambda m: m.step)] == [r["loss"] for r in local]
     assert "weights.safetensors" in {a.path for a in c.list_artifacts(kids["train"].info.run_id)}
 
-    again = sync(tmp_path)
-    assert (again.invocations, again.metrics_uploaded, again.runs_created) == (0, 0, 0)
+    again = CliRunner().invoke(cli, ["sync", "--store", str(tmp_path)])
+    assert again.exit_code == 0
+    assert "synced 0 invocation(s): 0 node run(s), 0 created, 0 metric value(s)" in again.output
     hist2 = c.get_metric_history(kids["train"].info.run_id, "loss")
     assert len(hist2) == STEPS

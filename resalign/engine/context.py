@@ -9,10 +9,11 @@ that checkpoints relies on:
   ``ctx.state`` call ``ctx.resumed_from(step)`` instead, before their first ``log_metrics``.
 * On a resume from ``step`` the metric records with ``step > step`` (logged after the last
   checkpoint by the killed attempt, about to be logged again) are dropped, so the history has
-  no duplicates. A step that logs before declaring any resume point is starting afresh: every
-  earlier record is dropped.
-* ``save_checkpoint`` fsyncs the metrics first, then writes the checkpoint atomically, so the
-  metrics on disk always cover at least the checkpointed steps.
+  no duplicates.
+* A step that never declares a resume point gets it inferred from its first ``log_metrics``:
+  the records with ``step >=`` that first step are dropped (a fresh start logs step 1 or 0
+  first and drops everything; a silent resume after step 10 logs 11 first and keeps 1..10).
+  This assumes steps log in increasing step order, which every step here does.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import json
 import math
 import os
 import shutil
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -66,9 +67,9 @@ class NodeContext:
         self._metrics_file: Any = None
 
     # -- metrics ---------------------------------------------------------------------------
-    def _declare(self, keep_through: int | None) -> None:
+    def _declare(self, keep_through: int | None, *, infer: bool = False) -> None:
         self._resume_declared = True
-        self._resumed_step = keep_through
+        self._resumed_step = None if infer else keep_through
         self._close_metrics()
         truncate_metrics(self.metrics_path, keep_through)
         if self._logger is not None:
@@ -84,7 +85,8 @@ class NodeContext:
 
     def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
         if not self._resume_declared:
-            self._declare(None)
+            first = int(step) if step is not None else 0
+            self._declare(first - 1, infer=True)
         rec: dict[str, Any] = {"step": int(step) if step is not None else 0}
         for k, v in metrics.items():
             fv = float(v)

@@ -78,9 +78,21 @@ class RunSummary:
     node_seconds: dict[str, float] = field(default_factory=dict)
 
 
+def load_steps() -> None:
+    """Import every module of ``resalign.steps`` so all step kinds are registered (the
+    modules are torch-free at import)."""
+    import pkgutil
+
+    import resalign.steps as pkg
+
+    for m in pkgutil.iter_modules(pkg.__path__):
+        importlib.import_module(f"resalign.steps.{m.name}")
+
+
 def _step_version(kind: str) -> str:
-    cls = STEPS.get(kind)
-    return str(getattr(cls, "version", "?")) if cls else "?"
+    from ..graph.keys import step_version
+
+    return step_version(kind)
 
 
 def forced_names(graph: Graph, force: Iterable[str]) -> set[str]:
@@ -115,6 +127,7 @@ def plan_status(
     / forced). "parameter changed" needs the last key recorded under this node name in
     ``runs/index/<spec>.json``; without one the node is "new"."""
     store = store if isinstance(store, Store) else Store(store)
+    load_steps()
     forced = forced_names(graph, force)
     index = store.read_index(graph.spec_name)
     out: dict[str, NodeStatus] = {}
@@ -289,11 +302,13 @@ def run_graph(
     executor = executor or LocalExecutor()
     if getattr(executor, "in_process", False) and hasattr(executor, "ui"):
         executor.ui = ui
+    load_steps()
     status = plan_status(graph, store, force)
     missing = sorted({n.kind for n in graph} - set(STEPS))
     if missing:
         raise UserError(f"no step registered for node kind(s) {', '.join(missing)}")
-    tspec = getattr(spec, "tracking", None)
+    plain = spec if hasattr(spec, "tracking") else getattr(spec, "spec", spec)  # ResolvedSpec
+    tspec = getattr(plain, "tracking", None)
     tracker = None
     summary = RunSummary()
     if tracking and (tspec is None or getattr(tspec, "enabled", True)):
@@ -312,7 +327,7 @@ def run_graph(
         summary.parent_run_id = tracker.parent_run_id
         summary.tracking_uri = uri
     if device is None:
-        device = getattr(getattr(spec, "model", None), "device", "auto") or "auto"
+        device = getattr(getattr(plain, "model", None), "device", "auto") or "auto"
 
     t_start = time.perf_counter()
     to_run = [n for n in graph if status[n.name].state == "run"]
@@ -393,9 +408,7 @@ def run_graph(
             ui.line(f"FAILED {name}: {res.error}")
         if skipped:
             ui.line(f"not run (upstream failed): {', '.join(skipped)}")
-        pending_forced = {
-            n for n in graph.nodes if status[n].reason == FORCED and n not in started
-        }
+        pending_forced = {n for n in graph.nodes if status[n].reason == FORCED and n not in started}
         cmd = resume_command(command, pending_forced)
         ui.line("interrupted; to resume, run:" if interrupted else "to resume, run:")
         ui.line(cmd)

@@ -162,6 +162,9 @@ _THREAT_KEYS = ["algorithm", "data", "optimizer", "lr", "steps", "batch_size", "
 
 
 def _spec_dict(spec: Any) -> dict[str, Any]:
+    """The spec as plain data; accepts a ResolvedSpec (its ``.spec``), a Spec or a mapping."""
+    if not hasattr(spec, "model_dump") and hasattr(spec, "spec"):
+        spec = spec.spec
     if hasattr(spec, "model_dump"):
         return spec.model_dump(mode="json")
     if isinstance(spec, Mapping):
@@ -535,6 +538,11 @@ class Tracker:
             art / "resolved_spec.yaml", yaml.safe_dump(_spec_dict(spec), sort_keys=False)
         )
         atomic_write_text(art / "graph.mmd", mermaid(graph))
+        rows = getattr(spec, "rows", None)
+        if isinstance(rows, Mapping) and rows:
+            dumped = {k: v.model_dump(mode="json") if hasattr(v, "model_dump") else v
+                      for k, v in rows.items()}  # fmt: skip
+            atomic_write_text(art / "rows.yaml", yaml.safe_dump(dumped, sort_keys=False))
 
     def _save_inv(self) -> None:
         atomic_write_json(self.inv_dir / "invocation.json", self._inv)
@@ -626,16 +634,10 @@ def _sync_invocation(client: Any, inv_dir: Path, inv: dict[str, Any], *, final: 
 
 
 def mermaid(graph: Any) -> str:
-    """The graph as a Mermaid flowchart (node name and short key)."""
-    ids = {n.name: f"n{i}" for i, n in enumerate(graph)}
-    lines = ["flowchart TD"]
-    for n in graph:
-        lines.append(f'    {ids[n.name]}["{n.name}<br/>{n.key[:10]}"]')
-    for n in graph:
-        for role, dep in n.deps.items():
-            if dep in ids:
-                lines.append(f"    {ids[dep]} -->|{role}| {ids[n.name]}")
-    return "\n".join(lines) + "\n"
+    """The graph as a Mermaid flowchart (the plan's rendering)."""
+    from ..graph.plan import render_mermaid
+
+    return render_mermaid(graph) + "\n"
 
 
 # -- resalign sync -------------------------------------------------------------------------
@@ -686,9 +688,7 @@ def sync(store_root: Path, *, uri: str | None = None) -> SyncReport:
         inv = read_json(inv_path)
         if not inv or (uri and inv["uri"] != uri):
             continue
-        recs = [
-            (p, load_node_record(p)) for p in sorted((inv_dir / "nodes").glob("*.json"))
-        ]
+        recs = [(p, load_node_record(p)) for p in sorted((inv_dir / "nodes").glob("*.json"))]
         pending = [
             (p, r)
             for p, r in recs

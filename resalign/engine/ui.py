@@ -121,6 +121,8 @@ def serve_ui(store_root: Path | str = "runs", *, port: int = 5000) -> None:
     root = Path(store_root).resolve()
     root.mkdir(parents=True, exist_ok=True)
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        # as the server will: a port whose old connections linger in TIME_WAIT is free
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             s.bind(("127.0.0.1", port))
         except OSError as e:

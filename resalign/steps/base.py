@@ -6,6 +6,17 @@ A step is a small class registered by ``kind``. Its module imports no torch at i
 writes its results under ``ctx.out`` (a staging folder the engine renames atomically into
 ``runs/<kind>/<key>/`` once ``run`` returns), keeps resumable state under ``ctx.state``, and
 reports through ``ctx.log_metrics``. A step never talks to MLflow or the store directly.
+
+Resume (engine: resalign/engine/context.py). A long step checkpoints every
+``ctx.checkpoint_every or <its spec interval>`` steps, either with
+``ctx.save_checkpoint(state, step)`` / ``ctx.load_checkpoint() -> (state, step) | None``
+(atomic torch.save / torch.load(weights_only=True) under ``ctx.state``; loading declares the
+resume point), or with its own files under ``ctx.state`` and then ``ctx.resumed_from(step)``
+before its first ``log_metrics`` (``None``: starting afresh). A checkpoint at ``step`` means
+steps 1..step are done and logged. On resume the engine drops metric records with a larger
+step so the history has no duplicates; a step that declares nothing gets the resume point
+inferred from its first logged step (records at or after it are dropped), so log in
+increasing step order. ``log_metrics(..., step=None)`` records step 0.
 """
 
 from __future__ import annotations
@@ -39,6 +50,12 @@ class StepContext(Protocol):
     def log_artifact(self, path: Path, artifact_path: str | None = None) -> None: ...
 
     def progress(self, total: int, description: str) -> AbstractContextManager[Progress]: ...
+
+    def resumed_from(self, step: int | None) -> None: ...
+
+    def save_checkpoint(self, state: Mapping[str, Any], step: int) -> None: ...
+
+    def load_checkpoint(self) -> tuple[dict[str, Any], int] | None: ...
 
 
 class Step:
