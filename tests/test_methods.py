@@ -200,3 +200,72 @@ def test_user_errors():
     with pytest.raises(UserError, match="retain"):
         build_method("plain", prob, spec())
     assert set(METHODS) == {"resalign", "plain", "esd", "gradient_ascent"}
+
+
+STEP_SPEC = """
+name: unlearn-step
+model:
+  family: tiny
+  tiny: {sample_size: 8, block_out_channels: [8, 16], attention_head_dim: 8,
+         cross_attention_dim: 8, text_hidden_size: 8, text_layers: 1, max_length: 32}
+datasets:
+  benign: {type: digits, digits: [1, 2], limit: 6}
+  harm: {type: digits, digits: [0], limit: 4}
+concepts:
+  digit: {harmful: [harm], retain: [benign], label: 0}
+unlearn:
+  method: resalign
+  steps: 2
+  checkpoint_every: 1
+  resilience:
+    hypergradient: {iterations: 2}
+    meta: {samples_per_step: 1, data: [benign],
+           distribution: {lr: [1.0e-3], steps: [1], optimizer: [adam]}}
+"""
+
+
+@pytest.mark.slow
+def test_unlearn_step_outputs_and_resume_from_state(tmp_path):
+    import json
+
+    from safetensors.torch import load_file
+
+    from resalign.engine.context import NodeContext
+    from resalign.graph.compile import compile_spec
+    from resalign.models.loading import write_model_json
+    from resalign.models.tiny import build_tiny_pipeline
+    from resalign.spec.loader import load_spec_text
+    from resalign.steps.unlearn import UnlearnStep
+
+    resolved = load_spec_text(STEP_SPEC, base_dir=tmp_path)
+    graph = compile_spec(resolved)
+    spec = resolved.spec
+    model = tmp_path / "model"
+    build_tiny_pipeline(spec.model.tiny, spec.model.noise_schedule).save_pretrained(
+        model / "pipeline"
+    )
+    write_model_json(
+        model, {"family": "tiny", "noise_schedule": spec.model.noise_schedule.model_dump()}
+    )
+    node = graph["unlearn/resalign"]
+    state = tmp_path / "state"
+
+    def run(out):
+        out.mkdir(parents=True)
+        ctx = NodeContext(node=node, spec=resolved, inputs={"model": model}, out=out, state=state)
+        UnlearnStep().run(ctx)
+        ctx.close()
+        return out
+
+    a = run(tmp_path / "a")
+    assert (a / "lora" / "pytorch_lora_weights.safetensors").is_file()
+    assert (a / "unet" / "config.json").is_file()
+    stats = json.loads((a / "stats.json").read_text())
+    assert stats["steps"] == 2 and stats["trainable"]["kind"] == "lora"
+    lines = (a / "steps.jsonl").read_text().splitlines()
+    assert len(lines) == 2 and "meta0.config" in json.loads(lines[1])
+    assert (state / "method.pt").is_file()  # checkpoint of step 1 (of 2)
+    b = run(tmp_path / "b")  # resumes from step 1 and redoes step 2
+    ta, tb = load_file(a / "trainable.safetensors"), load_file(b / "trainable.safetensors")
+    assert set(ta) == set(tb) and all(torch.equal(ta[k], tb[k]) for k in ta)
+    assert (b / "steps.jsonl").read_text() == (a / "steps.jsonl").read_text()

@@ -1,0 +1,166 @@
+"""The ``unlearn`` node: run an unlearning method on the model node's UNet.
+
+Reads ``ctx.params`` (``unlearn``, ``trainable``, ``concepts``; datasets through the spec),
+encodes every dataset once (VAE latents, text embeddings), builds the registered method and
+runs its outer steps with progress, logging each step's numeric statistics through
+``ctx.log_metrics`` and checkpointing the method's full state to ``ctx.state`` every
+``checkpoint_every`` steps (atomic: temporary file + ``os.replace``); a restarted run resumes
+from the last checkpoint and continues bitwise as if uninterrupted.
+
+Outputs: ``trainable.safetensors``, ``lora/`` (diffusers LoRA, for LoRA selections),
+``unet/`` (merged UNet, ``save_pretrained``), ``steps.jsonl`` (every step's statistics, with
+the sampled configuration names), ``stats.json`` (summary).
+
+Data choices: the harmful set is every concept's ``harmful`` datasets together, the retain
+set every ``retain`` dataset; a simulated fine-tuning config without ``data`` draws from
+``meta.data``, or, when that is empty, from the retain datasets.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+from .base import Step, StepContext, register
+
+CHECKPOINT = "method.pt"
+HISTORY = "steps.jsonl"
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+@register
+class UnlearnStep(Step):
+    kind = "unlearn"
+    version = "1"
+
+    def run(self, ctx: StepContext) -> None:
+        import torch
+
+        from ..algorithms.callbacks import numeric
+        from ..algorithms.methods import UnlearnProblem, build_method
+        from ..algorithms.objectives import EncodedPairs
+        from ..data.pairs import load_pairs
+        from ..errors import UserError
+        from ..models.loading import load_model_node
+        from ..models.saving import save_lora, save_merged_unet, save_trainable
+        from ..models.trainable import apply_trainable
+        from ..spec.schema.model import TrainableSpec
+        from ..spec.schema.unlearn import UnlearnSpec
+
+        started = time.time()
+        un = UnlearnSpec.model_validate(ctx.params["unlearn"])
+        trainable = TrainableSpec.model_validate(ctx.params["trainable"])
+        concepts = ctx.params["concepts"]
+        seed = int(un.seed if un.seed is not None else getattr(ctx.spec, "seed", 0) or 0)
+        bundle = load_model_node(Path(ctx.inputs["model"]), device=ctx.device, dtype="float32")
+        channels = int(bundle.vae.config.in_channels)
+
+        cache: dict[str, Any] = {}
+
+        def encode(pairs: Any) -> EncodedPairs:
+            lat, emb = [], []
+            for i in range(0, len(pairs), 64):
+                lat.append(bundle.encode_images(pairs.images[i : i + 64]))
+                emb.append(bundle.encode_text(list(pairs.captions[i : i + 64])))
+            labels = None if pairs.labels is None else torch.tensor(pairs.labels)
+            return EncodedPairs(torch.cat(lat), torch.cat(emb), labels)
+
+        def dataset(name: str) -> Any:
+            if name not in cache:
+                cache[name] = load_pairs(name, ctx.spec, ctx.inputs, bundle.resolution, channels)
+            return cache[name]
+
+        harmful_names = [n for c in concepts.values() for n in c["harmful"]]
+        retain_names = [n for c in concepts.values() for n in c.get("retain", [])]
+        harmful = EncodedPairs.concat([encode(dataset(n)) for n in harmful_names])
+        retain = (
+            EncodedPairs.concat([encode(dataset(n)) for n in retain_names])
+            if retain_names
+            else None
+        )
+        meta = un.resilience.meta
+        default_pool = list(meta.data) or list(retain_names)
+        pool_names = set(default_pool) | {c.data for c in meta.configs.values() if c.data}
+        if meta.distribution is not None:
+            pool_names |= set(meta.distribution.data)
+        pools, priors = {}, {}
+        if un.method == "resalign":
+            for n in sorted(pool_names):
+                ps = dataset(n)
+                pools[n] = encode(ps)
+                if getattr(ps, "prior", None) is not None:
+                    priors[n] = encode(ps.prior)
+        uncond = bundle.encode_text([""])
+
+        selection = apply_trainable(bundle.unet, trainable, torch.Generator().manual_seed(seed))
+        ctx.log_params({"trainable": selection.summary()})
+        problem = UnlearnProblem(
+            bundle.unet,
+            bundle.noise_scheduler,
+            selection,
+            harmful=harmful,
+            retain=retain,
+            pools=pools,
+            priors=priors,
+            default_pool=default_pool,
+            uncond=uncond,
+        )
+        state_dir = Path(ctx.state)
+        state_dir.mkdir(parents=True, exist_ok=True)
+        ckpt = state_dir / CHECKPOINT
+        hist_file = state_dir / HISTORY
+        history: list[dict[str, Any]] = []
+
+        def on_step(stats: dict[str, Any]) -> None:
+            k = int(stats["step"])
+            ctx.log_metrics(numeric(stats), step=k)
+            history.append(stats)
+
+        method = build_method(un.method, problem, un, seed=seed, callback=on_step)
+        if ckpt.is_file():
+            method.load_state_dict(torch.load(ckpt, map_location=ctx.device, weights_only=True))
+            if hist_file.is_file():
+                lines = hist_file.read_text(encoding="utf-8").splitlines()
+                history.extend(json.loads(x) for x in lines[: method.step_count])
+        every = int(ctx.checkpoint_every or un.checkpoint_every)
+
+        with ctx.progress(total=un.steps, description=f"unlearn {un.method}") as bar:
+            if method.step_count:
+                bar.advance(method.step_count)
+            while method.step_count < un.steps:
+                method.step()
+                bar.advance(1)
+                if method.step_count % every == 0 and method.step_count < un.steps:
+                    tmp = ckpt.with_name(CHECKPOINT + ".tmp")
+                    torch.save(method.state_dict(), tmp)
+                    _atomic_write_text(hist_file, "".join(json.dumps(h) + "\n" for h in history))
+                    os.replace(tmp, ckpt)
+        if not history and un.steps:
+            raise UserError("unlearning produced no steps")
+
+        out = Path(ctx.out)
+        save_trainable(bundle.unet, out / "trainable.safetensors", selection.names)
+        if selection.kind == "lora":
+            save_lora(bundle.unet, out / "lora")
+        save_merged_unet(bundle.unet, out / "unet")
+        _atomic_write_text(out / HISTORY, "".join(json.dumps(h) + "\n" for h in history))
+        summary = {
+            "method": un.method,
+            "seed": seed,
+            "steps": method.step_count,
+            "trainable": selection.as_dict(),
+            "harmful_pairs": len(harmful),
+            "retain_pairs": 0 if retain is None else len(retain),
+            "pools": {n: len(p) for n, p in pools.items()},
+            "final": {k: v for k, v in history[-1].items() if "." not in k} if history else {},
+            "seconds": time.time() - started,
+        }
+        _atomic_write_text(out / "stats.json", json.dumps(summary, indent=2))
