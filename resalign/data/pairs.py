@@ -127,9 +127,7 @@ def load_pairs(
                 hint="harvested datasets are produced by the harvest/<name> graph node; run "
                 "the spec (resalign run) rather than loading the dataset directly",
             )
-        images, captions = load_imagefolder(
-            Path(inputs[key]), "text", resolution, channels, ds.limit
-        )
+        images, captions = load_imagefolder(Path(inputs[key]), "text", resolution, channels, None)
         pairs = PairSet(images=images, captions=captions)
     elif kind == "dreambooth":
         from .dreambooth import load_dreambooth

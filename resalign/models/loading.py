@@ -458,14 +458,3 @@ def load_row(
         apply_trained_tensors(bundle.unet, state, lora_config)
         bundle.unet.requires_grad_(False)
     return bundle
-
-
-def fingerprint(path: Path) -> list[list[Any]]:
-    """Names and sizes of the files of a checkpoint folder or file, for the model node's key
-    (a different checkpoint at the same path is then a different key)."""
-    path = Path(path)
-    if path.is_file():
-        return [[path.name, path.stat().st_size]]
-    return sorted(
-        [str(p.relative_to(path)), p.stat().st_size] for p in path.rglob("*") if p.is_file()
-    )

@@ -1,0 +1,117 @@
+"""Pretraining a tiny model from scratch: the built-in demo's "original model".
+
+Standard text-conditioned DDPM training of the UNet (ε- or v-prediction MSE at uniformly drawn
+timesteps) on image–caption pairs, with the text encoder and VAE frozen as in Stable Diffusion
+(here: a random CLIP text encoder and the identity pixel VAE). Captions are replaced by the
+empty prompt with probability ``uncond_prob`` (SD's 10 %) so classifier-free guidance works at
+sampling time. AdamW with a cosine decay to 10 % of ``lr``.
+
+Resumable: every ``checkpoint_every`` steps the UNet, optimizer, schedule and the sampling
+generator are saved to ``state_dir``; a rerun continues from there and reaches exactly the
+weights an uninterrupted run reaches.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+CHECKPOINT = "pretrain.pt"
+
+
+def _lr_lambda(steps: int) -> Callable[[int], float]:
+    def f(step: int) -> float:
+        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(step, steps) / steps))
+
+    return f
+
+
+def pretrain_unet(
+    bundle: Any,
+    pairs: Any,
+    *,
+    steps: int,
+    lr: float = 1e-3,
+    batch_size: int = 64,
+    seed: int = 0,
+    uncond_prob: float = 0.1,
+    state_dir: Path | None = None,
+    checkpoint_every: int = 200,
+    on_step: Callable[[int, float], None] | None = None,
+) -> dict[str, float]:
+    """Train ``bundle.unet`` in place for ``steps`` steps on ``pairs`` (images in [-1, 1],
+    captions). ``on_step(step, loss)`` is called after every step (1-based). Returns
+    ``{"final_loss": mean loss of the last 50 steps, "steps": steps}``."""
+    device = bundle.device
+    unet = bundle.unet
+    latents = bundle.encode_images(pairs.images).float()
+    uniq = sorted(set(pairs.captions))
+    emb_table = bundle.encode_text([*uniq, ""]).float()  # last row: the empty prompt
+    index = {c: i for i, c in enumerate(uniq)}
+    cap_idx = torch.tensor([index[c] for c in pairs.captions], device=device)
+    empty = len(uniq)
+    sched = bundle.noise_scheduler
+    alphas = sched.alphas_cumprod.to(device=device, dtype=torch.float32)
+    n_t = sched.config.num_train_timesteps
+    prediction = sched.config.prediction_type
+
+    unet.train()
+    unet.requires_grad_(True)
+    params = [p for p in unet.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=1e-2)
+    lr_sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(steps))
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    start = 0
+    ckpt = Path(state_dir) / CHECKPOINT if state_dir is not None else None
+    if ckpt is not None and ckpt.is_file():
+        state = torch.load(ckpt, map_location="cpu", weights_only=True)
+        unet.load_state_dict(state["unet"])
+        opt.load_state_dict(state["optimizer"])
+        lr_sched.load_state_dict(state["lr_schedule"])
+        gen.set_state(state["generator"])
+        start = int(state["step"])
+    recent: list[float] = []
+    n = latents.shape[0]
+    for step in range(start + 1, steps + 1):
+        idx = torch.randint(0, n, (batch_size,), generator=gen)
+        t = torch.randint(0, n_t, (batch_size,), generator=gen)
+        noise = torch.randn((batch_size, *latents.shape[1:]), generator=gen)
+        drop = torch.rand(batch_size, generator=gen) < uncond_prob
+        idx, t, noise, drop = idx.to(device), t.to(device), noise.to(device), drop.to(device)
+        x0 = latents[idx]
+        a = alphas[t].view(-1, 1, 1, 1)
+        noisy = a.sqrt() * x0 + (1 - a).sqrt() * noise
+        target = noise if prediction == "epsilon" else a.sqrt() * noise - (1 - a).sqrt() * x0
+        cond = emb_table[torch.where(drop, torch.full_like(cap_idx[idx], empty), cap_idx[idx])]
+        pred = unet(noisy, t, encoder_hidden_states=cond).sample
+        loss = ((pred.float() - target) ** 2).mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        lr_sched.step()
+        value = float(loss.detach())
+        recent = (recent + [value])[-50:]
+        if on_step is not None:
+            on_step(step, value)
+        if ckpt is not None and (step % checkpoint_every == 0) and step < steps:
+            ckpt.parent.mkdir(parents=True, exist_ok=True)
+            tmp = ckpt.with_name(ckpt.name + ".tmp")
+            torch.save(
+                {
+                    "unet": unet.state_dict(),
+                    "optimizer": opt.state_dict(),
+                    "lr_schedule": lr_sched.state_dict(),
+                    "generator": gen.get_state(),
+                    "step": step,
+                },
+                tmp,
+            )
+            os.replace(tmp, ckpt)
+    unet.eval()
+    unet.requires_grad_(False)
+    return {"final_loss": sum(recent) / max(1, len(recent)), "steps": float(steps)}

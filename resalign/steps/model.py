@@ -1,0 +1,173 @@
+"""The ``model`` step: the model every row starts from.
+
+Params (graph): ``model`` (the ``model`` section minus device/allow_download, plus a
+fingerprint of a local checkpoint) and, for ``family: tiny`` with ``pretrain``,
+``pretrain_data`` (the pretraining dataset's spec). Outputs:
+
+- tiny: ``pipeline/`` (a diffusers ``StableDiffusionPipeline`` folder: built, then pretrained
+  on ``pretrain.dataset`` when given), ``model.json``, ``stats.json``; pretraining checkpoints
+  in ``ctx.state`` so an interrupted run resumes exactly;
+- sd / sdxl: ``source.json`` (the resolved local folder or file; weights are not copied) and
+  ``model.json``. The checkpoint is loaded once here, so a broken one fails at this node.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+from .base import Step, StepContext, register
+
+
+def _model_spec(params: Any, spec: Any) -> Any:
+    from ..spec.schema.model import ModelSpec
+
+    data = dict(params["model"])
+    data.pop("fingerprint", None)
+    live = getattr(getattr(spec, "spec", spec), "model", None)
+    if live is not None:
+        data["allow_download"] = bool(live.allow_download)
+    return ModelSpec.model_validate(data)
+
+
+@register
+class ModelStep(Step):
+    kind = "model"
+    version = "1"
+
+    def run(self, ctx: StepContext) -> None:
+        model = _model_spec(ctx.params, ctx.spec)
+        if model.family == "tiny":
+            self._tiny(ctx, model)
+        else:
+            self._pretrained(ctx, model)
+
+    def _pretrained(self, ctx: StepContext, model: Any) -> None:
+        from ..models.loading import (
+            SOURCE_JSON,
+            _write_json,
+            bundle_from_pipeline,
+            load_pipeline,
+            resolve_pretrained,
+            write_model_json,
+        )
+
+        source = resolve_pretrained(
+            model.pretrained,
+            None,  # the resolve pass made local paths absolute
+            revision=model.revision,
+            variant=model.variant,
+            allow_download=model.allow_download,
+        )
+        pipe = load_pipeline(source, model.family, dtype=model.dtype)
+        bundle = bundle_from_pipeline(pipe, model.family, model.noise_schedule.model_dump())
+        _write_json(Path(ctx.out) / SOURCE_JSON, source)
+        write_model_json(
+            ctx.out,
+            {
+                "family": model.family,
+                "resolution": bundle.resolution,
+                "noise_schedule": model.noise_schedule.model_dump(mode="json"),
+                "source": source,
+                "unet_parameters": sum(p.numel() for p in bundle.unet.parameters()),
+            },
+        )
+
+    def _tiny(self, ctx: StepContext, model: Any) -> None:
+        import torch
+
+        from ..data.pairs import load_pairs
+        from ..errors import UserError
+        from ..models.loading import (
+            PIPELINE_DIR,
+            _write_json,
+            bundle_from_pipeline,
+            write_model_json,
+        )
+        from ..models.pretrain import CHECKPOINT, pretrain_unet
+        from ..models.tiny import build_tiny_pipeline, caption_token_count
+
+        tiny = model.tiny
+        pre = tiny.pretrain
+        pipe = build_tiny_pipeline(tiny, model.noise_schedule, seed=pre.seed if pre else 0)
+        bundle = bundle_from_pipeline(
+            pipe, "tiny", model.noise_schedule.model_dump(), device=ctx.device
+        )
+        stats: dict[str, Any] = {"unet_parameters": sum(p.numel() for p in pipe.unet.parameters())}
+        if pre is not None:
+            pairs = load_pairs(
+                pre.dataset, ctx.spec, ctx.inputs, bundle.resolution, tiny.in_channels
+            )
+            longest = max(set(pairs.captions), key=lambda c: caption_token_count(pipe.tokenizer, c))
+            need = caption_token_count(pipe.tokenizer, longest)
+            if need > tiny.max_length:
+                raise UserError(
+                    f"caption {longest!r} takes {need} tokens but model.tiny.max_length is "
+                    f"{tiny.max_length}: the end of the caption would be cut off",
+                    where="model.tiny.max_length",
+                    hint=f"set model.tiny.max_length to at least {need} (the tiny tokenizer "
+                    "uses one token per character)",
+                )
+            ckpt = Path(ctx.state) / CHECKPOINT
+            resumed = None
+            if ckpt.is_file():
+                resumed = int(torch.load(ckpt, map_location="cpu", weights_only=True)["step"])
+            if hasattr(ctx, "resumed_from"):
+                ctx.resumed_from(resumed)
+            every = ctx.checkpoint_every or 200
+            log_every = 10
+            started = time.perf_counter()
+            window: list[float] = []
+            with ctx.progress(pre.steps, "pretrain") as bar:
+                if resumed:
+                    bar.advance(resumed)
+
+                def on_step(step: int, loss: float) -> None:
+                    window.append(loss)
+                    if step % log_every == 0 or step == pre.steps:
+                        ctx.log_metrics({"pretrain/loss": sum(window) / len(window)}, step=step)
+                        window.clear()
+                    bar.advance(1)
+
+                result = pretrain_unet(
+                    bundle,
+                    pairs,
+                    steps=pre.steps,
+                    lr=pre.lr,
+                    batch_size=pre.batch_size,
+                    seed=pre.seed,
+                    state_dir=Path(ctx.state),
+                    checkpoint_every=every,
+                    on_step=on_step,
+                )
+            stats.update(
+                {
+                    "pretrain_steps": pre.steps,
+                    "pretrain_items": len(pairs),
+                    "pretrain_final_loss": result["final_loss"],
+                    "pretrain_seconds": time.perf_counter() - started,
+                    "resumed_from": resumed,
+                }
+            )
+        pipe.unet = bundle.unet.to("cpu")
+        pipe.save_pretrained(str(Path(ctx.out) / PIPELINE_DIR), safe_serialization=True)
+        write_model_json(
+            ctx.out,
+            {
+                "family": "tiny",
+                "resolution": bundle.resolution,
+                "noise_schedule": model.noise_schedule.model_dump(mode="json"),
+                "source": {"kind": "folder", "path": PIPELINE_DIR},
+                "unet_parameters": stats["unet_parameters"],
+            },
+        )
+        _write_json(Path(ctx.out) / "stats.json", stats)
+        (Path(ctx.out) / "README.txt").write_text(
+            "A tiny Stable-Diffusion-shaped model built by resalign. Load it with\n"
+            "  diffusers.StableDiffusionPipeline.from_pretrained('pipeline')\n"
+            + json.dumps(stats, indent=2)
+            + "\n",
+            encoding="utf-8",
+        )
