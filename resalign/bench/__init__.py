@@ -1,0 +1,16 @@
+"""Benchmarks (``python -m resalign.bench <name>``; the CLI wires ``resalign bench``)."""
+
+from __future__ import annotations
+
+import sys
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Dispatch ``argv[0]`` to a benchmark's own ``main``."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] not in ("hypergrad",):
+        print("usage: python -m resalign.bench hypergrad [options]", file=sys.stderr)
+        return 2
+    from . import hypergrad
+
+    return hypergrad.main(argv[1:])
