@@ -346,6 +346,9 @@ class NodeLogger:
         try:
             from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
 
+            # its per-node start/stop INFO lines would drown the progress output
+            logging.getLogger("mlflow.system_metrics").setLevel(logging.WARNING)
+
             self._monitor = SystemMetricsMonitor(self.rec.run_id, tracking_uri=self.handle.uri)
             self._monitor.start()
         except Exception as e:  # psutil missing and the like: not worth failing a run
