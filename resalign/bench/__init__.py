@@ -8,9 +8,13 @@ import sys
 def main(argv: list[str] | None = None) -> int:
     """Dispatch ``argv[0]`` to a benchmark's own ``main``."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or argv[0] not in ("hypergrad",):
-        print("usage: python -m resalign.bench hypergrad [options]", file=sys.stderr)
+    if not argv or argv[0] not in ("hypergrad", "sd"):
+        print("usage: python -m resalign.bench {hypergrad,sd} [options]", file=sys.stderr)
         return 2
+    if argv[0] == "sd":
+        from . import sd
+
+        return sd.main(argv[1:])
     from . import hypergrad
 
     return hypergrad.main(argv[1:])
