@@ -138,6 +138,15 @@ def serve_ui(store_root: Path | str = "runs", *, port: int = 5000) -> None:
         log_path=root / "mlflow-ui.log",
     )
     print(f"starting the MLflow UI for {root / 'mlflow.db'} ...", flush=True)
+
+    def interrupt(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt
+
+    # Ctrl-C, and SIGTERM too, must reach the cleanup below even where SIGINT was inherited
+    # ignored (a background job of a non-interactive shell): the server runs in its own
+    # process group, so nobody else would stop it.
+    signal.signal(signal.SIGINT, interrupt)
+    signal.signal(signal.SIGTERM, interrupt)
     try:
         server.start()
         print(f"MLflow UI: {server.url}  (Ctrl-C to stop)", flush=True)
