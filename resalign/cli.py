@@ -132,19 +132,6 @@ def schema(output: str | None) -> None:
     click.echo(f"wrote {output}")
 
 
-# ----------------------------------------------------------------------------- placeholders
-# Commands brought by later issues. Each owner replaces its own block below.
-
-_PENDING = {"ignore_unknown_options": True, "allow_extra_args": True}
-
-
-def _pending(command: str, issue: int, what: str) -> None:
-    raise UserError(
-        f"`resalign {command}` is not available yet: issue {issue} brings it ({what})",
-        hint="`resalign validate` and `resalign plan` work now",
-    )
-
-
 # ----------------------------------------------------------------------------- run
 @cli.command()
 @click.argument("spec", type=click.Path(dir_okay=False))
@@ -362,11 +349,15 @@ def grid(template: str, list_: bool, render_dir: str | None, run_: bool, cells: 
 
 
 # ----------------------------------------------------------------------------- bench
-@cli.command(context_settings=_PENDING)
+@cli.command(context_settings={"ignore_unknown_options": True, "help_option_names": []})
 @click.argument("args", nargs=-1, type=click.UNPROCESSED)
 def bench(args: tuple[str, ...]) -> None:
-    """Benchmarks: hypergradient accuracy/cost (issue 3), SD-scale memory (issue 8)."""
-    _pending("bench", 3, "`bench hypergrad`; issue 8 brings `bench sd`")
+    """Benchmarks: `bench hypergrad` (Moreau vs unrolled memory/time, HVP cost) and
+    `bench sd --arch sd14|sdxl` (one outer step of the published configuration per memory
+    lever, SD architecture with random weights). `bench NAME --help` lists their options."""
+    from .bench import main as bench_main
+
+    raise SystemExit(bench_main(list(args)))
 
 
 # ----------------------------------------------------------------------------- entry
