@@ -110,8 +110,8 @@ def test_kill9_at_random_step_then_rerun_is_bitwise_identical(tmp_path, referenc
     store = Store(tmp_path)
     kill_at = random.Random().randint(3, STEPS - 3)
     print("killing at step", kill_at)
-    proc = subprocess.Popen(
-        [sys.executable, str(HERE / "engine_steps.py"), "--root", str(tmp_path), "--no-tracking"]
+    proc = subprocess.Popen(  # tracking to the default SQLite store under tmp_path
+        [sys.executable, str(HERE / "engine_steps.py"), "--root", str(tmp_path)]
         + ["--steps", str(STEPS), "--sleep", "0.05"],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
@@ -128,13 +128,31 @@ def test_kill9_at_random_step_then_rerun_is_bitwise_identical(tmp_path, referenc
     assert plan_status(g, tmp_path)["train"].describe().startswith("to run (new")
 
     # the same command again continues from the last checkpoint
-    res = run(tmp_path, g)
+    res = run(tmp_path, g, tracking=True)
     assert "train" in res.executed
     d = store.node_dir(n.kind, n.key)
     assert (d / "weights.safetensors").read_bytes() == reference["weights"]
     hist = history(d / "metrics.jsonl")
     assert [h[0] for h in hist] == list(range(1, STEPS + 1))
     assert hist == reference["metrics"]
+
+    # MLflow: the resumed attempt's run has the whole history once; sync closes the killed one
+    from mlflow.tracking import MlflowClient
+
+    from resalign.engine.tracking import sync
+
+    c = MlflowClient(res.tracking_uri)
+    exp = c.get_experiment_by_name("resalign")
+    runs = c.search_runs([exp.experiment_id], "tags.`resalign.node.name` = 'train'")
+    assert len(runs) == 2
+    new = next(r for r in runs if r.data.tags["mlflow.parentRunId"] == res.parent_run_id)
+    got = sorted((m.step, m.value) for m in c.get_metric_history(new.info.run_id, "loss"))
+    assert got == [(h[0], h[1]) for h in reference["metrics"]]
+    rep = sync(tmp_path)
+    assert rep.unreachable == []
+    old = next(r for r in runs if r.info.run_id != new.info.run_id)
+    assert c.get_run(old.info.run_id).info.status == "KILLED"
+    assert c.get_run(old.data.tags["mlflow.parentRunId"]).info.status == "KILLED"
 
 
 def test_failure_prints_resume_command_last_and_resume_is_exact(tmp_path, reference, monkeypatch):

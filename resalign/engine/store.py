@@ -163,6 +163,19 @@ class Store:
             finally:
                 fcntl.flock(f.fileno(), fcntl.LOCK_UN)
 
+    def is_locked(self, kind: str, key: str) -> bool:
+        """Whether some process is executing ``key`` right now (holds its lock)."""
+        path = self.root / "locks" / f"{kind}-{key}.lock"
+        if not path.exists():
+            return False
+        with open(path, "a+") as f:
+            try:
+                fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return True
+            fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+            return False
+
     # -- index of previous keys by node name -----------------------------------------------
     def read_index(self, spec_name: str) -> dict[str, Any]:
         return read_json(self.index_path(spec_name), {}) or {}

@@ -24,6 +24,7 @@ import json
 import logging
 import os
 import re
+import socket
 import subprocess
 import time
 import urllib.error
@@ -35,7 +36,7 @@ from typing import Any
 
 from .. import __version__
 from ..errors import UserError
-from .store import atomic_write_json, read_json
+from .store import Store, atomic_write_json, read_json
 
 log = logging.getLogger(__name__)
 
@@ -528,6 +529,8 @@ class Tracker:
             "params": curated_params(spec),
             "cached": {},
             "status": None,
+            "host": socket.gethostname(),
+            "pid": os.getpid(),
             "synced": {"params": False, "artifacts": False, "cached": False, "status": False},
         }
         self._save_inv()
@@ -693,13 +696,23 @@ def sync(store_root: Path, *, uri: str | None = None) -> SyncReport:
         inv = read_json(inv_path)
         if not inv or (uri and inv["uri"] != uri):
             continue
+        store = Store(store_root)
+        if inv.get("status") is None and _driver_dead(inv):
+            inv["status"] = "KILLED"  # the invocation was killed before it could say so
         recs = [(p, load_node_record(p)) for p in sorted((inv_dir / "nodes").glob("*.json"))]
-        pending = [
-            (p, r)
-            for p, r in recs
-            if r is not None
-            and (not r.synced or r.metrics_offset < _size(_node_source(store_root, r)[0]))
-        ]
+        pending = []
+        for p, r in recs:
+            if r is None:
+                continue
+            if r.status is None:
+                if store.is_locked(r.kind, r.key):
+                    continue  # being executed right now: its own logger is in charge
+                r.status = "KILLED"  # an attempt killed mid-node; a later one has the rest
+            behind = r.status == "FINISHED" and r.metrics_offset < _size(
+                _node_source(store_root, r)[0]
+            )
+            if not r.synced or behind:
+                pending.append((p, r))
         s = inv["synced"]
         parent_done = s["params"] and s["artifacts"] and (s["cached"] or not inv["cached"])
         parent_done = parent_done and (s["status"] or not inv.get("status"))
@@ -715,6 +728,10 @@ def sync(store_root: Path, *, uri: str | None = None) -> SyncReport:
         report.invocations += 1
         for path, rec in pending:
             metrics_path, node_dir = _node_source(store_root, rec)
+            if rec.status == "KILLED":
+                # Byte offsets into a file that a later attempt truncated and continued mean
+                # nothing: a killed attempt keeps what it had uploaded, and gets no artifacts.
+                metrics_path, node_dir = Path(os.devnull), None
             if rec.run_id is None:
                 run = client.create_run(inv["experiment_id"], run_name=rec.name, tags=rec.tags)
                 rec.run_id = run.info.run_id
@@ -737,6 +754,19 @@ def sync(store_root: Path, *, uri: str | None = None) -> SyncReport:
         _sync_invocation(client, inv_dir, inv, final=True)
         atomic_write_json(inv_path, inv)
     return report
+
+
+def _driver_dead(inv: Mapping[str, Any]) -> bool:
+    """The invocation's driver process is gone (only knowable on the same host)."""
+    if inv.get("host") != socket.gethostname() or not inv.get("pid"):
+        return False
+    try:
+        os.kill(int(inv["pid"]), 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    return False
 
 
 def _size(path: Path) -> int:
