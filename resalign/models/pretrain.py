@@ -4,7 +4,10 @@ Standard text-conditioned DDPM training of the UNet (ε- or v-prediction MSE at 
 timesteps) on image–caption pairs, with the text encoder and VAE frozen as in Stable Diffusion
 (here: a random CLIP text encoder and the identity pixel VAE). Captions are replaced by the
 empty prompt with probability ``uncond_prob`` (SD's 10 %) so classifier-free guidance works at
-sampling time. AdamW with a cosine decay to 10 % of ``lr``.
+sampling time. AdamW with a cosine decay to 10 % of ``lr``. With ``train_text_encoder`` the
+(randomly initialised) text encoder is trained jointly — from scratch there is no pretrained
+CLIP to keep frozen, and a random one separates captions that differ in a few characters
+poorly; the trained encoder is then frozen for everything downstream, as SD's CLIP is.
 
 Resumable: every ``checkpoint_every`` steps the UNet, optimizer, schedule and the sampling
 generator are saved to ``state_dir``; a rerun continues from there and reaches exactly the
@@ -40,6 +43,7 @@ def pretrain_unet(
     batch_size: int = 64,
     seed: int = 0,
     uncond_prob: float = 0.1,
+    train_text_encoder: bool = False,
     state_dir: Path | None = None,
     checkpoint_every: int = 200,
     on_step: Callable[[int, float], None] | None = None,
@@ -51,7 +55,10 @@ def pretrain_unet(
     unet = bundle.unet
     latents = bundle.encode_images(pairs.images).float()
     uniq = sorted(set(pairs.captions))
-    emb_table = bundle.encode_text([*uniq, ""]).float()  # last row: the empty prompt
+    texts = [*uniq, ""]  # last row: the empty prompt
+    emb_table = bundle.encode_text(texts).float()
+    text_ids = bundle._tokens(bundle.tokenizer, texts)
+    encoder = bundle.text_encoder
     index = {c: i for i, c in enumerate(uniq)}
     cap_idx = torch.tensor([index[c] for c in pairs.captions], device=device)
     empty = len(uniq)
@@ -62,7 +69,11 @@ def pretrain_unet(
 
     unet.train()
     unet.requires_grad_(True)
-    params = [p for p in unet.parameters() if p.requires_grad]
+    params = list(unet.parameters())
+    if train_text_encoder:
+        encoder.train()
+        encoder.requires_grad_(True)
+        params += list(encoder.parameters())
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=1e-2)
     lr_sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(steps))
     gen = torch.Generator(device="cpu").manual_seed(seed)
@@ -71,6 +82,8 @@ def pretrain_unet(
     if ckpt is not None and ckpt.is_file():
         state = torch.load(ckpt, map_location="cpu", weights_only=True)
         unet.load_state_dict(state["unet"])
+        if train_text_encoder:
+            encoder.load_state_dict(state["text_encoder"])
         opt.load_state_dict(state["optimizer"])
         lr_sched.load_state_dict(state["lr_schedule"])
         gen.set_state(state["generator"])
@@ -87,7 +100,13 @@ def pretrain_unet(
         a = alphas[t].view(-1, 1, 1, 1)
         noisy = a.sqrt() * x0 + (1 - a).sqrt() * noise
         target = noise if prediction == "epsilon" else a.sqrt() * noise - (1 - a).sqrt() * x0
-        cond = emb_table[torch.where(drop, torch.full_like(cap_idx[idx], empty), cap_idx[idx])]
+        rows = torch.where(drop, torch.full_like(cap_idx[idx], empty), cap_idx[idx])
+        if train_text_encoder:
+            # Encode only the distinct rows of the batch, then gather.
+            used, inverse = torch.unique(rows, return_inverse=True)
+            cond = encoder(text_ids[used])[0].float()[inverse]
+        else:
+            cond = emb_table[rows]
         pred = unet(noisy, t, encoder_hidden_states=cond).sample
         loss = ((pred.float() - target) ** 2).mean()
         opt.zero_grad(set_to_none=True)
@@ -104,6 +123,7 @@ def pretrain_unet(
             torch.save(
                 {
                     "unet": unet.state_dict(),
+                    **({"text_encoder": encoder.state_dict()} if train_text_encoder else {}),
                     "optimizer": opt.state_dict(),
                     "lr_schedule": lr_sched.state_dict(),
                     "generator": gen.get_state(),
@@ -114,4 +134,6 @@ def pretrain_unet(
             os.replace(tmp, ckpt)
     unet.eval()
     unet.requires_grad_(False)
+    encoder.eval()
+    encoder.requires_grad_(False)
     return {"final_loss": sum(recent) / max(1, len(recent)), "steps": float(steps)}

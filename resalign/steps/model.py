@@ -138,6 +138,7 @@ class ModelStep(Step):
                     lr=pre.lr,
                     batch_size=pre.batch_size,
                     seed=pre.seed,
+                    train_text_encoder=pre.train_text_encoder,
                     state_dir=Path(ctx.state),
                     checkpoint_every=every,
                     on_step=on_step,

@@ -58,6 +58,11 @@ class TinyPretrainSpec(StrictModel):
     lr: float = Field(default=1e-3, gt=0)
     batch_size: PositiveInt = 64
     seed: int = 0
+    train_text_encoder: bool = Field(
+        default=False,
+        description="train the (random) CLIP text encoder jointly with the UNet; it is frozen "
+        "afterwards, as SD's CLIP is",
+    )
 
 
 class TinyModelSpec(StrictModel):
@@ -76,6 +81,12 @@ class TinyModelSpec(StrictModel):
         default="pixel",
         description="pixel: the VAE is an identity-initialised 1×1 autoencoder so latents are "
         "pixels; vae: a randomly initialised tiny AutoencoderKL",
+    )
+    text_time_embedding: bool = Field(
+        default=True,
+        description="also add an attention-pooled text embedding to the timestep embedding "
+        "(diffusers' addition_embed_type 'text'); cross-attention alone learns the caption "
+        "too slowly at CPU budgets",
     )
     pretrain: TinyPretrainSpec | None = None
 
