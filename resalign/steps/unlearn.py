@@ -44,6 +44,7 @@ class UnlearnStep(Step):
     def run(self, ctx: StepContext) -> None:
         import torch
 
+        from ..algorithms import distributed
         from ..algorithms.callbacks import numeric
         from ..algorithms.methods import UnlearnProblem, build_method
         from ..algorithms.objectives import EncodedPairs
@@ -118,10 +119,14 @@ class UnlearnStep(Step):
         ckpt = state_dir / CHECKPOINT
         hist_file = state_dir / HISTORY
         history: list[dict[str, Any]] = []
+        # Under torchrun every rank holds the same statistics and state: rank 0 alone
+        # reports and checkpoints.
+        main = distributed.current().is_main
 
         def on_step(stats: dict[str, Any]) -> None:
             k = int(stats["step"])
-            ctx.log_metrics(numeric(stats), step=k)
+            if main:
+                ctx.log_metrics(numeric(stats), step=k)
             history.append(stats)
 
         method = build_method(un.method, problem, un, seed=seed, callback=on_step)
@@ -138,7 +143,7 @@ class UnlearnStep(Step):
             while method.step_count < un.steps:
                 method.step()
                 bar.advance(1)
-                if method.step_count % every == 0 and method.step_count < un.steps:
+                if main and method.step_count % every == 0 and method.step_count < un.steps:
                     tmp = ckpt.with_name(CHECKPOINT + ".tmp")
                     torch.save(method.state_dict(), tmp)
                     _atomic_write_text(hist_file, "".join(json.dumps(h) + "\n" for h in history))

@@ -168,12 +168,15 @@ class Method:
     def theta(self) -> dict[str, Tensor]:
         return {n: p.detach() for n, p in zip(self.names, self.params)}
 
-    def sample_harmful(self) -> tuple[NoisedBatch, Tensor | None]:
-        """A harmful batch with its noise, and the ESD target where the loss is ESD."""
+    def sample_harmful(
+        self, gen: torch.Generator | None = None
+    ) -> tuple[NoisedBatch, Tensor | None]:
+        """A harmful batch with its noise, and the ESD target where the loss is ESD.
+
+        ``gen`` (default: the method's generator) lets a caller draw from its own stream."""
         hl = self.spec.harmful_loss
-        nb = noise_batch(
-            self.problem.harmful.sample(hl.batch_size, self.gen), self.den.scheduler, self.gen
-        )
+        g = self.gen if gen is None else gen
+        nb = noise_batch(self.problem.harmful.sample(hl.batch_size, g), self.den.scheduler, g)
         target = None
         if self.harmful_kind_used == "esd":
             target = esd_target(self.den, nb, self.problem.uncond, hl.negative_guidance)

@@ -15,11 +15,22 @@ from the explicit ``configs`` followed by every combination of the product ``dis
 ``over: data`` keeps the configuration fixed to the first candidate (the first explicit
 config, else the first combination) and only resamples the data (dataset from the pool,
 batches, noise) for each of the J runs.
+
+Randomness of the J simulated fine-tunings: config ``j`` of outer step ``k`` draws its data,
+noise and timesteps from its own generators seeded by ``config_seed(seed, k, j)``
+(:mod:`resalign.algorithms.distributed`), never from the stream the previous configs used.
+That makes a config's result independent of where it runs, so under ``torchrun`` the J
+configs are split over the ranks (:func:`~resalign.algorithms.distributed.meta_hypergradient`,
+one all-reduce) and the update equals the single-process one up to float summation order.
+Config choice and the direct terms still use the method's own generators (identical on every
+rank).
 """
 
 from __future__ import annotations
 
 import itertools
+import random
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -28,6 +39,7 @@ from torch import Tensor
 
 from ...errors import UserError
 from ...models.attention import math_attention
+from .. import distributed
 from ..callbacks import Stats
 from ..hypergrad import (
     moreau_hypergradient,
@@ -97,6 +109,7 @@ class ResAlign(Method):
         super().__init__(problem, spec, seed, callback)
         res = spec.resilience
         self.beta = float(res.beta)
+        self.meta_seed = int(seed)  # base of the per-config seeds (part of the state)
         self.hyper = res.hypergradient
         self.meta = res.meta
         self.candidates = candidate_configs(self.meta)
@@ -126,6 +139,13 @@ class ResAlign(Method):
             )
         return self._views[key]
 
+    def state_dict(self) -> dict[str, Any]:
+        return {**super().state_dict(), "meta_seed": self.meta_seed}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        super().load_state_dict(state)
+        self.meta_seed = int(state.get("meta_seed", self.meta_seed))
+
     def sample_configs(self) -> list[InnerConfig]:
         j = int(self.meta.samples_per_step)
         if self.meta.over == "data":
@@ -133,17 +153,27 @@ class ResAlign(Method):
         idx = self.rng.sample(range(len(self.candidates)), min(j, len(self.candidates)))
         return [self.candidates[i] for i in idx]
 
-    def _data(self, cfg: InnerConfig) -> tuple[str, EncodedPairs, EncodedPairs | None]:
-        name = cfg.data if cfg.data is not None else self.rng.choice(self.problem.default_pool)
+    def _data(
+        self, cfg: InnerConfig, rng: random.Random
+    ) -> tuple[str, EncodedPairs, EncodedPairs | None]:
+        name = cfg.data if cfg.data is not None else rng.choice(self.problem.default_pool)
         prior = self.problem.priors.get(name) if cfg.algorithm == "dreambooth" else None
         return name, self.problem.pools[name], prior
 
     def hypergradient(
-        self, cfg: InnerConfig, theta: dict[str, Tensor]
+        self,
+        cfg: InnerConfig,
+        theta: dict[str, Tensor],
+        gen: torch.Generator | None = None,
+        rng: random.Random | None = None,
     ) -> tuple[list[Tensor], Stats]:
-        """Simulate fine-tuning ``cfg`` from θ and return (h over θ, stats)."""
+        """Simulate fine-tuning ``cfg`` from θ and return (h over θ, stats).
+
+        ``gen`` / ``rng`` (default: the method's own) supply the run's batches, noise and
+        dataset choice."""
+        gen = self.gen if gen is None else gen
         view = self._view(cfg)
-        data_name, data, prior = self._data(cfg)
+        data_name, data, prior = self._data(cfg, self.rng if rng is None else rng)
         opt = FunctionalOptimizer(cfg.optimizer, cfg.lr, weight_decay=cfg.weight_decay)
         psi0 = {k: v.detach() for k, v in view.start(theta).items()}
         fixed = view.overrides()
@@ -161,16 +191,12 @@ class ResAlign(Method):
         if h.kind == "unrolled":
             batches = []
             for _ in range(cfg.steps):
-                nb = noise_batch(
-                    data.sample(cfg.batch_size, self.gen), self.den.scheduler, self.gen
-                )
+                nb = noise_batch(data.sample(cfg.batch_size, gen), self.den.scheduler, gen)
                 pb = None
                 if prior is not None:
-                    pb = noise_batch(
-                        prior.sample(cfg.batch_size, self.gen), self.den.scheduler, self.gen
-                    )
+                    pb = noise_batch(prior.sample(cfg.batch_size, gen), self.den.scheduler, gen)
                 batches.append((nb, pb))
-            hb, target = self.sample_harmful()
+            hb, target = self.sample_harmful(gen)
             ft = finetune_loss(self.den, fixed, cfg.prior_weight)
             with math_attention(self.unet):
                 x, psi_star, losses = unrolled_hypergradient(
@@ -190,24 +216,20 @@ class ResAlign(Method):
                 cfg.steps,
                 data,
                 cfg.batch_size,
-                self.gen,
+                gen,
                 prior,
                 cfg.prior_weight,
             )
             losses = res.losses
             psi_star = [res.params[n] for n in names]
-            hb, target = self.sample_harmful()
+            hb, target = self.sample_harmful(gen)
             b = self._harm_grad(names, psi_star, fixed, hb, target)
             if h.kind == "moreau":
                 if h.hvp_batch == "fresh":
-                    nb = noise_batch(
-                        data.sample(cfg.batch_size, self.gen), self.den.scheduler, self.gen
-                    )
+                    nb = noise_batch(data.sample(cfg.batch_size, gen), self.den.scheduler, gen)
                     pb = None
                     if prior is not None:
-                        pb = noise_batch(
-                            prior.sample(cfg.batch_size, self.gen), self.den.scheduler, self.gen
-                        )
+                        pb = noise_batch(prior.sample(cfg.batch_size, gen), self.den.scheduler, gen)
                 else:
                     nb, pb = res.last_batch, res.last_prior
                 ft = finetune_loss(self.den, fixed, cfg.prior_weight)
@@ -259,14 +281,18 @@ class ResAlign(Method):
             return grads, stats
         theta = self.theta()
         configs = self.sample_configs()
-        acc = [torch.zeros_like(g) for g in grads]
-        per: list[Stats] = []
-        for j, cfg in enumerate(configs):
-            h, st = self.hypergradient(cfg, theta)
-            acc = [a + hi for a, hi in zip(acc, h)]
-            per.append(st)
+        step = self.step_count
+
+        def per_config(j: int, cfg: InnerConfig) -> tuple[list[Tensor], Stats]:
+            seed = distributed.config_seed(self.meta_seed, step, j)
+            return self.hypergradient(
+                cfg, theta, torch.Generator().manual_seed(seed), random.Random(seed)
+            )
+
+        # Split over torchrun ranks when a process group is up; sequential otherwise.
+        mean, per = distributed.meta_hypergradient(configs, per_config, grads)
+        for j, st in enumerate(per):
             stats.update({f"meta{j}.{k}": v for k, v in st.items()})
-        mean = [a / len(configs) for a in acc]
         scale = self.beta * float(self.meta.meta_rate)
         grads = [g + scale * m for g, m in zip(grads, mean)]
         stats["hypergrad_norm"] = tensors_norm(mean)
