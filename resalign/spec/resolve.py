@@ -285,7 +285,8 @@ def _check_meta(row: str, u: UnlearnSpec, path: PathT, smap: SourceMap) -> list[
     if u.method != "resalign" or u.resilience.beta == 0:
         return issues
     total = len(meta.configs) + (_meta_size(meta.distribution) if meta.distribution else 0)
-    if meta.samples_per_step > total and not issues:
+    # over: data runs J copies of the first configuration: no draw without replacement
+    if meta.over == "data_and_configs" and meta.samples_per_step > total and not issues:
         issues.append(
             smap.issue(
                 (*mp, "samples_per_step"),
