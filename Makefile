@@ -20,6 +20,7 @@ setup: $(STAMP)
 
 demo: $(STAMP)
 	$(BIN)/resalign run specs/digits_demo.yaml
+	$(BIN)/resalign report specs/digits_demo.yaml
 
 test: $(STAMP)
 	$(BIN)/ruff check resalign tests
