@@ -44,6 +44,7 @@ import os
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
@@ -448,11 +449,20 @@ def _run_combo(args: argparse.Namespace, combo: str, tmp: Path) -> dict[str, Any
         cmd += ["--inner-steps", str(args.inner_steps)]
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd)
+    timer = None
+    if args.combo_timeout:
+        timer = threading.Timer(args.combo_timeout, proc.kill)
+        timer.start()
     _, status, usage = os.wait4(proc.pid, 0)
+    if timer is not None:
+        timer.cancel()
     proc.returncode = os.waitstatus_to_exitcode(status)
     wall = time.perf_counter() - t0
     if proc.returncode != 0 or not report.exists():
-        return {"combo": combo, "error": f"worker exited with {proc.returncode}", "wall": wall}
+        why = f"worker exited with {proc.returncode}"
+        if args.combo_timeout and wall >= args.combo_timeout:
+            why = f"killed after {args.combo_timeout:.0f} s"
+        return {"combo": combo, "error": why, "wall_seconds": wall}
     out = json.loads(report.read_text(encoding="utf-8"))
     # ru_maxrss is in KiB on Linux: the child's whole-life peak, model build included.
     out["child_maxrss_bytes"] = int(usage.ru_maxrss) * 1024
@@ -492,6 +502,22 @@ def table(results: list[dict[str, Any]]) -> str:
     return "\n".join(rows)
 
 
+def _write_json(args: argparse.Namespace, results: list[dict[str, Any]]) -> None:
+    payload = {
+        "arch": args.arch,
+        "latent": args.latent,
+        "device": args.device,
+        "inner_steps_cap": args.inner_steps,
+        "published": PUBLISHED,
+        "results": results,
+    }
+    path = Path(args.json_path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp_path = path.with_suffix(path.suffix + ".tmp")
+    tmp_path.write_text(json.dumps(payload, indent=2), encoding="utf-8")
+    os.replace(tmp_path, path)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``python -m resalign.bench sd``."""
     ap = argparse.ArgumentParser(prog="resalign bench sd", description=__doc__.split("\n")[0])
@@ -508,6 +534,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--device", default="auto")
     ap.add_argument("--threads", type=int, default=int(os.environ.get("OMP_NUM_THREADS", "2")))
+    ap.add_argument(
+        "--combo-timeout", type=float, default=None, help="seconds before a combination is killed"
+    )
     ap.add_argument("--json", dest="json_path", default=None)
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--combo", help=argparse.SUPPRESS)
@@ -530,49 +559,36 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    if "fp32" not in combos:
-        combos.insert(0, "fp32")
+    # the reference runs first, so every later row gets its accuracy as soon as it finishes
+    # and the JSON written after each combination is complete up to that point
+    combos = ["fp32"] + [c for c in combos if c != "fp32"]
     import torch
 
     results: list[dict[str, Any]] = []
+    ref_t = None
     with tempfile.TemporaryDirectory(prefix="resalign-bench-sd-") as tmp:
         for combo in combos:
             print(
                 f"[bench sd] {args.arch} latent {args.latent} on {args.device}: {combo}", flush=True
             )
-            results.append(_run_combo(args, combo, Path(tmp)))
-        ref = next(r for r in results if r["combo"] == "fp32")
-        if "error" not in ref:
-            ref_t = torch.load(ref["tensors"], weights_only=True)
-            for r in results:
-                if "error" in r:
-                    continue
-                t = torch.load(r["tensors"], weights_only=True)
-                r["accuracy"] = {k: _compare(ref_t[k], t[k]) for k in ("hyper", "outer")}
-                # a lever that changes a safeguard decision (retries, fallback) changes the
-                # hypergradient discontinuously: count such configurations
-                r["accuracy"]["safeguard_flips"] = sum(
-                    (a["retries"], a["fell_back"]) != (b["retries"], b["fell_back"])
-                    for a, b in zip(r["configs"], ref["configs"])
-                )
-        for r in results:
-            r.pop("tensors", None)
-    text = table(results)
-    print(text)
-    if args.json_path:
-        payload = {
-            "arch": args.arch,
-            "latent": args.latent,
-            "device": args.device,
-            "inner_steps_cap": args.inner_steps,
-            "published": PUBLISHED,
-            "results": results,
-        }
-        path = Path(args.json_path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp_path = path.with_suffix(path.suffix + ".tmp")
-        tmp_path.write_text(json.dumps(payload, indent=2), encoding="utf-8")
-        os.replace(tmp_path, path)
+            r = _run_combo(args, combo, Path(tmp))
+            tensors = r.pop("tensors", None)
+            if tensors is not None:
+                t = torch.load(tensors, weights_only=True)
+                if combo == "fp32":
+                    ref_t, ref = t, r
+                if ref_t is not None:
+                    r["accuracy"] = {k: _compare(ref_t[k], t[k]) for k in ("hyper", "outer")}
+                    # a lever that changes a safeguard decision (retries, fallback) changes
+                    # the hypergradient discontinuously: count such configurations
+                    r["accuracy"]["safeguard_flips"] = sum(
+                        (a["retries"], a["fell_back"]) != (b["retries"], b["fell_back"])
+                        for a, b in zip(r["configs"], ref["configs"])
+                    )
+            results.append(r)
+            if args.json_path:
+                _write_json(args, results)
+    print(table(results))
     return 0 if all("error" not in r for r in results) else 1
 
 
