@@ -210,12 +210,15 @@ def run(spec: str, force: tuple[str, ...], store: str, tracking_uri: str | None,
     help="The store the runs were written to.",
 )
 def report(spec: str, out: str | None, store: str) -> None:
-    """Make the results table, curves and grids of a finished spec (issue 6)."""
+    """Make the results table, curves and grids of a finished spec (issue 6).
+
+    Given a grid template (TEMPLATE.yaml.j2) instead: one table with a row per cell."""
     from pathlib import Path
 
-    from .evaluation.report import report_for_spec
+    from .evaluation.report import is_template, report_for_grid, report_for_spec
 
-    folder = report_for_spec(spec, Path(store), Path(out) if out else None)
+    make = report_for_grid if is_template(spec) else report_for_spec
+    folder = make(spec, Path(store), Path(out) if out else None)
     click.echo((folder / "report.md").read_text(encoding="utf-8").split("\n## ")[0])
     click.echo(f"report written to {folder}")
 

@@ -4,10 +4,11 @@ Every cell is rendered, validated (files checked) and compiled before the first 
 Cells then run one after another through :func:`resalign.engine.runner.run_graph` on one store,
 so a node shared by several cells (the model, the original row's attacks and evaluations, a
 harvest) runs once and is a cache hit for every later cell. MLflow: one grid run, and under it
-one run per cell (the parent run that ``run_graph`` creates for the cell's spec, named by the
-cell id, re-parented to the grid run and tagged ``grid.cell`` / ``grid.axis.<name>``, with the
-axis values also logged as params ``axis.<name>`` for the compare and parallel-coordinates
-views); the node runs sit under their cell's run as usual.
+one run per cell (the run ``run_graph`` creates for the cell's spec, nested under the grid run
+through ``parent_run_id``, named by the cell id and tagged ``grid.cell`` / ``grid.axis.<name>``,
+with the axis values also logged as params ``axis.<name>`` for the compare and
+parallel-coordinates views); the node runs sit under their cell's run as usual. The grid run
+gets the totals as metrics: ``grid.executed``, ``grid.cache_hits``, ``grid.seconds``.
 
 The grid's manifest ``<store>/grids/<grid name>/grid.json`` lists each cell's id, axes, spec
 name, report node key and MLflow run: :func:`report_cells` reads a template back into
@@ -17,7 +18,6 @@ name, report node key and MLflow run: :func:`report_cells` reads a template back
 from __future__ import annotations
 
 import json
-import logging
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -26,8 +26,6 @@ from typing import Any
 
 from ..errors import UserError
 from ..spec.templates import GridTemplate, RenderedCell, load_template, render_grid
-
-log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -86,8 +84,7 @@ def prepare(template: str | Path, *, check_files: bool = False) -> tuple[GridTem
 def list_table(tpl: GridTemplate) -> str:
     """The cells as an aligned text table: id, then one column per axis."""
     head = ["cell", *tpl.axes]
-    # Values spelt as in the id (as written in the front matter: 1e-5, not 1e-05).
-    spelt = [dict(kv.split("=", 1) for kv in c.id.split(",")) for c in tpl.cells]
+    spelt = [c.spelt for c in tpl.cells]  # as in the id: 1e-5, not 1e-05
     rows = [[c.id, *[sp.get(a, "") for a in tpl.axes]] for c, sp in zip(tpl.cells, spelt)]
     widths = [max(len(r[i]) for r in [head, *rows]) for i in range(len(head))]
     fmt = "  ".join(f"{{:<{w}}}" for w in widths)
@@ -135,13 +132,8 @@ class _GridTracking:
         self.run_id = run.info.run_id
         self.grid_name = tpl.name
 
-    def adopt(self, run_id: str, rc: RenderedCell) -> None:
-        from mlflow.entities import Param, RunTag
-
-        tags = [RunTag("mlflow.parentRunId", self.run_id), RunTag("resalign.grid", self.grid_name)]
-        tags += [RunTag(k, v) for k, v in rc.cell.tags.items()]
-        params = [Param(f"axis.{k}", str(v)) for k, v in rc.cell.axes.items()]
-        self.client.log_batch(run_id, params=params, tags=tags)
+    def cell_tags(self, rc: RenderedCell) -> dict[str, str]:
+        return {"resalign.grid": self.grid_name, **rc.cell.tags}
 
     def find_cell_run(self, rc: RenderedCell, since_ms: int) -> str | None:
         runs = self.client.search_runs(
@@ -153,8 +145,22 @@ class _GridTracking:
         )
         return runs[0].info.run_id if runs else None
 
-    def finish(self, status: str) -> None:
-        self.client.set_terminated(self.run_id, status=status)
+    def finish(self, status: str, results: Sequence[CellResult], seconds: float) -> None:
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        totals = {
+            "grid.executed": sum(len(r.executed) for r in results),
+            "grid.cache_hits": sum(len(r.cached) for r in results),
+            "grid.seconds": seconds,
+            "grid.cells_done": sum(1 for r in results if r.ok),
+        }
+        try:
+            self.client.log_batch(
+                self.run_id, metrics=[Metric(k, float(v), now, 0) for k, v in totals.items()]
+            )
+        finally:
+            self.client.set_terminated(self.run_id, status=status)
 
 
 def run_grid(
@@ -215,31 +221,26 @@ def run_grid(
                     tracking_uri=uri,
                     device=device,
                     command=[*(command or ["resalign", "grid", str(tpl.path), "--run"])],
+                    parent_run_id=tracker.run_id if tracker is not None else None,
+                    run_tags=tracker.cell_tags(rc) if tracker is not None else None,
+                    run_params={f"axis.{k}": v for k, v in rc.cell.spelt.items()},
                 )
             except RunFailed as e:
                 res.ok, res.error = False, str(e)
                 status = "FAILED"
                 if tracker is not None:
-                    rid = tracker.find_cell_run(rc, since)
-                    if rid:
-                        res.run_id = rid
-                        tracker.adopt(rid, rc)
+                    res.run_id = tracker.find_cell_run(rc, since)
                 break
             res.executed = list(summary.executed)
             res.cached = list(summary.cached)
             res.seconds = summary.seconds
             res.run_id = summary.parent_run_id
-            if tracker is not None and res.run_id:
-                try:
-                    tracker.adopt(res.run_id, rc)
-                except Exception as e:  # the cell ran; the store has it, tags can be re-added
-                    log.warning("could not tag cell %s in MLflow: %s", rc.cell.id, e)
     except KeyboardInterrupt:
         status = "KILLED"
         raise
     finally:
         if tracker is not None:
-            tracker.finish(status)
+            tracker.finish(status, results, time.perf_counter() - t0)
         manifest = store / "grids" / tpl.name / "grid.json"
         atomic_write_json(
             manifest,

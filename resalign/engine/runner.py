@@ -287,12 +287,17 @@ def run_graph(
     checkpoint_every: int | None = None,
     ui: ProgressUI | None = None,
     command: Sequence[str] | None = None,
+    parent_run_id: str | None = None,
+    run_tags: Mapping[str, str] | None = None,
+    run_params: Mapping[str, str] | None = None,
 ) -> RunSummary:
     """Execute every node of ``graph`` that is not cached; raise :class:`RunFailed` (after
     printing the failures and, last, the resume command) if any node fails.
 
     ``command`` is the invocation as argv without ``--force`` options (for the resume line).
     ``tracking_uri`` is the --tracking-uri flag; the environment and the spec come next.
+    ``parent_run_id`` nests this invocation's MLflow run under an existing run (a grid's);
+    ``run_tags`` / ``run_params`` are added to that run (a grid cell's axes).
     """
     from .executors.local import LocalExecutor
 
@@ -321,6 +326,9 @@ def run_graph(
             experiment=getattr(tspec, "experiment", "resalign"),
             run_name=getattr(tspec, "run_name", None),
             system_metrics=getattr(tspec, "system_metrics", True),
+            nest_under=parent_run_id,
+            extra_tags=run_tags,
+            extra_params=run_params,
         )
         # Before any compute: an unreachable server is a UserError here.
         tracker.start(spec, graph, command=shlex.join(command) if command else None)

@@ -466,7 +466,12 @@ class Tracker:
         experiment: str = "resalign",
         run_name: str | None = None,
         system_metrics: bool = True,
+        nest_under: str | None = None,
+        extra_tags: Mapping[str, str] | None = None,
+        extra_params: Mapping[str, str] | None = None,
     ):
+        """``nest_under``: an existing run (e.g. a grid's) the invocation's run is a child
+        of; ``extra_tags`` / ``extra_params`` are added to the invocation's run only."""
         self.uri = uri
         self.store_root = Path(store_root).resolve()
         self.experiment = experiment
@@ -477,6 +482,9 @@ class Tracker:
         self.inv_dir: Path | None = None
         self._client: Any = None
         self._base_tags: dict[str, str] = {}
+        self.nest_under = nest_under
+        self.extra_tags = dict(extra_tags or {})
+        self.extra_params = dict(extra_params or {})
 
     # called before any compute: every problem with the server surfaces here as a UserError
     def start(self, spec: Any, graph: Any, *, command: str | None = None) -> None:
@@ -501,7 +509,9 @@ class Tracker:
                 "resalign.version": __version__,
                 "resalign.git_commit": git_commit(),
             }
-            tags = dict(self._base_tags, **{"resalign.command": command})
+            tags = dict(self._base_tags, **{"resalign.command": command}, **self.extra_tags)
+            if self.nest_under:
+                tags["mlflow.parentRunId"] = self.nest_under
             run = self._client.create_run(
                 exp_id,
                 run_name=self.run_name or graph.spec_name,
@@ -526,7 +536,7 @@ class Tracker:
             "experiment_id": exp_id,
             "parent_run_id": self.parent_run_id,
             "spec_name": graph.spec_name,
-            "params": curated_params(spec),
+            "params": {**curated_params(spec), **self.extra_params},
             "cached": {},
             "status": None,
             "host": socket.gethostname(),

@@ -415,11 +415,83 @@ def report_for_spec(spec_path: str, store_root: Path, out: Path | None = None) -
     return out
 
 
+def is_template(path: str | Path) -> bool:
+    """A grid template (``*.j2``) rather than a spec: ``resalign report`` reports its cells."""
+    return str(path).endswith(".j2")
+
+
+def report_for_grid(template_path: str, store_root: Path, out: Path | None = None) -> Path:
+    """``resalign report TEMPLATE.yaml.j2``: one table with a row per cell of the grid.
+
+    Every cell is rendered and compiled as ``resalign grid --run`` did (same node keys), its
+    evaluate results read from the store. A cell's row is named by the cell id (``<cell
+    id>/<row>`` when the cell has several unlearned rows). The ``original`` row is shown once,
+    first, when every cell shares its evaluate nodes (same keys); otherwise once per cell as
+    ``<cell id>/original``. Threats are the union over cells; a cell without a threat shows
+    "–" in its columns. Default folder: ``<store>/reports/<grid name>/``.
+    """
+    import dataclasses
+
+    from ..graph.compile import compile_spec
+    from ..spec.templates import load_template, render_grid
+
+    tpl = load_template(template_path)
+    cells = []
+    for rc in render_grid(tpl):
+        graph = compile_spec(rc.spec)
+        try:
+            found = results_from_store(graph, Path(store_root), template_path)
+        except UserError as e:
+            raise UserError(
+                f"grid {tpl.name!r}, cell {rc.cell.id}: {e.message}",
+                where=str(tpl.path),
+                hint=f"run `resalign grid {template_path} --run` first (it computes only what "
+                "is missing), or pass --store with the folder the grid ran in",
+            ) from None
+        report_node = graph.of_kind("report")[0] if graph.of_kind("report") else None
+        params = report_node.params if report_node is not None else {}
+        original = frozenset(
+            n.key for n in graph.of_kind("evaluate") if n.name.startswith("evaluate/original/")
+        )
+        cells.append((rc.cell.id, found, params, original))
+    shared = len({c[3] for c in cells}) == 1 and bool(cells[0][3])
+    results: list[EvalResult] = []
+    rows: list[str] = ["original"] if shared else []
+    threats: dict[str, Any] = {}
+    for i, (cid, found, params, _) in enumerate(cells):
+        own = [r for r in params.get("rows") or dict.fromkeys(x.row for x in found)]
+        unlearned = [r for r in own if r != "original"]
+        names = {r: cid if len(unlearned) == 1 else f"{cid}/{r}" for r in unlearned}
+        if not shared:
+            names["original"] = f"{cid}/original"
+        for r in own:
+            if r in names:
+                rows.append(names[r])
+        for res in found:
+            if res.row in names:
+                results.append(dataclasses.replace(res, row=names[res.row]))
+            elif shared and i == 0:
+                results.append(res)
+        for t, meta in (params.get("threats") or {}).items():
+            threats.setdefault(t, meta)
+    out = Path(out) if out else Path(store_root) / "reports" / tpl.name
+    write_report(
+        results,
+        out,
+        rows=rows,
+        threats=threats or None,
+        title=f"resalign report: grid {tpl.name} ({len(cells)} cells)",
+    )
+    return out
+
+
 __all__ = [
     "EvalResult",
     "build_table",
+    "is_template",
     "mean_ci",
     "parse_eval_name",
+    "report_for_grid",
     "report_for_spec",
     "results_from_dirs",
     "results_from_store",

@@ -98,10 +98,17 @@ class Cell:
         return self.id.replace("=", "-").replace(",", "__")
 
     @property
+    def spelt(self) -> dict[str, str]:
+        """Axis values spelt as in the id (as written in the front matter: ``1e-5``)."""
+        # ids are "axis=value,..." and values cannot contain '=' or ',' (_ID_VALUE)
+        return dict(kv.split("=", 1) for kv in self.id.split(","))
+
+    @property
     def tags(self) -> dict[str, str]:
-        """MLflow tags that identify the cell (``grid.cell`` and one ``grid.axis.<name>``)."""
+        """MLflow tags that identify the cell (``grid.cell`` and one ``grid.axis.<name>``),
+        values spelt as in the id."""
         out = {"grid.cell": self.id}
-        out.update({f"grid.axis.{k}": _spell(v) for k, v in self.axes.items()})
+        out.update({f"grid.axis.{k}": v for k, v in self.spelt.items()})
         return out
 
 
