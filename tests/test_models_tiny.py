@@ -16,7 +16,12 @@ from resalign.models.loading import (
     resolve_pretrained,
     write_model_json,
 )
-from resalign.models.tiny import build_tiny_pipeline, caption_token_count
+from resalign.models.tiny import (
+    build_tiny_pipeline,
+    caption_token_count,
+    caption_words,
+    write_byte_tokenizer,
+)
 from resalign.spec.schema.model import ModelSpec, NoiseScheduleSpec, TinyModelSpec
 
 TINY = TinyModelSpec(block_out_channels=[16, 32], max_length=32, cross_attention_dim=16)
@@ -84,6 +89,23 @@ def test_tokenizer_is_byte_level_and_counts_tokens(pipe):
     assert caption_token_count(tok, "a handwritten digit zero") == len("ahandwrittendigitzero") + 2
     ids = tok(["ümlaut ok"], padding="max_length", max_length=32).input_ids[0]
     assert tok.unk_token_id not in ids[1:-1][: len("ümlaut ok")]
+
+
+def test_corpus_words_become_single_tokens_and_other_text_still_tokenizes(tmp_path):
+    captions = ["a handwritten digit zero", "A handwritten digit seven"]
+    words = caption_words(captions)
+    assert words == ["a", "digit", "handwritten", "seven", "zero"]
+    tok = write_byte_tokenizer(tmp_path, 32, words)
+    pieces = tok.convert_ids_to_tokens(tok("a handwritten digit seven").input_ids)
+    assert pieces == [
+        "<|startoftext|>", "a</w>", "handwritten</w>", "digit</w>", "seven</w>", "<|endoftext|>"
+    ]  # fmt: skip
+    # A word outside the corpus falls back to characters; non-ASCII round-trips.
+    assert caption_token_count(tok, "a digit eight") == 2 + 1 + 1 + 5
+    assert tok.decode(tok("naïve über").input_ids, skip_special_tokens=True) == "naïve über"
+    # The digit words get distinct ids.
+    ids = {tok(w).input_ids[1] for w in ("zero", "seven", "digit")}
+    assert len(ids) == 3
 
 
 def test_save_load_identical_weights_and_generates(tmp_path, pipe):

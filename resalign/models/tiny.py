@@ -8,8 +8,8 @@ LoRA loading).
 
 Design choices (departures from SD, all in construction only):
 
-- Tokenizer: a byte-level BPE vocabulary with no merges (every character is a token), written
-  to a temporary folder as ``vocab.json``/``merges.txt`` and loaded by ``CLIPTokenizer``. No
+- Tokenizer: a byte-level BPE vocabulary (every character is a token) plus one merge chain per
+  word of the pretraining captions (those words are single tokens), written to a temporary folder as ``vocab.json``/``merges.txt`` and loaded by ``CLIPTokenizer``. No
   download; any text tokenizes. Captions longer than ``max_length`` tokens are truncated as
   CLIP truncates, so ``max_length`` must cover the captions (:func:`caption_token_count`).
 - ``latent: pixel``: the VAE is an ``AutoencoderKL`` with one block whose weights are set so
@@ -32,6 +32,7 @@ from __future__ import annotations
 import json
 import math
 import tempfile
+from collections.abc import Iterable
 from functools import reduce
 from pathlib import Path
 from typing import Any
@@ -59,9 +60,15 @@ _BIG = 100.0
 _SHIFT = 16.0
 
 
-def write_byte_tokenizer(folder: Path, max_length: int) -> CLIPTokenizer:
+def write_byte_tokenizer(folder: Path, max_length: int, words: Iterable[str] = ()) -> CLIPTokenizer:
     """Write a byte-level CLIP vocabulary (256 byte symbols, each also as a word end, plus BOS
-    and EOS; no merges) to ``folder`` and load it as a ``CLIPTokenizer``."""
+    and EOS) to ``folder`` and load it as a ``CLIPTokenizer``.
+
+    Every word in ``words`` (lower-cased, as CLIP lower-cases) also gets a chain of BPE merges
+    that makes it one token, the way a tokenizer trained on the pretraining captions would: a
+    random text encoder then sees "zero" and "one" as two unrelated embeddings rather than as
+    character sequences that share most of their context. Any other text still tokenizes,
+    character by character."""
     from tokenizers import pre_tokenizers
 
     alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
@@ -70,11 +77,45 @@ def write_byte_tokenizer(folder: Path, max_length: int) -> CLIPTokenizer:
         vocab[symbol] = len(vocab)
     for symbol in alphabet:
         vocab[symbol + "</w>"] = len(vocab)
+    merges: list[str] = []
+    byte_symbol = _bytes_to_symbols()
+    for word in sorted({w.lower() for w in words if w.strip()}):
+        symbols = [byte_symbol[b] for b in word.encode("utf-8")]
+        symbols[-1] += "</w>"
+        current = symbols[0]
+        for nxt in symbols[1:]:
+            merge = f"{current} {nxt}"
+            current += nxt
+            if current not in vocab:
+                vocab[current] = len(vocab)
+                merges.append(merge)
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "vocab.json").write_text(json.dumps(vocab), encoding="utf-8")
-    (folder / "merges.txt").write_text("#version: 0.2\n", encoding="utf-8")
+    (folder / "merges.txt").write_text(
+        "#version: 0.2\n" + "".join(m + "\n" for m in merges), encoding="utf-8"
+    )
     return CLIPTokenizer(
         str(folder / "vocab.json"), str(folder / "merges.txt"), model_max_length=max_length
+    )
+
+
+def _bytes_to_symbols() -> dict[int, str]:
+    """The reversible byte → printable-symbol table of byte-level BPE (GPT-2, CLIP): printable
+    Latin-1 bytes stand for themselves, the others are shifted past 255 in byte order."""
+    keep = [*range(0x21, 0x7F), *range(0xA1, 0xAD), *range(0xAE, 0x100)]
+    table = {b: chr(b) for b in keep}
+    shifted = (b for b in range(256) if b not in table)
+    for n, b in enumerate(shifted):
+        table[b] = chr(256 + n)
+    return table
+
+
+def caption_words(captions: Iterable[str]) -> list[str]:
+    """The distinct words of ``captions`` as CLIP's pre-tokenizer splits them (lower-cased)."""
+    import re
+
+    return sorted(
+        {w for c in captions for w in re.findall(r"[a-z]+|[0-9]|[^\sa-z0-9]+", c.lower())}
     )
 
 
@@ -241,15 +282,16 @@ def sampling_scheduler_from_spec(noise: NoiseScheduleSpec) -> PNDMScheduler:
 
 
 def build_tiny_pipeline(
-    tiny: TinyModelSpec, noise: NoiseScheduleSpec, seed: int = 0
+    tiny: TinyModelSpec, noise: NoiseScheduleSpec, seed: int = 0, words: Iterable[str] = ()
 ) -> StableDiffusionPipeline:
     """Build a randomly initialised tiny ``StableDiffusionPipeline`` (PNDM sampler, no safety
-    checker). Deterministic in ``seed``; the global RNG state is left untouched."""
+    checker). ``words`` become single tokens (see :func:`write_byte_tokenizer`). Deterministic
+    in ``seed``; the global RNG state is left untouched."""
     channels = tiny.in_channels
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         with tempfile.TemporaryDirectory(prefix="resalign-tok-") as tmp:
-            tokenizer = write_byte_tokenizer(Path(tmp), tiny.max_length)
+            tokenizer = write_byte_tokenizer(Path(tmp), tiny.max_length, words)
         text_encoder = build_text_encoder(tiny, vocab_size=len(tokenizer))
         if tiny.latent == "pixel":
             vae = _make_identity_vae(channels)

@@ -35,7 +35,7 @@ def _model_spec(params: Any, spec: Any) -> Any:
 @register
 class ModelStep(Step):
     kind = "model"
-    version = "1"
+    version = "2"
 
     def run(self, ctx: StepContext) -> None:
         model = _model_spec(ctx.params, ctx.spec)
@@ -87,19 +87,24 @@ class ModelStep(Step):
             write_model_json,
         )
         from ..models.pretrain import CHECKPOINT, pretrain_unet
-        from ..models.tiny import build_tiny_pipeline, caption_token_count
+        from ..models.tiny import build_tiny_pipeline, caption_token_count, caption_words
 
         tiny = model.tiny
         pre = tiny.pretrain
-        pipe = build_tiny_pipeline(tiny, model.noise_schedule, seed=pre.seed if pre else 0)
+        pairs = None
+        if pre is not None:
+            pairs = load_pairs(
+                pre.dataset, ctx.spec, ctx.inputs, tiny.sample_size, tiny.in_channels
+            )
+        # The words of the pretraining captions become single tokens (as in a tokenizer
+        # trained on the corpus), so the random text encoder tells the captions apart.
+        words = caption_words(pairs.captions) if pairs is not None else ()
+        pipe = build_tiny_pipeline(tiny, model.noise_schedule, pre.seed if pre else 0, words)
         bundle = bundle_from_pipeline(
             pipe, "tiny", model.noise_schedule.model_dump(), device=ctx.device
         )
         stats: dict[str, Any] = {"unet_parameters": sum(p.numel() for p in pipe.unet.parameters())}
-        if pre is not None:
-            pairs = load_pairs(
-                pre.dataset, ctx.spec, ctx.inputs, bundle.resolution, tiny.in_channels
-            )
+        if pre is not None and pairs is not None:
             longest = max(set(pairs.captions), key=lambda c: caption_token_count(pipe.tokenizer, c))
             need = caption_token_count(pipe.tokenizer, longest)
             if need > tiny.max_length:
@@ -107,8 +112,7 @@ class ModelStep(Step):
                     f"caption {longest!r} takes {need} tokens but model.tiny.max_length is "
                     f"{tiny.max_length}: the end of the caption would be cut off",
                     where="model.tiny.max_length",
-                    hint=f"set model.tiny.max_length to at least {need} (the tiny tokenizer "
-                    "uses one token per character)",
+                    hint=f"set model.tiny.max_length to at least {need}",
                 )
             ckpt = Path(ctx.state) / CHECKPOINT
             resumed = None
