@@ -157,7 +157,6 @@ def reference() -> tuple[torch.Tensor, torch.Tensor]:
     [
         ("published", 1e-4),
         ("ckpt", 1e-4),
-        ("fr", 1e-4),
         ("bf16", 0.05),
         ("fp16", 0.05),
         ("bf16+half+ckpt", 0.05),

@@ -13,7 +13,8 @@ measured effect on memory and on the hypergradient is in ``docs/benchmarks.md``:
   tensors (LoRA) stay fp32. Needs autocast of the same dtype (a half weight meets fp32
   activations otherwise).
 - :func:`enable_gradient_checkpointing`: diffusers' block checkpointing, non-reentrant (the
-  reentrant variant cannot be differentiated twice). ``torch.func`` does not support the
+  reentrant variant cannot be differentiated twice), with parameters rebound at
+  recomputation (departure from diffusers, whose default is wrong under functional_call). ``torch.func`` does not support the
   saved-tensor hooks non-reentrant checkpointing is built on, so inside a ``torch.func``
   transform (the ``forward_over_reverse`` HVP backend) blocks run un-checkpointed: correct,
   but that backend then gets no memory saving from this lever.
@@ -131,7 +132,9 @@ def _checkpoint_call(module: Callable[..., Any], *args: Any) -> Any:
 def enable_gradient_checkpointing(model: torch.nn.Module) -> None:
     """Turn on diffusers' block-level gradient checkpointing with non-reentrant
     ``torch.utils.checkpoint`` (recomputation that autograd can differentiate again, so double
-    backward HVPs stay exact). Blocks check ``torch.is_grad_enabled()``: no-grad forwards (the
+    backward HVPs stay exact). Each block's recomputation rebinds the tensors that were bound
+    at forward time, so it is correct under ``torch.func.functional_call`` (diffusers' own
+    ``enable_gradient_checkpointing()`` recomputes with the module's parameters instead). Blocks check ``torch.is_grad_enabled()``: no-grad forwards (the
     frozen original's targets) are unaffected. Inside ``torch.func`` transforms blocks run
     un-checkpointed (see the module docstring)."""
     if not getattr(model, "_supports_gradient_checkpointing", False):
