@@ -59,12 +59,20 @@ class RunFailed(Exception):
 
     exit_code = 1
 
-    def __init__(self, failed: Sequence[str], resume_command: str, interrupted: bool = False):
+    def __init__(
+        self,
+        failed: Sequence[str],
+        resume_command: str,
+        interrupted: bool = False,
+        user_error: bool = False,
+    ):
         super().__init__(f"failed: {', '.join(failed)}")
         self.failed = list(failed)
         self.resume_command = resume_command
         self.interrupted = interrupted
-        self.exit_code = 130 if interrupted else 1
+        # Exit 2 when every failure was the user's to fix (bad data found mid-run), as for a
+        # bad spec; 1 for a crash; 130 for Ctrl-C.
+        self.exit_code = 130 if interrupted else 2 if user_error else 1
 
 
 @dataclass
@@ -420,7 +428,8 @@ def run_graph(
         cmd = resume_command(command, pending_forced)
         ui.line("interrupted; to resume, run:" if interrupted else "to resume, run:")
         ui.line(cmd)
-        raise RunFailed(list(failed) or ["interrupted"], cmd, interrupted)
+        user_only = bool(failed) and all(r.user_error for r in failed.values())
+        raise RunFailed(list(failed) or ["interrupted"], cmd, interrupted, user_only)
     ui.line(
         f"{graph.spec_name}: executed {len(summary.executed)}, cached {len(summary.cached)} "
         f"in {summary.seconds:.1f}s"
