@@ -8,6 +8,7 @@ Each command lives in its own delimited block so that its owner can replace it a
 
 from __future__ import annotations
 
+import os
 import sys
 from typing import Any
 
@@ -366,6 +367,11 @@ def bench(args: tuple[str, ...]) -> None:
 # ----------------------------------------------------------------------------- entry
 def main() -> None:
     """Console entry point."""
+    # Library chatter that says nothing to a user of this tool (MLflow's database migration
+    # INFO lines, transformers' notes about image processors we never use). Set either
+    # variable yourself to see everything again.
+    os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     cli(prog_name="resalign")
 
 
