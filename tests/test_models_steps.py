@@ -85,7 +85,8 @@ def test_caption_longer_than_max_length_is_a_user_error(tmp_path):
     from resalign.steps.model import ModelStep
 
     (tmp_path / "prompts.txt").write_text("x\n")
-    resolved = load_spec_text(SPEC.replace("max_length: 32", "max_length: 16"), base_dir=tmp_path)
+    # "a handwritten digit <name>" is 6 tokens with BOS/EOS (one per word); 4 cuts it.
+    resolved = load_spec_text(SPEC.replace("max_length: 32", "max_length: 4"), base_dir=tmp_path)
     ctx = _ctx(tmp_path, resolved, compile_spec(resolved)["model"], {})
     with pytest.raises(UserError, match="max_length"):
         ModelStep().run(ctx)
