@@ -39,6 +39,7 @@ from typing import Any, Protocol
 import torch
 
 from ..errors import UserError
+from ..models.saving import merged_unet_state_dict, save_merged_unet  # noqa: F401  (re-export)
 
 log = logging.getLogger("resalign.attack")
 
@@ -248,43 +249,6 @@ def attach_fresh_lora(unet: torch.nn.Module, config: AttackConfig) -> list[str]:
     for name, p in unet.named_parameters():
         p.requires_grad_("lora_" in name and f".{ADAPTER_NAME}" in name)
     return matched
-
-
-def merged_unet_state_dict(unet: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """The UNet's weights with any peft LoRA folded in, under the plain UNet's names.
-
-    Works on a live adapter without merging it in place, so training can continue after a
-    checkpoint is written.
-    """
-    from peft.tuners.tuners_utils import BaseTunerLayer
-
-    state = {
-        k: v.detach().clone()
-        for k, v in unet.state_dict().items()
-        if "lora_" not in k and "lora_magnitude" not in k
-    }
-    for mod_name, module in unet.named_modules():
-        if not isinstance(module, BaseTunerLayer):
-            continue
-        for adapter in module.active_adapters:
-            if adapter not in getattr(module, "lora_A", {}):
-                continue
-            key = f"{mod_name}.base_layer.weight"
-            delta = module.get_delta_weight(adapter)
-            state[key] = state[key] + delta.to(state[key].dtype)
-    return {k.replace(".base_layer.", "."): v for k, v in state.items()}
-
-
-def save_merged_unet(unet: torch.nn.Module, path: Path) -> None:
-    """Write a diffusers UNet folder (config + safetensors) with LoRA folded in."""
-    from safetensors.torch import save_file
-
-    path.mkdir(parents=True, exist_ok=True)
-    unet.save_config(path)
-    state = {k: v.contiguous() for k, v in merged_unet_state_dict(unet).items()}
-    tmp = path / "diffusion_pytorch_model.safetensors.tmp"
-    save_file(state, str(tmp), metadata={"format": "pt"})
-    os.replace(tmp, path / "diffusion_pytorch_model.safetensors")
 
 
 def denoise_loss(

@@ -4,7 +4,6 @@ UNet folder for ``UNet2DConditionModel.from_pretrained(path)`` (both safetensors
 
 from __future__ import annotations
 
-import copy
 import json
 import os
 import shutil
@@ -74,22 +73,28 @@ def save_lora(unet: torch.nn.Module, path: Path, adapter_name: str = "default") 
     return path
 
 
+def merged_unet_state_dict(unet: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The UNet's weights with its active LoRA folded in, under the plain UNet's names.
+
+    Reads a live adapter without merging it in place and without copying the model, so
+    training can go on after a checkpoint is written (attacks) and memory stays one UNet."""
+    state = {k: v.detach().clone() for k, v in unet.state_dict().items() if "lora_" not in k}
+    for mod_name, layer in _lora_layers(unet):
+        for adapter in layer.active_adapters:
+            if adapter not in getattr(layer, "lora_A", {}):
+                continue
+            key = f"{mod_name}.base_layer.weight"
+            state[key] = state[key] + layer.get_delta_weight(adapter).to(state[key].dtype)
+    return {k.replace(".base_layer.", "."): v for k, v in state.items()}
+
+
 def merged_unet(unet: torch.nn.Module) -> torch.nn.Module:
     """A plain ``UNet2DConditionModel`` (no peft layers) equal to ``unet`` with its active LoRA
     merged in; ``unet`` itself is left untouched. Without LoRA: a detached copy."""
     from diffusers import UNet2DConditionModel
 
-    work = copy.deepcopy(unet)
-    layers = _lora_layers(work)
-    for _, layer in layers:
-        layer.merge(safe_merge=True)
-    state = {}
-    for name, tensor in work.state_dict().items():
-        if "lora_" in name:
-            continue
-        state[name.replace(".base_layer.", ".")] = tensor
-    fresh = UNet2DConditionModel.from_config(work.config)
-    fresh.load_state_dict(state, strict=True)
+    fresh = UNet2DConditionModel.from_config(unet.config)
+    fresh.load_state_dict(merged_unet_state_dict(unet), strict=True)
     p = next(unet.parameters())
     return fresh.to(device=p.device, dtype=p.dtype).eval()
 

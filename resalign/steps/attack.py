@@ -35,9 +35,10 @@ class AttackStep(Step):
     version = "1"
 
     def run(self, ctx: StepContext) -> None:
-        from ..algorithms.attack import AttackConfig, poison_pairs, run_attack, save_merged_unet
+        from ..algorithms.attack import AttackConfig, poison_pairs, run_attack
         from ..data.pairs import load_pairs
         from ..models.loading import load_row
+        from ..models.saving import save_merged_unet
 
         threat = dict(ctx.params["threat"])
         seed = int(ctx.params["seed"])
