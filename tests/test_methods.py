@@ -193,8 +193,10 @@ def test_full_inner_over_lora_and_safeguards_reported():
 def test_user_errors():
     with pytest.raises(UserError, match="unknown unlearning method"):
         build_method("nope", problem(), spec())
-    with pytest.raises(UserError, match="memory"):
-        build_method("plain", problem(), spec(memory={"gradient_checkpointing": True}))
+    bf16 = problem()
+    bf16.unet.to(torch.bfloat16)
+    with pytest.raises(UserError, match="autocast needs fp32 trained tensors"):
+        build_method("plain", bf16, spec(memory={"autocast": "bf16"}))
     prob = problem()
     prob.retain = None
     with pytest.raises(UserError, match="retain"):

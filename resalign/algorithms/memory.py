@@ -40,6 +40,7 @@ from typing import Any
 import torch
 
 AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+HALF_DTYPES = (torch.bfloat16, torch.float16)
 FROZEN_DTYPES = {
     "float32": torch.float32,
     "bfloat16": torch.bfloat16,
@@ -80,10 +81,15 @@ def autocast_loss(
     return wrapped
 
 
+def _widen(t: torch.Tensor) -> torch.Tensor:
+    return t.float() if t.dtype in HALF_DTYPES else t
+
+
 def squared_error(prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """Mean squared error computed in fp32 and written out (``torch.func.jvp`` over ``grad``
-    fails on ``F.mse_loss``); half-precision predictions are upcast before the reduction."""
-    diff = prediction.float() - target.float()
+    """Mean squared error written out (``torch.func.jvp`` over ``grad`` fails on
+    ``F.mse_loss``); half-precision inputs are upcast to fp32 before the reduction, fp32 and
+    fp64 inputs keep their dtype (float64 tests stay float64)."""
+    diff = _widen(prediction) - _widen(target)
     return (diff * diff).mean()
 
 

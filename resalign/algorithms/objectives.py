@@ -6,19 +6,29 @@
 - harmful losses (``neg_denoise``, ``esd``) and retain regularizers (``distill``,
   ``denoise``) registered by name, and the regularizer weight schedule.
 
-Squared errors are written out (not ``F.mse_loss``): forward-over-reverse HVPs need it.
+Squared errors are written out (not ``F.mse_loss``): forward-over-reverse HVPs need it; they
+go through :func:`resalign.algorithms.memory.squared_error`, which upcasts half-precision
+predictions before the reduction.
+
+Mixed precision (``unlearn.memory.autocast``): the :class:`Denoiser` runs its forward passes
+under autocast only inside :meth:`Denoiser.low_precision` blocks (the methods open them around
+the simulated fine-tuning and L_harm), or everywhere when the frozen weights are stored in half
+precision (they cannot meet fp32 activations). Predictions come back in fp32.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor
 from torch.func import functional_call
+
+from . import memory
 
 Params = Mapping[str, Tensor]
 
@@ -92,9 +102,9 @@ def noise_batch(pairs: EncodedPairs, scheduler: Any, generator: torch.Generator)
 
 
 def sq_err(a: Tensor, b: Tensor) -> Tensor:
-    """Mean squared error, written out so forward-mode AD can differentiate it."""
-    d = a - b
-    return (d * d).mean()
+    """Mean squared error, written out so forward-mode AD can differentiate it (half inputs
+    are upcast to fp32 first: :func:`memory.squared_error`)."""
+    return memory.squared_error(a, b)
 
 
 class Denoiser:
@@ -104,23 +114,55 @@ class Denoiser:
     adapters' up matrices set to zero (the same UNet with the adapter switched off, no second
     copy), for full / module fine-tuning the tensors as they were before unlearning (one
     frozen copy of the trained tensors, shared by the regularizer and the ESD target).
+
+    ``autocast`` (``"none"``, ``"bf16"``, ``"fp16"``) is the precision of the forward passes
+    run inside :meth:`low_precision`; with ``everywhere`` (frozen weights stored in half) every
+    forward runs under it. Outside those, forwards run in the parameters' own dtype: the
+    distillation regularizer's ε_θ − ε₀ is below bf16 resolution and bf16 HVPs flip the
+    divergence test (measured, docs/benchmarks.md), so they stay fp32.
     """
 
-    def __init__(self, unet: torch.nn.Module, scheduler: Any, original: Params):
+    def __init__(
+        self,
+        unet: torch.nn.Module,
+        scheduler: Any,
+        original: Params,
+        autocast: str = "none",
+        everywhere: bool = False,
+    ):
         self.unet = unet
         self.scheduler = scheduler
         self.original = dict(original)
+        self.autocast = autocast
+        self.everywhere = everywhere and autocast != "none"
+        self._low = False
+
+    @property
+    def mode(self) -> str:
+        """The autocast mode the next forward runs under."""
+        return self.autocast if (self._low or self.everywhere) else "none"
+
+    @contextlib.contextmanager
+    def low_precision(self) -> Iterator[None]:
+        """Forward passes inside the block run under ``autocast`` (a no-op for ``"none"``)."""
+        was, self._low = self._low, True
+        try:
+            yield
+        finally:
+            self._low = was
 
     def eps(self, params: Params, nb: NoisedBatch, embeddings: Tensor | None = None) -> Tensor:
         emb = nb.embeddings if embeddings is None else embeddings
-        out = functional_call(
-            self.unet,
-            dict(params),
-            (nb.noisy, nb.timesteps),
-            {"encoder_hidden_states": emb, "return_dict": False},
-            strict=False,
-        )
-        return out[0]
+        with memory.autocast(self.mode, nb.noisy.device):
+            out = functional_call(
+                self.unet,
+                dict(params),
+                (nb.noisy, nb.timesteps),
+                {"encoder_hidden_states": emb, "return_dict": False},
+                strict=False,
+            )[0]
+        # fp32 out of autocast, so losses, gradients and HVPs are reduced in fp32
+        return out.float() if out.dtype in memory.HALF_DTYPES else out
 
     @torch.no_grad()
     def eps_original(self, nb: NoisedBatch, embeddings: Tensor | None = None) -> Tensor:

@@ -141,12 +141,14 @@ def outer_step(
     device: str,
     original_unet: Any = None,
     gamma: float | None = None,
+    samples_per_step: int | None = None,
 ) -> tuple[StepResult, Any, Any]:
     """One outer step of the published configuration on ``unet`` (LoRA already added), with
     ``levers`` applied by the caller to the model. Returns (measurements, flat mean
     hypergradient, flat outer gradient), both fp32 on the CPU. ``gamma`` overrides the
     published γ = 1 (tests use a smaller one so that no safeguard decision sits on its
-    threshold)."""
+    threshold); ``samples_per_step`` overrides the published J = 3 (the CPU table runs fewer
+    configurations per step to fit its time budget)."""
     import torch
     from diffusers import DDPMScheduler
     from torch.func import functional_call
@@ -262,7 +264,7 @@ def outer_step(
     g_harm, g_reg = phase("direct", direct)
     view = InnerView("identity", names, names)
     hyper_sum = [torch.zeros_like(t, dtype=torch.float32) for t in g_harm]
-    J = P["samples_per_step"]
+    J = P["samples_per_step"] if samples_per_step is None else int(samples_per_step)
     for _ in range(J):
         lr = P["lr"][int(torch.randint(len(P["lr"]), (1,), generator=gen))]
         steps = P["steps"][int(torch.randint(len(P["steps"]), (1,), generator=gen))]
@@ -390,6 +392,7 @@ def _worker(args: argparse.Namespace) -> None:
             seed=args.seed,
             device=device,
             original_unet=original,
+            samples_per_step=args.configs,
         )
     step_peak = max(res.phase_peak_bytes.values())
     torch.save({"hyper": hyper, "outer": outer}, args.tensors)
@@ -447,6 +450,8 @@ def _run_combo(args: argparse.Namespace, combo: str, tmp: Path) -> dict[str, Any
     ]
     if args.inner_steps is not None:
         cmd += ["--inner-steps", str(args.inner_steps)]
+    if args.configs is not None:
+        cmd += ["--configs", str(args.configs)]
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd)
     timer = None
@@ -508,6 +513,8 @@ def _write_json(args: argparse.Namespace, results: list[dict[str, Any]]) -> None
         "latent": args.latent,
         "device": args.device,
         "inner_steps_cap": args.inner_steps,
+        "samples_per_step": args.configs or PUBLISHED["samples_per_step"],
+        "threads": args.threads,
         "published": PUBLISHED,
         "results": results,
     }
@@ -530,6 +537,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     ap.add_argument(
         "--inner-steps", type=int, default=None, help="cap on simulated fine-tuning steps"
+    )
+    ap.add_argument(
+        "--configs",
+        type=int,
+        default=None,
+        help="inner configurations J per outer step (default: the published 3)",
     )
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--device", default="auto")

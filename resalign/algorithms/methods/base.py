@@ -12,6 +12,7 @@ from torch import Tensor
 
 from ...errors import UserError
 from ...models.trainable import TrainableSelection
+from .. import memory
 from ..callbacks import Stats, StepCallback
 from ..hypergrad import tensors_norm
 from ..objectives import (
@@ -34,7 +35,9 @@ class UnlearnProblem:
     ``unet`` carries the trainable selection (``selection.names`` require grad). ``pools``
     are the simulated fine-tuning datasets by name, ``priors`` the class-prior sets of
     DreamBooth datasets by name, ``default_pool`` the names a config without ``data`` draws
-    from. ``uncond`` is the empty-prompt embedding ``[1, L, D]`` (ESD needs it).
+    from. ``uncond`` is the empty-prompt embedding ``[1, L, D]`` (ESD needs it). ``idle`` are
+    modules not used during unlearning once the data are encoded (VAE, text encoder): with
+    ``unlearn.memory.offload_idle`` they are parked on the CPU.
     """
 
     unet: torch.nn.Module
@@ -46,6 +49,7 @@ class UnlearnProblem:
     priors: dict[str, EncodedPairs] = field(default_factory=dict)
     default_pool: list[str] = field(default_factory=list)
     uncond: Tensor | None = None
+    idle: list[torch.nn.Module] = field(default_factory=list)
 
 
 def original_overrides(unet: torch.nn.Module, selection: TrainableSelection) -> dict[str, Tensor]:
@@ -84,27 +88,21 @@ class Method:
         self.spec = spec
         self.callback = callback
         self.total_steps = int(spec.steps)
-        mem = spec.memory
-        if (
-            mem.autocast != "none"
-            or mem.gradient_checkpointing
-            or mem.offload_idle
-            or getattr(mem, "frozen_dtype", "float32") != "float32"
-        ):
-            raise UserError(
-                "unlearn.memory: autocast, gradient_checkpointing, offload_idle and "
-                "frozen_dtype are not wired into the unlearning methods yet",
-                where="unlearn.memory",
-                hint="remove them (the defaults run in the model's own precision)",
-            )
         self.unet = problem.unet
         all_params = dict(self.unet.named_parameters())
         self.names = list(problem.selection.names)
         self.params = [all_params[n] for n in self.names]
         for p in self.params:
             p.requires_grad_(True)
+        self.memory = spec.memory
+        self.offloader = self._apply_memory_levers(problem)
         self.den = Denoiser(
-            self.unet, problem.scheduler, original_overrides(self.unet, problem.selection)
+            self.unet,
+            problem.scheduler,
+            original_overrides(self.unet, problem.selection),
+            autocast=self.memory.autocast,
+            # half weights cannot meet fp32 activations: every forward runs under autocast
+            everywhere=self.memory.frozen_dtype != "float32",
         )
         self.harmful_kind_used = self.harmful_kind or spec.harmful_loss.kind
         if self.harmful_kind_used == "esd" and problem.uncond is None:
@@ -121,6 +119,37 @@ class Method:
         self.rng = random.Random(int(seed))
         self.optimizer = self._make_optimizer(spec.optimizer)
         self.step_count = 0
+
+    def _apply_memory_levers(self, problem: UnlearnProblem) -> memory.IdleOffloader:
+        """The model-side levers of ``unlearn.memory`` (docs/benchmarks.md): block gradient
+        checkpointing that rebinds substituted parameters at recomputation (diffusers' own is
+        wrong under ``functional_call``), frozen weights stored in half, idle modules parked.
+        The trained tensors stay fp32 (the master copy)."""
+        mem = self.memory
+        if mem.gradient_checkpointing and not getattr(
+            self.unet, "_supports_gradient_checkpointing", False
+        ):
+            raise UserError(
+                f"unlearn.memory.gradient_checkpointing: {type(self.unet).__name__} does not "
+                "support gradient checkpointing",
+                where="unlearn.memory.gradient_checkpointing",
+                hint="set it to false for this model",
+            )
+        if mem.autocast != "none":
+            half = [
+                (n, p.dtype)
+                for n, p in zip(self.names, self.params)
+                if p.dtype in memory.HALF_DTYPES
+            ]
+            if half:
+                raise UserError(
+                    f"unlearn.memory.autocast needs fp32 trained tensors (master parameters); "
+                    f"{half[0][0]} is {half[0][1]}",
+                    where="unlearn.memory.autocast",
+                    hint="load the model in float32 and let autocast lower the forward passes",
+                )
+        device = self.params[0].device if self.params else torch.device("cpu")
+        return memory.apply_memory_levers(self.unet, mem, device, idle=problem.idle)
 
     # -- optimizer & state ------------------------------------------------------------------
 
@@ -179,16 +208,21 @@ class Method:
         nb = noise_batch(self.problem.harmful.sample(hl.batch_size, g), self.den.scheduler, g)
         target = None
         if self.harmful_kind_used == "esd":
-            target = esd_target(self.den, nb, self.problem.uncond, hl.negative_guidance)
+            # the ESD target is part of L_harm: same precision as the loss it enters
+            with self.den.low_precision():
+                target = esd_target(self.den, nb, self.problem.uncond, hl.negative_guidance)
         return nb, target
 
     def harm_loss(
         self, params: Mapping[str, Tensor], nb: NoisedBatch, target: Tensor | None
     ) -> Tensor:
-        if self.harmful_kind_used == "esd":
-            assert target is not None
-            return esd_loss(self.den, params, nb, target)
-        return neg_denoise_loss(self.den, params, nb)
+        """L_harm at ``params``; its forward runs under ``unlearn.memory.autocast`` (the loss
+        and its gradient come back fp32)."""
+        with self.den.low_precision():
+            if self.harmful_kind_used == "esd":
+                assert target is not None
+                return esd_loss(self.den, params, nb, target)
+            return neg_denoise_loss(self.den, params, nb)
 
     def reg_weights(self) -> list[float]:
         k = self.step_count

@@ -39,7 +39,7 @@ from torch import Tensor
 
 from ...errors import UserError
 from ...models.attention import math_attention
-from .. import distributed
+from .. import distributed, memory
 from ..callbacks import Stats
 from ..hypergrad import (
     moreau_hypergradient,
@@ -175,7 +175,13 @@ class ResAlign(Method):
         view = self._view(cfg)
         data_name, data, prior = self._data(cfg, self.rng if rng is None else rng)
         opt = FunctionalOptimizer(cfg.optimizer, cfg.lr, weight_decay=cfg.weight_decay)
-        psi0 = {k: v.detach() for k, v in view.start(theta).items()}
+        # the inner loop trains fp32 masters even where the frozen weights it starts from are
+        # stored in half (full fine-tuning over half frozen weights): half updates at lr 1e-5
+        # would round away
+        psi0 = {
+            k: (v.float() if v.dtype in memory.HALF_DTYPES else v).detach()
+            for k, v in view.start(theta).items()
+        }
         fixed = view.overrides()
         h = self.hyper
         st: Stats = {
@@ -198,7 +204,9 @@ class ResAlign(Method):
                 batches.append((nb, pb))
             hb, target = self.sample_harmful(gen)
             ft = finetune_loss(self.den, fixed, cfg.prior_weight)
-            with math_attention(self.unet):
+            # the unrolled reference differentiates through the inner fine-tuning: its forwards
+            # (inner steps and L_harm) run in the inner fine-tuning's precision
+            with math_attention(self.unet), self.den.low_precision():
                 x, psi_star, losses = unrolled_hypergradient(
                     [psi0[n] for n in names],
                     lambda ps, k: ft(dict(zip(names, ps)), *batches[k]),
@@ -208,20 +216,27 @@ class ResAlign(Method):
                 )
             b = self._harm_grad(names, psi_star, fixed, hb, target)
         else:
-            res = simulate_finetune(
-                self.den,
-                view,
-                psi0,
-                opt,
-                cfg.steps,
-                data,
-                cfg.batch_size,
-                gen,
-                prior,
-                cfg.prior_weight,
-            )
-            losses = res.losses
+            with self.den.low_precision():
+                res = simulate_finetune(
+                    self.den,
+                    view,
+                    psi0,
+                    opt,
+                    cfg.steps,
+                    data,
+                    cfg.batch_size,
+                    gen,
+                    prior,
+                    cfg.prior_weight,
+                )
+            losses = list(res.losses)
             psi_star = [res.params[n] for n in names]
+            last = (res.last_batch, res.last_prior)
+            if self.memory.free_inner_state:
+                # nothing of the inner run but θ* (and the last batch, for hvp_batch: last) is
+                # read again: drop it before the HVP graphs are built
+                memory.free_inner_state(vars(res))
+            del res
             hb, target = self.sample_harmful(gen)
             b = self._harm_grad(names, psi_star, fixed, hb, target)
             if h.kind == "moreau":
@@ -231,7 +246,8 @@ class ResAlign(Method):
                     if prior is not None:
                         pb = noise_batch(prior.sample(cfg.batch_size, gen), self.den.scheduler, gen)
                 else:
-                    nb, pb = res.last_batch, res.last_prior
+                    nb, pb = last
+                del last
                 ft = finetune_loss(self.den, fixed, cfg.prior_weight)
                 with math_attention(self.unet):
                     x, solve = moreau_hypergradient(
