@@ -159,10 +159,14 @@ def schema(output: str | None) -> None:
 )
 @click.option("--workers", type=click.IntRange(min=1), default=1, show_default=True,
               help="Local worker processes (1 = sequential in this process).")  # fmt: skip
+@click.option("--nproc-per-node", type=click.IntRange(min=1), default=None,
+              help="Run each unlearn node on N torchrun processes (one per GPU on CUDA), its "
+              "J configs per outer step split over them (default: the spec's "
+              "execution.nproc_per_node, 1). Not part of any cache key.")  # fmt: skip
 @click.option("--verbose", "-v", is_flag=True, help="Print one line per logged step.")
 def run(spec: str, force: tuple[str, ...], store: str, tracking_uri: str | None,
         no_tracking: bool, device: str | None, checkpoint_every: int | None, workers: int,
-        verbose: bool) -> None:  # fmt: skip
+        nproc_per_node: int | None, verbose: bool) -> None:  # fmt: skip
     """Run SPEC's graph: cached nodes are reused, interrupted nodes resume from their last
     checkpoint, everything is logged to MLflow. If a node fails, the last line printed is
     the command that resumes."""
@@ -179,7 +183,8 @@ def run(spec: str, force: tuple[str, ...], store: str, tracking_uri: str | None,
     for flag, value in (("--store", store if store != "runs" else None),
                         ("--tracking-uri", tracking_uri), ("--device", device),
                         ("--checkpoint-every", checkpoint_every),
-                        ("--workers", workers if workers != 1 else None)):  # fmt: skip
+                        ("--workers", workers if workers != 1 else None),
+                        ("--nproc-per-node", nproc_per_node)):  # fmt: skip
         if value is not None:
             command += [flag, str(value)]
     command += ["--no-tracking"] * no_tracking + ["--verbose"] * verbose
@@ -188,7 +193,7 @@ def run(spec: str, force: tuple[str, ...], store: str, tracking_uri: str | None,
             graph, resolved, store_root=store, force=force,
             executor=make_executor("local", workers=workers), tracking=not no_tracking,
             tracking_uri=tracking_uri, device=device, checkpoint_every=checkpoint_every,
-            ui=ProgressUI(verbose=verbose), command=command,
+            ui=ProgressUI(verbose=verbose), command=command, nproc_per_node=nproc_per_node,
         )  # fmt: skip
     except RunFailed as failed:
         sys.exit(failed.exit_code)

@@ -215,6 +215,8 @@ def execute_task(task: NodeTask, ui: ProgressUI | None = None) -> NodeResult:
         )
         state = store.state_dir(node.kind, node.key)
         state.mkdir(parents=True, exist_ok=True)
+        if task.nproc_per_node > 1:
+            return _execute_ranks(task, store, staging, state, ui, t0)
         logger = NodeLogger(task.tracking, state / "metrics.jsonl") if task.tracking else None
         if logger is not None:
             logger.start_system_metrics()
@@ -253,19 +255,96 @@ def execute_task(task: NodeTask, ui: ProgressUI | None = None) -> NodeResult:
                 seconds=time.perf_counter() - t0,
                 log_seconds=logger.log_seconds if logger else 0.0,
             )
-        src = ctx.metrics_path
-        atomic_write_text(
-            staging / "metrics.jsonl", src.read_text(encoding="utf-8") if src.exists() else ""
-        )
-        final = store.commit(staging, node.kind, node.key)
-        store.discard_state(node.kind, node.key)
-        if logger is not None:
-            logger.finish("FINISHED", final / "metrics.jsonl", final)
+        _commit(store, node, staging, ctx.metrics_path, logger)
     return NodeResult(
         node.name,
         True,
         seconds=time.perf_counter() - t0,
         log_seconds=logger.log_seconds if logger else 0.0,
+    )
+
+
+def _commit(store: Store, node: Node, staging: Path, metrics: Path, logger: Any) -> None:
+    atomic_write_text(
+        staging / "metrics.jsonl", metrics.read_text(encoding="utf-8") if metrics.exists() else ""
+    )
+    final = store.commit(staging, node.kind, node.key)
+    store.discard_state(node.kind, node.key)
+    if logger is not None:
+        logger.finish("FINISHED", final / "metrics.jsonl", final)
+
+
+def _execute_ranks(
+    task: NodeTask, store: Store, staging: Path, state: Path, ui: ProgressUI, t0: float
+) -> NodeResult:
+    """The node on ``task.nproc_per_node`` torchrun ranks (see :mod:`.launch`), called with
+    the node's lock held. Rank 0 writes the outputs into ``staging``; this process commits."""
+    import shutil
+
+    from .launch import launch_dir, run_ranks
+    from .tracking import NodeLogger, _read_tail
+
+    node, n = task.node, int(task.nproc_per_node)
+    metrics = state / "metrics.jsonl"
+    device = _resolve_device(task.device)
+    if device.startswith("cuda"):
+        import torch
+
+        if torch.cuda.device_count() < n:
+            shutil.rmtree(staging, ignore_errors=True)
+            err = UserError(
+                f"{node.name} is to run on {n} processes, one GPU each, but "
+                f"{torch.cuda.device_count()} GPU(s) are visible",
+                where="--nproc-per-node / execution.nproc_per_node",
+                hint="use at most as many processes as GPUs (CUDA_VISIBLE_DEVICES), or run on cpu",
+            )
+            return NodeResult(node.name, False, error=err.render(), user_error=True)
+    ui.line(
+        f"     {node.name}: {n} processes (torchrun, {'nccl' if device.startswith('cuda') else 'gloo'})"
+    )
+    offset = 0
+
+    def show_steps() -> None:
+        # --verbose: the step lines rank 0 logs (its own console is its log file)
+        nonlocal offset
+        if not ui.verbose:
+            return
+        if metrics.exists() and metrics.stat().st_size < offset:
+            offset = 0  # rank 0 truncated the history on resume
+        records, offset = _read_tail(metrics, offset)
+        for r in records:
+            ui.step_line(node.name, r.get("step"), {k: v for k, v in r.items() if k != "step"})
+
+    try:
+        out = run_ranks(task, staging, on_poll=show_steps)
+    except BaseException:
+        if task.tracking is not None:
+            NodeLogger(task.tracking, metrics).finish("KILLED", metrics, None)
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    # Created after the ranks exit: it continues from the sync record rank 0's logger left.
+    logger = NodeLogger(task.tracking, metrics) if task.tracking is not None else None
+    if not out.ok:
+        if logger is not None:
+            logger.finish("FAILED", metrics, None)
+        shutil.rmtree(staging, ignore_errors=True)
+        return NodeResult(
+            node.name,
+            False,
+            error=out.error,
+            details=None if out.user_error else out.details,
+            user_error=out.user_error,
+            seconds=time.perf_counter() - t0,
+            log_seconds=out.log_seconds + (logger.log_seconds if logger else 0.0),
+        )
+    _commit(store, node, staging, metrics, logger)
+    shutil.rmtree(launch_dir(store.root, node.kind, node.key), ignore_errors=True)
+    return NodeResult(
+        node.name,
+        True,
+        seconds=time.perf_counter() - t0,
+        log_seconds=out.log_seconds + (logger.log_seconds if logger else 0.0),
+        extra={"processes": n},
     )
 
 
@@ -298,6 +377,7 @@ def run_graph(
     parent_run_id: str | None = None,
     run_tags: Mapping[str, str] | None = None,
     run_params: Mapping[str, str] | None = None,
+    nproc_per_node: int | None = None,
 ) -> RunSummary:
     """Execute every node of ``graph`` that is not cached; raise :class:`RunFailed` (after
     printing the failures and, last, the resume command) if any node fails.
@@ -306,6 +386,8 @@ def run_graph(
     ``tracking_uri`` is the --tracking-uri flag; the environment and the spec come next.
     ``parent_run_id`` nests this invocation's MLflow run under an existing run (a grid's);
     ``run_tags`` / ``run_params`` are added to that run (a grid cell's axes).
+    ``nproc_per_node`` (else the spec's ``execution.nproc_per_node``, else 1): torchrun ranks
+    for each node whose step supports it (``unlearn``); it enters no node key.
     """
     from .executors.local import LocalExecutor
 
@@ -344,6 +426,8 @@ def run_graph(
         summary.tracking_uri = uri
     if device is None:
         device = getattr(getattr(plain, "model", None), "device", "auto") or "auto"
+    if nproc_per_node is None:
+        nproc_per_node = getattr(getattr(plain, "execution", None), "nproc_per_node", 1) or 1
 
     t_start = time.perf_counter()
     to_run = [n for n in graph if status[n.name].state == "run"]
@@ -381,7 +465,8 @@ def run_graph(
                             continue
                         pending.remove(n)
                         running[_submit(executor, n, graph, spec, store, status, tracker,
-                                        device, checkpoint_every, ui)] = n  # fmt: skip
+                                        device, checkpoint_every, ui,
+                                        nproc_per_node)] = n  # fmt: skip
                         started.add(n.name)
                         progressed = True
                         break
@@ -453,6 +538,7 @@ def _submit(
     device: str,
     checkpoint_every: int | None,
     ui: ProgressUI,
+    nproc_per_node: int = 1,
 ) -> Future[NodeResult]:
     st = status[n.name]
     ui.line(f"run  {n.name} [{st.describe()[len('to run (') : -1]}]")
@@ -471,5 +557,7 @@ def _submit(
         fresh=st.reason == FORCED,
         tracking=tracker.child(n) if tracker is not None else None,
         verbose=ui.verbose,
+        # only steps that split their work over ranks (STEPS[kind].distributed) get torchrun
+        nproc_per_node=int(nproc_per_node) if getattr(STEPS[n.kind], "distributed", False) else 1,
     )
     return executor.submit(task)

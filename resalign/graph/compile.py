@@ -182,9 +182,11 @@ class _Compiler:
 
 
 def spec_hash(resolved: ResolvedSpec) -> str:
-    """sha256 of the resolved spec without volatile parts: tracking, device and absolute
+    """sha256 of the resolved spec without volatile parts: tracking, execution, device and absolute
     locations (the node keys carry the fingerprints of what is at those locations)."""
-    data = resolved.spec.model_dump(mode="json", exclude={"tracking": True, "model": {"device"}})
+    data = resolved.spec.model_dump(
+        mode="json", exclude={"tracking": True, "execution": True, "model": {"device"}}
+    )
     data["rows"] = {n: u.model_dump(mode="json") for n, u in resolved.rows.items()}
 
     def strip(obj: Any) -> Any:

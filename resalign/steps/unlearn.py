@@ -40,6 +40,9 @@ def _atomic_write_text(path: Path, text: str) -> None:
 class UnlearnStep(Step):
     kind = "unlearn"
     version = "1"
+    # The engine may run this step on several torchrun ranks (resalign.engine.launch): the J
+    # configs of each outer step are split over them; rank 0 alone writes.
+    distributed = True
 
     def run(self, ctx: StepContext) -> None:
         import torch
@@ -150,6 +153,8 @@ class UnlearnStep(Step):
                     os.replace(tmp, ckpt)
         if not history and un.steps:
             raise UserError("unlearning produced no steps")
+        if not main:
+            return  # every rank holds the same weights; rank 0 writes them
 
         out = Path(ctx.out)
         save_trainable(bundle.unet, out / "trainable.safetensors", selection.names)
@@ -167,5 +172,7 @@ class UnlearnStep(Step):
             "pools": {n: len(p) for n, p in pools.items()},
             "final": {k: v for k, v in history[-1].items() if "." not in k} if history else {},
             "seconds": time.time() - started,
+            # not part of the key: the result is the same (to float rounding) for any count
+            "processes": distributed.current().world_size,
         }
         _atomic_write_text(out / "stats.json", json.dumps(summary, indent=2))

@@ -38,6 +38,8 @@ class NodeTask:
     fresh: bool = False  # forced: discard resume state first
     tracking: Any = None  # resalign.engine.tracking.TrackingHandle or None
     verbose: bool = False
+    # > 1: run the step on this many torchrun ranks (steps whose class sets distributed = True)
+    nproc_per_node: int = 1
 
 
 @dataclass

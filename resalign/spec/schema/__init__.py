@@ -10,6 +10,7 @@ from .base import StrictModel
 from .concepts import ConceptSpec
 from .data import DatasetSpec
 from .evaluate import EvaluateSpec
+from .execution import ExecutionSpec
 from .model import ModelSpec
 from .threats import ThreatSpec
 from .tracking import TrackingSpec
@@ -36,6 +37,7 @@ class Spec(StrictModel):
     threats: dict[str, ThreatSpec] = Field(default_factory=dict)
     evaluate: EvaluateSpec = Field(default_factory=EvaluateSpec)
     tracking: TrackingSpec = Field(default_factory=TrackingSpec)
+    execution: ExecutionSpec = Field(default_factory=ExecutionSpec)
 
 
 __all__ = ["Spec", "SPEC_VERSION"]
