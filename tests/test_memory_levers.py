@@ -205,3 +205,21 @@ def test_lever_tokens_are_validated() -> None:
         Levers.parse("half")
     with pytest.raises(ValueError, match="unknown lever"):
         Levers.parse("bf16+turbo")
+
+
+def test_bench_runs_the_requested_number_of_configs() -> None:
+    levers = Levers.parse("fp32")
+    unet, original, _ = prepare_unet("tiny", levers, seed=0)
+    with math_attention(unet):
+        res, hyper, _ = outer_step(
+            unet,
+            "tiny",
+            levers,
+            latent=8,
+            inner_steps_cap=1,
+            seed=0,
+            device="cpu",
+            samples_per_step=1,
+        )
+    assert len(res.configs) == 1 and res.hvps == res.configs[0]["hvps"] > 0
+    assert float(hyper.norm()) > 0
