@@ -228,6 +228,22 @@ def markdown_table(table: Mapping[str, Any]) -> str:
 # ----------------------------------------------------------------------------- figures
 
 
+# Metrics that are fractions of images or prompts: their mean lies in [0, 1], so a CI band
+# beyond it (a t-interval over few seeds is symmetric and wide) would show impossible values.
+RATE_METRICS = frozenset({"concept_rate", "retain_accuracy", "nudenet_ip", "mhsc_us"})
+
+
+def band_limits(metric: str, pts: Sequence[Mapping[str, Any]]) -> tuple[list[float], list[float]]:
+    """The 95% CI band (lower, upper) of a curve's points; clipped to [0, 1] for rate metrics
+    (the interval itself is unchanged in the table: only the drawing is clipped)."""
+    lo = [p["mean"] - (p["ci95"] or 0.0) for p in pts]
+    hi = [p["mean"] + (p["ci95"] or 0.0) for p in pts]
+    if metric in RATE_METRICS:
+        lo = [min(max(v, 0.0), 1.0) for v in lo]
+        hi = [min(max(v, 0.0), 1.0) for v in hi]
+    return lo, hi
+
+
 def plot_curves(table: Mapping[str, Any], path: Path) -> bool:
     """Metric vs fine-tuning steps: one panel per (safety metric, threat), one line per row
     with a 95% CI band where there are several seeds. Returns False when there is nothing to
@@ -252,8 +268,7 @@ def plot_curves(table: Mapping[str, Any], path: Path) -> bool:
             xs = [p["step"] for p in pts]
             ys = [p["mean"] for p in pts]
             (line,) = ax.plot(xs, ys, marker="o", label=row)
-            lo = [p["mean"] - (p["ci95"] or 0.0) for p in pts]
-            hi = [p["mean"] + (p["ci95"] or 0.0) for p in pts]
+            lo, hi = band_limits(cur["metric"], pts)
             if any(p["ci95"] for p in pts):
                 ax.fill_between(xs, lo, hi, color=line.get_color(), alpha=0.15)
         ax.set_title(f"{cur['metric']} after fine-tuning: {cur['threat']}")
