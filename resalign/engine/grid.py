@@ -105,17 +105,13 @@ class _GridTracking:
     def __init__(self, uri: str, experiment: str, tpl: GridTemplate, store_root: Path):
         from mlflow.tracking import MlflowClient
 
-        from .tracking import check_reachable, default_artifact_root, default_tracking_uri
+        from .tracking import artifact_location, check_reachable
 
         check_reachable(uri)
         self.client = MlflowClient(uri)
         exp = self.client.get_experiment_by_name(experiment)
         if exp is None:
-            loc = (
-                default_artifact_root(store_root)
-                if uri == default_tracking_uri(store_root)
-                else None
-            )
+            loc = artifact_location(uri, store_root)
             self.experiment_id = self.client.create_experiment(experiment, artifact_location=loc)
         else:
             self.experiment_id = exp.experiment_id

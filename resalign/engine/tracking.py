@@ -64,6 +64,20 @@ def default_artifact_root(store_root: Path) -> str:
     return (Path(store_root).resolve() / "mlartifacts").as_uri()
 
 
+def artifact_location(uri: str, store_root: Path) -> str | None:
+    """Where a new experiment keeps its artifacts. For a SQLite URI: ``mlartifacts/`` next to
+    the database (for the default URI that is ``<store>/mlartifacts``); MLflow's own default
+    there is ``./mlruns`` relative to whatever the working directory is. Other URIs (servers,
+    file stores): None, their own default."""
+    if uri == default_tracking_uri(store_root):
+        return default_artifact_root(store_root)
+    if uri.startswith("sqlite:///"):
+        # sqlite:////abs/x.db is absolute, sqlite:///x.db relative to the working directory
+        db = Path(uri[len("sqlite:///") :]).resolve()
+        return (db.parent / "mlartifacts").as_uri()
+    return None
+
+
 def resolve_tracking_uri(cli_uri: str | None, spec_uri: str | None, store_root: Path) -> str:
     """CLI flag, then ``MLFLOW_TRACKING_URI``, then the spec, then the project's SQLite."""
     for uri in (cli_uri, os.environ.get("MLFLOW_TRACKING_URI"), spec_uri):
@@ -495,11 +509,7 @@ class Tracker:
             self._client = _client(self.uri)
             exp = self._client.get_experiment_by_name(self.experiment)
             if exp is None:
-                loc = (
-                    default_artifact_root(self.store_root)
-                    if self.uri == default_tracking_uri(self.store_root)
-                    else None
-                )
+                loc = artifact_location(self.uri, self.store_root)
                 exp_id = self._client.create_experiment(self.experiment, artifact_location=loc)
             else:
                 exp_id = exp.experiment_id

@@ -1,0 +1,56 @@
+"""A SQLite tracking URI other than the store's default keeps artifacts next to its database,
+not in a stray ``./mlruns`` of whatever the working directory is."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+from engine_steps import TinySpec, make_graph
+from rich.console import Console
+
+from resalign.engine.progress import ProgressUI
+from resalign.engine.runner import run_graph
+from resalign.engine.tracking import artifact_location, default_tracking_uri
+
+
+def test_artifact_location_follows_the_sqlite_database(tmp_path):
+    store = tmp_path / "runs"
+    assert (
+        artifact_location(default_tracking_uri(store), store)
+        == (store.resolve() / "mlartifacts").as_uri()
+    )
+    other = tmp_path / "elsewhere" / "t.db"
+    assert artifact_location(f"sqlite:///{other}", store) == (other.parent / "mlartifacts").as_uri()
+    assert artifact_location("http://127.0.0.1:5000", store) is None
+
+
+def test_non_default_sqlite_uri_writes_no_mlruns_in_cwd(tmp_path, monkeypatch):
+    from mlflow.tracking import MlflowClient
+
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    monkeypatch.chdir(cwd)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    db = tmp_path / "db" / "mlflow.db"
+    db.parent.mkdir()
+    uri = f"sqlite:///{db}"
+    graph = make_graph(steps=4, ckpt=2, attack_lrs={})
+    run_graph(
+        graph,
+        TinySpec(),
+        store_root=tmp_path / "runs",
+        tracking=True,
+        tracking_uri=uri,
+        device="cpu",
+        ui=ProgressUI(enabled=False, console=Console(file=io.StringIO())),
+    )
+    assert list(cwd.iterdir()) == []  # no ./mlruns
+    c = MlflowClient(uri)
+    exp = c.get_experiment_by_name("resalign")
+    assert exp.artifact_location == (db.parent / "mlartifacts").as_uri()
+    run = next(r for r in c.search_runs([exp.experiment_id]) if r.data.tags.get(
+        "resalign.node.name") == "train")  # fmt: skip
+    files = {f.path for f in c.list_artifacts(run.info.run_id)}
+    assert "DONE" in files
+    assert Path(db.parent / "mlartifacts").is_dir()
