@@ -125,6 +125,11 @@ def test_unlearn_node_on_two_ranks_equals_one_process(tmp_path):
     assert run.info.status == "FINISHED"
     hist = c.get_metric_history(run.info.run_id, "hypergrad_norm")
     assert [(h.step, h.value) for h in hist] == [(r["step"], r["hypergrad_norm"]) for r in local]
+    # tracking.log_models is false by default: the merged UNet stays local, referenced
+    assert run.data.tags["resalign.node.dir"] == str(d2)
+    arts = {a.path for a in c.list_artifacts(run.info.run_id)}
+    assert {"trainable.safetensors", "lora", "stats.json", "local_models.json"} <= arts
+    assert "unet" not in arts
 
     # the other spec (execution.nproc_per_node: 2) finds everything cached
     plan = CliRunner().invoke(cli, ["plan", str(placed), "--store", str(two)])

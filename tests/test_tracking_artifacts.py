@@ -54,3 +54,61 @@ def test_non_default_sqlite_uri_writes_no_mlruns_in_cwd(tmp_path, monkeypatch):
     files = {f.path for f in c.list_artifacts(run.info.run_id)}
     assert "DONE" in files
     assert Path(db.parent / "mlartifacts").is_dir()
+
+
+def _paths(client, run_id: str, path: str | None = None) -> set[str]:
+    out = set()
+    for f in client.list_artifacts(run_id, path):
+        out |= _paths(client, run_id, f.path) if f.is_dir else {f.path}
+    return out
+
+
+def test_model_folders_are_referenced_not_uploaded_unless_asked(tmp_path):
+    import json
+
+    from mlflow.tracking import MlflowClient
+
+    from resalign.engine.tracking import artifact_location, log_node_artifacts
+
+    node = tmp_path / "node"
+    for model in ("unet", "checkpoints/step2/unet"):
+        (node / model).mkdir(parents=True)
+        (node / model / "config.json").write_text("{}")
+        (node / model / "diffusion_pytorch_model.safetensors").write_bytes(b"w" * 4096)
+    (node / "lora").mkdir()
+    (node / "lora" / "pytorch_lora_weights.safetensors").write_bytes(b"l" * 64)
+    (node / "images").mkdir()
+    (node / "images" / "0.png").write_bytes(b"png")
+    (node / "stats.json").write_text("{}")
+    uri = f"sqlite:///{tmp_path / 'm.db'}"
+    c = MlflowClient(uri)
+    exp = c.create_experiment("a", artifact_location=artifact_location(uri, tmp_path))
+
+    lean = c.create_run(exp).info.run_id
+    skipped = log_node_artifacts(c, lean, node, log_models=False)
+    assert _paths(c, lean) == {
+        "stats.json",
+        "lora/pytorch_lora_weights.safetensors",
+        "images/0.png",
+        "local_models.json",
+    }
+    index = json.loads(
+        Path(c.download_artifacts(lean, "local_models.json", str(tmp_path))).read_text()
+    )
+    assert index == skipped
+    assert [(s["artifact"], s["local"], s["bytes"]) for s in index] == [
+        ("checkpoints/step2/unet", str(node / "checkpoints/step2/unet"), 4098),
+        ("unet", str(node / "unet"), 4098),
+    ]
+
+    full = c.create_run(exp).info.run_id
+    assert log_node_artifacts(c, full, node, log_models=True) == []
+    assert _paths(c, full) == {
+        "stats.json",
+        "lora/pytorch_lora_weights.safetensors",
+        "images/0.png",
+        "unet/config.json",
+        "unet/diffusion_pytorch_model.safetensors",
+        "checkpoints/step2/unet/config.json",
+        "checkpoints/step2/unet/diffusion_pytorch_model.safetensors",
+    }

@@ -416,6 +416,7 @@ def run_graph(
             experiment=getattr(tspec, "experiment", "resalign"),
             run_name=getattr(tspec, "run_name", None),
             system_metrics=getattr(tspec, "system_metrics", True),
+            log_models=getattr(tspec, "log_models", False),
             nest_under=parent_run_id,
             extra_tags=run_tags,
             extra_params=run_params,

@@ -286,6 +286,7 @@ class NodeRecord:
     status_synced: bool = False
     params: dict[str, str] = field(default_factory=dict)
     tags: dict[str, str] = field(default_factory=dict)
+    log_models: bool = False  # upload model folders too (tracking.log_models)
 
     @property
     def synced(self) -> bool:
@@ -449,6 +450,60 @@ class NodeLogger:
             self.log_seconds += time.perf_counter() - t0
 
 
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt")
+
+
+def is_model_folder(d: Path) -> bool:
+    """A diffusers/transformers folder (``save_pretrained``): a pipeline (``model_index.json``)
+    or a ``config.json`` next to weight files."""
+    if (d / "model_index.json").is_file():
+        return True
+    return (d / "config.json").is_file() and any(
+        p.suffix in WEIGHT_SUFFIXES for p in d.iterdir() if p.is_file()
+    )
+
+
+def _tree_size(d: Path) -> int:
+    return sum(p.stat().st_size for p in d.rglob("*") if p.is_file())
+
+
+def log_node_artifacts(client: Any, run_id: str, root: Path, *, log_models: bool) -> list[dict]:
+    """Upload a completed node's folder to its run. Without ``log_models`` model folders
+    (:func:`is_model_folder`: a merged UNet is 3.4 GB for SD) are not uploaded; the run gets
+    ``local_models.json`` (artifact path, local path, bytes of each) instead, and every other
+    file (LoRA weights, metrics, images, stats). Returns the skipped folders."""
+    if log_models:
+        client.log_artifacts(run_id, str(root))
+        return []
+    skipped: list[dict] = []
+
+    def holds_model(d: Path) -> bool:
+        return any(is_model_folder(Path(dp)) for dp, _, _ in os.walk(d))
+
+    def visit(d: Path, rel: str) -> None:
+        for p in sorted(d.iterdir()):
+            r = f"{rel}/{p.name}" if rel else p.name
+            if p.is_dir():
+                if is_model_folder(p):
+                    skipped.append({"artifact": r, "local": str(p), "bytes": _tree_size(p)})
+                elif holds_model(p):
+                    visit(p, r)
+                else:  # one call per plain folder (images/), not per file
+                    client.log_artifacts(run_id, str(p), artifact_path=r)
+            elif p.is_file():
+                client.log_artifact(run_id, str(p), artifact_path=rel or None)
+
+    visit(root, "")
+    if skipped:
+        import tempfile
+
+        with tempfile.TemporaryDirectory() as tmp:
+            index = Path(tmp) / "local_models.json"
+            index.write_text(json.dumps(skipped, indent=2) + "\n", encoding="utf-8")
+            client.log_artifact(run_id, str(index))
+    return skipped
+
+
 def _sync_node_static(client: Any, rec: NodeRecord, node_dir: Path | None) -> None:
     """Params, tags, artifacts and status of a node's run (all idempotent in MLflow)."""
     if not rec.params_synced:
@@ -457,7 +512,7 @@ def _sync_node_static(client: Any, rec: NodeRecord, node_dir: Path | None) -> No
         )
         rec.params_synced = True
     if not rec.artifacts_synced and node_dir is not None and Path(node_dir).is_dir():
-        client.log_artifacts(rec.run_id, str(node_dir))
+        log_node_artifacts(client, rec.run_id, Path(node_dir), log_models=rec.log_models)
         rec.artifacts_synced = True
     elif node_dir is None and rec.status in ("FAILED", "KILLED"):
         rec.artifacts_synced = True  # a failed node has no complete outputs to upload
@@ -480,6 +535,7 @@ class Tracker:
         experiment: str = "resalign",
         run_name: str | None = None,
         system_metrics: bool = True,
+        log_models: bool = False,
         nest_under: str | None = None,
         extra_tags: Mapping[str, str] | None = None,
         extra_params: Mapping[str, str] | None = None,
@@ -488,6 +544,7 @@ class Tracker:
         of; ``extra_tags`` / ``extra_params`` are added to the invocation's run only."""
         self.uri = uri
         self.store_root = Path(store_root).resolve()
+        self.log_models = log_models
         self.experiment = experiment
         self.run_name = run_name
         self.system_metrics = system_metrics
@@ -605,11 +662,18 @@ class Tracker:
                 "resalign.node.name": node.name,
                 "resalign.node.kind": node.kind,
                 "resalign.node.key": node.key,
+                # where the results (models included) are in the local store
+                "resalign.node.dir": str(self.store_root / node.kind / node.key),
             },
         )
         tags = {k: v for k, v in tags.items() if v is not None}
         rec = NodeRecord(
-            name=node.name, kind=node.kind, key=node.key, params=flatten(node.params), tags=tags
+            name=node.name,
+            kind=node.kind,
+            key=node.key,
+            params=flatten(node.params),
+            tags=tags,
+            log_models=self.log_models,
         )
         path = _node_record_path(self.inv_dir, node.kind, node.key)
 
