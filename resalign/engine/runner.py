@@ -351,6 +351,31 @@ def _execute_ranks(
 # -- the driver ----------------------------------------------------------------------------
 
 
+# Rough relative cost of one node of each kind on the demo scale; only the ORDER of ready
+# nodes depends on it, never what runs or what a node computes.
+_KIND_COST = {"model": 20.0, "unlearn": 20.0, "harvest": 5.0, "attack": 3.0, "evaluate": 1.0}
+
+
+def critical_path_order(graph: Graph, nodes: Sequence[Node]) -> list[Node]:
+    """``nodes`` with the longest remaining chain of work first (ties: graph order).
+
+    With several workers the engine starts whatever is ready in this order, so the slow chain
+    (e.g. ResAlign unlearning, then its attacks and evaluations) starts before cheap side
+    branches instead of after them. The order is a topological order when every node's cost
+    is positive, as it is here.
+    """
+    children: dict[str, list[str]] = {n.name: [] for n in graph}
+    for n in graph:
+        for d in n.deps.values():
+            children.setdefault(d, []).append(n.name)
+    chain: dict[str, float] = {}
+    for n in reversed(list(graph)):
+        below = max((chain[c] for c in children.get(n.name, []) if c in chain), default=0.0)
+        chain[n.name] = _KIND_COST.get(n.kind, 1.0) + below
+    position = {n.name: i for i, n in enumerate(graph)}
+    return sorted(nodes, key=lambda n: (-chain[n.name], position[n.name]))
+
+
 def resume_command(command: Sequence[str] | None, pending_forced: Iterable[str]) -> str:
     """``command`` (the invocation without its --force options) plus --force for the forced
     nodes that had not started: re-forcing a node that was interrupted would throw away the
@@ -448,7 +473,7 @@ def run_graph(
     running: dict[Future[NodeResult], Node] = {}
     interrupted = False
     index_updates: dict[str, Any] = {n: _index_entry(graph[n]) for n in done}
-    pending = list(to_run)
+    pending = critical_path_order(graph, to_run)
     try:
         with ui.session(), ui.bar(len(to_run), "nodes") as nodes_bar:
             while pending or running:
