@@ -2,6 +2,8 @@
 PYTHON ?= python3
 TORCH ?= torch==2.13.0
 VENV := .venv
+# The demo's independent nodes (attacks, evaluations, the two unlearning rows) run in parallel.
+WORKERS ?= 2
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
@@ -19,7 +21,7 @@ $(STAMP): pyproject.toml | $(BIN)/python
 setup: $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/resalign run specs/digits_demo.yaml
+	$(BIN)/resalign run specs/digits_demo.yaml --workers $(WORKERS)
 	$(BIN)/resalign report specs/digits_demo.yaml
 
 test: $(STAMP)
