@@ -214,15 +214,19 @@ def _clear(obj: Any) -> None:
                 _clear(value)
 
 
-def free_inner_state(*states: Any) -> None:
+def free_inner_state(*states: Any, collect: bool = False) -> None:
     """Release the simulated fine-tuning's state before the Richardson phase: optimizer
     moments, gradients and any dicts/lists of tensors passed (emptied in place, so the caller's
-    references no longer pin them), then collect garbage and return cached CUDA blocks. Pass
-    only what is dead: θ*_FT itself is needed by the hypergradient."""
+    references no longer pin them; reference counting frees the tensors at once), then return
+    cached CUDA blocks to the device. Pass only what is dead: θ*_FT itself is needed by the
+    hypergradient. ``collect`` adds a full ``gc.collect()`` for reference cycles; it is off by
+    default because it costs about 0.5 s per call in a process with torch, diffusers and
+    mlflow loaded (measured), paid once per inner configuration."""
     for state in states:
         _clear(state)
-    gc.collect()
-    if torch.cuda.is_available():
+    if collect:
+        gc.collect()
+    if torch.cuda.is_initialized():
         torch.cuda.empty_cache()
 
 

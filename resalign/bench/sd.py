@@ -282,7 +282,7 @@ def outer_step(
         inner.params = {}
         # the inner optimizer state is already dropped by simulate_finetune; release the
         # rest (last batches, graphs held by stray references) before the Richardson phase
-        memory.free_inner_state(inner.__dict__)
+        memory.free_inner_state(inner.__dict__, collect=True)
         del inner
         b_nb = noise_batch(harmful.sample(P["harm_batch"], gen), scheduler, gen)
         b = phase("harm_grad", lambda s=star, nb=b_nb: grad_of(harm_l, s, nb))
