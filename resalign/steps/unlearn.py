@@ -116,6 +116,11 @@ class UnlearnStep(Step):
             priors=priors,
             default_pool=default_pool,
             uncond=uncond,
+            # what unlearning never runs once the data are encoded: offloaded with
+            # unlearn.memory.offload_idle
+            idle=[
+                m for m in (bundle.vae, bundle.text_encoder, bundle.text_encoder_2) if m is not None
+            ],
         )
         state_dir = Path(ctx.state)
         state_dir.mkdir(parents=True, exist_ok=True)
