@@ -22,7 +22,7 @@ setup: $(STAMP)
 
 demo: $(STAMP)
 	$(BIN)/resalign run specs/digits_demo.yaml --workers $(WORKERS)
-	$(BIN)/resalign report specs/digits_demo.yaml
+	$(BIN)/resalign report specs/digits_demo.yaml --all-steps
 
 test: $(STAMP)
 	$(BIN)/ruff check resalign tests

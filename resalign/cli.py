@@ -215,7 +215,12 @@ def run(spec: str, force: tuple[str, ...], store: str, tracking_uri: str | None,
     show_default=True,
     help="The store the runs were written to.",
 )
-def report(spec: str, out: str | None, store: str) -> None:
+@click.option(
+    "--all-steps",
+    is_flag=True,
+    help="A column for every evaluation step of each threat (default: its last step).",
+)
+def report(spec: str, out: str | None, store: str, all_steps: bool) -> None:
     """Make the results table, curves and grids of a finished spec (issue 6).
 
     Given a grid template (TEMPLATE.yaml.j2) instead: one table with a row per cell."""
@@ -224,7 +229,7 @@ def report(spec: str, out: str | None, store: str) -> None:
     from .evaluation.report import is_template, report_for_grid, report_for_spec
 
     make = report_for_grid if is_template(spec) else report_for_spec
-    folder = make(spec, Path(store), Path(out) if out else None)
+    folder = make(spec, Path(store), Path(out) if out else None, all_steps=all_steps)
     click.echo((folder / "report.md").read_text(encoding="utf-8").split("\n## ")[0])
     click.echo(f"report written to {folder}")
 

@@ -118,3 +118,26 @@ def test_missing_result_names_the_node_and_the_command(tmp_path):
         results_from_store(graph, tmp_path / "runs", "specs/demo.yaml")
     text = err.value.render()
     assert "evaluate/plain/poisoned/seed2/step4" in text and "resalign run specs/demo.yaml" in text
+
+
+def test_all_steps_gives_a_column_per_evaluation_step(tmp_path):
+    graph = make_store(tmp_path / "runs")
+    results = results_from_store(graph, tmp_path / "runs")
+    table = write_report(
+        results, tmp_path / "out", rows=ROWS, threats=THREATS, title="demo", all_steps=True
+    )
+    ids = [c["id"] for c in table["columns"]]
+    assert ids == [
+        "concept_rate/pre",
+        "concept_rate/benign@2",
+        "concept_rate/benign",
+        "concept_rate/poisoned@2",
+        "concept_rate/poisoned",
+        "retain_accuracy/pre",
+    ]
+    plain = next(r for r in table["table"] if r["row"] == "plain")["cells"]
+    # step 2 of the benign threat, seeds 1 and 2: 0.2 * 2 + 0.01 * seed
+    assert plain["concept_rate/benign@2"]["values"] == pytest.approx([0.41, 0.42])
+    assert plain["concept_rate/benign"]["values"] == pytest.approx([0.81, 0.82])
+    md = (tmp_path / "out" / "report.md").read_text()
+    assert "after benign (step 2)" in md and "after benign (step 4)" in md

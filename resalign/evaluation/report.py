@@ -133,9 +133,12 @@ def build_table(
     results: Sequence[EvalResult],
     rows: Sequence[str] | None = None,
     threats: Mapping[str, Mapping[str, Any]] | None = None,
+    all_steps: bool = False,
 ) -> dict[str, Any]:
     """The table as JSON-able data: columns, one entry per row with its cells, the metric
-    definitions, and the per-step curves."""
+    definitions, and the per-step curves. ``all_steps``: a post-fine-tuning column for every
+    evaluation step of each threat (id ``metric/threat@step``), not only the last
+    (id ``metric/threat``)."""
     rows = list(rows) if rows else list(dict.fromkeys(r.row for r in results))
     if threats is None:
         names = dict.fromkeys(r.threat for r in results if r.threat)
@@ -160,7 +163,12 @@ def build_table(
     for m in safety:
         columns.append({"id": f"{m}/pre", "metric": m, "threat": None, "step": 0})
         for t in threats:
-            columns.append({"id": f"{m}/{t}", "metric": m, "threat": t, "step": last_step[t]})
+            shown = [last_step[t]]
+            if all_steps:
+                shown = sorted({r.step for r in results if r.threat == t} | {last_step[t]})
+            for s in shown:
+                cid = f"{m}/{t}" if s == last_step[t] else f"{m}/{t}@{s}"
+                columns.append({"id": cid, "metric": m, "threat": t, "step": s})
     for m in utility:
         columns.append({"id": f"{m}/pre", "metric": m, "threat": None, "step": 0})
 
@@ -335,13 +343,14 @@ def write_report(
     rows: Sequence[str] | None = None,
     threats: Mapping[str, Mapping[str, Any]] | None = None,
     title: str = "resalign report",
+    all_steps: bool = False,
 ) -> dict[str, Any]:
     """Write table.json, report.md, report.html, ip_vs_steps.png and grids.png to ``out``."""
     if not results:
         raise UserError("no evaluation results to report", hint="add metrics to 'evaluate'")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    table = build_table(results, rows, threats)
+    table = build_table(results, rows, threats, all_steps=all_steps)
     has_plot = plot_curves(table, out / "ip_vs_steps.png")
     has_grids = image_grids(results, table, out / "grids.png")
     seeds = sorted({r.seed for r in results if r.seed is not None})
@@ -408,7 +417,9 @@ def _atomic_text(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def report_for_spec(spec_path: str, store_root: Path, out: Path | None = None) -> Path:
+def report_for_spec(
+    spec_path: str, store_root: Path, out: Path | None = None, all_steps: bool = False
+) -> Path:
     """``resalign report SPEC``: compile the spec, read its evaluate results from the store,
     write the report (default: ``<store>/reports/<spec name>/``). Returns the folder."""
     from ..graph.compile import compile_spec
@@ -426,6 +437,7 @@ def report_for_spec(spec_path: str, store_root: Path, out: Path | None = None) -
         rows=params.get("rows"),
         threats=params.get("threats"),
         title=f"resalign report: {graph.spec_name}",
+        all_steps=all_steps,
     )
     return out
 
@@ -435,7 +447,9 @@ def is_template(path: str | Path) -> bool:
     return str(path).endswith(".j2")
 
 
-def report_for_grid(template_path: str, store_root: Path, out: Path | None = None) -> Path:
+def report_for_grid(
+    template_path: str, store_root: Path, out: Path | None = None, all_steps: bool = False
+) -> Path:
     """``resalign report TEMPLATE.yaml.j2``: one table with a row per cell of the grid.
 
     Every cell is rendered and compiled as ``resalign grid --run`` did (same node keys), its
@@ -496,6 +510,7 @@ def report_for_grid(template_path: str, store_root: Path, out: Path | None = Non
         rows=rows,
         threats=threats or None,
         title=f"resalign report: grid {tpl.name} ({len(cells)} cells)",
+        all_steps=all_steps,
     )
     return out
 
