@@ -96,7 +96,10 @@ def merged_unet(unet: torch.nn.Module) -> torch.nn.Module:
     fresh = UNet2DConditionModel.from_config(unet.config)
     fresh.load_state_dict(merged_unet_state_dict(unet), strict=True)
     p = next(unet.parameters())
-    return fresh.to(device=p.device, dtype=p.dtype).eval()
+    if fresh.dtype != p.dtype:
+        # only when needed: diffusers warns on every dtype .to(), even a no-op
+        fresh = fresh.to(dtype=p.dtype)
+    return fresh.to(p.device).eval()
 
 
 def save_merged_unet(unet: torch.nn.Module, path: Path) -> Path:
