@@ -8,6 +8,8 @@ Checkpointed HVPs equal un-checkpointed ones in float64 to 1e-12.
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 import torch
 
@@ -126,20 +128,19 @@ def test_frozen_original_needs_adapters() -> None:
             pass
 
 
-def _step(combo: str) -> tuple[torch.Tensor, torch.Tensor, torch.nn.Module, list]:
+def _outer(combo: str, with_original: bool, **kw: Any) -> tuple[Any, Any, Any, torch.nn.Module]:
+    """One benchmark outer step of the tiny UNet under ``combo`` (kw: outer_step options)."""
     levers = Levers.parse(combo)
     unet, original, _ = prepare_unet("tiny", levers, seed=0)
+    if with_original:
+        kw["original_unet"] = original
     with math_attention(unet):
-        res, hyper, outer = outer_step(
-            unet,
-            "tiny",
-            levers,
-            latent=8,
-            inner_steps_cap=2,
-            seed=0,
-            device="cpu",
-            original_unet=original,
-        )
+        res, hyper, outer = outer_step(unet, "tiny", levers, latent=8, seed=0, device="cpu", **kw)
+    return res, hyper, outer, unet
+
+
+def _step(combo: str) -> tuple[torch.Tensor, torch.Tensor, torch.nn.Module, list]:
+    res, hyper, outer, unet = _outer(combo, with_original=True, inner_steps_cap=2)
     return hyper, outer, unet, res.configs
 
 
@@ -208,18 +209,6 @@ def test_lever_tokens_are_validated() -> None:
 
 
 def test_bench_runs_the_requested_number_of_configs() -> None:
-    levers = Levers.parse("fp32")
-    unet, original, _ = prepare_unet("tiny", levers, seed=0)
-    with math_attention(unet):
-        res, hyper, _ = outer_step(
-            unet,
-            "tiny",
-            levers,
-            latent=8,
-            inner_steps_cap=1,
-            seed=0,
-            device="cpu",
-            samples_per_step=1,
-        )
+    res, hyper, _, _ = _outer("fp32", with_original=False, inner_steps_cap=1, samples_per_step=1)
     assert len(res.configs) == 1 and res.hvps == res.configs[0]["hvps"] > 0
     assert float(hyper.norm()) > 0
