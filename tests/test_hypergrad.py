@@ -92,23 +92,71 @@ def test_safeguards_damp_then_fall_back_and_report():
     eigs = torch.linspace(-4.0, 1.0, 10)  # 1 + γλ < 0: no damping can make Richardson converge
     _, b, hvp, _ = dense_problem(eigs, seed=7)
     x, st = richardson_solve(
-        b, hvp, gamma, iterations=20, divergence_ratio=1.0, retries=3, fallback="direct"
+        b, hvp, gamma, iterations=20, divergence_ratio=1.0, retries=3, fallback="first_order"
     )
-    assert st.fell_back and st.retries == 3 and st.fallback == "direct"
+    assert st.fell_back and st.retries == 3 and st.fallback == "first_order"
     assert abs(st.damping - 1.0 / 8) < 1e-15  # halved three times
     assert st.reason is not None and "divergence" in st.reason
     assert torch.equal(flat(x), flat(b))
     metrics = st.as_metrics()
     assert metrics["fallback"] == 1.0 and metrics["retries"] == 3.0
-    x0, st0 = richardson_solve(
-        b, hvp, gamma, iterations=20, divergence_ratio=1.0, retries=0, fallback="skip"
-    )
-    assert st0.fell_back and float(flat(x0).abs().max()) == 0.0
+    # the published fallback (the default) drops the term
+    x0, st0 = richardson_solve(b, hvp, gamma, iterations=20, divergence_ratio=1.0, retries=0)
+    assert st0.fell_back and st0.fallback == "drop" and float(flat(x0).abs().max()) == 0.0
     # the norm cap alone also triggers the fallback
     good = torch.linspace(0.1, 0.5, 10)
     _, b2, hvp2, _ = dense_problem(good, seed=8)
     _, st2 = richardson_solve(b2, hvp2, gamma, iterations=10, max_norm=1e-3, retries=2)
     assert st2.fell_back and "max_norm" in st2.reason
+
+
+def test_divergence_test_is_the_published_damped_map_per_tensor_mean():
+    """The published map is J = (1 − η)I − ηγH (one damped proximal gradient step) and its test
+    is the mean over tensors of ‖J xᵢ‖/‖xᵢ‖. Hand computation on a block-diagonal H: tensor 1
+    sees H = 3·I, tensor 2 H = 0.1·I. First iterate x₁ = η·b, so with η = 1, γ = 1 the per-tensor
+    ratios are |1 − 1 − 3| = 3 and |−0.1| = 0.1: mean 1.55 > 1 fails; the global ratio
+    ‖Jx‖/‖x‖ with ‖b₁‖ = 0.1, ‖b₂‖ = 10 is ≈ 0.1 and passes. After one halving (η = ½) the
+    per-tensor ratios are |½ − 3/2| = 1 and |½ − 0.05| = 0.45: mean 0.725 passes."""
+    b = [torch.full((4,), 0.05, dtype=D), torch.full((25,), 2.0, dtype=D)]
+    assert abs(tensors_norm([b[0]]) - 0.1) < 1e-12 and abs(tensors_norm([b[1]]) - 10) < 1e-12
+
+    def hvp(v):
+        return [3.0 * v[0], 0.1 * v[1]]
+
+    _, st = richardson_solve(b, hvp, 1.0, iterations=1, divergence_ratio=1.0, retries=0)
+    assert st.fell_back and abs(st.ratios[0] - 1.55) < 1e-12
+    glob = ((0.1 * 3) ** 2 + (10 * 0.1) ** 2) ** 0.5 / (0.1**2 + 10**2) ** 0.5
+    _, sg = richardson_solve(
+        b, hvp, 1.0, iterations=1, divergence_ratio=1.0, divergence_norm="global"
+    )
+    assert not sg.fell_back and abs(sg.ratios[0] - glob) < 1e-12
+    _, s2 = richardson_solve(b, hvp, 1.0, iterations=1, divergence_ratio=1.0, retries=1)
+    assert s2.retries == 1 and not s2.fell_back and abs(s2.ratios[0] - 0.725) < 1e-12
+
+
+def test_norm_cap_tests_what_the_caller_says():
+    """``norm_of``: the published cap is on the whole per-config gradient d + β·x, not ‖x‖.
+    H = 0 and one iteration make x = η·b exactly; with d ⟂ b, ‖d + βx‖² = ‖d‖² + β²η²‖b‖² by hand."""
+    b = [torch.tensor([0.0, 0.3], dtype=D)]
+    d = [torch.tensor([0.4, 0.0], dtype=D)]
+    beta = 0.5
+
+    def zero(v):
+        return [torch.zeros_like(t) for t in v]
+
+    def whole(x):
+        return tensors_norm([di + beta * xi for di, xi in zip(d, x)])
+
+    # ‖x‖ = 0.3 passes a 0.35 cap; the whole gradient (0.4² + 0.15²)^½ = 0.427 does not, and
+    # halving η only shrinks the β·x part: (0.4² + 0.075²)^½ = 0.407 still fails → dropped
+    x, st = richardson_solve(b, zero, 1.0, 1, max_norm=0.35)
+    assert not st.fell_back and torch.allclose(x[0], b[0])
+    x, st = richardson_solve(b, zero, 1.0, 1, max_norm=0.35, norm_of=whole, retries=1)
+    assert st.fell_back and st.damping == 0.5 and float(x[0].abs().max()) == 0.0
+    assert "0.407" in str(st.reason)
+    # a cap of 0.41 passes after one halving: x = ½·b
+    x, st = richardson_solve(b, zero, 1.0, 1, max_norm=0.41, norm_of=whole, retries=1)
+    assert st.retries == 1 and not st.fell_back and torch.allclose(x[0], 0.5 * b[0])
 
 
 def _tiny_lora(seed=0):

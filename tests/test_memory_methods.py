@@ -82,11 +82,11 @@ def _run(memory_spec: dict[str, Any], dtype: torch.dtype = torch.float32) -> dic
     before = [p.detach().clone() for p in m.params]
     m.step()
     update = [b - p.detach() for b, p in zip(before, m.params)]
-    # the same method from the same seed draws the same direct-term batches: the meta part of
-    # the update is what is left, β·meta_rate·mean_j h_j
+    # the same method from the same seed draws the same direct-term batches; the update is
+    # meta_rate·(direct + β·mean_j h_j) (published), so the hypergradient is what is left
     twin = build_method("resalign", _problem(dtype), _spec(memory_spec), seed=7)
     direct, _ = twin.direct_terms(harm_coef=1.0 - BETA)
-    hyper = [(u - d) / (BETA * META_RATE) for u, d in zip(update, direct)]
+    hyper = [(u / META_RATE - d) / BETA for u, d in zip(update, direct)]
     return {"update": update, "hyper": hyper, "stats": seen[0], "method": m}
 
 

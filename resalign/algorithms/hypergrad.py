@@ -27,6 +27,8 @@ from torch import Tensor
 Tensors = list[Tensor]
 HVP = Callable[[Sequence[Tensor]], Tensors]
 Backend = Literal["double_backward", "forward_over_reverse"]
+DivergenceNorm = Literal["tensor_mean", "global"]
+Fallback = Literal["drop", "first_order"]
 
 
 def _dot(a: Sequence[Tensor], b: Sequence[Tensor]) -> Tensor:
@@ -81,6 +83,19 @@ class SolveStats:
         return out
 
 
+def _map_ratio(jx: Sequence[Tensor], x: Sequence[Tensor], xn: float, how: DivergenceNorm) -> float:
+    """‖Jx‖/‖x‖ over the whole vector (``global``), or the mean over tensors of the per-tensor
+    ratios, tensors with x = 0 left out (``tensor_mean``, as the published code tests)."""
+    if how == "global":
+        return tensors_norm(jx) / xn
+    per = []
+    for a, b in zip(jx, x):
+        nb = tensors_norm([b])
+        if nb > 0:
+            per.append(tensors_norm([a]) / nb)
+    return sum(per) / len(per)
+
+
 def _attempt(
     b: Sequence[Tensor],
     hvp: HVP,
@@ -89,6 +104,7 @@ def _attempt(
     eta: float,
     tol: float,
     divergence_ratio: float | None,
+    divergence_norm: DivergenceNorm = "tensor_mean",
 ) -> tuple[Tensors, list[float], list[float], int, str | None]:
     # x0 = 0, so the first iterate is η·b without an HVP (H·0 = 0); each later HVP at x_k
     # gives both the residual of x_k and the next iterate, and one last HVP the residual of
@@ -109,7 +125,7 @@ def _attempt(
             return x, residuals, ratios, hvps, "non-finite iterate"
         if xn > 0:
             jx = [xi - eta * (xi + gamma * hi) for xi, hi in zip(x, hx)]
-            ratios.append(tensors_norm(jx) / xn)
+            ratios.append(_map_ratio(jx, x, xn, divergence_norm))
             if divergence_ratio is not None and ratios[-1] > divergence_ratio:
                 return x, residuals, ratios, hvps, f"divergence ratio {ratios[-1]:.3g}"
         if rn < tol or k == iterations - 1:
@@ -127,9 +143,11 @@ def richardson_solve(
     tol: float = 1e-10,
     *,
     divergence_ratio: float | None = None,
+    divergence_norm: DivergenceNorm = "tensor_mean",
     max_norm: float | None = None,
+    norm_of: Callable[[Tensors], float] | None = None,
     retries: int = 0,
-    fallback: Literal["direct", "skip"] = "direct",
+    fallback: Fallback = "drop",
 ) -> tuple[Tensors, SolveStats]:
     """Solve ``(I + γH) x = b`` from ``x₀ = 0`` by damped Richardson iteration.
 
@@ -137,26 +155,35 @@ def richardson_solve(
     ``x_{k+1} = b − γH x_k`` and K iterations give the K-term Neumann sum
     ``Σ_{j<K} (−γH)^j b``. It stops early once the residual falls below ``tol``.
 
-    Safeguards (published: divergence_ratio 1, max_norm 0.2, 5 retries, fallback to the direct
-    gradient): an attempt fails when the divergence test ‖Jx‖/‖x‖ of the damped iteration map
-    ``J = I − η(I+γH)`` exceeds ``divergence_ratio`` at any iterate, when an iterate is not
-    finite, or when ‖x‖ exceeds ``max_norm``; a failed attempt is restarted with η halved, up to
-    ``retries`` times; then the result falls back to ``b`` (``"direct"``: the first-order
-    hypergradient) or to zeros (``"skip"``). ``None`` disables a test.
+    Safeguards (published: divergence_ratio 1 on the per-tensor mean, max_norm 0.2, 5 retries,
+    then the term is dropped): an attempt fails when the divergence test ‖Jx‖/‖x‖ of the
+    iteration map ``J = (1 − η)I − ηγH`` exceeds ``divergence_ratio`` at any iterate, when an
+    iterate is not finite, or when ``norm_of(x)`` (default ‖x‖) exceeds ``max_norm``; a failed
+    attempt is restarted with η halved, up to ``retries`` times. Then the result falls back to
+    zeros (``"drop"``, published: the caller's gradient keeps only its other terms) or to ``b``
+    (``"first_order"``: the first-order hypergradient). ``None`` disables a test.
 
-    Departure from the published code: the divergence test uses the damped map (for η = 1 it
-    is the published ‖γHx‖/‖x‖), so halving η can actually pass it.
+    The published code iterates ``v ← Jᵀv + b`` with the map of one damped proximal gradient
+    step, J = (1 − lr)·I − lr·H (γ = 1), and returns lr·v: that is this iteration with η = lr
+    and x = η·v, so the test and the halving are the published ones. ``divergence_norm``:
+    ``tensor_mean`` averages ‖J xᵢ‖/‖xᵢ‖ over tensors (published), ``global`` uses the whole
+    vector. ``norm_of`` lets the caller test the norm of what x enters (the published test is on
+    the whole per-config outer gradient, see :class:`resalign.algorithms.methods.ResAlign`).
     """
     if gamma <= 0 or iterations < 1 or not (0 < damping <= 1):
         raise ValueError("need gamma > 0, iterations >= 1 and 0 < damping <= 1")
     stats = SolveStats()
     eta = float(damping)
     for attempt in range(retries + 1):
-        x, res, ratios, n, reason = _attempt(b, hvp, gamma, iterations, eta, tol, divergence_ratio)
+        x, res, ratios, n, reason = _attempt(
+            b, hvp, gamma, iterations, eta, tol, divergence_ratio, divergence_norm
+        )
         stats.hvps += n
         xnorm = tensors_norm(x)
-        if reason is None and max_norm is not None and xnorm > max_norm:
-            reason = f"norm {xnorm:.3g} > max_norm {max_norm:.3g}"
+        if reason is None and max_norm is not None:
+            tested = xnorm if norm_of is None else norm_of(x)
+            if tested > max_norm:
+                reason = f"norm {tested:.3g} > max_norm {max_norm:.3g}"
         stats.residuals, stats.ratios, stats.damping, stats.norm = res, ratios, eta, xnorm
         stats.reason = reason
         if reason is None:
@@ -167,10 +194,12 @@ def richardson_solve(
     stats.retries = retries
     stats.fell_back = True
     stats.fallback = fallback
-    if fallback == "direct":
+    if fallback == "first_order":
         out = [t.detach().clone() for t in b]
-    else:
+    elif fallback == "drop":
         out = [torch.zeros_like(t) for t in b]
+    else:
+        raise ValueError(f"unknown fallback {fallback!r}")
     stats.norm = tensors_norm(out)
     return out, stats
 
@@ -236,9 +265,11 @@ def moreau_hypergradient(
     backend: Backend = "double_backward",
     damping: float = 1.0,
     divergence_ratio: float | None = 1.0,
+    divergence_norm: DivergenceNorm = "tensor_mean",
     max_norm: float | None = 0.2,
+    norm_of: Callable[[Tensors], float] | None = None,
     retries: int = 5,
-    fallback: Literal["direct", "skip"] = "direct",
+    fallback: Fallback = "drop",
 ) -> tuple[Tensors, SolveStats]:
     """``d L_harm(θ*)/dθ₀ ≈ (I + γH)⁻¹ ∇L_harm(θ*)`` with ``H = ∇²L_FT(θ*)``.
 
@@ -257,7 +288,9 @@ def moreau_hypergradient(
         damping,
         tol,
         divergence_ratio=divergence_ratio,
+        divergence_norm=divergence_norm,
         max_norm=max_norm,
+        norm_of=norm_of,
         retries=retries,
         fallback=fallback,
     )

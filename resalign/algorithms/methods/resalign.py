@@ -2,13 +2,17 @@
 
 Outer gradient at θ (one step):
 
-    (1 − β)·∇L_harm(θ) + Σᵢ wᵢ(k)·∇Rᵢ(θ) + β·meta_rate·(1/J)·Σⱼ hⱼ
+    meta_rate·(1/J)·Σⱼ [(1 − β)·∇L_harm(θ) + Σᵢ wᵢ(k)·∇Rᵢ(θ) + β·hⱼ]
 
 where hⱼ is the hypergradient d L_harm(θ*ⱼ)/dθ of the j-th sampled simulated fine-tuning
 (``moreau``: (I + γH)⁻¹∇L_harm(θ*) by Richardson on HVPs; ``unrolled``: exact backprop through
-the inner steps; ``none``: ∇L_harm(θ*), first-order). Published aggregation: sum over the J
-sampled configs / J × meta_rate (0.3); we apply meta_rate to the θ* part only, so β = 0 is
-exactly ``plain`` unlearning.
+the inner steps; ``none``: ∇L_harm(θ*), first-order). This is the published aggregation: sum
+over the J sampled configs / J × meta_rate (0.3), every config's gradient whole; a config whose
+Richardson solve fails its safeguards contributes its direct terms only (hⱼ dropped, published).
+``meta.meta_rate_scope: hypergradient`` scales the hⱼ term alone instead
+(``direct + β·meta_rate·mean h``; then β = 0 is exactly ``plain``). The direct terms are
+computed once per step on one harmful and one retain batch (the published code drew new ones
+per config: same expectation).
 
 Meta-learning: J = ``samples_per_step`` configurations per step, drawn without replacement
 from the explicit ``configs`` followed by every combination of the product ``distribution``.
@@ -166,11 +170,14 @@ class ResAlign(Method):
         theta: dict[str, Tensor],
         gen: torch.Generator | None = None,
         rng: random.Random | None = None,
+        direct: list[Tensor] | None = None,
     ) -> tuple[list[Tensor], Stats]:
         """Simulate fine-tuning ``cfg`` from θ and return (h over θ, stats).
 
         ``gen`` / ``rng`` (default: the method's own) supply the run's batches, noise and
-        dataset choice."""
+        dataset choice. ``direct`` is the direct part of the outer gradient at θ: with
+        ``max_norm_on: config_gradient`` (published) the norm cap tests ‖direct + β·h‖, the
+        whole gradient this config contributes."""
         gen = self.gen if gen is None else gen
         view = self._view(cfg)
         data_name, data, prior = self._data(cfg, self.rng if rng is None else rng)
@@ -249,6 +256,9 @@ class ResAlign(Method):
                     nb, pb = last
                 del last
                 ft = finetune_loss(self.den, fixed, cfg.prior_weight)
+                norm_of = None
+                if h.max_norm_on == "config_gradient" and direct is not None:
+                    norm_of = self._config_gradient_norm(view, theta, names, direct)
                 with math_attention(self.unet):
                     x, solve = moreau_hypergradient(
                         b,
@@ -260,7 +270,9 @@ class ResAlign(Method):
                         backend=h.hvp_backend,
                         damping=h.damping,
                         divergence_ratio=h.divergence_ratio,
+                        divergence_norm=h.divergence_norm,
                         max_norm=h.max_norm,
+                        norm_of=norm_of,
                         retries=h.retries,
                         fallback=h.fallback,
                     )
@@ -268,14 +280,26 @@ class ResAlign(Method):
             else:
                 x = b
         hyper = view.pullback(theta, dict(zip(names, x)))
-        direct = view.pullback(theta, dict(zip(names, b)))
+        first = view.pullback(theta, dict(zip(names, b)))
         hyper_l = [hyper[n] for n in self.names]
-        direct_l = [direct[n] for n in self.names]
+        direct_l = [first[n] for n in self.names]
         st["inner_loss"] = float(losses[-1])
         st["inner_loss_first"] = float(losses[0])
         st["hypergrad_norm"] = tensors_norm(hyper_l)
         st["cosine"] = tensors_cosine(hyper_l, direct_l)
         return hyper_l, st
+
+    def _config_gradient_norm(
+        self, view: InnerView, theta: dict[str, Tensor], names: list[str], direct: list[Tensor]
+    ) -> Any:
+        """x ↦ ‖direct + β·(∂ψ₀/∂θ)ᵀx‖: the published norm test's argument (the whole
+        gradient one config contributes before averaging)."""
+
+        def norm_of(x: list[Tensor]) -> float:
+            pulled = view.pullback(theta, dict(zip(names, x)))
+            return tensors_norm([d + self.beta * pulled[n] for n, d in zip(self.names, direct)])
+
+        return norm_of
 
     def _harm_grad(
         self,
@@ -292,9 +316,11 @@ class ResAlign(Method):
         return [torch.zeros_like(p) if gi is None else gi.detach() for p, gi in zip(leaves, g)]
 
     def outer_gradient(self) -> tuple[list[Tensor], Stats]:
-        grads, stats = self.direct_terms(harm_coef=1.0 - self.beta)
+        direct, stats = self.direct_terms(harm_coef=1.0 - self.beta)
+        rate = float(self.meta.meta_rate)
+        whole = self.meta.meta_rate_scope == "update"
         if self.beta == 0:
-            return grads, stats
+            return ([rate * d for d in direct] if whole else direct), stats
         theta = self.theta()
         configs = self.sample_configs()
         step = self.step_count
@@ -302,15 +328,18 @@ class ResAlign(Method):
         def per_config(j: int, cfg: InnerConfig) -> tuple[list[Tensor], Stats]:
             seed = distributed.config_seed(self.meta_seed, step, j)
             return self.hypergradient(
-                cfg, theta, torch.Generator().manual_seed(seed), random.Random(seed)
+                cfg, theta, torch.Generator().manual_seed(seed), random.Random(seed), direct
             )
 
         # Split over torchrun ranks when a process group is up; sequential otherwise.
-        mean, per = distributed.meta_hypergradient(configs, per_config, grads)
+        mean, per = distributed.meta_hypergradient(configs, per_config, direct)
         for j, st in enumerate(per):
             stats.update({f"meta{j}.{k}": v for k, v in st.items()})
-        scale = self.beta * float(self.meta.meta_rate)
-        grads = [g + scale * m for g, m in zip(grads, mean)]
+        if whole:
+            # published: meta_rate·(1/J)·Σⱼ [direct + β·hⱼ] (a dropped hⱼ counts as zero)
+            grads = [rate * (d + self.beta * m) for d, m in zip(direct, mean)]
+        else:
+            grads = [d + self.beta * rate * m for d, m in zip(direct, mean)]
         stats["hypergrad_norm"] = tensors_norm(mean)
         stats["retries"] = float(sum(float(s.get("retries", 0.0)) for s in per))
         stats["fallbacks"] = float(sum(float(s.get("fallback", 0.0)) for s in per))

@@ -69,9 +69,23 @@ class HypergradientSpec(StrictModel):
     hvp_backend: Literal["double_backward", "forward_over_reverse"] = "double_backward"
     damping: Annotated[float, Field(gt=0, le=1)] = 1.0
     divergence_ratio: PositiveFloat = 1.0
+    divergence_norm: Literal["tensor_mean", "global"] = Field(
+        default="tensor_mean",
+        description="tensor_mean: mean over tensors of ||J x_i||/||x_i|| (published); global: "
+        "the whole vector",
+    )
     max_norm: PositiveFloat | None = 0.2
+    max_norm_on: Literal["config_gradient", "hypergradient"] = Field(
+        default="config_gradient",
+        description="config_gradient: the norm cap tests the whole per-config outer gradient "
+        "(published); hypergradient: the solve's result alone",
+    )
     retries: NonNegativeInt = 5
-    fallback: Literal["direct", "skip"] = "direct"
+    fallback: Literal["drop", "first_order"] = Field(
+        default="drop",
+        description="after the retries: drop the fine-tuned-harm term (published) or use the "
+        "first-order hypergradient (the harm gradient at the fine-tuned weights)",
+    )
     hvp_batch: Literal["fresh", "last"] = Field(
         default="fresh", description="fresh: one new inner batch for all K HVPs (published)"
     )
@@ -122,6 +136,11 @@ class MetaSpec(StrictModel):
 
     samples_per_step: PositiveInt = 3
     meta_rate: PositiveFloat = 0.3
+    meta_rate_scope: Literal["update", "hypergradient"] = Field(
+        default="update",
+        description="update: meta_rate scales the whole averaged outer gradient (published); "
+        "hypergradient: only the fine-tuned-harm term (then beta 0 is exactly plain)",
+    )
     over: Literal["data", "data_and_configs"] = "data_and_configs"
     data: list[str] = Field(default_factory=list)
     configs: dict[str, InnerConfigSpec] = Field(default_factory=dict)
