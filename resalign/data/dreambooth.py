@@ -13,7 +13,7 @@ def load_dreambooth(ds: Any, resolution: int, channels: int) -> Any:
     """The instance pairs of a ``dreambooth`` dataset spec, with the class-prior pairs in
     ``.prior`` when ``prior`` is given. Folders hold plain images (captions come from the
     spec's prompts)."""
-    from .pairs import PairSet
+    from .types import PairSet
 
     images, captions = load_plain_folder(
         Path(ds.instance), ds.instance_prompt, resolution, channels

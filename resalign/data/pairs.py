@@ -3,57 +3,15 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from ..errors import UserError
+from .types import PairSet, dataset_spec, datasets_of
 
-
-@dataclass
-class PairSet:
-    """Images ``[N, C, H, W]`` float in [-1, 1] at the model resolution, one caption each,
-    and class labels where the data has them (the digits). ``prior`` is a DreamBooth set's
-    class-prior pairs (None elsewhere)."""
-
-    images: torch.Tensor
-    captions: list[str]
-    labels: list[int] | None = None
-    prior: PairSet | None = None
-
-    def __len__(self) -> int:
-        return len(self.captions)
-
-    def subset(self, indices: list[int]) -> PairSet:
-        """The items at ``indices`` (in that order)."""
-        return PairSet(
-            images=self.images[list(indices)],
-            captions=[self.captions[i] for i in indices],
-            labels=None if self.labels is None else [self.labels[i] for i in indices],
-            prior=self.prior,
-        )
-
-
-def datasets_of(spec: Any) -> Mapping[str, Any]:
-    """The ``datasets`` mapping of a ``Spec``, a ``ResolvedSpec`` or a plain mapping."""
-    if hasattr(spec, "spec") and hasattr(spec.spec, "datasets"):
-        return spec.spec.datasets
-    if hasattr(spec, "datasets"):
-        return spec.datasets
-    return spec
-
-
-def dataset_spec(name: str, spec: Any) -> Any:
-    """The spec of dataset ``name``; a :class:`UserError` naming the known ones if absent."""
-    datasets = datasets_of(spec)
-    if name not in datasets:
-        raise UserError(
-            f"unknown dataset {name!r}",
-            hint=f"datasets defined: {', '.join(sorted(datasets)) or '(none)'}",
-        )
-    return datasets[name]
+__all__ = ["PairSet", "dataset_spec", "datasets_of", "fit_images", "load_pairs", "mix_pairs"]
 
 
 def fit_images(images: torch.Tensor, resolution: int, channels: int) -> torch.Tensor:
@@ -134,21 +92,9 @@ def load_pairs(
 
         pairs = load_dreambooth(ds, resolution, channels)
     elif kind == "mix":
-        from .mix import poison_plan
-
         base = load_pairs(ds.base, spec, inputs, resolution, channels)
         poison = load_pairs(ds.poison, spec, inputs, resolution, channels)
-        plan = poison_plan(len(base), len(poison), ds.ratio, ds.seed)
-        images = base.images.clone()
-        captions = list(base.captions)
-        keep_labels = base.labels is not None and poison.labels is not None
-        labels = list(base.labels) if keep_labels else None
-        for pos, item in plan:
-            images[pos] = poison.images[item]
-            captions[pos] = poison.captions[item]
-            if labels is not None:
-                labels[pos] = poison.labels[item]
-        pairs = PairSet(images=images, captions=captions, labels=labels)
+        pairs, _ = mix_pairs(base, poison, ds.ratio, ds.seed)
     elif kind == "prompts":
         raise UserError(
             f"dataset {name!r} is a prompt list (no images) where image–caption pairs are needed",
@@ -163,3 +109,30 @@ def load_pairs(
             hint="check its filters (digits, split, shard, limit) or its folder",
         )
     return pairs
+
+
+def mix_pairs(
+    base: PairSet, poison: PairSet, ratio: float, seed: int
+) -> tuple[PairSet, list[int]]:
+    """``base`` with ``round(ratio·n)`` items replaced by ``poison`` items (the paper's
+    poisoning): the one implementation behind the ``mix`` dataset type and a threat's
+    ``poison`` block (which passes the attack seed). Which positions and which poison items
+    follow :func:`resalign.data.mix.poison_plan`, deterministic in ``seed``. Labels are kept
+    when both sets have them, ``base.prior`` is kept. Returns the mixed set and the sorted
+    replaced positions."""
+    from .mix import poison_plan
+
+    if not 0.0 <= ratio <= 1.0:
+        raise UserError(f"poison ratio must be in [0, 1], got {ratio}")
+    plan = poison_plan(len(base), len(poison), ratio, seed)
+    images = base.images.clone()
+    captions = list(base.captions)
+    keep_labels = base.labels is not None and poison.labels is not None
+    labels = list(base.labels) if keep_labels else None  # type: ignore[arg-type]
+    for pos, item in plan:
+        images[pos] = poison.images[item]
+        captions[pos] = poison.captions[item]
+        if labels is not None:
+            labels[pos] = poison.labels[item]  # type: ignore[index]
+    mixed = PairSet(images=images, captions=captions, labels=labels, prior=base.prior)
+    return mixed, sorted(p for p, _ in plan)

@@ -10,6 +10,9 @@ from dataclasses import dataclass
 from ..errors import UserError
 
 
+_EXCERPT = 100  # characters of a long source line shown around the column
+
+
 @dataclass(frozen=True)
 class Issue:
     """One problem in a spec. ``line``/``col`` are 1-based (None when the file has no position
@@ -40,8 +43,14 @@ class Issue:
         lines = [self.headline()]
         if self.excerpt is not None and self.line is not None:
             gutter = f"{self.line:>5} | "
-            lines.append(gutter + self.excerpt.rstrip())
-            lines.append(" " * (len(gutter) + max((self.col or 1) - 1, 0)) + "^")
+            text, caret = self.excerpt.rstrip(), max((self.col or 1) - 1, 0)
+            if len(text) > _EXCERPT:
+                # A window around the column: a 10,000-character line is no help on a terminal.
+                start = max(0, min(caret - _EXCERPT // 2, len(text) - _EXCERPT))
+                text = ("..." if start else "") + text[start : start + _EXCERPT] + "..."
+                caret = caret - start + (3 if start else 0)
+            lines.append(gutter + text)
+            lines.append(" " * (len(gutter) + caret) + "^")
         if self.allowed:
             lines.append(f"      allowed: {self.allowed}")
         return "\n".join(lines)

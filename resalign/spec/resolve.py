@@ -30,10 +30,11 @@ from typing import Any
 from pydantic import ValidationError
 
 from .errors import Issue, did_you_mean, join_allowed
-from .loader import PathT, SourceMap, dotted, schema_issues
 from .schema import Spec
 from .schema.data import HarvestData
 from .schema.unlearn import DistributionSpec, UnlearnSpec
+from .source import PathT, SourceMap, dotted
+from .validation import schema_issues
 
 # Dataset types that yield image–caption pairs, and those that yield prompts only.
 PAIR_TYPES = {"imagefolder", "digits", "harvest", "mix", "dreambooth"}
@@ -62,7 +63,8 @@ class ResolvedSpec:
     ``spec``: the :class:`Spec` (paths absolute, implied harvest datasets added, concepts and
     poisons pointing at them, seeds and meta defaults filled). ``rows``: report row name →
     the row's :class:`UnlearnSpec` (``original`` has method ``none``). ``implied_harvests``:
-    harvest dataset → the prompt dataset it was made from.
+    harvest dataset → the prompt dataset it was made from. ``overrides``: the ``--set``
+    values applied (dotted path → value as written), logged with the run's parameters.
     """
 
     spec: Spec
@@ -71,6 +73,7 @@ class ResolvedSpec:
     base_dir: Path
     implied_harvests: dict[str, str] = field(default_factory=dict)
     smap: SourceMap | None = None
+    overrides: dict[str, str] = field(default_factory=dict)
 
     @property
     def name(self) -> str:

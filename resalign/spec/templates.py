@@ -48,7 +48,8 @@ from typing import Any
 import yaml
 
 from ..errors import UserError
-from .errors import Issue
+from .errors import Issue, SpecError
+from .source import MAX_SPEC_BYTES, SpecYAMLLoader, compose_bounded
 
 Scalar = str | int | float | bool
 
@@ -58,28 +59,10 @@ RESERVED_NAMES = frozenset(
 )
 _IDENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 _ID_VALUE = re.compile(r"^[A-Za-z0-9_.+-]+$")
-# YAML 1.1 (PyYAML) reads `1e-5` as a string; researchers mean a float, as in the spec loader.
-_FLOAT = re.compile(
-    r"^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?"
-    r"|[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)"
-    r"|\.[0-9_]+(?:[eE][-+]?[0-9]+)?"
-    r"|[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$"
-)
 # Private-use code points: they never occur in a spec, so they can tag template lines.
 _MARK_OPEN, _MARK_CLOSE = "\ue000", "\ue001"
 _MARK = re.compile(f"{_MARK_OPEN}(\\d+){_MARK_CLOSE}")
 _TAG = re.compile(r"\{\{.*?\}\}|\{%.*?%\}|\{#.*?#\}", re.DOTALL)
-
-
-class _FrontMatterLoader(yaml.SafeLoader):
-    """Safe loader whose floats follow YAML 1.2 (``1e-5`` is a float)."""
-
-
-_FrontMatterLoader.yaml_implicit_resolvers = {
-    k: [r for r in v if r[0] != "tag:yaml.org,2002:float"]
-    for k, v in yaml.SafeLoader.yaml_implicit_resolvers.items()
-}
-_FrontMatterLoader.add_implicit_resolver("tag:yaml.org,2002:float", _FLOAT, list("-+0123456789."))
 
 
 @dataclass(frozen=True)
@@ -180,7 +163,14 @@ def _node_to_py(node: yaml.Node, loader: yaml.SafeLoader, where: Callable[[yaml.
         return out
     if isinstance(node, yaml.SequenceNode):
         return [_node_to_py(n, loader, where) for n in node.value]
-    return loader.construct_object(node, deep=True)
+    try:
+        return loader.construct_object(node, deep=True)
+    except (yaml.YAMLError, ValueError, OverflowError) as exc:
+        # A tag the safe loader does not know, an integer Python refuses to parse, ...
+        raise UserError(
+            f"cannot read this front matter value: {getattr(exc, 'problem', None) or exc}",
+            where=where(node),
+        ) from None
 
 
 def _split_front_matter(text: str, path: Path) -> tuple[str, int, int]:
@@ -251,52 +241,70 @@ def _same(a: Any, b: Any) -> bool:
     return a == b
 
 
-def load_template(path: str | Path, text: str | None = None) -> GridTemplate:
-    """Parse a template file: its front matter into cells, its body into a Jinja source.
+class _FrontMatter:
+    """The parsed front matter: its values, their YAML nodes and positions in the file."""
 
-    Raises ``UserError`` (with file and line) for a malformed front matter, unknown keys,
-    empty axes, excludes naming unknown axes or values, and duplicate cell ids.
-    """
-    path = Path(path)
-    if text is None:
-        try:
-            text = path.read_text(encoding="utf-8")
-        except FileNotFoundError:
-            raise UserError("template not found", where=str(path), hint="check the path") from None
-        except (OSError, UnicodeDecodeError) as e:
-            raise UserError(f"cannot read the template: {e}", where=str(path)) from None
-    fm_text, fm_line, body_line = _split_front_matter(text, path)
+    def __init__(self, path: Path, fm_line: int, values: dict[str, Any], nodes: dict[str, Any]):
+        self.path = path
+        self.fm_line = fm_line
+        self.values = values
+        self.nodes = nodes
 
-    loader = _FrontMatterLoader(fm_text)
+    def where(self, node: yaml.Node | None) -> str:
+        if node is None:
+            return f"{self.path}:{self.fm_line}"
+        return f"{self.path}:{self.fm_line + node.start_mark.line}:{node.start_mark.column + 1}"
+
+    def at(self, key: str) -> str:
+        return self.where(self.nodes.get(key))
+
+
+def _read_template(path: Path) -> str:
+    try:
+        with open(path, "rb") as f:
+            raw = f.read(MAX_SPEC_BYTES + 1)
+    except FileNotFoundError:
+        raise UserError("template not found", where=str(path), hint="check the path") from None
+    except OSError as e:
+        raise UserError(f"cannot read the template: {e}", where=str(path)) from None
+    if len(raw) > MAX_SPEC_BYTES:
+        raise UserError(
+            f"the template is more than the {MAX_SPEC_BYTES:,} bytes a spec may have",
+            where=str(path),
+            hint="split the study into several templates",
+        )
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise UserError(f"cannot read the template: {e}", where=str(path)) from None
+
+
+def _parse_front_matter(path: Path, fm_text: str, fm_line: int) -> _FrontMatter:
+    """The front matter's YAML (the spec loader's rules and bounds) with its keys checked."""
+    loader = SpecYAMLLoader(fm_text)
     try:
         try:
-            root = loader.get_single_node()
-        except yaml.YAMLError as e:
-            mark = getattr(e, "problem_mark", None)
-            line = fm_line + mark.line if mark is not None else fm_line
-            problem = getattr(e, "problem", None) or str(e)
+            root = compose_bounded(loader, str(path), fm_text.splitlines())
+        except SpecError as err:
+            issue = err.issues[0]
+            line = fm_line + (issue.line or 1) - 1
+            message = issue.message.removeprefix("YAML syntax error: ")
             raise UserError(
-                f"the front matter is not valid YAML: {problem}",
+                f"the front matter is not valid YAML: {message}",
                 where=f"{path}:{line}",
                 hint="the front matter is a YAML mapping with matrix/include/exclude/vars",
             ) from None
-
-        def where(node: yaml.Node | None) -> str:
-            if node is None:
-                return f"{path}:{fm_line}"
-            return f"{path}:{fm_line + node.start_mark.line}:{node.start_mark.column + 1}"
-
+        fm = _FrontMatter(path, fm_line, {}, {})
         if root is None:
             raise UserError(
                 "the front matter is empty",
-                where=where(None),
+                where=fm.where(None),
                 hint="declare the grid, e.g. 'matrix: {hypergradient: [none, moreau]}'",
             )
         if not isinstance(root, yaml.MappingNode):
             raise UserError(
-                "the front matter must be a mapping", where=where(root), hint="see docs"
+                "the front matter must be a mapping", where=fm.where(root), hint="see docs"
             )
-        nodes: dict[str, yaml.Node] = {}
         for k_node, v_node in root.value:
             key = k_node.value
             if key not in FRONT_MATTER_KEYS:
@@ -304,135 +312,144 @@ def load_template(path: str | Path, text: str | None = None) -> GridTemplate:
                 raise UserError(
                     f"unknown front matter key {key!r}"
                     + (f"; did you mean {close[0]!r}?" if close else ""),
-                    where=where(k_node),
+                    where=fm.where(k_node),
                     hint="allowed: " + ", ".join(FRONT_MATTER_KEYS),
                 )
-            if key in nodes:
+            if key in fm.nodes:
                 raise UserError(
                     f"duplicate key {key!r} in the front matter",
-                    where=where(k_node),
+                    where=fm.where(k_node),
                     hint="each key may appear once",
                 )
-            nodes[key] = v_node
-        fm = {k: _node_to_py(v, loader, where) for k, v in nodes.items()}
+            fm.nodes[key] = v_node
+        fm.values = {k: _node_to_py(v, loader, fm.where) for k, v in fm.nodes.items()}
     finally:
         loader.dispose()
+    return fm
 
-    name = fm.get("name", path.name.removesuffix(".j2").removesuffix(".yaml"))
-    if not isinstance(name, str) or not re.match(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", name):
-        raise UserError(
-            f"grid name {name!r} is not a valid name",
-            where=where(nodes.get("name")),
-            hint="letters, digits and _ . - (it names the MLflow parent run)",
-        )
-    description = fm.get("description", "")
-    if not isinstance(description, str):
-        raise UserError("description must be a string", where=where(nodes.get("description")))
 
-    # matrix: ordered axes with their values
-    matrix = fm.get("matrix", {}) or {}
+def _matrix(fm: _FrontMatter) -> tuple[list[str], dict[str, list[Scalar]], dict]:
+    """The matrix axes in order, their checked values and each value's spelling as written."""
+    matrix = fm.values.get("matrix", {}) or {}
     if not isinstance(matrix, dict):
         raise UserError(
             "matrix must be a mapping of axis name → list of values",
-            where=where(nodes.get("matrix")),
+            where=fm.at("matrix"),
             hint="e.g. 'matrix: {lr: [1e-5, 1e-4], steps: [50, 200]}'",
         )
-    m_nodes = {k.value: (k, v) for k, v in nodes["matrix"].value} if matrix else {}
+    m_nodes = {k.value: (k, v) for k, v in fm.nodes["matrix"].value} if matrix else {}
     axes: list[str] = []
     values: dict[str, list[Scalar]] = {}
     for axis, vals in matrix.items():
         k_node, v_node = m_nodes[axis]
-        _name_check(axis, "axis", where(k_node))
+        _name_check(axis, "axis", fm.where(k_node))
         if not isinstance(vals, list) or not vals:
             raise UserError(
                 f"axis {axis!r} needs a non-empty list of values",
-                where=where(v_node),
+                where=fm.where(v_node),
                 hint=f"e.g. '{axis}: [a, b]'",
             )
         checked = []
         for i, v in enumerate(vals):
-            w = where(v_node.value[i])
+            w = fm.where(v_node.value[i])
             checked.append(_scalar_check(v, f"value of axis {axis!r}", w))
             if any(_same(v, c) for c in checked[:-1]):
                 raise UserError(f"axis {axis!r} lists {_spell(v)!r} twice", where=w)
         axes.append(axis)
         values[axis] = checked
-
     # Spell values as written in the front matter so `1e-5` stays `1e-5` in ids.
     spelling: dict[tuple[str, int], str] = {}
     for axis in axes:
-        v_node = m_nodes[axis][1]
-        for i, n in enumerate(v_node.value):
+        for i, n in enumerate(m_nodes[axis][1].value):
             spelling[(axis, i)] = n.value if isinstance(n, yaml.ScalarNode) else _spell(n)
+    return axes, values, spelling
 
-    variables = fm.get("vars", {}) or {}
+
+def _variables(fm: _FrontMatter, values: dict[str, list[Scalar]]) -> dict[str, Any]:
+    variables = fm.values.get("vars", {}) or {}
     if not isinstance(variables, dict):
-        raise UserError("vars must be a mapping of name → value", where=where(nodes.get("vars")))
+        raise UserError("vars must be a mapping of name → value", where=fm.at("vars"))
     for k in variables:
-        _name_check(k, "variable", where(nodes["vars"]))
+        _name_check(k, "variable", fm.at("vars"))
         if k in values:
             raise UserError(
                 f"{k!r} is both an axis and a variable",
-                where=where(nodes["vars"]),
+                where=fm.at("vars"),
                 hint="rename one of them",
             )
+    return dict(variables)
 
-    def entries(key: str) -> list[tuple[dict[str, Any], yaml.Node]]:
-        raw = fm.get(key, []) or []
-        node = nodes.get(key)
-        if not isinstance(raw, list) or not all(isinstance(e, dict) and e for e in raw):
-            raise UserError(
-                f"{key} must be a list of non-empty mappings axis → value",
-                where=where(node),
-                hint=f"e.g. '{key}: [{{hypergradient: none, meta: data}}]'",
-            )
-        return list(zip(raw, node.value)) if raw else []
 
-    # product, then exclude
-    cells: list[dict[str, Scalar]] = []
-    spellings: list[dict[str, str]] = []
-    if axes:
-        idx_product = itertools.product(*[range(len(values[a])) for a in axes])
-        for idx in idx_product:
-            cells.append({a: values[a][i] for a, i in zip(axes, idx)})
-            spellings.append({a: spelling[(a, i)] for a, i in zip(axes, idx)})
-    for entry, e_node in entries("exclude"):
+def _entries(fm: _FrontMatter, key: str) -> list[tuple[dict[str, Any], yaml.Node]]:
+    raw = fm.values.get(key, []) or []
+    if not isinstance(raw, list) or not all(isinstance(e, dict) and e for e in raw):
+        raise UserError(
+            f"{key} must be a list of non-empty mappings axis → value",
+            where=fm.at(key),
+            hint=f"e.g. '{key}: [{{hypergradient: none, meta: data}}]'",
+        )
+    return list(zip(raw, fm.nodes[key].value)) if raw else []
+
+
+@dataclass
+class _Cells:
+    """Cells under construction: axis values, their spellings and ``include`` extras."""
+
+    axes: list[str]
+    values: dict[str, list[Scalar]]
+    cells: list[dict[str, Scalar]] = field(default_factory=list)
+    spellings: list[dict[str, str]] = field(default_factory=list)
+    extras: list[dict[str, Any]] = field(default_factory=list)
+
+
+def _product_minus_excludes(fm: _FrontMatter, g: _Cells, spelling: dict) -> None:
+    if g.axes:
+        for idx in itertools.product(*[range(len(g.values[a])) for a in g.axes]):
+            g.cells.append({a: g.values[a][i] for a, i in zip(g.axes, idx)})
+            g.spellings.append({a: spelling[(a, i)] for a, i in zip(g.axes, idx)})
+    for entry, e_node in _entries(fm, "exclude"):
         for k, v in entry.items():
-            if k not in values:
-                close = difflib.get_close_matches(str(k), axes, n=1)
+            if k not in g.values:
+                close = difflib.get_close_matches(str(k), g.axes, n=1)
                 raise UserError(
                     f"exclude names {k!r}, which is not a matrix axis"
                     + (f"; did you mean {close[0]!r}?" if close else ""),
-                    where=where(e_node),
-                    hint="axes: " + ", ".join(axes),
+                    where=fm.where(e_node),
+                    hint="axes: " + ", ".join(g.axes),
                 )
-            if not any(_same(v, x) for x in values[k]):
+            if not any(_same(v, x) for x in g.values[k]):
                 raise UserError(
                     f"exclude has {k}={_spell(v)!r}, which is not a value of axis {k!r}",
-                    where=where(e_node),
-                    hint=f"values of {k}: " + ", ".join(_spell(x) for x in values[k]),
+                    where=fm.where(e_node),
+                    hint=f"values of {k}: " + ", ".join(_spell(x) for x in g.values[k]),
                 )
-        keep = [i for i, c in enumerate(cells) if not all(_same(c[k], v) for k, v in entry.items())]
-        cells = [cells[i] for i in keep]
-        spellings = [spellings[i] for i in keep]
+        keep = [
+            i for i, c in enumerate(g.cells) if not all(_same(c[k], v) for k, v in entry.items())
+        ]
+        g.cells = [g.cells[i] for i in keep]
+        g.spellings = [g.spellings[i] for i in keep]
+    g.extras = [{} for _ in g.cells]
 
-    # include: extend matching cells, or add new cells
-    extras: list[dict[str, Any]] = [{} for _ in cells]
-    n_matrix = len(cells)
-    for entry, e_node in entries("include"):
-        w = where(e_node)
+
+def _apply_includes(fm: _FrontMatter, g: _Cells, variables: dict[str, Any]) -> None:
+    """CI-matrix ``include``: extend the matrix cells an entry matches, else add a cell."""
+    n_matrix = len(g.cells)
+    for entry, e_node in _entries(fm, "include"):
+        w = fm.where(e_node)
         for k in entry:
             _name_check(k, "include key", w)
             if k in variables:
                 raise UserError(f"include key {k!r} is also declared under vars", where=w)
-        on_axes = {k: v for k, v in entry.items() if k in values}
-        rest = {k: v for k, v in entry.items() if k not in values}
+        on_axes = {k: v for k, v in entry.items() if k in g.values}
+        rest = {k: v for k, v in entry.items() if k not in g.values}
         matches = [
-            i for i in range(n_matrix) if all(_same(cells[i].get(k), v) for k, v in on_axes.items())
+            i
+            for i in range(n_matrix)
+            if all(_same(g.cells[i].get(k), v) for k, v in on_axes.items())
         ]
-        if matches and axes:
+        if matches and g.axes:
             for i in matches:
-                extras[i].update(rest)
+                g.extras[i].update(rest)
             continue
         new: dict[str, Scalar] = {}
         spelt: dict[str, str] = {}
@@ -441,39 +458,72 @@ def load_template(path: str | Path, text: str | None = None) -> GridTemplate:
             new[k] = _scalar_check(v, f"include value {k!r}", w)
             n = k_nodes[k]
             spelt[k] = n.value if isinstance(n, yaml.ScalarNode) else _spell(v)
-            if k not in values:
-                axes.append(k)
-                values[k] = []
-            if not any(_same(v, x) for x in values[k]):
-                values[k].append(v)
-        cells.append(new)
-        spellings.append(spelt)
-        extras.append({})
+            if k not in g.values:
+                g.axes.append(k)
+                g.values[k] = []
+            if not any(_same(v, x) for x in g.values[k]):
+                g.values[k].append(v)
+        g.cells.append(new)
+        g.spellings.append(spelt)
+        g.extras.append({})
 
-    if not cells:
+
+def _identified(fm: _FrontMatter, g: _Cells) -> list[Cell]:
+    if not g.cells:
         raise UserError(
             "the grid has no cells",
-            where=where(None),
+            where=fm.where(None),
             hint="declare 'matrix:' axes or 'include:' cells (and check 'exclude:')",
         )
-
     out: list[Cell] = []
     seen: dict[str, int] = {}
-    for i, (c, sp, ex) in enumerate(zip(cells, spellings, extras)):
-        ordered = {a: c[a] for a in axes if a in c}
-        cid = ",".join(f"{a}={sp[a]}" for a in axes if a in c)
+    for i, (c, sp, ex) in enumerate(zip(g.cells, g.spellings, g.extras)):
+        ordered = {a: c[a] for a in g.axes if a in c}
+        cid = ",".join(f"{a}={sp[a]}" for a in g.axes if a in c)
         if cid in seen:
             raise UserError(
                 f"two cells have the same id {cid!r}",
-                where=where(nodes.get("include")),
+                where=fm.at("include"),
                 hint="an include entry repeats a cell of the matrix; remove it or change a value",
             )
         seen[cid] = i
         out.append(Cell(id=cid, axes=ordered, extras=dict(ex), index=i))
     slugs = [c.slug for c in out]
     if len(set(slugs)) != len(slugs):
-        raise UserError("two cells map to the same name; rename an axis value", where=where(None))
+        raise UserError(
+            "two cells map to the same name; rename an axis value", where=fm.where(None)
+        )
+    return out
 
+
+def load_template(path: str | Path, text: str | None = None) -> GridTemplate:
+    """Parse a template file: its front matter into cells, its body into a Jinja source.
+
+    Raises ``UserError`` (with file and line) for a malformed front matter, unknown keys,
+    empty axes, excludes naming unknown axes or values, and duplicate cell ids. The front
+    matter is read with the spec loader's rules and bounds (``resalign.spec.source``).
+    """
+    path = Path(path)
+    if text is None:
+        text = _read_template(path)
+    fm_text, fm_line, body_line = _split_front_matter(text, path)
+    fm = _parse_front_matter(path, fm_text, fm_line)
+    name = fm.values.get("name", path.name.removesuffix(".j2").removesuffix(".yaml"))
+    if not isinstance(name, str) or not re.match(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", name):
+        raise UserError(
+            f"grid name {name!r} is not a valid name",
+            where=fm.at("name"),
+            hint="letters, digits and _ . - (it names the MLflow parent run)",
+        )
+    description = fm.values.get("description", "")
+    if not isinstance(description, str):
+        raise UserError("description must be a string", where=fm.at("description"))
+    axes, values, spelling = _matrix(fm)
+    variables = _variables(fm, values)
+    grid = _Cells(axes, values)
+    _product_minus_excludes(fm, grid, spelling)
+    _apply_includes(fm, grid, variables)
+    cells = _identified(fm, grid)
     lines = text.splitlines(keepends=True)
     # Pad with blank lines so Jinja's line numbers are the file's line numbers.
     body = "\n" * (body_line - 1) + "".join(lines[body_line - 1 :])
@@ -481,30 +531,15 @@ def load_template(path: str | Path, text: str | None = None) -> GridTemplate:
         path=path,
         name=name,
         description=description,
-        axes=axes,
-        cells=out,
-        variables=dict(variables),
+        axes=grid.axes,
+        cells=cells,
+        variables=variables,
         body=body,
         body_line=body_line,
     )
 
 
 # --------------------------------------------------------------------------- rendering
-
-
-def _environment():
-    from jinja2 import StrictUndefined
-    from jinja2.sandbox import ImmutableSandboxedEnvironment
-
-    # No loader: {% include %}/{% import %} cannot read files. Immutable sandbox: no
-    # attribute starting with '_' and no mutation of values passed in.
-    return ImmutableSandboxedEnvironment(
-        undefined=StrictUndefined,
-        autoescape=False,
-        keep_trailing_newline=True,
-        trim_blocks=False,
-        lstrip_blocks=False,
-    )
 
 
 def _with_line_marks(body: str) -> str:
@@ -527,6 +562,25 @@ def _with_line_marks(body: str) -> str:
         line += m.group(0).count("\n")
         pos = m.end()
     mark_text(body[pos:])
+    return "".join(out)
+
+
+class RenderTooLarge(Exception):
+    """A cell rendered past :data:`MAX_SPEC_BYTES` (stopped there, not rendered whole)."""
+
+
+def _render_bounded(template: Any, ctx: dict[str, Any]) -> str:
+    """Render in chunks and stop past the spec size bound, so that a loop in a template cannot
+    exhaust memory before the loader would refuse the text."""
+    out: list[str] = []
+    size = 0
+    for chunk in template.generate(**ctx):
+        size += len(chunk)
+        if size > 2 * MAX_SPEC_BYTES:  # marked text carries line tags: a margin for them
+            raise RenderTooLarge(
+                f"the cell renders to more than the {MAX_SPEC_BYTES:,} bytes a spec may have"
+            )
+        out.append(chunk)
     return "".join(out)
 
 
@@ -573,6 +627,8 @@ def _render_error(template: GridTemplate, cell: Cell, exc: Exception) -> UserErr
         )
     if isinstance(exc, TemplateSyntaxError):
         return UserError(f"template syntax error: {msg}", where=where, hint="fix the Jinja tag")
+    if isinstance(exc, RenderTooLarge):
+        return UserError(f"cell {cell.id}: {msg}", where=where, hint="check the template's loops")
     if isinstance(exc, TypeError) and "no loader" in str(exc):
         return UserError(
             f"cell {cell.id}: templates cannot include or import other files",
@@ -598,7 +654,9 @@ def _compile(env, template: GridTemplate, source: str):
 
 def render_cell_texts(template: GridTemplate) -> tuple[list[RenderedCell], list[UserError]]:
     """Render every cell (no validation). Returns the rendered cells and the errors."""
-    env = _environment()
+    from .sandbox import environment
+
+    env = environment()
     plain = _compile(env, template, template.body)
     marked = _compile(env, template, _with_line_marks(template.body))
     header = (
@@ -609,8 +667,8 @@ def render_cell_texts(template: GridTemplate) -> tuple[list[RenderedCell], list[
     for cell in template.cells:
         ctx = _context(template, cell)
         try:
-            text = plain.render(**ctx)
-            probe = marked.render(**ctx)
+            text = _render_bounded(plain, ctx)
+            probe = _render_bounded(marked, ctx)
         except Exception as e:  # noqa: BLE001 - every Jinja failure becomes a UserError
             errors.append(_render_error(template, cell, e))
             continue
@@ -712,15 +770,20 @@ def _as_issue(error: UserError, template: GridTemplate) -> Issue:
     )
 
 
-def spec_validator(template: GridTemplate, *, check_files: bool = False) -> Callable:
-    """The spec loader as a cell validator: relative paths in the rendered spec are relative
-    to the template's folder, as they would be for a spec file kept next to it."""
+def spec_validator(
+    template: GridTemplate, *, check_files: bool = False, sets: Sequence[str] = ()
+) -> Callable:
+    """The spec loader as a cell validator: relative paths in the rendered spec (and its
+    ``extends:``) are relative to the template's folder, as they would be for a spec file kept
+    next to it. ``sets``: ``--set PATH=VALUE`` items applied to every cell."""
     from .loader import load_spec_text
 
     base_dir = template.path.parent.resolve()
 
     def validate(text: str, source: str) -> Any:
-        return load_spec_text(text, filename=source, base_dir=base_dir, check_files=check_files)
+        return load_spec_text(
+            text, filename=source, base_dir=base_dir, check_files=check_files, sets=sets
+        )
 
     return validate
 
@@ -733,18 +796,20 @@ def render_grid(
     *,
     validate: Callable[[str, str], Any] | None = _DEFAULT,
     check_files: bool = False,
+    sets: Sequence[str] = (),
 ) -> list[RenderedCell]:
     """Render and validate every cell; raise one ``GridError`` listing every problem.
 
     ``validate(text, source)`` returns the validated spec or raises ``UserError`` (a
     ``SpecError`` with positions in ``source``); the default is the spec loader
-    (:func:`spec_validator`, whose result is a resolved spec). Pass ``None`` to render only.
+    (:func:`spec_validator`, whose result is a resolved spec, with ``sets`` applied to every
+    cell). Pass ``None`` to render only.
     Nothing is run here: callers run cells only after this returns.
     """
     if not isinstance(template, GridTemplate):
         template = load_template(template)
     if validate is _DEFAULT:
-        validate = spec_validator(template, check_files=check_files)
+        validate = spec_validator(template, check_files=check_files, sets=sets)
     rendered, errors = render_cell_texts(template)
     issues = [_as_issue(e, template) for e in errors]
     if validate is not None:

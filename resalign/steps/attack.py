@@ -35,8 +35,8 @@ class AttackStep(Step):
     version = "1"
 
     def run(self, ctx: StepContext) -> None:
-        from ..algorithms.attack import AttackConfig, poison_pairs, run_attack
-        from ..data.pairs import load_pairs
+        from ..algorithms.attack import AttackConfig, run_attack
+        from ..data.pairs import load_pairs, mix_pairs
         from ..models.loading import load_row
         from ..models.saving import save_merged_unet
 
@@ -54,7 +54,8 @@ class AttackStep(Step):
             harm = load_pairs(
                 threat["poison"]["data"], ctx.spec, ctx.inputs, bundle.resolution, channels
             )
-            data, poisoned = poison_pairs(data, harm, float(threat["poison"]["ratio"]), seed)
+            # the mix dataset's implementation, the attack seed as the mix seed
+            data, poisoned = mix_pairs(data, harm, float(threat["poison"]["ratio"]), seed)
         prior = None
         if threat.get("prior"):
             prior = load_pairs(threat["prior"], ctx.spec, ctx.inputs, bundle.resolution, channels)

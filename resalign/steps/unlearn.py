@@ -70,12 +70,7 @@ class UnlearnStep(Step):
         cache: dict[str, Any] = {}
 
         def encode(pairs: Any) -> EncodedPairs:
-            lat, emb = [], []
-            for i in range(0, len(pairs), 64):
-                lat.append(bundle.encode_images(pairs.images[i : i + 64]))
-                emb.append(bundle.encode_text(list(pairs.captions[i : i + 64])))
-            labels = None if pairs.labels is None else torch.tensor(pairs.labels)
-            return EncodedPairs(torch.cat(lat), torch.cat(emb), labels)
+            return EncodedPairs.encode(bundle, pairs.images, pairs.captions, pairs.labels)
 
         def dataset(name: str) -> Any:
             if name not in cache:
@@ -102,7 +97,7 @@ class UnlearnStep(Step):
                 pools[n] = encode(ps)
                 if getattr(ps, "prior", None) is not None:
                     priors[n] = encode(ps.prior)
-        uncond = bundle.encode_text([""])
+        uncond = bundle.encode_condition([""])  # with SDXL's added conditioning
 
         selection = apply_trainable(bundle.unet, trainable, torch.Generator().manual_seed(seed))
         ctx.log_params({"trainable": selection.summary()})
