@@ -9,7 +9,6 @@ from dataclasses import dataclass
 
 from ..errors import UserError
 
-
 _EXCERPT = 100  # characters of a long source line shown around the column
 
 
