@@ -27,9 +27,10 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from ..atomic import atomic_open, atomic_write_json
 from ..graph.nodes import Node
 from .progress import ProgressUI
-from .store import atomic_write_json, read_json, truncate_metrics
+from .store import read_json, truncate_metrics
 
 CHECKPOINT = "checkpoint.pt"
 
@@ -141,32 +142,24 @@ class NodeContext:
 
     # -- checkpoints -----------------------------------------------------------------------
     def save_checkpoint(self, state: Mapping[str, Any], step: int) -> None:
-        """Atomically save ``state`` (tensors, numbers, nested dicts/lists) as of ``step``."""
+        """Atomically save ``state`` (tensors, numbers, strings, nested dicts/lists) as of
+        ``step`` (the metrics logged so far are fsynced first)."""
         import torch
 
         self.sync_metrics()
-        final = self.state / CHECKPOINT
-        tmp = self.state / f".{CHECKPOINT}.tmp"
-        with open(tmp, "wb") as f:
+        with atomic_open(self.state / CHECKPOINT) as f:
             torch.save({"step": int(step), "state": dict(state)}, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, final)
-        fd = os.open(self.state, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
 
-    def load_checkpoint(self) -> tuple[dict[str, Any], int] | None:
-        """The last saved ``(state, step)``, declaring the resume point; None if none."""
+    def load_checkpoint(self, map_location: str = "cpu") -> tuple[dict[str, Any], int] | None:
+        """The last saved ``(state, step)``, declaring the resume point; None if none.
+        Read with ``torch.load(weights_only=True)``: no code runs from the state folder."""
         import torch
 
         path = self.state / CHECKPOINT
         if not path.is_file():
             self.resumed_from(None)
             return None
-        ck = torch.load(path, map_location="cpu", weights_only=True)
+        ck = torch.load(path, map_location=map_location, weights_only=True)
         self.resumed_from(int(ck["step"]))
         return ck["state"], int(ck["step"])
 

@@ -15,7 +15,13 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from .base import Step, StepContext, register
+from .base import Step, StepContext, check_finite_stats, check_finite_weights, register
+
+# What to change when an attack diverges (the NonFiniteError hint).
+DIVERGED = (
+    "lower threats.<threat>.lr, set threats.<threat>.max_grad_norm, or use precision fp32 "
+    "(fp16 overflows first)"
+)
 
 
 def row_unet(inputs: Any) -> tuple[Path | None, Path | None]:
@@ -63,14 +69,34 @@ class AttackStep(Step):
             prior = data.prior
 
         ckpt_root = Path(ctx.state) / "checkpoints"
+        # the loop's own resume checkpoint: written right after the callback of every
+        # checkpoint_every-th step, so a step whose weights passed the check below is finite
+        last_ok: list[int | None] = [None]
+
+        def check_weights(step: int) -> None:
+            check_finite_weights(
+                ctx,
+                bundle.unet.named_parameters(),
+                step,
+                what="UNet",
+                setting=DIVERGED,
+                last_checkpoint=last_ok[0],
+            )
 
         def on_eval(step: int, unet: Any) -> None:
+            check_weights(step)
             save_merged_unet(unet, ckpt_root / f"step{step}" / "unet")
 
         with ctx.progress(config.steps, f"attack {ctx.node.name}") as bar:
 
             def callback(step: int, m: Any) -> None:
                 ctx.log_metrics({"attack/loss": m["loss"], "attack/lr": m["lr"]}, step=step)
+                check_finite_stats(
+                    ctx, m, step, setting=DIVERGED, last_checkpoint=last_ok[0], terms=["loss"]
+                )
+                if step % config.checkpoint_every == 0 or step == config.steps:
+                    check_weights(step)
+                    last_ok[0] = step
                 bar.advance(1)
 
             result = run_attack(

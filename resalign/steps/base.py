@@ -17,15 +17,25 @@ steps 1..step are done and logged. On resume the engine drops metric records wit
 step so the history has no duplicates; a step that declares nothing gets the resume point
 inferred from its first logged step (records at or after it are dropped), so log in
 increasing step order. ``log_metrics(..., step=None)`` records step 0.
+
+Non-finite means failed. A step checks the terms it already receives per step (its method's
+stats callback, its loop's loss callback) with :func:`check_finite_stats` and the weights it
+is about to checkpoint or save with :func:`check_finite_weights`; either raises
+:class:`NonFiniteError` (which term, which step, the last finite checkpoint, the setting to
+change), so the node fails, nothing is committed and nothing downstream runs on it. An
+evaluation refuses a model with non-finite weights the same way. The algorithms stay
+callback-driven: none of this lives in them.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import math
+from collections.abc import Iterable, Mapping
 from contextlib import AbstractContextManager
 from pathlib import Path
-from typing import Any, ClassVar, Protocol
+from typing import Any, ClassVar, NoReturn, Protocol
 
+from ..errors import UserError
 from ..graph.nodes import Node
 
 
@@ -55,7 +65,7 @@ class StepContext(Protocol):
 
     def save_checkpoint(self, state: Mapping[str, Any], step: int) -> None: ...
 
-    def load_checkpoint(self) -> tuple[dict[str, Any], int] | None: ...
+    def load_checkpoint(self, map_location: str = "cpu") -> tuple[dict[str, Any], int] | None: ...
 
 
 class Step:
@@ -80,3 +90,107 @@ def register(cls: type[Step]) -> type[Step]:
         raise ValueError(f"step kind {cls.kind!r} registered twice")
     STEPS[cls.kind] = cls
     return cls
+
+
+# -- non-finite means failed -------------------------------------------------------------------
+
+
+class NonFiniteError(UserError):
+    """A loss, gradient, hypergradient or weight of a step became NaN or infinite: the step
+    stops there and its node fails (exit 2: a setting has to change, see the hint)."""
+
+
+def raise_non_finite(
+    ctx: StepContext,
+    term: str,
+    value: Any,
+    step: int,
+    *,
+    setting: str,
+    last_checkpoint: int | None,
+) -> NoReturn:
+    """Raise :class:`NonFiniteError` for ``term`` (= ``value``) at ``step`` of ``ctx``'s node."""
+    if last_checkpoint:
+        resume = (
+            f"the last finite checkpoint is step {last_checkpoint} in {ctx.state} (a re-run "
+            "with unchanged settings resumes there, and diverges again unless the cause was "
+            "transient)"
+        )
+    else:
+        resume = "no finite checkpoint was written before it (a re-run starts from scratch)"
+    raise NonFiniteError(
+        f"{ctx.node.name}: {term} is {value} at step {step}: the run diverged, so the node "
+        f"failed and nothing was saved as its result; {resume}",
+        where=ctx.node.name,
+        hint=setting,
+    )
+
+
+def _finite(v: Any) -> bool:
+    try:
+        return math.isfinite(float(v))
+    except (TypeError, ValueError):
+        return True  # not a number (a config name): nothing to check
+
+
+# The per-step statistics whose non-finite value reaches the weights: losses, the applied
+# and direct gradients, the mean hypergradient. Per-config statistics (``meta<j>.*``), inner
+# losses and residuals are left to the method's own safeguards (damping, retries, fallback),
+# which may legitimately replace a diverged inner solve.
+_WEIGHT_TERMS = ("loss", "grad_norm", "direct_grad_norm", "hypergrad_norm")
+
+
+def check_finite_stats(
+    ctx: StepContext,
+    stats: Mapping[str, Any],
+    step: int,
+    *,
+    setting: str,
+    last_checkpoint: int | None,
+    terms: Iterable[str] | None = None,
+) -> None:
+    """Raise :class:`NonFiniteError` if one of ``terms`` in ``stats`` (default: top-level
+    losses, gradient and hypergradient norms) is not finite."""
+    keys = (
+        list(terms)
+        if terms is not None
+        else [k for k in stats if "." not in k and (k.startswith("loss") or k in _WEIGHT_TERMS)]
+    )
+    for k in keys:
+        if k in stats and not _finite(stats[k]):
+            raise_non_finite(
+                ctx, k, stats[k], step, setting=setting, last_checkpoint=last_checkpoint
+            )
+
+
+def first_non_finite(named: Iterable[tuple[str, Any]]) -> str | None:
+    """Name of the first floating tensor in ``named`` holding a NaN or inf, else None."""
+    import torch
+
+    with torch.no_grad():
+        for name, t in named:
+            if t is not None and t.is_floating_point() and not bool(torch.isfinite(t).all()):
+                return name
+    return None
+
+
+def check_finite_weights(
+    ctx: StepContext,
+    named: Iterable[tuple[str, Any]],
+    step: int,
+    *,
+    what: str,
+    setting: str,
+    last_checkpoint: int | None,
+) -> None:
+    """Raise :class:`NonFiniteError` if a tensor in ``named`` (name, tensor) is not finite."""
+    bad = first_non_finite(named)
+    if bad is not None:
+        raise_non_finite(
+            ctx,
+            f"{what} weight {bad!r}",
+            "not finite",
+            step,
+            setting=setting,
+            last_checkpoint=last_checkpoint,
+        )

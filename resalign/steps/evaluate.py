@@ -16,7 +16,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from .base import Step, StepContext, register
+from .base import NonFiniteError, Step, StepContext, first_non_finite, register
 
 
 def metric_context(params: Any, spec: Any) -> dict[str, Any]:
@@ -63,6 +63,19 @@ class EvaluateStep(Step):
         else:
             unet_dir, trainable = row_unet(ctx.inputs)
         bundle = load_row(Path(ctx.inputs["model"]), trainable, unet_dir, device=ctx.device)
+        # A diverged model is never scored (its metrics could look perfect: a NaN UNet
+        # generates blank images no classifier recognises the concept in).
+        bad = first_non_finite(bundle.unet.named_parameters())
+        if bad is not None:
+            source = unet_dir or trainable or ctx.inputs["model"]
+            raise NonFiniteError(
+                f"{ctx.node.name}: the model to evaluate has non-finite weights ({bad!r}, "
+                f"loaded from {source}); it is not scored",
+                where=ctx.node.name,
+                hint="re-run the upstream node with settings that do not diverge (a result "
+                "saved before non-finite checks existed, or altered since: "
+                "`resalign verify` finds the latter)",
+            )
         mctx = metric_context(ctx.params, ctx.spec)
 
         groups: dict[str, dict[str, Any]] = {}

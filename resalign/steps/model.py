@@ -18,7 +18,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .base import Step, StepContext, register
+from .base import Step, StepContext, check_finite_stats, check_finite_weights, register
+
+# What to change when pretraining diverges (the NonFiniteError hint).
+DIVERGED = "lower model.tiny.pretrain.lr (or its batch_size)"
 
 
 def _model_spec(params: Any, spec: Any) -> Any:
@@ -121,6 +124,19 @@ class ModelStep(Step):
             if hasattr(ctx, "resumed_from"):
                 ctx.resumed_from(resumed)
             every = ctx.checkpoint_every or 200
+            last_ok: list[int | None] = [resumed]
+
+            def check_weights(step: int) -> None:
+                named = list(bundle.unet.named_parameters())
+                if pre.train_text_encoder:
+                    named += [
+                        (f"text_encoder.{n}", t) for n, t in bundle.text_encoder.named_parameters()
+                    ]
+                check_finite_weights(
+                    ctx, named, step, what="pretrained", setting=DIVERGED,
+                    last_checkpoint=last_ok[0],
+                )  # fmt: skip
+
             log_every = 10
             started = time.perf_counter()
             window: list[float] = []
@@ -129,6 +145,14 @@ class ModelStep(Step):
                     bar.advance(resumed)
 
                 def on_step(step: int, loss: float) -> None:
+                    check_finite_stats(
+                        ctx, {"pretrain loss": loss}, step, setting=DIVERGED,
+                        last_checkpoint=last_ok[0], terms=["pretrain loss"],
+                    )  # fmt: skip
+                    if step % every == 0 and step < pre.steps:
+                        # pretrain_unet saves its resume checkpoint right after this call
+                        check_weights(step)
+                        last_ok[0] = step
                     window.append(loss)
                     if step % log_every == 0 or step == pre.steps:
                         ctx.log_metrics({"pretrain/loss": sum(window) / len(window)}, step=step)
@@ -147,6 +171,7 @@ class ModelStep(Step):
                     checkpoint_every=every,
                     on_step=on_step,
                 )
+            check_weights(pre.steps)
             stats.update(
                 {
                     "pretrain_steps": pre.steps,

@@ -3,9 +3,11 @@
 Reads ``ctx.params`` (``unlearn``, ``trainable``, ``concepts``; datasets through the spec),
 encodes every dataset once (VAE latents, text embeddings), builds the registered method and
 runs its outer steps with progress, logging each step's numeric statistics through
-``ctx.log_metrics`` and checkpointing the method's full state to ``ctx.state`` every
-``checkpoint_every`` steps (atomic: temporary file + ``os.replace``); a restarted run resumes
-from the last checkpoint and continues bitwise as if uninterrupted.
+``ctx.log_metrics`` and checkpointing the method's full state and the step history through
+``ctx.save_checkpoint`` every ``checkpoint_every`` steps; a restarted run resumes from the
+last checkpoint (``ctx.load_checkpoint``) and continues bitwise as if uninterrupted. A
+non-finite loss, gradient or hypergradient (the stats callback) or trainable weight (checked
+before every checkpoint and before saving) fails the node at that step.
 
 Outputs: ``trainable.safetensors``, ``lora/`` (diffusers LoRA, for LoRA selections),
 ``unet/`` (merged UNet, ``save_pretrained``), ``steps.jsonl`` (every step's statistics, with
@@ -19,21 +21,19 @@ set every ``retain`` dataset; a simulated fine-tuning config without ``data`` dr
 from __future__ import annotations
 
 import json
-import os
 import time
 from pathlib import Path
 from typing import Any
 
-from .base import Step, StepContext, register
+from ..atomic import atomic_write_text
+from .base import Step, StepContext, check_finite_stats, check_finite_weights, register
 
-CHECKPOINT = "method.pt"
 HISTORY = "steps.jsonl"
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
+# What to change when unlearning diverges (the NonFiniteError hint).
+DIVERGED = (
+    "lower unlearn.optimizer.lr or set unlearn.optimizer.max_grad_norm; for resalign also "
+    "unlearn.resilience.hypergradient (damping < 1, max_norm, fallback: first_order)"
+)
 
 
 @register
@@ -117,27 +117,36 @@ class UnlearnStep(Step):
                 m for m in (bundle.vae, bundle.text_encoder, bundle.text_encoder_2) if m is not None
             ],
         )
-        state_dir = Path(ctx.state)
-        state_dir.mkdir(parents=True, exist_ok=True)
-        ckpt = state_dir / CHECKPOINT
-        hist_file = state_dir / HISTORY
         history: list[dict[str, Any]] = []
         # Under torchrun every rank holds the same statistics and state: rank 0 alone
-        # reports and checkpoints.
+        # reports and checkpoints (the other ranks' contexts record nothing).
         main = distributed.current().is_main
+        last_ckpt: list[int | None] = [None]
 
         def on_step(stats: dict[str, Any]) -> None:
             k = int(stats["step"])
             if main:
                 ctx.log_metrics(numeric(stats), step=k)
             history.append(stats)
+            check_finite_stats(ctx, stats, k, setting=DIVERGED, last_checkpoint=last_ckpt[0])
+
+        def check_weights(step: int) -> None:
+            named = dict(bundle.unet.named_parameters())
+            check_finite_weights(
+                ctx,
+                ((n, named.get(n)) for n in selection.names),
+                step,
+                what="trainable",
+                setting=DIVERGED,
+                last_checkpoint=last_ckpt[0],
+            )
 
         method = build_method(un.method, problem, un, seed=seed, callback=on_step)
-        if ckpt.is_file():
-            method.load_state_dict(torch.load(ckpt, map_location=ctx.device, weights_only=True))
-            if hist_file.is_file():
-                lines = hist_file.read_text(encoding="utf-8").splitlines()
-                history.extend(json.loads(x) for x in lines[: method.step_count])
+        ck = ctx.load_checkpoint(map_location=ctx.device)
+        if ck is not None:
+            saved, last_ckpt[0] = ck
+            method.load_state_dict(saved["method"])
+            history.extend(json.loads(x) for x in saved["history"][: method.step_count])
         every = int(ctx.checkpoint_every or un.checkpoint_every)
 
         with ctx.progress(total=un.steps, description=f"unlearn {un.method}") as bar:
@@ -146,11 +155,18 @@ class UnlearnStep(Step):
             while method.step_count < un.steps:
                 method.step()
                 bar.advance(1)
-                if main and method.step_count % every == 0 and method.step_count < un.steps:
-                    tmp = ckpt.with_name(CHECKPOINT + ".tmp")
-                    torch.save(method.state_dict(), tmp)
-                    _atomic_write_text(hist_file, "".join(json.dumps(h) + "\n" for h in history))
-                    os.replace(tmp, ckpt)
+                if method.step_count % every == 0 and method.step_count < un.steps:
+                    check_weights(method.step_count)
+                    # history as JSON lines: torch.load(weights_only=True) reads strings
+                    ctx.save_checkpoint(
+                        {
+                            "method": method.state_dict(),
+                            "history": [json.dumps(h) for h in history],
+                        },
+                        method.step_count,
+                    )
+                    last_ckpt[0] = method.step_count
+        check_weights(method.step_count)
         if not history and un.steps:
             raise UserError("unlearning produced no steps")
         if not main:
@@ -161,7 +177,7 @@ class UnlearnStep(Step):
         if selection.kind == "lora":
             save_lora(bundle.unet, out / "lora")
         save_merged_unet(bundle.unet, out / "unet")
-        _atomic_write_text(out / HISTORY, "".join(json.dumps(h) + "\n" for h in history))
+        atomic_write_text(out / HISTORY, "".join(json.dumps(h) + "\n" for h in history))
         summary = {
             "method": un.method,
             "seed": seed,
@@ -175,4 +191,4 @@ class UnlearnStep(Step):
             # not part of the key: the result is the same (to float rounding) for any count
             "processes": distributed.current().world_size,
         }
-        _atomic_write_text(out / "stats.json", json.dumps(summary, indent=2))
+        atomic_write_text(out / "stats.json", json.dumps(summary, indent=2))
