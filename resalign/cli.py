@@ -40,10 +40,34 @@ def cli() -> None:
     """
 
 
+def _sets() -> tuple[str, ...]:
+    """The ``--set`` items of the running command (see :data:`_SET`)."""
+    ctx = click.get_current_context(silent=True)
+    return tuple(ctx.meta.get("resalign.sets", ())) if ctx is not None else ()
+
+
 def _load(path: str, check_files: bool) -> Any:
     from .spec import load_spec
 
-    return load_spec(path, check_files=check_files)
+    return load_spec(path, check_files=check_files, sets=_sets())
+
+
+def _keep_sets(ctx: click.Context, _param: click.Parameter, value: tuple[str, ...]) -> None:
+    ctx.meta["resalign.sets"] = value
+
+
+# Not a function parameter (expose_value=False): commands read it through _sets()/_load().
+_SET = click.option(
+    "--set",
+    "sets",
+    multiple=True,
+    metavar="PATH=VALUE",
+    expose_value=False,
+    callback=_keep_sets,
+    help="Override one value of the spec (repeat): PATH is dotted (unlearn.steps, "
+    "threats.NAME.seeds, vars.digit), VALUE is YAML typed by the schema. Applied after "
+    "extends:, before vars:; listed in the run's MLflow params as set.PATH.",
+)
 
 
 _CHECK_FILES = click.option(
@@ -58,6 +82,7 @@ _CHECK_FILES = click.option(
 @cli.command()
 @click.argument("specs", nargs=-1, required=True, type=click.Path(dir_okay=False))
 @_CHECK_FILES
+@_SET
 def validate(specs: tuple[str, ...], check_files: bool) -> None:
     """Check SPEC files: schema, references, meta-learning, and compile each to its graph.
 
@@ -90,6 +115,7 @@ def validate(specs: tuple[str, ...], check_files: bool) -> None:
     "--force", "force", multiple=True, help="Show NODE as forced ('all', a kind, name or glob)."
 )
 @_CHECK_FILES
+@_SET
 def plan(spec: str, mermaid: bool, store: str, force: tuple[str, ...], check_files: bool) -> None:
     """Show the execution graph of SPEC: every node with its kind, name and content key, and
     whether it is cached or will run and why (new, parameter changed, upstream changed,
@@ -164,6 +190,7 @@ def schema(output: str | None) -> None:
               "J configs per outer step split over them (default: the spec's "
               "execution.nproc_per_node, 1). Not part of any cache key.")  # fmt: skip
 @click.option("--verbose", "-v", is_flag=True, help="Print one line per logged step.")
+@_SET
 def run(spec: str, force: tuple[str, ...], store: str, tracking_uri: str | None,
         no_tracking: bool, device: str | None, checkpoint_every: int | None, workers: int,
         nproc_per_node: int | None, verbose: bool) -> None:  # fmt: skip
@@ -188,6 +215,7 @@ def run(spec: str, force: tuple[str, ...], store: str, tracking_uri: str | None,
         if value is not None:
             command += [flag, str(value)]
     command += ["--no-tracking"] * no_tracking + ["--verbose"] * verbose
+    command += [arg for item in _sets() for arg in ("--set", item)]
     try:
         run_graph(
             graph, resolved, store_root=store, force=force,
@@ -316,6 +344,7 @@ def sync(store: str, tracking_uri: str | None) -> None:
     default="slurm",
     help="slurm: submitit backend (local/debug run the job path on this machine).",
 )
+@_SET
 def grid(template: str, list_: bool, render_dir: str | None, run_: bool, cells: tuple[str, ...],
          executor: str, workers: int, store: str, tracking_uri: str | None, no_tracking: bool,
          device: str | None, partition: str | None, gpus: int, time_min: int,
@@ -331,7 +360,7 @@ def grid(template: str, list_: bool, render_dir: str | None, run_: bool, cells: 
     if sum([list_, render_dir is not None, run_]) > 1:
         raise UserError("choose one of --list, --render DIR, --run")
     if render_dir is not None:
-        rendered = render_grid(template)
+        rendered = render_grid(template, sets=_sets())
         for p in write_rendered(rendered, render_dir):
             click.echo(f"wrote {p}")
         return
@@ -354,6 +383,7 @@ def grid(template: str, list_: bool, render_dir: str | None, run_: bool, cells: 
     summary = run_grid(
         template, store_root=store, executor=build, tracking=not no_tracking,
         tracking_uri=tracking_uri, device=device, cells=cells or None, command=sys.argv,
+        sets=_sets(),
     )  # fmt: skip
     click.echo(
         f"grid {summary.name}: {len(summary.cells)} cells in {summary.seconds:.1f}s; "
@@ -369,6 +399,10 @@ def bench(args: tuple[str, ...]) -> None:
     """Benchmarks: `bench hypergrad` (Moreau vs unrolled memory/time, HVP cost) and
     `bench sd --arch sd14|sdxl` (one outer step of the published configuration per memory
     lever, SD architecture with random weights). `bench NAME --help` lists their options."""
+    if args[:1] in (("-h",), ("--help",)):
+        # help_option_names is empty so that `bench NAME --help` reaches the benchmark.
+        click.echo(click.get_current_context().get_help())
+        return
     from .bench import main as bench_main
 
     raise SystemExit(bench_main(list(args)))

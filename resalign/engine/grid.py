@@ -58,8 +58,11 @@ class GridSummary:
         return sum(len(c.cached) for c in self.cells)
 
 
-def prepare(template: str | Path, *, check_files: bool = False) -> tuple[GridTemplate, list]:
-    """Load, render and validate every cell and compile its graph; nothing runs.
+def prepare(
+    template: str | Path, *, check_files: bool = False, sets: Sequence[str] = ()
+) -> tuple[GridTemplate, list]:
+    """Load, render and validate every cell (``sets``: ``--set`` items applied to each) and
+    compile its graph; nothing runs.
 
     Returns the template and ``[(rendered cell, graph)]``; raises ``UserError`` listing every
     problem of every cell.
@@ -67,7 +70,7 @@ def prepare(template: str | Path, *, check_files: bool = False) -> tuple[GridTem
     from ..graph.compile import compile_spec
 
     tpl = load_template(template)
-    rendered = render_grid(tpl, check_files=check_files)
+    rendered = render_grid(tpl, check_files=check_files, sets=sets)
     out, problems = [], []
     for rc in rendered:
         try:
@@ -169,6 +172,7 @@ def run_grid(
     device: str | None = None,
     cells: Sequence[str] | None = None,
     command: Sequence[str] | None = None,
+    sets: Sequence[str] = (),
 ) -> GridSummary:
     """Run the grid's cells (all, or the ids in ``cells``) after validating all of them.
 
@@ -181,7 +185,7 @@ def run_grid(
     from .tracking import resolve_tracking_uri
 
     t0 = time.perf_counter()
-    tpl, prepared = prepare(template, check_files=True)
+    tpl, prepared = prepare(template, check_files=True, sets=sets)
     if cells:
         unknown = [c for c in cells if c not in {rc.cell.id for rc, _ in prepared}]
         if unknown:

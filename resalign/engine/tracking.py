@@ -214,6 +214,9 @@ def curated_params(spec: Any) -> dict[str, str]:
                 out[f"threat.{tname}.{k}"] = v if isinstance(v, str) else json.dumps(v)
     if d.get("baselines"):
         out["baselines"] = json.dumps(sorted(d["baselines"]))
+    # `--set PATH=VALUE` items the spec was loaded with (ResolvedSpec.overrides), as written.
+    for path, value in (getattr(spec, "overrides", None) or {}).items():
+        out[f"set.{path}"] = value
     return out
 
 
