@@ -248,17 +248,43 @@ def run(spec: str, force: tuple[str, ...], store: str, tracking_uri: str | None,
     is_flag=True,
     help="A column for every evaluation step of each threat (default: its last step).",
 )
-def report(spec: str, out: str | None, store: str, all_steps: bool) -> None:
+@click.option(
+    "--frontier",
+    is_flag=True,
+    help="Grid templates: also frontier.png/.json, relearning against retain accuracy (and "
+    "classifier FID) per method, and the utility-matched difference.",
+)
+@click.option(
+    "--threat",
+    default=None,
+    help="With --frontier: the threat whose relearning is plotted (default: the last).",
+)
+def report(spec: str, out: str | None, store: str, all_steps: bool, frontier: bool,
+           threat: str | None) -> None:  # fmt: skip
     """Make the results table, curves and grids of a finished spec (issue 6).
 
-    Given a grid template (TEMPLATE.yaml.j2) instead: one table with a row per cell."""
+    Given a grid template (TEMPLATE.yaml.j2) instead: one table with a row per cell; with
+    --frontier, the utility-matched frontier of its methods."""
     from pathlib import Path
 
-    from .evaluation.report import is_template, report_for_grid, report_for_spec
+    from .reporting import is_template, report_for_grid, report_for_spec
 
-    make = report_for_grid if is_template(spec) else report_for_spec
-    folder = make(spec, Path(store), Path(out) if out else None, all_steps=all_steps)
+    target = Path(out) if out else None
+    if is_template(spec):
+        folder = report_for_grid(
+            spec, Path(store), target, all_steps=all_steps, frontier=frontier, threat=threat
+        )
+    elif frontier or threat:
+        raise UserError(
+            f"{spec}: --frontier and --threat need a grid template (TEMPLATE.yaml.j2)",
+            hint="the frontier compares methods across the cells of a grid over unlearning "
+            "strength, e.g. templates/frontier_digits.yaml.j2",
+        )
+    else:
+        folder = report_for_spec(spec, Path(store), target, all_steps=all_steps)
     click.echo((folder / "report.md").read_text(encoding="utf-8").split("\n## ")[0])
+    if frontier:
+        click.echo((folder / "frontier.md").read_text(encoding="utf-8").split("\n", 4)[-1])
     click.echo(f"report written to {folder}")
 
 

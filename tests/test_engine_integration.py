@@ -31,14 +31,14 @@ def test_tiny_spec_runs_end_to_end_then_is_cached(tmp_path):
     report = graph["report"]
     assert (st.node_dir(report.kind, report.key) / "report.md").is_file()
 
-    un = graph["unlearn/resalign"]
+    un = graph["unlearn/resalign/seed0"]
     local = read_metrics(st.node_dir(un.kind, un.key) / "metrics.jsonl")
     assert [r["step"] for r in local] == [1, 2]
     c = MlflowClient(f"sqlite:///{store.resolve() / 'mlflow.db'}")
     exp = c.get_experiment_by_name("tiny")
     runs = {r.data.tags.get("resalign.node.name"): r for r in c.search_runs([exp.experiment_id])}
     assert set(graph.nodes) <= set(runs)
-    hist = c.get_metric_history(runs["unlearn/resalign"].info.run_id, "hypergrad_norm")
+    hist = c.get_metric_history(runs["unlearn/resalign/seed0"].info.run_id, "hypergrad_norm")
     assert [m.step for m in hist] == [1, 2]
     assert [m.value for m in hist] == [r["hypergrad_norm"] for r in local]
 

@@ -69,7 +69,7 @@ def test_unlearn_node_on_two_ranks_equals_one_process(tmp_path):
     # the process count is placement, not content: no key and not the spec hash change
     assert {n.name: n.key for n in g1} == {n.name: n.key for n in g2}
     assert g1.spec_hash == g2.spec_hash
-    un = g1["unlearn/resalign"]
+    un = g1["unlearn/resalign/seed0"]
 
     one, two = tmp_path / "one", tmp_path / "two"
     # the single-process reference: the model and unlearn nodes only, in this process
@@ -84,7 +84,7 @@ def test_unlearn_node_on_two_ranks_equals_one_process(tmp_path):
     )
     seconds = time.perf_counter() - t0
     assert r2.exit_code == 0, r2.output
-    assert "unlearn/resalign: 2 processes (torchrun, gloo)" in r2.output
+    assert "unlearn/resalign/seed0: 2 processes (torchrun, gloo)" in r2.output
     assert seconds < 240
 
     d1, d2 = Store(one).node_dir(un.kind, un.key), Store(two).node_dir(un.kind, un.key)
@@ -121,7 +121,7 @@ def test_unlearn_node_on_two_ranks_equals_one_process(tmp_path):
     assert not (Store(two).root / "launch" / un.kind / un.key).exists()
     c = MlflowClient(f"sqlite:///{Store(two).root / 'mlflow.db'}")
     runs = c.search_runs([c.get_experiment_by_name("tiny").experiment_id])
-    run = next(r for r in runs if r.data.tags.get("resalign.node.name") == "unlearn/resalign")
+    run = next(r for r in runs if r.data.tags.get("resalign.node.name") == "unlearn/resalign/seed0")
     assert run.info.status == "FINISHED"
     hist = c.get_metric_history(run.info.run_id, "hypergrad_norm")
     assert [(h.step, h.value) for h in hist] == [(r["step"], r["hypergrad_norm"]) for r in local]

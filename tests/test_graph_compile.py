@@ -40,34 +40,36 @@ def test_nodes_and_dependencies(tmp_path: Path) -> None:
         assert all(names.index(d) < names.index(n.name) for d in n.deps.values())
     assert names[0] == "model" and names[-1] == "report"
     assert [n.name for n in g.of_kind("harvest")] == ["harvest/p__harvest"]
-    assert [n.name for n in g.of_kind("unlearn")] == ["unlearn/resalign"]  # 'none' rows: none
+    assert [n.name for n in g.of_kind("unlearn")] == ["unlearn/resalign/seed0"]  # none: none
     attacks = {n.name for n in g.of_kind("attack")}
     assert attacks == {
         f"attack/{r}/{t}/seed{s}"
-        for r in ("original", "resalign", "nothing")
+        for r in ("original", "resalign/seed0", "nothing")
         for t, seeds in (("a", (1, 2)), ("b", (42,)))
         for s in seeds
     }
     evals = g.of_kind("evaluate")
     assert len(evals) == 3 * (1 + 2 * 2 + 1)
-    u = g["unlearn/resalign"]
+    u = g["unlearn/resalign/seed0"]
     assert dict(u.deps) == {"model": "model", "harvest:p__harvest": "harvest/p__harvest"}
-    assert u.params["unlearn"]["seed"] == 0 and u.row == "resalign"
+    assert u.params["unlearn"]["seed"] == 0 and u.row == "resalign" and u.unlearn_seed == 0
+    assert "seeds" not in u.params["unlearn"]  # the node carries its one seed, not the list
     # the poisoned threat reads the harvest through the mix dataset
-    b = g["attack/resalign/b/seed42"]
+    b = g["attack/resalign/seed0/b/seed42"]
     assert b.deps["harvest:p__harvest"] == "harvest/p__harvest"
-    assert b.deps["unlearn"] == "unlearn/resalign"
+    assert b.deps["unlearn"] == "unlearn/resalign/seed0"
     assert "seeds" not in b.params["threat"] and b.params["seed"] == 42
     assert set(b.params["datasets"]) == {"keep", "mixed", "p", "p__harvest"}
-    e = g["evaluate/resalign/a/seed2/step2"]
-    assert (e.row, e.threat, e.seed, e.step) == ("resalign", "a", 2, 2)
+    e = g["evaluate/resalign/seed0/a/seed2/step2"]
+    assert (e.row, e.unlearn_seed, e.threat, e.seed, e.step) == ("resalign", 0, "a", 2, 2)
     assert dict(e.deps) == {
         "model": "model",
-        "unlearn": "unlearn/resalign",
-        "attack": "attack/resalign/a/seed2",
+        "unlearn": "unlearn/resalign/seed0",
+        "attack": "attack/resalign/seed0/a/seed2",
     }
     pre = g["evaluate/original/pre/step0"]
     assert dict(pre.deps) == {"model": "model"} and pre.threat is None and pre.step == 0
+    assert pre.unlearn_seed is None
     assert set(g["report"].deps.values()) == {n.name for n in evals}
     assert "device" not in g["model"].params["model"]
     assert set(g["model"].params["pretrain_data"]) == {"all"}
@@ -77,7 +79,7 @@ def test_none_row_shares_keys_with_original(tmp_path: Path) -> None:
     g = graph(tmp_path)
     assert g["attack/nothing/a/seed1"].key == g["attack/original/a/seed1"].key
     assert g["evaluate/nothing/pre/step0"].key == g["evaluate/original/pre/step0"].key
-    assert g["attack/resalign/a/seed1"].key != g["attack/original/a/seed1"].key
+    assert g["attack/resalign/seed0/a/seed1"].key != g["attack/original/a/seed1"].key
 
 
 def test_plan_renderings(tmp_path: Path) -> None:
@@ -86,9 +88,34 @@ def test_plan_renderings(tmp_path: Path) -> None:
     assert tree.splitlines()[0].startswith(f"g  ({len(g)} nodes")
     for n in g:
         assert f"{n.name}  {n.key[:12]}" in tree
-    assert "unlearn/resalign  " in tree and "(needs harvest/p__harvest)" in tree
+    assert "unlearn/resalign/seed0  " in tree and "(needs harvest/p__harvest)" in tree
     status = {n.name: "cached" for n in g}
     assert tree.count("[cached]") == 0 and render_plan(g, status).count("[cached]") == len(g)
     mer = render_mermaid(g)
     assert mer.startswith("flowchart TD")
     assert sum(1 for ln in mer.splitlines() if "-->" in ln) == sum(len(n.deps) for n in g)
+
+
+def test_unlearning_seeds_give_a_branch_each(tmp_path: Path) -> None:
+    text = SPEC.replace(
+        "baselines:\n", "unlearn: {seeds: [3, 5]}\nbaselines:\n  plain: {method: plain}\n"
+    )
+    g = compile_spec(load_spec_text(text, filename="g.yaml", base_dir=tmp_path))
+    # baselines inherit the seeds through the deep merge
+    assert [n.name for n in g.of_kind("unlearn")] == [
+        "unlearn/resalign/seed3",
+        "unlearn/resalign/seed5",
+        "unlearn/plain/seed3",
+        "unlearn/plain/seed5",
+    ]
+    for n in g.of_kind("unlearn"):
+        assert n.params["unlearn"]["seed"] == n.unlearn_seed
+    e = g["evaluate/plain/seed5/a/seed1/step4"]
+    assert e.deps["unlearn"] == "unlearn/plain/seed5" and e.unlearn_seed == 5
+    assert e.deps["attack"] == "attack/plain/seed5/a/seed1"
+    # 'none' rows have no unlearning seed: one branch
+    assert {n.name for n in g.of_kind("attack") if n.row == "nothing"} == {
+        "attack/nothing/a/seed1", "attack/nothing/a/seed2", "attack/nothing/b/seed42"}  # fmt: skip
+    assert g["report"].params["unlearn_seeds"] == {"resalign": [3, 5], "plain": [3, 5]}
+    evals = g.of_kind("evaluate")
+    assert len(evals) == 2 * (1 + 2 * 2 + 1) + 2 * 2 * (1 + 2 * 2 + 1)

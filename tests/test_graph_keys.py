@@ -120,23 +120,27 @@ def _changed(base: dict[str, str], new: dict[str, str]) -> set[str]:
 
 
 ALL_ROWS = {"original", "resalign"}
+# node-name prefix of each row: rows that unlearn carry their unlearning seed
+PREFIX = {"original": "original", "resalign": "resalign/seed0"}
 
 
 def _evals(rows: set[str], pre: bool = True, post: bool = True) -> set[str]:
     out = set()
     for r in rows:
         if pre:
-            out.add(f"evaluate/{r}/pre/step0")
+            out.add(f"evaluate/{PREFIX[r]}/pre/step0")
         if post:
-            out |= {f"evaluate/{r}/ft/seed42/step{s}" for s in (5, 10)}
+            out |= {f"evaluate/{PREFIX[r]}/ft/seed42/step{s}" for s in (5, 10)}
     return out
 
 
 def _attacks(rows: set[str]) -> set[str]:
-    return {f"attack/{r}/ft/seed42" for r in rows}
+    return {f"attack/{PREFIX[r]}/ft/seed42" for r in rows}
 
 
-UNLEARN_DOWN = {"unlearn/resalign"} | _attacks({"resalign"}) | _evals({"resalign"}) | {"report"}
+UNLEARN_DOWN = (
+    {"unlearn/resalign/seed0"} | _attacks({"resalign"}) | _evals({"resalign"}) | {"report"}
+)
 
 
 @pytest.mark.parametrize(
@@ -144,7 +148,6 @@ UNLEARN_DOWN = {"unlearn/resalign"} | _attacks({"resalign"}) | _evals({"resalign
     [
         ("  steps: 20\n", "  steps: 21\n", UNLEARN_DOWN),
         ("optimizer: {lr: 1e-3}", "optimizer: {lr: 2e-3}", UNLEARN_DOWN),
-        ("seed: 0\nmodel", "seed: 1\nmodel", UNLEARN_DOWN),  # fills unlearn.seed
         (
             "lr: 1e-4, eval_at",
             "lr: 2e-4, eval_at",
@@ -166,7 +169,6 @@ UNLEARN_DOWN = {"unlearn/resalign"} | _attacks({"resalign"}) | _evals({"resalign
     ids=[
         "unlearn-steps",
         "outer-lr",
-        "seed",
         "threat-lr",
         "generation",
         "retain-data",
@@ -184,9 +186,9 @@ def test_eval_at_adds_nodes_without_touching_unlearning(root: Path, base: dict[s
     new = keys_of(SPEC.replace("eval_at: [5, 10]", "eval_at: [5, 8, 10]"), root)
     assert {n for n in new if n not in base} == {
         "evaluate/original/ft/seed42/step8",
-        "evaluate/resalign/ft/seed42/step8",
+        "evaluate/resalign/seed0/ft/seed42/step8",
     }
-    assert new["unlearn/resalign"] == base["unlearn/resalign"]
+    assert new["unlearn/resalign/seed0"] == base["unlearn/resalign/seed0"]
     assert new["model"] == base["model"]
 
 
@@ -214,8 +216,44 @@ def test_shared_prefix_shares_nodes(root: Path, base: dict[str, str]) -> None:
         "  ft: {", "  ft2: {data: bench, steps: 3}\n  ft: {"
     )
     new = keys_of(other, root)
-    for name in ("model", "unlearn/resalign", "attack/resalign/ft/seed42"):
+    for name in ("model", "unlearn/resalign/seed0", "attack/resalign/seed0/ft/seed42"):
         assert new[name] == base[name]
+
+
+def test_spec_seed_is_the_default_unlearning_seed(root, base) -> None:
+    new = keys_of(SPEC.replace("seed: 0\nmodel", "seed: 1\nmodel"), root)
+    renamed = {n.replace("resalign/seed0", "resalign/seed1") for n in UNLEARN_DOWN}
+    assert set(new) == (set(base) - UNLEARN_DOWN) | renamed
+    for n in UNLEARN_DOWN - {"report"}:
+        assert new[n.replace("resalign/seed0", "resalign/seed1")] != base[n]
+    assert all(new[n] == base[n] for n in set(base) - UNLEARN_DOWN)
+
+
+def test_adding_an_unlearning_seed_adds_nodes_and_changes_no_key(root, base) -> None:
+    new = keys_of(SPEC.replace("  steps: 20\n", "  steps: 20\n  seeds: [0, 7]\n"), root)
+    added = {n for n in new if n not in base}
+    assert added == {
+        "unlearn/resalign/seed7",
+        "evaluate/resalign/seed7/pre/step0",
+        "attack/resalign/seed7/ft/seed42",
+        "evaluate/resalign/seed7/ft/seed42/step5",
+        "evaluate/resalign/seed7/ft/seed42/step10",
+    }
+    assert {n for n in base if n not in new} == set()
+    # every unlearn, attack and evaluate node of seed 0 keeps its key; the report gains inputs
+    assert {n for n in base if new[n] != base[n]} == {"report"}
+    assert len(set(new.values())) == len(new)
+
+
+def test_adding_an_attack_seed_adds_nodes_and_changes_no_key(root, base) -> None:
+    new = keys_of(SPEC.replace("eval_at: [5, 10]}", "eval_at: [5, 10], seeds: [42, 9]}"), root)
+    added = {n for n in new if n not in base}
+    assert added == {
+        f"{kind}/{PREFIX[r]}/ft/seed9{tail}"
+        for r in ALL_ROWS
+        for kind, tail in (("attack", ""), ("evaluate", "/step5"), ("evaluate", "/step10"))
+    }
+    assert {n for n in base if new[n] != base[n]} == {"report"}
 
 
 def test_fingerprint_and_key_view(tmp_path: Path) -> None:

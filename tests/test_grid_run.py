@@ -60,7 +60,7 @@ tracking:
 
 CELLS = ["lr=1.0e-3,steps=1", "lr=1.0e-3,steps=2", "lr=1.0e-2,steps=1", "lr=1.0e-2,steps=2"]
 SHARED = {"model", "evaluate/original/pre/step0"}
-OWN = {"unlearn/unlearned", "evaluate/unlearned/pre/step0", "report"}
+OWN = {"unlearn/unlearned/seed0", "evaluate/unlearned/seed0/pre/step0", "report"}
 
 
 @pytest.mark.slow
@@ -127,7 +127,7 @@ def test_two_by_two_grid_on_the_tiny_model(tmp_path, monkeypatch):
     table = json.loads((out / "table.json").read_text())
     assert [r["row"] for r in table["table"]] == ["original", *CELLS]
     for (_, g), row in zip(prepared, table["table"][1:]):
-        node = g["evaluate/unlearned/pre/step0"]
+        node = g["evaluate/unlearned/seed0/pre/step0"]
         metrics = json.loads((st.node_dir(node.kind, node.key) / "metrics.json").read_text())
         assert row["cells"]["concept_rate/pre"]["values"] == [metrics["concept_rate"]["value"]]
     for cid in CELLS:

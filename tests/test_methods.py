@@ -249,7 +249,7 @@ def test_unlearn_step_outputs_and_resume_from_state(tmp_path):
     write_model_json(
         model, {"family": "tiny", "noise_schedule": spec.model.noise_schedule.model_dump()}
     )
-    node = graph["unlearn/resalign"]
+    node = graph["unlearn/resalign/seed0"]
     state = tmp_path / "state"
 
     def run(out):

@@ -1,15 +1,26 @@
-"""The report from evaluate results laid out as the store lays them out."""
+"""The report from evaluate results laid out as the store lays them out: cells over
+(unlearning seed, attack seed) units, paired differences to plain, relearning summaries.
+Every number is checked against an independent computation (scipy / numpy / by hand)."""
 
 from __future__ import annotations
 
 import json
 import math
 
+import numpy as np
 import pytest
 from PIL import Image
+from scipy import stats
 
 from resalign.errors import UserError
-from resalign.evaluation.report import mean_ci, results_from_store, write_report
+from resalign.evaluation.report import (
+    mean_ci,
+    parse_eval_name,
+    results_from_store,
+    table_metrics,
+    write_report,
+)
+from resalign.evaluation.stats import area_under, first_exceeding, lower_median, summary
 from resalign.graph.nodes import Graph, Node
 
 ROWS = ["original", "plain", "resalign"]
@@ -17,15 +28,24 @@ THREATS = {
     "benign": {"seeds": [1, 2], "eval_at": [2, 4], "steps": 4},
     "poisoned": {"seeds": [1, 2], "eval_at": [2, 4], "steps": 4},
 }
+USEEDS = {"original": [None], "plain": [0, 1], "resalign": [0, 1]}
+N_IMAGES = 20
 
 
-def value(row, threat, seed, step):
+def value(row, useed, threat, seed, step):
     """A made-up but structured result: concept comes back with steps, less for resalign."""
-    base = {"original": 0.9, "plain": 0.0, "resalign": 0.0}[row]
+    u = useed or 0
+    base = {"original": 0.9, "plain": 0.02 * u, "resalign": 0.01 * u}[row]
     if threat is None:
         return base
     speed = {"original": 0.0, "plain": 0.2, "resalign": 0.05}[row]
-    return min(1.0, base + speed * step * (2 if threat == "poisoned" else 1) + 0.01 * seed)
+    return min(
+        1.0, base + speed * step * (2 if threat == "poisoned" else 1) + 0.01 * seed + 0.03 * u
+    )
+
+
+def retain(row, useed):
+    return 0.9 - 0.05 * (useed or 0) - (0.1 if row == "plain" else 0.0)
 
 
 def entry(v, role, better):
@@ -36,68 +56,221 @@ def entry(v, role, better):
         "params": {"svc": {"C": 10}},
         "role": role,
         "better": better,
-        "n": 3,
+        "n": N_IMAGES,
     }
+
+
+def eval_name(row, useed, threat, seed, step):
+    prefix = row if useed is None else f"{row}/seed{useed}"
+    if threat is None:
+        return f"evaluate/{prefix}/pre/step0"
+    return f"evaluate/{prefix}/{threat}/seed{seed}/step{step}"
 
 
 def make_store(root):
     graph = Graph("demo", "h")
     k = 0
     for row in ROWS:
-        todo = [(None, None, 0)] + [(t, s, st) for t in THREATS for s in (1, 2) for st in (2, 4)]
-        for threat, seed, step in todo:
-            name = (
-                f"evaluate/{row}/pre/step0"
-                if threat is None
-                else f"evaluate/{row}/{threat}/seed{seed}/step{step}"
-            )
-            key = f"k{k:03d}"
-            k += 1
-            graph.nodes[name] = Node("evaluate", name, {}, {}, key, row, threat, seed, step)
-            folder = root / "evaluate" / key
-            folder.mkdir(parents=True)
-            metrics = {
-                "concept_rate": entry(value(row, threat, seed, step), "safety", "lower"),
-                "retain_accuracy": entry(0.95 - 0.01 * (seed or 0), "utility", "higher"),
-            }
-            (folder / "metrics.json").write_text(json.dumps(metrics))
-            shade = int(255 * value(row, threat, seed, step))
-            Image.new("L", (16, 16), shade).save(folder / "grid.png")
-            (folder / "DONE").write_text("")
+        for u in USEEDS[row]:
+            todo = [(None, None, 0)] + [
+                (t, s, st) for t in THREATS for s in (1, 2) for st in (2, 4)
+            ]
+            for threat, seed, step in todo:
+                name = eval_name(row, u, threat, seed, step)
+                key = f"k{k:03d}"
+                k += 1
+                graph.nodes[name] = Node(
+                    "evaluate", name, {}, {}, key, row, threat, seed, step, unlearn_seed=u
+                )
+                folder = root / "evaluate" / key
+                folder.mkdir(parents=True)
+                v = value(row, u, threat, seed, step)
+                metrics = {
+                    "concept_rate": entry(v, "safety", "lower"),
+                    "retain_accuracy": entry(retain(row, u), "utility", "higher"),
+                }
+                (folder / "metrics.json").write_text(json.dumps(metrics))
+                Image.new("L", (16, 16), int(255 * v)).save(folder / "grid.png")
+                (folder / "DONE").write_text("")
     return graph
 
 
-def test_report_table_curves_and_grids(tmp_path):
+UNITS = [(0, 1), (0, 2), (1, 1), (1, 2)]  # (unlearning seed, attack seed), graph order
+
+
+@pytest.fixture()
+def report(tmp_path):
     graph = make_store(tmp_path / "runs")
     results = results_from_store(graph, tmp_path / "runs")
     table = write_report(results, tmp_path / "out", rows=ROWS, threats=THREATS, title="demo")
+    return table, tmp_path / "out"
+
+
+def row_of(table, name):
+    return next(r for r in table["table"] if r["row"] == name)
+
+
+def t_interval(vals):
+    mean = float(np.mean(vals))
+    lo, hi = stats.t.interval(0.95, len(vals) - 1, loc=mean, scale=stats.sem(vals))
+    return mean, lo, hi
+
+
+def test_parse_eval_name_both_forms():
+    assert tuple(parse_eval_name("evaluate/original/pre/step0")) == (
+        "original",
+        None,
+        None,
+        None,
+        0,
+    )
+    assert tuple(parse_eval_name("evaluate/original/poison/seed2/step50")) == (
+        "original", None, "poison", 2, 50)  # fmt: skip
+    assert tuple(parse_eval_name("evaluate/plain/seed3/pre/step0")) == ("plain", 3, None, None, 0)
+    assert tuple(parse_eval_name("evaluate/plain/seed3/poison/seed1/step25")) == (
+        "plain", 3, "poison", 1, 25)  # fmt: skip
+    with pytest.raises(ValueError):
+        parse_eval_name("attack/plain/seed3/poison/seed1")
+
+
+def test_cells_aggregate_over_unlearning_and_attack_seeds(report):
+    table, out = report
     for f in ("report.md", "report.html", "table.json", "ip_vs_steps.png", "grids.png"):
-        assert (tmp_path / "out" / f).is_file(), f
+        assert (out / f).is_file(), f
     assert [r["row"] for r in table["table"]] == ROWS
     assert [c["id"] for c in table["columns"]] == [
         "concept_rate/pre",
         "concept_rate/benign",
         "concept_rate/poisoned",
+        "concept_rate/benign/area",
+        "concept_rate/benign/first",
+        "concept_rate/poisoned/area",
+        "concept_rate/poisoned/first",
         "retain_accuracy/pre",
     ]
-    cell = table["table"][1]["cells"]["concept_rate/benign"]  # plain, after benign, step 4
-    vals = [value("plain", "benign", s, 4) for s in (1, 2)]
-    assert cell["values"] == vals and cell["n"] == 2
-    sd = math.sqrt(sum((v - sum(vals) / 2) ** 2 for v in vals))  # n-1 = 1
-    assert cell["ci95"] == pytest.approx(12.706204736 * sd / math.sqrt(2), rel=1e-6)
-    assert table["table"][0]["cells"]["concept_rate/pre"]["values"] == [0.9]
-    md = (tmp_path / "out" / "report.md").read_text()
-    assert "| plain | 0.0000 | 0.8150 ± 0.0635 |" in md
+    cell = row_of(table, "plain")["cells"]["concept_rate/benign"]  # step 4
+    vals = [value("plain", u, "benign", a, 4) for u, a in UNITS]
+    assert cell["values"] == pytest.approx(vals) and cell["n"] == 4
+    assert cell["units"] == [list(u) for u in UNITS]
+    mean, lo, hi = t_interval(vals)
+    assert cell["mean"] == pytest.approx(mean)
+    assert (cell["lo"], cell["hi"]) == pytest.approx((lo, hi))
+    assert cell["ci95"] == pytest.approx((hi - lo) / 2)
+    # pre-FT: one value per unlearning seed; original: one evaluation, no interval
+    pre = row_of(table, "plain")["cells"]["concept_rate/pre"]
+    assert pre["values"] == pytest.approx([0.0, 0.02]) and pre["units"] == [[0, None], [1, None]]
+    orig = row_of(table, "original")["cells"]
+    assert orig["concept_rate/pre"]["values"] == [0.9] and orig["concept_rate/pre"]["lo"] is None
+    assert orig["concept_rate/benign"]["units"] == [[None, 1], [None, 2]]
+    md = (out / "report.md").read_text()
+    assert f"| plain | 0.010 [0.000, 0.137] n=2 | {mean:.3f} [{lo:.3f}, {hi:.3f}] n=4 |" in md
     assert "concept_rate ↓ after poisoned (step 4)" in md
-    curve = table["curves"]["concept_rate/benign"]["rows"]["resalign"]
-    assert [p["step"] for p in curve] == [0, 2, 4]
-    with Image.open(tmp_path / "out" / "ip_vs_steps.png") as im:
-        assert im.size[0] > 500 and im.size[1] > 300
+
+
+def test_rate_intervals_stay_in_the_unit_interval(report):
+    table, _ = report
+    # plain's pre-FT concept rate: values 0.0, 0.02; the t-interval reaches below 0
+    pre = row_of(table, "plain")["cells"]["concept_rate/pre"]
+    assert pre["mean"] - pre["ci95"] < 0 and pre["lo"] == 0.0
+    for r in table["table"]:
+        for cid, cell in r["cells"].items():
+            if "lo" in cell and cell["lo"] is not None:
+                assert 0.0 <= cell["lo"] <= cell["mean"] <= cell["hi"] <= 1.0, (r["row"], cid)
+        for d in (r.get("diff") or {}).values():
+            if d.get("lo") is not None:
+                assert -1.0 <= d["lo"] <= d["hi"] <= 1.0
+    # a difference of rates is clipped to [-1, 1], an unbounded metric not at all
+    s = summary([0.99, 1.0, 0.5], (0.0, 1.0))
+    assert s["hi"] == 1.0 and s["mean"] + s["ci95"] > 1.0
+    assert summary([-5.0, 3.0], None)["lo"] < -5.0
+
+
+def test_paired_difference_to_plain(report):
+    table, out = report
+    res = row_of(table, "resalign")
+    assert res["reference"] == "plain" and "diff" not in row_of(table, "plain")
+    assert "diff" not in row_of(table, "original")
+    d = res["diff"]["concept_rate/benign"]
+    diffs = [
+        value("resalign", u, "benign", a, 4) - value("plain", u, "benign", a, 4) for u, a in UNITS
+    ]
+    mean, lo, hi = t_interval(diffs)
+    assert d["values"] == pytest.approx(diffs) and d["n"] == 4
+    assert (d["mean"], d["lo"], d["hi"]) == pytest.approx((mean, lo, hi))
+    # pre-FT pairs by unlearning seed only
+    dp = res["diff"]["concept_rate/pre"]
+    assert dp["values"] == pytest.approx([0.0, 0.01 - 0.02]) and dp["n"] == 2
+    md = (out / "report.md").read_text()
+    assert f"| Δ resalign − plain (paired) | {dp['mean']:+.3f}" in md
+    assert f"{mean:+.3f} [{lo:+.3f}, {hi:+.3f}] n=4" in md
+
+
+def test_relearning_area_and_first_step(report):
+    table, out = report
+    cells = row_of(table, "resalign")["cells"]
+    # area: trapezoid over steps 0, 2, 4 (step 0 = the same unlearning seed's pre value) / 4
+    want = [
+        np.trapezoid(
+            [value("resalign", u, None, None, 0)] + [value("resalign", u, "poisoned", a, s) for s in (2, 4)],
+            [0, 2, 4],
+        ) / 4
+        for u, a in UNITS
+    ]  # fmt: skip
+    area = cells["concept_rate/poisoned/area"]
+    assert area["values"] == pytest.approx(want) and area["n"] == 4
+    assert area["mean"] == pytest.approx(np.mean(want))
+    # first step: threshold 0.45 = half of the original's pre value 0.9
+    assert cells["concept_rate/poisoned/first"]["threshold"] == pytest.approx(0.45)
+    firsts = [
+        next((s for s in (0, 2, 4) if (value("resalign", u, None, None, 0) if s == 0 else
+              value("resalign", u, "poisoned", a, s)) > 0.45), None)
+        for u, a in UNITS
+    ]  # fmt: skip
+    first = cells["concept_rate/poisoned/first"]
+    assert first["values"] == firsts and first["relearned"] == sum(f is not None for f in firsts)
+    benign = cells["concept_rate/benign/first"]
+    assert benign["values"] == [None] * 4 and benign["median"] is None  # never within 4 steps
+    plain = row_of(table, "plain")["cells"]["concept_rate/benign/first"]
+    assert plain["values"] == [4, 4, 2, 2]  # step 2: 0.41, 0.42 | 0.46, 0.47 > 0.45
+    # paired: resalign relearns later than plain on every pair (censored counts as later)
+    d = row_of(table, "resalign")["diff"]["concept_rate/benign/first"]
+    assert (d["later"], d["earlier"], d["tied"]) == (4, 0, 0)
+    assert d["sign_test_p"] == pytest.approx(2 * 0.5**4)
+    md = (out / "report.md").read_text()
+    assert "> 4 (0/4 relearned)" in md and "later 4 / earlier 0 / tied 0, p=0.12" in md
+
+
+def test_mlflow_summary_and_evaluation_n(report):
+    table, out = report
+    flat = table_metrics(table)
+    area = row_of(table, "resalign")["cells"]["concept_rate/poisoned/area"]
+    key = "relearn_area.concept_rate.poisoned.resalign"
+    assert flat[key] == area["mean"] and flat[key + ".n"] == 4.0
+    assert flat[key + ".lo"] == area["lo"]
+    diff = row_of(table, "resalign")["diff"]["concept_rate/poisoned/area"]
+    assert flat["relearn_area_diff.concept_rate.poisoned.resalign"] == diff["mean"]
+    assert flat["first_relearn_step.concept_rate.poisoned.plain.relearned"] == 1.0
+    assert "first_relearn_step.concept_rate.benign.resalign" not in flat  # censored median
+    assert table["evaluation_n"]["concept_rate"]["n"] == [N_IMAGES]
+    se = 0.5 / math.sqrt(N_IMAGES)
+    assert table["evaluation_n"]["concept_rate"]["max_binomial_se"] == pytest.approx(se)
+    md = (out / "report.md").read_text()
+    assert f"concept_rate from n = {N_IMAGES} images (binomial SE ≤ {se:.3f})" in md
+    assert "Unlearning seeds [0, 1], attack seeds [1, 2]" in md
+
+
+def test_stats_helpers_by_hand():
+    assert area_under([(0, 0.0), (10, 1.0)]) == pytest.approx(0.5)
+    assert area_under([(0, 0.2), (25, 0.2), (100, 1.0)]) == pytest.approx(
+        (25 * 0.2 + 75 * 0.6) / 100
+    )
+    assert first_exceeding([(0, 0.1), (5, 0.5), (10, 0.9)], 0.4) == 5
+    assert first_exceeding([(0, 0.1), (5, 0.2)], 0.4) is None
+    assert lower_median([10, None, 5]) == 10 and lower_median([None, None, 5]) is None
+    assert lower_median([5, 10, None, None]) == 10
 
 
 def test_mean_ci_against_scipy_interval():
-    from scipy import stats
-
     vals = [0.1, 0.25, 0.2, 0.4]
     mean, half = mean_ci(vals)
     lo, hi = stats.t.interval(0.95, len(vals) - 1, loc=mean, scale=stats.sem(vals))
@@ -107,17 +280,12 @@ def test_mean_ci_against_scipy_interval():
 
 def test_missing_result_names_the_node_and_the_command(tmp_path):
     graph = make_store(tmp_path / "runs")
-    (
-        tmp_path
-        / "runs"
-        / "evaluate"
-        / graph.nodes["evaluate/plain/poisoned/seed2/step4"].key
-        / "DONE"
-    ).unlink()
+    name = "evaluate/plain/seed1/poisoned/seed2/step4"
+    (tmp_path / "runs" / "evaluate" / graph.nodes[name].key / "DONE").unlink()
     with pytest.raises(UserError) as err:
         results_from_store(graph, tmp_path / "runs", "specs/demo.yaml")
     text = err.value.render()
-    assert "evaluate/plain/poisoned/seed2/step4" in text and "resalign run specs/demo.yaml" in text
+    assert name in text and "resalign run specs/demo.yaml" in text
 
 
 def test_all_steps_gives_a_column_per_evaluation_step(tmp_path):
@@ -126,7 +294,7 @@ def test_all_steps_gives_a_column_per_evaluation_step(tmp_path):
     table = write_report(
         results, tmp_path / "out", rows=ROWS, threats=THREATS, title="demo", all_steps=True
     )
-    ids = [c["id"] for c in table["columns"]]
+    ids = [c["id"] for c in table["columns"] if c["kind"] == "value"]
     assert ids == [
         "concept_rate/pre",
         "concept_rate/benign@2",
@@ -135,9 +303,9 @@ def test_all_steps_gives_a_column_per_evaluation_step(tmp_path):
         "concept_rate/poisoned",
         "retain_accuracy/pre",
     ]
-    plain = next(r for r in table["table"] if r["row"] == "plain")["cells"]
-    # step 2 of the benign threat, seeds 1 and 2: 0.2 * 2 + 0.01 * seed
-    assert plain["concept_rate/benign@2"]["values"] == pytest.approx([0.41, 0.42])
-    assert plain["concept_rate/benign"]["values"] == pytest.approx([0.81, 0.82])
+    plain = row_of(table, "plain")["cells"]
+    # step 2 of the benign threat: 0.02u + 0.2 * 2 + 0.01 * a + 0.03u
+    assert plain["concept_rate/benign@2"]["values"] == pytest.approx([0.41, 0.42, 0.46, 0.47])
+    assert plain["concept_rate/benign"]["values"] == pytest.approx([0.81, 0.82, 0.86, 0.87])
     md = (tmp_path / "out" / "report.md").read_text()
     assert "after benign (step 2)" in md and "after benign (step 4)" in md

@@ -1,16 +1,20 @@
 """The paper-shaped report: table, metric-vs-fine-tuning-steps curves, image grids.
 
 Input: the ``metrics.json`` of every evaluate node (``{name: {"value", "definition",
-"version", "params", "role", "better", ...}}``), located either through the compiled graph
-and the store (:func:`results_from_store`, the CLI) or through the report step's inputs
-(:func:`results_from_dirs`). Output (``out``): ``table.json``, ``report.md``,
-``report.html``, ``ip_vs_steps.png`` and ``grids.png``.
+"version", "params", "role", "better", "n", ...}}``), located either through the compiled
+graph and the store (:func:`results_from_store`, used by :mod:`resalign.reporting`) or
+through the report step's inputs (:func:`results_from_dirs`). Output (``out``):
+``table.json``, ``report.md``, ``report.html``, ``ip_vs_steps.png`` and ``grids.png``.
 
 The table has one line per row (``original`` first, then each method) and, for each safety
-metric, a pre-fine-tuning column and one post-fine-tuning column per threat (at the threat's
-last evaluation step); utility metrics get their pre-fine-tuning column. A cell is the mean
-over attack seeds ± the half-width of the two-sided 95% confidence interval of the mean
-(Student t with n−1 degrees of freedom); a single value is shown alone.
+metric, a pre-fine-tuning column, one post-fine-tuning column per threat (at the threat's
+last evaluation step; every step with ``all_steps``) and two columns per threat that sum up
+the whole attack (the relearning area and the first relearn step, see
+:mod:`resalign.evaluation.stats`); utility metrics get their pre-fine-tuning column. A cell
+aggregates over units (unlearning seed × attack seed; see :mod:`.stats`): mean, 95 %
+interval (Student t, clipped to [0, 1] for rates) and n. Below each method row, its paired
+difference to the row named ``plain`` (``<cell>/plain`` in a grid report): same unlearning
+seed and attack seed.
 """
 
 from __future__ import annotations
@@ -19,19 +23,36 @@ import html
 import json
 import math
 import os
+import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
+from ..atomic import atomic_write_text as atomic_text
 from ..errors import UserError
+from .stats import (
+    RATE_METRICS,
+    Unit,
+    area_under,
+    bounds_of,
+    first_exceeding,
+    first_step_summary,
+    mean_ci,
+    paired,
+    paired_first,
+    summary,
+)
 
 PRE = "pre"
+REFERENCE_ROW = "plain"
+ORIGINAL_ROW = "original"
 
 
 @dataclass(frozen=True)
 class EvalResult:
-    """One evaluate node's results. ``threat`` is None before any attack (step 0)."""
+    """One evaluate node's results. ``threat`` and ``seed`` (the attack seed) are None before
+    any attack (step 0); ``unlearn_seed`` is None for rows without unlearning."""
 
     row: str
     threat: str | None
@@ -39,25 +60,50 @@ class EvalResult:
     step: int
     metrics: Mapping[str, Mapping[str, Any]]
     folder: Path
+    unlearn_seed: int | None = None
+
+    @property
+    def unit(self) -> Unit:
+        return (self.unlearn_seed, self.seed)
 
 
-def parse_eval_name(name: str) -> tuple[str, str | None, int | None, int]:
-    """``evaluate/<row>/pre/step0`` or ``evaluate/<row>/<threat>/seed<s>/step<n>``."""
-    parts = name.split("/")
-    if parts[0] != "evaluate" or len(parts) < 4 or not parts[-1].startswith("step"):
+class EvalName(NamedTuple):
+    row: str
+    unlearn_seed: int | None
+    threat: str | None
+    seed: int | None
+    step: int
+
+
+_EVAL_NAME = re.compile(
+    r"^evaluate/(?P<row>.+?)(?:/seed(?P<useed>-?\d+))?"
+    r"/(?:pre|(?P<threat>[^/]+)/seed(?P<seed>-?\d+))/step(?P<step>\d+)$"
+)
+
+
+def parse_eval_name(name: str) -> EvalName:
+    """``evaluate/<row>[/seed<u>]/pre/step0`` or
+    ``evaluate/<row>[/seed<u>]/<threat>/seed<a>/step<n>`` (``seed<u>``: the unlearning seed,
+    absent for rows without unlearning; see :func:`resalign.graph.compile.compile_spec`)."""
+    m = _EVAL_NAME.match(name)
+    if m is None:
         raise ValueError(f"not an evaluate node name: {name!r}")
-    step = int(parts[-1][4:])
-    if parts[-2] == PRE:
-        return "/".join(parts[1:-2]), None, None, step
-    return "/".join(parts[1:-3]), parts[-3], int(parts[-2][4:]), step
+
+    def num(g: str) -> int | None:
+        return None if m.group(g) is None else int(m.group(g))
+
+    return EvalName(m["row"], num("useed"), m["threat"], num("seed"), int(m["step"]))
 
 
 def read_result(name: str, folder: Path) -> EvalResult:
-    row, threat, seed, step = parse_eval_name(name)
+    loc = parse_eval_name(name)
     path = Path(folder) / "metrics.json"
     if not path.is_file():
         raise UserError(f"{name}: no metrics.json in {folder}", where=str(folder))
-    return EvalResult(row, threat, seed, step, json.loads(path.read_text("utf-8")), Path(folder))
+    metrics = json.loads(path.read_text("utf-8"))
+    return EvalResult(
+        loc.row, loc.threat, loc.seed, loc.step, metrics, Path(folder), loc.unlearn_seed
+    )
 
 
 def results_from_dirs(dirs: Mapping[str, Path]) -> list[EvalResult]:
@@ -90,31 +136,6 @@ def results_from_store(graph: Any, store_root: Path, spec_path: str = "SPEC") ->
     return results_from_dirs(found)
 
 
-# ----------------------------------------------------------------------------- statistics
-
-
-def mean_ci(values: Sequence[float], level: float = 0.95) -> tuple[float, float | None]:
-    """Mean and the half-width of the t confidence interval of the mean (None for n < 2)."""
-    vals = [float(v) for v in values]
-    n = len(vals)
-    if n == 0:
-        return float("nan"), None
-    mean = sum(vals) / n
-    if n < 2:
-        return mean, None
-    from scipy import stats
-
-    sd = math.sqrt(sum((v - mean) ** 2 for v in vals) / (n - 1))
-    return mean, float(stats.t.ppf(0.5 + level / 2, n - 1) * sd / math.sqrt(n))
-
-
-def fmt(mean: float, ci: float | None) -> str:
-    if mean != mean:  # NaN
-        return "–"
-    digits = 4 if abs(mean) < 10 else 2
-    return f"{mean:.{digits}f}" + ("" if ci is None else f" ± {ci:.{digits}f}")
-
-
 # ----------------------------------------------------------------------------- the table
 
 
@@ -129,16 +150,76 @@ def _metric_info(results: Iterable[EvalResult]) -> dict[str, dict[str, Any]]:
     return info
 
 
+def _sibling(row: str, name: str, rows: Sequence[str]) -> str | None:
+    """The row ``name`` of the same grid cell (``<cell>/<name>`` for ``<cell>/<row>``), else
+    the top-level row ``name``; None when neither exists or it is ``row`` itself."""
+    if "/" in row:
+        cand = row.rsplit("/", 1)[0] + "/" + name
+        if cand in rows:
+            return cand if cand != row else None
+    return name if name in rows and name != row else None
+
+
+def reference_row(row: str, rows: Sequence[str]) -> str | None:
+    """The row a method row is paired with: ``plain`` of its cell, else ``plain``. None for
+    the reference itself and for rows without unlearning (``original``)."""
+    if row == ORIGINAL_ROW or row.endswith("/" + ORIGINAL_ROW):
+        return None
+    return _sibling(row, REFERENCE_ROW, rows)
+
+
+class _Index:
+    """Values by (row, metric, threat, step) → {unit: value}."""
+
+    def __init__(self, results: Sequence[EvalResult]):
+        self.data: dict[tuple[str, str, str | None, int], dict[Unit, float]] = {}
+        for r in results:
+            for m, v in r.metrics.items():
+                self.data.setdefault((r.row, m, r.threat, r.step), {})[r.unit] = float(v["value"])
+
+    def get(self, row: str, metric: str, threat: str | None, step: int) -> dict[Unit, float]:
+        return self.data.get((row, metric, threat, step), {})
+
+
+def relearning(
+    idx: _Index,
+    row: str,
+    metric: str,
+    threat: str,
+    steps: Sequence[int],
+    threshold: float | None,
+) -> tuple[dict[Unit, float], dict[Unit, int | None]]:
+    """Per unit (unlearning seed, attack seed) of ``row``: the area under ``metric`` over the
+    attack (step 0 = that unlearning seed's pre-fine-tuning value) and the first step above
+    ``threshold`` (see :mod:`.stats`). Units missing a step are left out."""
+    pre = idx.get(row, metric, None, 0)
+    post = [idx.get(row, metric, threat, s) for s in steps]
+    areas: dict[Unit, float] = {}
+    firsts: dict[Unit, int | None] = {}
+    if not steps or not post[-1]:
+        return areas, firsts
+    for unit in post[-1]:
+        useed, _ = unit
+        if (useed, None) not in pre or any(unit not in p for p in post):
+            continue
+        pts = [(0, pre[(useed, None)])] + [(s, p[unit]) for s, p in zip(steps, post)]
+        areas[unit] = area_under(pts)
+        if threshold is not None:
+            firsts[unit] = first_exceeding(pts, threshold)
+    return areas, firsts
+
+
 def build_table(
     results: Sequence[EvalResult],
     rows: Sequence[str] | None = None,
     threats: Mapping[str, Mapping[str, Any]] | None = None,
     all_steps: bool = False,
 ) -> dict[str, Any]:
-    """The table as JSON-able data: columns, one entry per row with its cells, the metric
-    definitions, and the per-step curves. ``all_steps``: a post-fine-tuning column for every
-    evaluation step of each threat (id ``metric/threat@step``), not only the last
-    (id ``metric/threat``)."""
+    """The table as JSON-able data: columns, one entry per row with its cells and its paired
+    differences to the reference row, the metric definitions, the per-step curves and the
+    evaluation sizes. ``all_steps``: a post-fine-tuning column for every evaluation step of
+    each threat (id ``metric/threat@step``), not only the last (id ``metric/threat``).
+    Relearning columns: ``metric/threat/area`` and ``metric/threat/first``."""
     rows = list(rows) if rows else list(dict.fromkeys(r.row for r in results))
     if threats is None:
         names = dict.fromkeys(r.threat for r in results if r.threat)
@@ -146,61 +227,91 @@ def build_table(
     info = _metric_info(results)
     safety = [m for m, i in info.items() if i.get("role", "safety") == "safety"]
     utility = [m for m, i in info.items() if i.get("role") == "utility"]
+    idx = _Index(results)
 
+    steps_of = {t: sorted({r.step for r in results if r.threat == t}) for t in threats}
     last_step = {}
     for t, meta in threats.items():
-        steps = [r.step for r in results if r.threat == t]
-        last_step[t] = max(meta.get("eval_at") or steps or [0])
+        last_step[t] = max(meta.get("eval_at") or steps_of[t] or [0])
 
-    def values(row: str, threat: str | None, step: int, metric: str) -> list[float]:
-        return [
-            float(r.metrics[metric]["value"])
-            for r in results
-            if r.row == row and r.threat == threat and r.step == step and metric in r.metrics
-        ]
-
-    columns = []
+    columns: list[dict[str, Any]] = []
     for m in safety:
-        columns.append({"id": f"{m}/pre", "metric": m, "threat": None, "step": 0})
+        columns.append({"id": f"{m}/pre", "kind": "value", "metric": m, "threat": None, "step": 0})
         for t in threats:
             shown = [last_step[t]]
             if all_steps:
-                shown = sorted({r.step for r in results if r.threat == t} | {last_step[t]})
+                shown = sorted(set(steps_of[t]) | {last_step[t]})
             for s in shown:
                 cid = f"{m}/{t}" if s == last_step[t] else f"{m}/{t}@{s}"
-                columns.append({"id": cid, "metric": m, "threat": t, "step": s})
+                columns.append({"id": cid, "kind": "value", "metric": m, "threat": t, "step": s})
+    for m in safety:
+        for t in threats:
+            for kind in ("area", "first"):
+                columns.append(
+                    {
+                        "id": f"{m}/{t}/{kind}",
+                        "kind": kind,
+                        "metric": m,
+                        "threat": t,
+                        "step": last_step[t],
+                    }
+                )
     for m in utility:
-        columns.append({"id": f"{m}/pre", "metric": m, "threat": None, "step": 0})
+        columns.append({"id": f"{m}/pre", "kind": "value", "metric": m, "threat": None, "step": 0})
+
+    def threshold(row: str, metric: str) -> float | None:
+        orig = row if row.split("/")[-1] == ORIGINAL_ROW else _sibling(row, ORIGINAL_ROW, rows)
+        vals = list(idx.get(orig, metric, None, 0).values()) if orig else []
+        return 0.5 * sum(vals) / len(vals) if vals else None
+
+    relearn: dict[tuple[str, str, str], tuple[dict, dict]] = {}
+    for row in rows:
+        for m in safety:
+            for t in threats:
+                relearn[(row, m, t)] = relearning(idx, row, m, t, steps_of[t], threshold(row, m))
+
+    def unit_values(row: str, c: Mapping[str, Any]) -> dict[Unit, Any]:
+        if c["kind"] == "area":
+            return relearn[(row, c["metric"], c["threat"])][0]
+        if c["kind"] == "first":
+            return relearn[(row, c["metric"], c["threat"])][1]
+        return idx.get(row, c["metric"], c["threat"], c["step"])
 
     table_rows = []
     for row in rows:
-        cells = {}
+        cells, diffs = {}, {}
+        ref = reference_row(row, rows)
         for c in columns:
-            vals = values(row, c["threat"], c["step"], c["metric"])
-            mean, ci = mean_ci(vals)
-            cells[c["id"]] = {
-                "mean": mean if vals else None,
-                "ci95": ci,
-                "n": len(vals),
-                "values": vals,
-            }
-        table_rows.append({"row": row, "cells": cells})
+            vals = unit_values(row, c)
+            if c["kind"] == "first":
+                cell = first_step_summary(list(vals.values()), c["step"])
+                cell["threshold"] = threshold(row, c["metric"])
+            else:
+                cell = summary(list(vals.values()), bounds_of(c["metric"]))
+            cell["units"] = [list(u) for u in vals]
+            cells[c["id"]] = cell
+            if ref is not None:
+                other = unit_values(ref, c)
+                if c["kind"] == "first":
+                    diffs[c["id"]] = paired_first(vals, other)
+                else:
+                    diffs[c["id"]] = paired(vals, other, bounds_of(c["metric"], difference=True))
+        entry: dict[str, Any] = {"row": row, "cells": cells}
+        if ref is not None:
+            entry["reference"] = ref
+            entry["diff"] = diffs
+        table_rows.append(entry)
 
     curves = {}
     for m in safety:
         for t in threats:
-            steps = sorted({r.step for r in results if r.threat == t})
             per_row = {}
             for row in rows:
                 pts = []
-                pre = values(row, None, 0, m)
-                if pre:
-                    pts.append({"step": 0, "mean": mean_ci(pre)[0], "ci95": None, "n": len(pre)})
-                for s in steps:
-                    vals = values(row, t, s, m)
+                for step, threat in [(0, None)] + [(s, t) for s in steps_of[t]]:
+                    vals = list(idx.get(row, m, threat, step).values())
                     if vals:
-                        mean, ci = mean_ci(vals)
-                        pts.append({"step": s, "mean": mean, "ci95": ci, "n": len(vals)})
+                        pts.append({"step": step, **summary(vals, bounds_of(m))})
                 per_row[row] = pts
             curves[f"{m}/{t}"] = {"metric": m, "threat": t, "rows": per_row}
     return {
@@ -210,40 +321,189 @@ def build_table(
         "table": table_rows,
         "metrics": info,
         "curves": curves,
-        "ci": "two-sided 95% Student-t interval of the mean over attack seeds",
+        "evaluation_n": evaluation_sizes(results),
+        "ci": "two-sided 95% Student-t interval of the mean over units (unlearning seed x "
+        "attack seed), clipped to [0, 1] for rates; paired differences: t-interval of the "
+        "per-unit differences, clipped to [-1, 1] for rates",
     }
+
+
+def evaluation_sizes(results: Iterable[EvalResult]) -> dict[str, dict[str, Any]]:
+    """Per metric: the numbers of images its values were computed from (``n`` in
+    metrics.json) and, for rates, the largest binomial standard error of one evaluation,
+    sqrt(p(1−p)/n) at p = 0.5, for the smallest n."""
+    ns: dict[str, set[int]] = {}
+    for r in results:
+        for m, v in r.metrics.items():
+            if v.get("n") is not None:
+                ns.setdefault(m, set()).add(int(v["n"]))
+    out = {}
+    for m, vals in ns.items():
+        entry: dict[str, Any] = {"n": sorted(vals)}
+        if m in RATE_METRICS and min(vals) > 0:
+            entry["max_binomial_se"] = 0.5 / math.sqrt(min(vals))
+        out[m] = entry
+    return out
+
+
+def table_metrics(table: Mapping[str, Any]) -> dict[str, float]:
+    """The relearning summaries as flat MLflow metrics: for each row, safety metric and
+    threat, ``relearn_area.<metric>.<threat>.<row>`` (mean, ``.lo``, ``.hi``, ``.n``),
+    ``first_relearn_step.<metric>.<threat>.<row>`` (the lower median, when not censored)
+    and ``.relearned`` (the share of units that relearned), and the paired difference to the
+    reference row ``relearn_area_diff.<metric>.<threat>.<row>`` (mean, ``.lo``, ``.hi``,
+    ``.n``)."""
+    out: dict[str, float] = {}
+
+    def safe(text: str) -> str:
+        return re.sub(r"[^A-Za-z0-9_\-. /]", "_", text)
+
+    for r in table["table"]:
+        for c in table["columns"]:
+            if c["kind"] == "value":
+                continue
+            cell = r["cells"][c["id"]]
+            tail = safe(f"{c['metric']}.{c['threat']}.{r['row']}")
+            if c["kind"] == "area" and cell["n"]:
+                out[f"relearn_area.{tail}"] = cell["mean"]
+                out[f"relearn_area.{tail}.n"] = float(cell["n"])
+                if cell["lo"] is not None:
+                    out[f"relearn_area.{tail}.lo"] = cell["lo"]
+                    out[f"relearn_area.{tail}.hi"] = cell["hi"]
+                d = (r.get("diff") or {}).get(c["id"])
+                if d and d["n"]:
+                    out[f"relearn_area_diff.{tail}"] = d["mean"]
+                    out[f"relearn_area_diff.{tail}.n"] = float(d["n"])
+                    if d["lo"] is not None:
+                        out[f"relearn_area_diff.{tail}.lo"] = d["lo"]
+                        out[f"relearn_area_diff.{tail}.hi"] = d["hi"]
+            elif c["kind"] == "first" and cell["n"] and cell.get("threshold") is not None:
+                if cell["median"] is not None:
+                    out[f"first_relearn_step.{tail}"] = float(cell["median"])
+                out[f"first_relearn_step.{tail}.relearned"] = cell["relearned"] / cell["n"]
+    return out
+
+
+def _num(v: float, digits: int) -> str:
+    return f"{v:.{digits}f}"
+
+
+def fmt(cell: Mapping[str, Any] | float, ci: float | None = None) -> str:
+    """A cell as text: ``mean [lo, hi] n=k`` (value and area cells), ``median (k/n relearned)``
+    or ``> last (0/n)`` (first-step cells). A bare number (and half-width) is still accepted."""
+    if not isinstance(cell, Mapping):
+        mean = float(cell)
+        if mean != mean:
+            return "–"
+        d = 4 if abs(mean) < 10 else 2
+        return f"{mean:.{d}f}" + ("" if ci is None else f" ± {ci:.{d}f}")
+    if "median" in cell:
+        if not cell["n"] or cell.get("threshold") is None:
+            return "–"
+        med = cell["median"]
+        when = f"> {cell['last_step']}" if med is None else str(med)
+        return f"{when} ({cell['relearned']}/{cell['n']} relearned)"
+    if not cell["n"] or cell["mean"] is None:
+        return "–"
+    mean = cell["mean"]
+    d = 3 if abs(mean) < 10 else 2
+    text = _num(mean, d)
+    if cell.get("lo") is not None:
+        text += f" [{_num(cell['lo'], d)}, {_num(cell['hi'], d)}]"
+    return f"{text} n={cell['n']}"
+
+
+def fmt_diff(d: Mapping[str, Any] | None) -> str:
+    """A paired difference: ``+mean [lo, hi] n=k``, or for first steps
+    ``later a / earlier b / tied c`` (sign test p)."""
+    if not d or not d["n"]:
+        return "–"
+    if "later" in d:
+        p = "" if d["sign_test_p"] is None else f", p={d['sign_test_p']:.2f}"
+        return f"later {d['later']} / earlier {d['earlier']} / tied {d['tied']}{p}"
+    d_ = 3 if abs(d["mean"]) < 10 else 2
+    text = f"{d['mean']:+.{d_}f}"
+    if d.get("lo") is not None:
+        text += f" [{d['lo']:+.{d_}f}, {d['hi']:+.{d_}f}]"
+    return f"{text} n={d['n']}"
 
 
 def column_title(c: Mapping[str, Any], info: Mapping[str, Any]) -> str:
     arrow = {"lower": "↓", "higher": "↑"}.get(info.get(c["metric"], {}).get("better"), "")
+    kind = c.get("kind", "value")
+    if kind == "area":
+        return f"relearning area of {c['metric']} {arrow} over {c['threat']} (0–{c['step']})"
+    if kind == "first":
+        return f"first step {c['metric']} > ½·original pre-FT, {c['threat']}"
     when = "pre-FT" if c["threat"] is None else f"after {c['threat']} (step {c['step']})"
     return f"{c['metric']} {arrow} {when}".replace("  ", " ")
+
+
+def _display_rows(table: Mapping[str, Any]) -> list[tuple[str, list[str]]]:
+    """(label, cell texts) per line: each row, and below a method row its paired difference."""
+    cols = table["columns"]
+    lines = []
+    for r in table["table"]:
+        lines.append((r["row"], [fmt(r["cells"][c["id"]]) for c in cols]))
+        if r.get("reference"):
+            label = f"Δ {r['row']} − {r['reference']} (paired)"
+            lines.append((label, [fmt_diff(r["diff"].get(c["id"])) for c in cols]))
+    return lines
 
 
 def markdown_table(table: Mapping[str, Any]) -> str:
     cols = table["columns"]
     head = ["model"] + [column_title(c, table["metrics"]) for c in cols]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for r in table["table"]:
-        cells = []
-        for c in cols:
-            cell = r["cells"][c["id"]]
-            cells.append(fmt(cell["mean"], cell["ci95"]) if cell["n"] else "–")
-        lines.append("| " + " | ".join([r["row"], *cells]) + " |")
+    for label, cells in _display_rows(table):
+        lines.append("| " + " | ".join([label, *cells]) + " |")
     return "\n".join(lines)
+
+
+def notes(table: Mapping[str, Any]) -> list[str]:
+    """What the cells are, as sentences under the table."""
+    ref = next((r["reference"] for r in table["table"] if r.get("reference")), None)
+    out = [
+        f"Cells: mean [95% interval] n, over units: (unlearning seed, attack seed) pairs after "
+        f"fine-tuning, unlearning seeds before it (original: attack seeds). Unlearning seeds "
+        f"{table.get('unlearn_seeds', [])}, attack seeds {table.get('seeds', [])}. Interval: "
+        "Student t over the units, clipped to [0, 1] for rates (concept_rate, retain_accuracy, "
+        "nudenet_ip, mhsc_us); none for n = 1.",
+        "Relearning area: trapezoid area under the safety metric against the attack step over "
+        "[0, last evaluated step] (step 0: the same unlearning seed's pre-FT value), divided by "
+        "the last step, per unit. First step: the first evaluated step at which the metric "
+        "exceeds half of the original model's pre-FT value, lower median over units "
+        "('> last' when that median never relearned within the attack), with the number of "
+        "units that relearned.",
+    ]
+    if ref:
+        out.append(
+            f"Δ rows: paired difference to {ref} (same unlearning seed and attack seed; pre-FT: "
+            "same unlearning seed), mean with a t-interval over the pairs (clipped to [−1, 1] "
+            "for rates); for first steps, pairs where the method relearns later / earlier / "
+            "tied, with the two-sided exact sign-test p over the untied pairs."
+        )
+    ev = table.get("evaluation_n") or {}
+    parts = [
+        f"{m} from n = {', '.join(map(str, e['n']))} images (binomial SE ≤ "
+        f"{e['max_binomial_se']:.3f})"
+        for m, e in ev.items()
+        if "max_binomial_se" in e
+    ]
+    if parts:
+        out.append(
+            "One evaluation: " + "; ".join(parts) + " — the standard error of a single value "
+            "at p = 0.5, before any seed-to-seed variation."
+        )
+    return out
 
 
 # ----------------------------------------------------------------------------- figures
 
 
-# Metrics that are fractions of images or prompts: their mean lies in [0, 1], so a CI band
-# beyond it (a t-interval over few seeds is symmetric and wide) would show impossible values.
-RATE_METRICS = frozenset({"concept_rate", "retain_accuracy", "nudenet_ip", "mhsc_us"})
-
-
 def band_limits(metric: str, pts: Sequence[Mapping[str, Any]]) -> tuple[list[float], list[float]]:
     """The 95% CI band (lower, upper) of a curve's points; clipped to [0, 1] for rate metrics
-    (the interval itself is unchanged in the table: only the drawing is clipped)."""
+    (as the table's ``lo``/``hi``)."""
     lo = [p["mean"] - (p["ci95"] or 0.0) for p in pts]
     hi = [p["mean"] + (p["ci95"] or 0.0) for p in pts]
     if metric in RATE_METRICS:
@@ -296,14 +556,18 @@ def plot_curves(table: Mapping[str, Any], path: Path) -> bool:
 
 def image_grids(results: Sequence[EvalResult], table: Mapping[str, Any], path: Path) -> bool:
     """Before/after sample grids: one line per row, columns pre-FT then each threat's last
-    step (first seed). Returns False when no grid images exist."""
+    step (first unlearning seed, first attack seed). Returns False when no grid images exist."""
     from PIL import Image, ImageDraw
 
     threats = list(table["threats"])
     cols = [(None, 0)] + [(t, table["threats"][t]["last_step"]) for t in threats]
     cell, label_h, label_w = 192, 18, 110
     grid_of: dict[tuple[str, str | None], Path] = {}
-    for r in sorted(results, key=lambda r: (r.seed is None, r.seed or 0)):
+
+    def first_unit(r: EvalResult) -> tuple:
+        return (r.unlearn_seed is None, r.unlearn_seed or 0, r.seed is None, r.seed or 0)
+
+    for r in sorted(results, key=first_unit):
         g = r.folder / "grid.png"
         if g.is_file() and any(r.threat == t and r.step == s for t, s in cols):
             grid_of.setdefault((r.row, r.threat), g)
@@ -353,26 +617,20 @@ def write_report(
     table = build_table(results, rows, threats, all_steps=all_steps)
     has_plot = plot_curves(table, out / "ip_vs_steps.png")
     has_grids = image_grids(results, table, out / "grids.png")
-    seeds = sorted({r.seed for r in results if r.seed is not None})
-    table["seeds"] = seeds
-    _atomic_text(out / "table.json", json.dumps(table, indent=2, default=str))
+    table["seeds"] = sorted({r.seed for r in results if r.seed is not None})
+    table["unlearn_seeds"] = sorted({r.unlearn_seed for r in results if r.unlearn_seed is not None})
+    atomic_text(out / "table.json", json.dumps(table, indent=2, default=str))
 
-    md = [
-        f"# {title}",
-        "",
-        markdown_table(table),
-        "",
-        f"Cells: mean ± 95% CI over attack seeds {seeds} (Student t); pre-FT values come "
-        "from one evaluation per row.",
-        "",
-    ]
+    md = [f"# {title}", "", markdown_table(table), ""]
+    for line in notes(table):
+        md += [line, ""]
     if has_plot:
         md += ["## Metric vs fine-tuning steps", "", "![curves](ip_vs_steps.png)", ""]
     if has_grids:
         md += ["## Samples before / after fine-tuning", "", "![grids](grids.png)", ""]
     md += ["## Metric definitions", "", _definitions_md(table), ""]
-    _atomic_text(out / "report.md", "\n".join(md))
-    _atomic_text(out / "report.html", _html(table, title, has_plot, has_grids))
+    atomic_text(out / "report.md", "\n".join(md))
+    atomic_text(out / "report.html", _html(table, title, has_plot, has_grids))
     return table
 
 
@@ -381,12 +639,9 @@ def _html(table: Mapping[str, Any], title: str, plot: bool, grids: bool) -> str:
     cols = table["columns"]
     head = "".join(f"<th>{e(column_title(c, table['metrics']))}</th>" for c in cols)
     body = []
-    for r in table["table"]:
-        tds = "".join(
-            f"<td>{e(fmt(r['cells'][c['id']]['mean'], r['cells'][c['id']]['ci95']) if r['cells'][c['id']]['n'] else '–')}</td>"
-            for c in cols
-        )
-        body.append(f"<tr><th>{e(r['row'])}</th>{tds}</tr>")
+    for label, cells in _display_rows(table):
+        tds = "".join(f"<td>{e(c)}</td>" for c in cells)
+        body.append(f"<tr><th>{e(label)}</th>{tds}</tr>")
     defs = "".join(
         f"<tr><td>{e(n)}</td><td>{e(str(i.get('definition')))}</td><td>{e(str(i.get('version')))}"
         f"</td><td><code>{e(json.dumps(i.get('params'), sort_keys=True, default=str))}</code></td></tr>"
@@ -398,7 +653,7 @@ def _html(table: Mapping[str, Any], title: str, plot: bool, grids: bool) -> str:
         "table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:4px 8px}"
         "</style></head><body>",
         f"<h1>{e(title)}</h1><table><tr><th>model</th>{head}</tr>{''.join(body)}</table>",
-        f"<p>Cells: mean ± 95% CI over attack seeds {e(str(table.get('seeds')))} (Student t).</p>",
+        *(f"<p>{e(line)}</p>" for line in notes(table)),
     ]
     if plot:
         parts.append("<h2>Metric vs fine-tuning steps</h2><img src='ip_vs_steps.png'>")
@@ -411,119 +666,22 @@ def _html(table: Mapping[str, Any], title: str, plot: bool, grids: bool) -> str:
     return "\n".join(parts)
 
 
-def _atomic_text(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-
-
-def report_for_spec(
-    spec_path: str, store_root: Path, out: Path | None = None, all_steps: bool = False
-) -> Path:
-    """``resalign report SPEC``: compile the spec, read its evaluate results from the store,
-    write the report (default: ``<store>/reports/<spec name>/``). Returns the folder."""
-    from ..graph.compile import compile_spec
-    from ..spec import load_spec
-
-    resolved = load_spec(spec_path)
-    graph = compile_spec(resolved)
-    results = results_from_store(graph, Path(store_root), spec_path)
-    report_node = graph.of_kind("report")[0] if graph.of_kind("report") else None
-    params = report_node.params if report_node is not None else {}
-    out = Path(out) if out else Path(store_root) / "reports" / graph.spec_name
-    write_report(
-        results,
-        out,
-        rows=params.get("rows"),
-        threats=params.get("threats"),
-        title=f"resalign report: {graph.spec_name}",
-        all_steps=all_steps,
-    )
-    return out
-
-
 def is_template(path: str | Path) -> bool:
     """A grid template (``*.j2``) rather than a spec: ``resalign report`` reports its cells."""
     return str(path).endswith(".j2")
 
 
-def report_for_grid(
-    template_path: str, store_root: Path, out: Path | None = None, all_steps: bool = False
-) -> Path:
-    """``resalign report TEMPLATE.yaml.j2``: one table with a row per cell of the grid.
-
-    Every cell is rendered and compiled as ``resalign grid --run`` did (same node keys), its
-    evaluate results read from the store. A cell's row is named by the cell id (``<cell
-    id>/<row>`` when the cell has several unlearned rows). The ``original`` row is shown once,
-    first, when every cell shares its evaluate nodes (same keys); otherwise once per cell as
-    ``<cell id>/original``. Threats are the union over cells; a cell without a threat shows
-    "–" in its columns. Default folder: ``<store>/reports/<grid name>/``.
-    """
-    import dataclasses
-
-    from ..graph.compile import compile_spec
-    from ..spec.templates import load_template, render_grid
-
-    tpl = load_template(template_path)
-    cells = []
-    for rc in render_grid(tpl):
-        graph = compile_spec(rc.spec)
-        try:
-            found = results_from_store(graph, Path(store_root), template_path)
-        except UserError as e:
-            raise UserError(
-                f"grid {tpl.name!r}, cell {rc.cell.id}: {e.message}",
-                where=str(tpl.path),
-                hint=f"run `resalign grid {template_path} --run` first (it computes only what "
-                "is missing), or pass --store with the folder the grid ran in",
-            ) from None
-        report_node = graph.of_kind("report")[0] if graph.of_kind("report") else None
-        params = report_node.params if report_node is not None else {}
-        original = frozenset(
-            n.key for n in graph.of_kind("evaluate") if n.name.startswith("evaluate/original/")
-        )
-        cells.append((rc.cell.id, found, params, original))
-    shared = len({c[3] for c in cells}) == 1 and bool(cells[0][3])
-    results: list[EvalResult] = []
-    rows: list[str] = ["original"] if shared else []
-    threats: dict[str, Any] = {}
-    for i, (cid, found, params, _) in enumerate(cells):
-        own = [r for r in params.get("rows") or dict.fromkeys(x.row for x in found)]
-        unlearned = [r for r in own if r != "original"]
-        names = {r: cid if len(unlearned) == 1 else f"{cid}/{r}" for r in unlearned}
-        if not shared:
-            names["original"] = f"{cid}/original"
-        for r in own:
-            if r in names:
-                rows.append(names[r])
-        for res in found:
-            if res.row in names:
-                results.append(dataclasses.replace(res, row=names[res.row]))
-            elif shared and i == 0:
-                results.append(res)
-        for t, meta in (params.get("threats") or {}).items():
-            threats.setdefault(t, meta)
-    out = Path(out) if out else Path(store_root) / "reports" / tpl.name
-    write_report(
-        results,
-        out,
-        rows=rows,
-        threats=threats or None,
-        title=f"resalign report: grid {tpl.name} ({len(cells)} cells)",
-        all_steps=all_steps,
-    )
-    return out
-
-
 __all__ = [
     "EvalResult",
+    "band_limits",
     "build_table",
+    "fmt",
     "is_template",
     "mean_ci",
     "parse_eval_name",
-    "report_for_grid",
-    "report_for_spec",
+    "plot_curves",
     "results_from_dirs",
     "results_from_store",
+    "table_metrics",
     "write_report",
 ]

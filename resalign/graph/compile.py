@@ -1,11 +1,16 @@
 """Compile a resolved spec into the execution graph (docs/architecture.md, "The graph").
 
     model ─► harvest/<ds> (implied or declared harvest datasets that something reads)
-      └────► unlearn/<row> ─► attack/<row>/<threat>/seed<s> ─► evaluate/<row>/<threat>/seed<s>/step<n>
-                          └─► evaluate/<row>/pre/step0                                      ─► report
+      └────► unlearn/<row>/seed<u> ─► attack/<row>/seed<u>/<threat>/seed<a>
+                                 │       └─► evaluate/<row>/seed<u>/<threat>/seed<a>/step<n>
+                                 └─► evaluate/<row>/seed<u>/pre/step0                  ─► report
 
-The row ``original`` (and any row whose method is ``none``) has no unlearn node: its attacks
-and evaluations start from the model node. Each node's params are exactly the resolved values
+One unlearn node per unlearning seed ``u`` of the row (``unlearn.seeds``), each with its own
+attacks (attack seeds ``a``) and evaluations.
+
+The row ``original`` (and any row whose method is ``none``) has no unlearn node and no
+``seed<u>`` segment: ``attack/original/<threat>/seed<a>``, ``evaluate/original/pre/step0``;
+its attacks and evaluations start from the model node. Each node's params are exactly the resolved values
 its step reads; dataset and model locations carry a fingerprint (see :mod:`.keys`).
 Departure from the table in the architecture notes: ``model.allow_download`` is left out of
 the model node's key, like ``device``, because it changes where weights come from, not what
@@ -90,23 +95,26 @@ class _Compiler:
             params["pretrain_data"] = self.closure([pre.dataset])
         self.add("model", "model", params, {})
 
-    def unlearn(self, row: str) -> Node | None:
+    def unlearn(self, row: str, seed: int) -> Node:
         u = self.r.rows[row]
-        if u.method == "none":
-            return None
         meta = u.resilience.meta
         used = [n for c in self.spec.concepts.values() for n in (*c.harmful, *c.retain)]
         used += meta.data + [c.data for c in meta.configs.values()]
         used += meta.distribution.data if meta.distribution else []
         datasets = self.closure(used)
+        # One node per unlearning seed, carrying that seed alone (not the list), so adding a
+        # seed adds nodes and leaves every existing key as it was.
+        one = u.model_copy(update={"seed": seed}).model_dump(mode="json", exclude={"seeds"})
         params = {
-            "unlearn": u.model_dump(mode="json"),
+            "unlearn": one,
             "trainable": self.spec.model.trainable.model_dump(mode="json"),
             "concepts": {n: c.model_dump(mode="json") for n, c in self.spec.concepts.items()},
             "datasets": datasets,
         }
         deps = {"model": "model", **self.harvest_deps(datasets)}
-        return self.add("unlearn", f"unlearn/{row}", params, deps, row=row)
+        return self.add(
+            "unlearn", f"unlearn/{row}/seed{seed}", params, deps, row=row, unlearn_seed=seed
+        )
 
     def evaluate_params(self, step: int) -> dict[str, Any]:
         ev = self.spec.evaluate.model_dump(mode="json")
@@ -123,16 +131,30 @@ class _Compiler:
         }
 
     def row(self, row: str) -> list[str]:
-        un = self.unlearn(row)
-        base = {"model": "model", **({"unlearn": un.name} if un else {})}
+        """Every node of one report row; a row that unlearns repeats them per unlearning seed
+        (names gain ``seed<u>`` after the row), a ``method: none`` row has them once."""
+        u = self.r.rows[row]
+        if u.method == "none":
+            return self.branch(row, None, {"model": "model"})
+        evals: list[str] = []
+        for seed in u.seeds or [u.seed]:
+            un = self.unlearn(row, seed)
+            evals += self.branch(row, seed, {"model": "model", "unlearn": un.name})
+        return evals
+
+    def branch(self, row: str, useed: int | None, base: dict[str, str]) -> list[str]:
+        """The pre-attack evaluation, attacks and their evaluations of one row (and unlearning
+        seed ``useed``, None for rows without unlearning)."""
+        prefix = row if useed is None else f"{row}/seed{useed}"
+        loc = {"row": row, "unlearn_seed": useed}
         evals = [
             self.add(
                 "evaluate",
-                f"evaluate/{row}/pre/step0",
+                f"evaluate/{prefix}/pre/step0",
                 self.evaluate_params(0),
                 dict(base),
-                row=row,
                 step=0,
+                **loc,
             ).name
         ]
         for tname, t in self.spec.threats.items():
@@ -143,24 +165,24 @@ class _Compiler:
                 deps = {**base, **self.harvest_deps(datasets)}
                 at = self.add(
                     "attack",
-                    f"attack/{row}/{tname}/seed{seed}",
+                    f"attack/{prefix}/{tname}/seed{seed}",
                     params,
                     deps,
-                    row=row,
                     threat=tname,
                     seed=seed,
+                    **loc,
                 )
                 for step in t.eval_at:
                     evals.append(
                         self.add(
                             "evaluate",
-                            f"evaluate/{row}/{tname}/seed{seed}/step{step}",
+                            f"evaluate/{prefix}/{tname}/seed{seed}/step{step}",
                             self.evaluate_params(step),
                             {**base, "attack": at.name},
-                            row=row,
                             threat=tname,
                             seed=seed,
                             step=step,
+                            **loc,
                         ).name
                     )
         return evals
@@ -172,6 +194,9 @@ class _Compiler:
             evals += self.row(row)
         params = {
             "rows": list(self.r.rows),
+            "unlearn_seeds": {
+                n: list(u.seeds or [u.seed]) for n, u in self.r.rows.items() if u.method != "none"
+            },
             "threats": {
                 n: {"seeds": t.seeds, "eval_at": t.eval_at, "steps": t.steps}
                 for n, t in self.spec.threats.items()
@@ -210,9 +235,11 @@ def spec_hash(resolved: ResolvedSpec) -> str:
 def compile_spec(resolved: ResolvedSpec) -> Graph:
     """The execution graph of ``resolved``, nodes in topological order.
 
-    Node names: ``model``, ``harvest/<dataset>``, ``unlearn/<row>``,
-    ``attack/<row>/<threat>/seed<s>``, ``evaluate/<row>/pre/step0`` (before any attack:
-    ``threat`` and ``seed`` None, ``step`` 0), ``evaluate/<row>/<threat>/seed<s>/step<n>``,
-    ``report`` (deps: role = name of each evaluate node).
+    Node names: ``model``, ``harvest/<dataset>``, ``unlearn/<row>/seed<u>``,
+    ``attack/<row>/seed<u>/<threat>/seed<a>``, ``evaluate/<row>/seed<u>/pre/step0`` (before
+    any attack: ``threat`` and ``seed`` None, ``step`` 0),
+    ``evaluate/<row>/seed<u>/<threat>/seed<a>/step<n>`` (``u`` an unlearning seed of the
+    row, ``a`` an attack seed of the threat; rows without unlearning have no ``seed<u>``
+    segment), ``report`` (deps: role = name of each evaluate node).
     """
     return _Compiler(resolved).compile()

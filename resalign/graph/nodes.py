@@ -15,7 +15,9 @@ class Node:
     the step kind, its code version and the upstream keys they make ``key``. ``deps`` maps a
     role (``model``, ``unlearn``, ``attack``, ``harvest:<dataset>``, ...) to an upstream
     node name. ``row`` is the report row (``original`` or an unlearning label) and ``threat``
-    / ``seed`` / ``step`` locate attack and evaluation nodes in the report.
+    / ``seed`` (the attack seed) / ``step`` locate attack and evaluation nodes in the report;
+    ``unlearn_seed`` is the unlearning seed of unlearn, attack and evaluation nodes of a row
+    that unlearns (None for ``original`` and other ``method: none`` rows).
     """
 
     kind: str
@@ -27,6 +29,7 @@ class Node:
     threat: str | None = None
     seed: int | None = None
     step: int | None = None
+    unlearn_seed: int | None = None
 
 
 @dataclass

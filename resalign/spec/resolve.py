@@ -9,7 +9,8 @@ After schema validation a spec is resolved into a :class:`ResolvedSpec`:
   the spec file's folder; a hub id stays an id;
 - rows: ``original`` (no unlearning) first, then the ``unlearn`` block's label (default: its
   method), then each ``baselines`` entry deep-merged into the user's ``unlearn`` block and
-  validated on its own; each row's ``seed`` defaults to the spec's ``seed``;
+  validated on its own; each row's ``seeds`` (one unlearn node each) default to
+  ``[seed]``, its ``seed`` to the spec's ``seed``;
 - meta-learning: without explicit ``configs`` and ``distribution`` the published product
   distribution is used; ``meta.data`` defaults to the concepts' retain datasets; a meta that
   samples more configs per step than exist, or a distribution with an empty axis, is an error.
@@ -331,7 +332,10 @@ def _fill_row(u: UnlearnSpec, seed: int, pool: list[str], label: str) -> Unlearn
     if updates:
         res = u.resilience.model_copy(update={"meta": meta.model_copy(update=updates)})
         u = u.model_copy(update={"resilience": res})
-    return u.model_copy(update={"seed": seed if u.seed is None else u.seed, "label": label})
+    # ``seeds`` (a list: one unlearn node per seed) wins over ``seed``; either defaults to the
+    # spec's seed. ``seed`` is kept equal to the first seed for code that reads one.
+    seeds = list(u.seeds) if u.seeds else [seed if u.seed is None else u.seed]
+    return u.model_copy(update={"seed": seeds[0], "seeds": seeds, "label": label})
 
 
 def build_rows(
@@ -347,7 +351,7 @@ def build_rows(
             if isinstance(r, str) and r not in pool:
                 pool.append(r)
     rows: dict[str, UnlearnSpec] = {
-        ORIGINAL_ROW: UnlearnSpec(method="none", label=ORIGINAL_ROW, seed=seed)
+        ORIGINAL_ROW: UnlearnSpec(method="none", label=ORIGINAL_ROW, seed=seed, seeds=[seed])
     }
     raw_unlearn = data.get("unlearn")
     raw_unlearn = raw_unlearn if isinstance(raw_unlearn, Mapping) else {}

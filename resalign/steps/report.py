@@ -2,7 +2,10 @@
 
 Params (graph): ``rows``, ``threats`` (``{name: {seeds, eval_at, steps}}``). Inputs: one role
 per evaluate node (role = node name). Outputs: ``report.md``, ``report.html``,
-``ip_vs_steps.png``, ``grids.png``, ``table.json``; each is also logged as an artifact.
+``ip_vs_steps.png``, ``grids.png``, ``table.json``; each is also logged as an artifact. The
+relearning summaries (area under the safety metric over each attack, first relearn step, and
+their paired differences to ``plain``) are logged as MLflow metrics
+(:func:`resalign.evaluation.report.table_metrics`).
 """
 
 from __future__ import annotations
@@ -15,21 +18,24 @@ from .base import Step, StepContext, register
 @register
 class ReportStep(Step):
     kind = "report"
-    version = "1"
+    version = "2"
 
     def run(self, ctx: StepContext) -> None:
-        from ..evaluation.report import results_from_dirs, write_report
+        from ..evaluation.report import results_from_dirs, table_metrics, write_report
 
         evals = {role: Path(p) for role, p in ctx.inputs.items() if role.startswith("evaluate/")}
         results = results_from_dirs(evals)
         spec = getattr(ctx.spec, "spec", ctx.spec)
-        write_report(
+        table = write_report(
             results,
             Path(ctx.out),
             rows=ctx.params.get("rows"),
             threats=ctx.params.get("threats"),
             title=f"resalign report: {getattr(spec, 'name', 'spec')}",
         )
+        summary = table_metrics(table)
+        if summary:
+            ctx.log_metrics(summary)
         for name in ("report.md", "report.html", "table.json", "ip_vs_steps.png", "grids.png"):
             path = Path(ctx.out) / name
             if path.is_file():

@@ -192,9 +192,17 @@ class UnlearnSpec(StrictModel):
     memory: MemorySpec = Field(default_factory=MemorySpec)
     checkpoint_every: PositiveInt = 20
     seed: int | None = Field(default=None, description="default: the spec's seed")
+    seeds: list[int] | None = Field(
+        default=None,
+        min_length=1,
+        description="unlearning seeds: one unlearn node (with its attacks and evaluations) per "
+        "seed; default: [seed]. Reports aggregate over them and pair rows by seed",
+    )
 
     @model_validator(mode="after")
     def _check(self) -> UnlearnSpec:
+        if self.seeds is not None and len(set(self.seeds)) != len(self.seeds):
+            raise ValueError(f"seeds has duplicates: {self.seeds}")
         if self.method == "esd" and self.harmful_loss.kind != "esd":
             self.harmful_loss = self.harmful_loss.model_copy(update={"kind": "esd"})
         return self

@@ -1,0 +1,182 @@
+"""``resalign report``: compile a spec (or every cell of a grid template), read its evaluation
+results from the store and write the report (and, for a grid, the frontier).
+
+This orchestration sits above ``graph`` and the store layout; :mod:`resalign.evaluation.report`
+below it only turns results into tables and figures (so the report step, which the graph's
+step registry imports, does not import the graph back).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any
+
+from .errors import UserError
+from .evaluation.report import (
+    ORIGINAL_ROW,
+    EvalResult,
+    is_template,
+    results_from_store,
+    write_report,
+)
+
+
+def report_for_spec(
+    spec_path: str, store_root: Path, out: Path | None = None, all_steps: bool = False
+) -> Path:
+    """``resalign report SPEC``: compile the spec, read its evaluate results from the store,
+    write the report (default: ``<store>/reports/<spec name>/``). Returns the folder."""
+    from .graph.compile import compile_spec
+    from .spec import load_spec
+
+    resolved = load_spec(spec_path)
+    graph = compile_spec(resolved)
+    results = results_from_store(graph, Path(store_root), spec_path)
+    report_node = graph.of_kind("report")[0] if graph.of_kind("report") else None
+    params = report_node.params if report_node is not None else {}
+    out = Path(out) if out else Path(store_root) / "reports" / graph.spec_name
+    write_report(
+        results,
+        out,
+        rows=params.get("rows"),
+        threats=params.get("threats"),
+        title=f"resalign report: {graph.spec_name}",
+        all_steps=all_steps,
+    )
+    return out
+
+
+@dataclasses.dataclass
+class GridResults:
+    """A grid's results with rows renamed per cell. ``groups``: unlearn row label (the
+    method's row in every cell) → [(renamed row, cell id)]."""
+
+    name: str
+    path: Path
+    results: list[EvalResult]
+    rows: list[str]
+    threats: dict[str, Any]
+    groups: dict[str, list[tuple[str, str]]]
+    cells: int
+
+
+def grid_results(template_path: str, store_root: Path) -> GridResults:
+    """Every cell rendered and compiled as ``resalign grid --run`` did (same node keys), its
+    evaluate results read from the store. A cell's row is named by the cell id (``<cell
+    id>/<row>`` when the cell has several unlearned rows). The ``original`` row is shown once,
+    first, when every cell shares its evaluate nodes (same keys); otherwise once per cell as
+    ``<cell id>/original``. Threats are the union over cells."""
+    from .graph.compile import compile_spec
+    from .spec.templates import load_template, render_grid
+
+    tpl = load_template(template_path)
+    cells = []
+    for rc in render_grid(tpl):
+        graph = compile_spec(rc.spec)
+        try:
+            found = results_from_store(graph, Path(store_root), template_path)
+        except UserError as e:
+            raise UserError(
+                f"grid {tpl.name!r}, cell {rc.cell.id}: {e.message}",
+                where=str(tpl.path),
+                hint=f"run `resalign grid {template_path} --run` first (it computes only what "
+                "is missing), or pass --store with the folder the grid ran in",
+            ) from None
+        report_node = graph.of_kind("report")[0] if graph.of_kind("report") else None
+        params = report_node.params if report_node is not None else {}
+        original = frozenset(n.key for n in graph.of_kind("evaluate") if n.row == ORIGINAL_ROW)
+        unlearned = list(dict.fromkeys(n.row for n in graph.of_kind("unlearn")))
+        cells.append((rc.cell.id, found, params, original, unlearned))
+    shared = len({c[3] for c in cells}) == 1 and bool(cells[0][3])
+    results: list[EvalResult] = []
+    rows: list[str] = [ORIGINAL_ROW] if shared else []
+    threats: dict[str, Any] = {}
+    groups: dict[str, list[tuple[str, str]]] = {}
+    for i, (cid, found, params, _, unlearned) in enumerate(cells):
+        own = list(params.get("rows") or dict.fromkeys(x.row for x in found))
+        methods = [r for r in own if r != ORIGINAL_ROW]
+        names = {r: cid if len(methods) == 1 else f"{cid}/{r}" for r in methods}
+        if not shared:
+            names[ORIGINAL_ROW] = f"{cid}/{ORIGINAL_ROW}"
+        for r in own:
+            if r in names:
+                rows.append(names[r])
+        for r in unlearned:
+            groups.setdefault(r, []).append((names[r], cid))
+        for res in found:
+            if res.row in names:
+                results.append(dataclasses.replace(res, row=names[res.row]))
+            elif shared and i == 0:
+                results.append(res)
+        for t, meta in (params.get("threats") or {}).items():
+            threats.setdefault(t, meta)
+    return GridResults(tpl.name, Path(tpl.path), results, rows, threats, groups, len(cells))
+
+
+def report_for_grid(
+    template_path: str,
+    store_root: Path,
+    out: Path | None = None,
+    all_steps: bool = False,
+    frontier: bool = False,
+    threat: str | None = None,
+) -> Path:
+    """``resalign report TEMPLATE.yaml.j2``: one table with a row per cell (see
+    :func:`grid_results`); a cell without a threat shows "–" in its columns. With
+    ``frontier``: also ``frontier.png``/``.json``/``.md`` (:mod:`resalign.evaluation.frontier`)
+    for ``threat`` (default: the last threat). Default folder: ``<store>/reports/<grid>/``."""
+    g = grid_results(template_path, store_root)
+    out = Path(out) if out else Path(store_root) / "reports" / g.name
+    table = write_report(
+        g.results,
+        out,
+        rows=g.rows,
+        threats=g.threats or None,
+        title=f"resalign report: grid {g.name} ({g.cells} cells)",
+        all_steps=all_steps,
+    )
+    if frontier:
+        write_grid_frontier(g, table, out, threat)
+    return out
+
+
+def write_grid_frontier(
+    g: GridResults, table: dict[str, Any], out: Path, threat: str | None
+) -> list[str]:
+    """The frontier of a grid's methods (see :func:`report_for_grid`); returns the sentences."""
+    from .evaluation.frontier import build_frontier, write_frontier
+
+    threats = list(table["threats"])
+    if not threats:
+        raise UserError(
+            f"grid {g.name!r} has no threat: the frontier plots relearning under an attack",
+            where=str(g.path),
+            hint="add a threat to the template",
+        )
+    if threat is None:
+        threat = threats[-1]
+    elif threat not in threats:
+        raise UserError(
+            f"--threat {threat!r}: grid {g.name!r} has no such threat",
+            where=str(g.path),
+            hint=f"one of: {', '.join(threats)}",
+        )
+    info = table["metrics"]
+    safety = [m for m, i in info.items() if i.get("role", "safety") == "safety"]
+    utility = [m for m, i in info.items() if i.get("role") == "utility"]
+    if not safety or not utility:
+        raise UserError(
+            f"grid {g.name!r}: the frontier needs a safety and a utility metric "
+            f"(found safety {safety or 'none'}, utility {utility or 'none'})",
+            where=str(g.path),
+            hint="evaluate with concept_rate (it gives retain_accuracy and classifier_fid too)",
+        )
+    xms = ["retain_accuracy"] if "retain_accuracy" in utility else [utility[0]]
+    if "classifier_fid" in utility and "classifier_fid" not in xms:
+        xms.append("classifier_fid")
+    front = build_frontier(g.results, g.groups, threat, safety[0], xms)
+    return write_frontier(front, out)
+
+
+__all__ = ["grid_results", "is_template", "report_for_grid", "report_for_spec"]
