@@ -127,3 +127,34 @@ def test_attack_budget_digits_attacks_the_ablations_resalign_row():
     (_, g4) = abl["hypergradient=moreau,meta=data_and_configs"]
     key = g4.of_kind("unlearn")[0].key
     assert all(g.of_kind("unlearn")[0].key == key for _, g in ab.values())
+
+
+@pytest.mark.parametrize("path", sorted(ROOT.glob("*_digits.yaml.j2")), ids=lambda p: p.name)
+def test_digits_templates_extend_the_demo_and_share_its_model_node(path):
+    """Each *_digits template extends specs/digits_demo.yaml instead of copying it (a copy
+    drifted: max_length 32, pretrain lr 2e-3, no trained text encoder), so every cell's model
+    node is the demo's node: same key, cached once for the demo and every grid."""
+    from resalign.graph.compile import compile_spec
+    from resalign.spec import load_spec
+
+    assert "extends: ../specs/digits_demo.yaml" in path.read_text()
+    demo = load_spec(ROOT.parent / "specs" / "digits_demo.yaml")
+    demo_model = compile_spec(demo)["model"].key
+    _, prepared = prepare(path)
+    assert prepared and all(g["model"].key == demo_model for _, g in prepared)
+    # and the cells keep the demo's unlearning strength and evaluation
+    for rc, _ in prepared:
+        spec = rc.spec.spec
+        assert spec.unlearn.optimizer.lr == demo.spec.unlearn.optimizer.lr
+        assert spec.evaluate.generation == demo.spec.evaluate.generation.model_copy(
+            update={"images_per_prompt": spec.evaluate.generation.images_per_prompt}
+        )
+
+
+def test_baselines_digits_resalign_cell_is_the_ablations_full_row():
+    base = _rows(ROOT / "baselines_digits.yaml.j2")["method=resalign"][0]
+    abl = _rows(ROOT / "ablation_digits.yaml.j2")["hypergradient=moreau,meta=data_and_configs"][0]
+    a = base.spec.rows[base.cell.slug].model_dump(exclude={"label"})
+    b = abl.spec.rows[abl.cell.slug].model_dump(exclude={"label"})
+    assert a == b
+    assert base.spec.spec.threats == abl.spec.spec.threats
