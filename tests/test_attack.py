@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import MISSING, dataclass, fields
+from typing import Any
 
 import pytest
 import torch
+from pydantic import ValidationError
 
 from resalign.algorithms.attack import (
     AttackConfig,
@@ -33,32 +35,20 @@ class Pairs:
     captions: list[str]
 
 
-class Bundle:
-    """The attack's view of a ModelBundle, built from the tiny pipeline."""
+def Bundle(seed: int = 0) -> Any:
+    """A real ModelBundle of the tiny SD-shaped pipeline (what the attack step loads)."""
+    from resalign.models.loading import bundle_from_pipeline
+    from resalign.models.tiny import build_tiny_pipeline
+    from resalign.spec.schema.model import NoiseScheduleSpec, TinyModelSpec
 
-    def __init__(self, seed: int = 0):
-        from resalign.models.tiny import build_tiny_pipeline, noise_scheduler_from_spec
-        from resalign.spec.schema.model import NoiseScheduleSpec, TinyModelSpec
+    noise = NoiseScheduleSpec()
+    pipe = build_tiny_pipeline(TinyModelSpec(**TINY), noise, seed=seed)
+    return bundle_from_pipeline(pipe, "tiny", noise.model_dump())
 
-        pipe = build_tiny_pipeline(TinyModelSpec(**TINY), NoiseScheduleSpec(), seed=seed)
-        self.pipe = pipe
-        self.unet = pipe.unet
-        self.vae = pipe.vae
-        self.text_encoder = pipe.text_encoder
-        self.noise_scheduler = noise_scheduler_from_spec(NoiseScheduleSpec())
 
-    def encode_text(self, captions: list[str]) -> torch.Tensor:
-        tok = self.pipe.tokenizer(
-            captions,
-            padding="max_length",
-            max_length=self.pipe.tokenizer.model_max_length,
-            truncation=True,
-            return_tensors="pt",
-        )
-        return self.text_encoder(tok.input_ids)[0]
-
-    def encode_images(self, images: torch.Tensor) -> torch.Tensor:
-        return self.vae.encode(images).latent_dist.mean * self.vae.config.scaling_factor
+def config(seed: int = 42, **threat: Any) -> AttackConfig:
+    """An attack config from a threat block: unwritten fields are the schema's defaults."""
+    return AttackConfig.from_threat({"data": "x", **threat}, seed=seed)
 
 
 def _data(n: int = 6, seed: int = 1, word: str = "benign") -> Pairs:
@@ -78,7 +68,7 @@ def test_full_attack_changes_every_unet_weight_matrix_and_nothing_else():
     unet0, text0 = _snapshot(b.unet), _snapshot(b.text_encoder)
     losses = []
     res = run_attack(
-        b, _data(), AttackConfig(algorithm="full", **FAST), callback=lambda s, m: losses.append(m)
+        b, _data(), config(algorithm="full", **FAST), callback=lambda s, m: losses.append(m)
     )
     after = _snapshot(b.unet)
     changed = [k for k in unet0 if not torch.equal(unet0[k], after[k])]
@@ -93,7 +83,7 @@ def test_full_attack_changes_every_unet_weight_matrix_and_nothing_else():
 def test_lora_attack_changes_only_adapter_tensors_and_merge_is_exact(tmp_path):
     b = Bundle()
     base0 = _snapshot(b.unet)
-    cfg = AttackConfig(algorithm="lora", lora_rank=2, lora_targets=("to_q", "to_v"), **FAST)
+    cfg = config(algorithm="lora", lora={"rank": 2, "targets": ["to_q", "to_v"]}, **FAST)
     res = run_attack(b, _data(), cfg)
     after = _snapshot(b.unet)
     lora_keys = [k for k in after if "lora_" in k]
@@ -125,26 +115,24 @@ def test_lora_attack_changes_only_adapter_tensors_and_merge_is_exact(tmp_path):
 
 def test_lora_targets_that_match_nothing_is_a_user_error():
     with pytest.raises(UserError, match="match no module"):
-        run_attack(
-            Bundle(), _data(), AttackConfig(algorithm="lora", lora_targets=("nope",), **FAST)
-        )
+        run_attack(Bundle(), _data(), config(algorithm="lora", lora={"targets": ["nope"]}, **FAST))
 
 
 def test_dreambooth_uses_prior_batches_and_requires_a_prior():
     with pytest.raises(UserError, match="prior"):
-        run_attack(Bundle(), _data(), AttackConfig(algorithm="dreambooth", **FAST))
+        run_attack(Bundle(), _data(), config(algorithm="dreambooth", **FAST))
 
     prior = _data(4, seed=9, word="prior")
     seen: list[list[str]] = []
     b = Bundle()
-    enc = b.encode_text
+    enc = b.encode_condition
 
     def spy(captions):
         seen.append(list(captions))
         return enc(captions)
 
-    b.encode_text = spy  # observe which captions are encoded, the model is unchanged
-    cfg = AttackConfig(algorithm="dreambooth", prior_weight=1.0, **FAST)
+    b.encode_condition = spy  # observe which captions are encoded, the model is unchanged
+    cfg = config(algorithm="dreambooth", prior_weight=1.0, **FAST)
     res = run_attack(b, _data(), cfg, prior=prior)
     assert len(seen) == 2 * 3  # instance + prior batch per step
     assert all(c.startswith("prior") for batch in seen[1::2] for c in batch)
@@ -153,22 +141,20 @@ def test_dreambooth_uses_prior_batches_and_requires_a_prior():
 
     # prior_weight 0 gives a different trajectory than 1 (the prior term enters the loss).
     b0 = Bundle()
-    run_attack(
-        b0, _data(), AttackConfig(algorithm="dreambooth", prior_weight=0.0, **FAST), prior=prior
-    )
+    run_attack(b0, _data(), config(algorithm="dreambooth", prior_weight=0.0, **FAST), prior=prior)
     w = "conv_in.weight"
     assert not torch.equal(b0.unet.state_dict()[w], b.unet.state_dict()[w])
 
 
 @pytest.mark.parametrize("opt", ["sgd", "adam", "adamw"])
 def test_optimizers_and_seed_determinism(opt):
-    cfg = AttackConfig(optimizer=opt, **FAST)
+    cfg = config(optimizer=opt, **FAST)
     a, b = Bundle(), Bundle()
     run_attack(a, _data(), cfg)
     run_attack(b, _data(), cfg)
     assert all(torch.equal(x, y) for x, y in zip(a.unet.parameters(), b.unet.parameters()))
     c = Bundle()
-    run_attack(c, _data(), AttackConfig(optimizer=opt, seed=7, **{**FAST}))
+    run_attack(c, _data(), config(optimizer=opt, seed=7, **FAST))
     assert not all(torch.equal(x, y) for x, y in zip(a.unet.parameters(), c.unet.parameters()))
 
 
@@ -183,7 +169,7 @@ def test_optimizers_and_seed_determinism(opt):
 )
 def test_lr_schedules(schedule, warmup, expected):
     lrs = []
-    cfg = AttackConfig(
+    cfg = config(
         schedule=schedule,
         warmup_steps=warmup,
         steps=4,
@@ -203,7 +189,7 @@ def test_gradient_accumulation_equals_bigger_batch_with_sgd():
     run_attack(
         a,
         _data(2),
-        AttackConfig(
+        config(
             optimizer="sgd",
             steps=1,
             batch_size=1,
@@ -214,6 +200,7 @@ def test_gradient_accumulation_equals_bigger_batch_with_sgd():
         ),
     )
     b = Bundle()
+    b.unet.requires_grad_(True)  # the bundle comes frozen; the attack unfreezes what it trains
     # Reference: the same draws, gradients averaged by hand.
     from resalign.algorithms.attack import _Sampler, denoise_loss
 
@@ -224,7 +211,7 @@ def test_gradient_accumulation_equals_bigger_batch_with_sgd():
     for _ in range(2):
         idx = smp.take(1)
         lat = b.encode_images(data.images[idx]).detach()
-        cond = b.encode_text([data.captions[i] for i in idx.tolist()]).detach()
+        cond = b.encode_condition([data.captions[i] for i in idx.tolist()])
         total = total + denoise_loss(b.unet, b.noise_scheduler, lat, cond, g) / 2
     total.backward()
     with torch.no_grad():
@@ -238,7 +225,7 @@ def test_max_grad_norm_clips_the_update():
     # SGD step = lr * clipped grad, so the total update norm is lr * max_grad_norm.
     b = Bundle()
     before = torch.cat([p.detach().flatten().clone() for p in b.unet.parameters()])
-    cfg = AttackConfig(
+    cfg = config(
         optimizer="sgd",
         steps=1,
         lr=1.0,
@@ -254,7 +241,7 @@ def test_max_grad_norm_clips_the_update():
 
 
 def test_resume_from_state_continues_exactly(tmp_path):
-    cfg = AttackConfig(
+    cfg = config(
         steps=4, checkpoint_every=2, batch_size=2, grad_accumulation=1, precision="fp32", lr=1e-2
     )
     ref = Bundle()
@@ -280,10 +267,10 @@ def test_resume_from_state_continues_exactly(tmp_path):
 
 def test_fp16_on_cpu_falls_back_to_fp32_with_a_warning(caplog):
     with caplog.at_level(logging.WARNING, logger="resalign.attack"):
-        res = run_attack(Bundle(), _data(), AttackConfig(**{**FAST, "precision": "fp16"}))
+        res = run_attack(Bundle(), _data(), config(**{**FAST, "precision": "fp16"}))
     assert res.precision == "fp32"
     assert "fp16" in caplog.text and res.notes
-    res = run_attack(Bundle(), _data(), AttackConfig(**{**FAST, "precision": "bf16"}))
+    res = run_attack(Bundle(), _data(), config(**{**FAST, "precision": "bf16"}))
     assert res.precision == "bf16" and not res.notes
 
 
@@ -300,7 +287,7 @@ def test_eval_hook_gets_merged_checkpoints(tmp_path):
     run_attack(
         b,
         _data(),
-        AttackConfig(algorithm="lora", **{**FAST, "steps": 4}),
+        config(algorithm="lora", **{**FAST, "steps": 4}),
         eval_at=[2, 4],
         on_eval=hook,
     )
@@ -333,8 +320,12 @@ def test_threat_block_maps_to_config_and_own_lora_is_refused():
         "sgd",
         3,
     )
-    with pytest.raises(UserError, match="fresh"):
+    # a threat's adapter is always fresh: the schema refuses 'own' (at validation, with the
+    # spec's line), and a lora block without mode is fresh (it used to default to 'own' and
+    # fail only when the attack ran)
+    with pytest.raises(ValidationError, match="fresh"):
         AttackConfig.from_threat({"data": "x", "lora": {"mode": "own"}}, seed=0)
+    assert config(algorithm="lora", lora={"rank": 2}).lora_rank == 2
     published = AttackConfig.from_threat({"data": "x"}, seed=42)
     assert (published.algorithm, published.steps, published.lr, published.optimizer) == (
         "full",
@@ -343,3 +334,36 @@ def test_threat_block_maps_to_config_and_own_lora_is_refused():
         "adamw",
     )
     assert published.batch_size * published.grad_accumulation == 4
+    assert published.lora_targets == ("to_q", "to_k", "to_v", "to_out.0")
+
+
+def test_attack_defaults_live_only_in_the_schema():
+    from resalign.spec.schema.threats import ThreatSpec
+
+    # AttackConfig has no defaults of its own ...
+    assert all(f.default is MISSING and f.default_factory is MISSING for f in fields(AttackConfig))
+    # ... and takes every unwritten value from ThreatSpec's fields.
+    spec = ThreatSpec(data="x")
+    cfg = AttackConfig.from_threat(spec, seed=1)
+    same = ["algorithm", "optimizer", "lr", "weight_decay", "schedule", "warmup_steps", "steps"]
+    same += ["batch_size", "grad_accumulation", "precision", "max_grad_norm", "prior_weight"]
+    same += ["checkpoint_every"]
+    assert {k: getattr(cfg, k) for k in same} == {k: getattr(spec, k) for k in same}
+    assert (cfg.lora_rank, cfg.lora_alpha) == (spec.lora.rank, spec.lora.alpha)
+    assert AttackConfig.from_threat(spec, seed=1, checkpoint_every=7).checkpoint_every == 7
+
+
+def test_lora_attack_does_not_depend_on_the_global_rng():
+    # peft draws lora_A from the global RNG; the attack draws it under its own seed, so the
+    # same node gives the same weights in a fresh worker and after other nodes ran.
+    outs = []
+    for global_seed in (0, 1234):
+        torch.manual_seed(global_seed)
+        b = Bundle()
+        run_attack(b, _data(), config(algorithm="lora", lora={"rank": 2}, **FAST))
+        outs.append(merged_unet_state_dict(b.unet))
+    assert all(torch.equal(outs[0][k], outs[1][k]) for k in outs[0])
+    b = Bundle()
+    run_attack(b, _data(), config(algorithm="lora", lora={"rank": 2}, seed=5, **FAST))
+    other = merged_unet_state_dict(b.unet)
+    assert any(not torch.equal(outs[0][k], other[k]) for k in other)

@@ -10,8 +10,11 @@ optionally poisoned, image-caption pairs) with ``torch.optim`` and diffusers' sc
 - ``dreambooth``: full-UNet DreamBooth with prior preservation: every step adds
   ``prior_weight`` times the denoising loss on a class-prior batch of the same size.
 
-The loss is the standard DDPM objective (ε- or v-prediction per the model's noise scheduler,
-timesteps uniform over the training schedule). All randomness (batch order, timesteps, noise)
+The loss is the standard DDPM objective of :mod:`resalign.models.diffusion` (ε- or
+v-prediction per the model's noise scheduler, timesteps uniform over the training schedule),
+conditioned by :meth:`ModelBundle.encode_condition` (SDXL's added conditioning included).
+Poisoned data arrive already mixed (``resalign.data.pairs.mix_pairs``, the ``mix`` dataset's
+implementation). All randomness (batch order, timesteps, noise)
 comes from one CPU ``torch.Generator`` seeded by the attack seed, so results do not depend on
 the device's RNG and a resumed run continues the exact stream. Every ``checkpoint_every``
 steps the full state (trainable tensors, optimizer, schedule, generator, sampler position,
@@ -39,11 +42,12 @@ from typing import Any, Protocol
 import torch
 
 from ..errors import UserError
+from ..models.bundle import as_condition
+from ..models.diffusion import draw_noise, noise_and_target, squared_error
 from ..models.saving import merged_unet_state_dict, save_merged_unet  # noqa: F401  (re-export)
 
 log = logging.getLogger("resalign.attack")
 
-PUBLISHED_LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
 ADAPTER_NAME = "attack"
 STATE_FILE = "attack_state.pt"
 
@@ -54,13 +58,13 @@ class DenoiserBundle(Protocol):
     unet: Any
     noise_scheduler: Any
 
-    def encode_text(self, captions: list[str]) -> torch.Tensor: ...
+    def encode_condition(self, captions: list[str]) -> dict[str, Any]: ...
 
     def encode_images(self, images: torch.Tensor) -> torch.Tensor: ...
 
 
 class Pairs(Protocol):
-    """What the attack needs from ``resalign.data.pairs.PairSet``."""
+    """What the attack needs from ``resalign.data.types.PairSet``."""
 
     images: torch.Tensor  # [N, C, H, W] in [-1, 1]
     captions: list[str]
@@ -68,67 +72,57 @@ class Pairs(Protocol):
 
 @dataclass(frozen=True)
 class AttackConfig:
-    """One fine-tuning attack. Defaults are the published attack."""
+    """One fine-tuning attack: a validated ``threats.<name>`` block and one seed.
 
-    algorithm: str = "full"
-    optimizer: str = "adamw"
-    lr: float = 1e-5
-    weight_decay: float = 1e-2
-    schedule: str = "constant"
-    warmup_steps: int = 0
-    steps: int = 200
-    batch_size: int = 1
-    grad_accumulation: int = 4
-    precision: str = "fp16"
-    max_grad_norm: float | None = None
-    seed: int = 42
-    lora_rank: int = 4
-    lora_alpha: float | None = None
-    lora_targets: tuple[str, ...] = PUBLISHED_LORA_TARGETS
-    prior_weight: float = 1.0
-    checkpoint_every: int = 100
+    No defaults here: they live in the schema (``resalign.spec.schema.threats.ThreatSpec``,
+    the published attack); build with :meth:`from_threat`."""
 
-    def __post_init__(self) -> None:
-        if self.algorithm not in ("full", "lora", "dreambooth"):
-            raise UserError(f"unknown attack algorithm {self.algorithm!r}")
-        if self.optimizer not in ("sgd", "adam", "adamw"):
-            raise UserError(f"unknown attack optimizer {self.optimizer!r}")
-        if self.schedule not in ("constant", "linear", "cosine"):
-            raise UserError(f"unknown lr schedule {self.schedule!r}")
-        if self.precision not in ("fp32", "fp16", "bf16"):
-            raise UserError(f"unknown precision {self.precision!r}")
+    algorithm: str
+    optimizer: str
+    lr: float
+    weight_decay: float
+    schedule: str
+    warmup_steps: int
+    steps: int
+    batch_size: int
+    grad_accumulation: int
+    precision: str
+    max_grad_norm: float | None
+    seed: int
+    lora_rank: int
+    lora_alpha: float | None
+    lora_targets: tuple[str, ...]
+    prior_weight: float
+    checkpoint_every: int
 
     @classmethod
     def from_threat(
-        cls, threat: Mapping[str, Any], seed: int, checkpoint_every: int | None = None
+        cls, threat: Mapping[str, Any] | Any, seed: int, checkpoint_every: int | None = None
     ) -> AttackConfig:
-        """Build from a ``threats.<name>`` block (dict as in the node params) and one seed."""
-        lora = dict(threat.get("lora") or {})
-        if lora.get("mode", "fresh") != "fresh":
-            raise UserError(
-                "threats fine-tune with a fresh LoRA adapter; lora.mode 'own' only applies to "
-                "the simulated fine-tunes of unlearn.resilience.meta",
-                hint="remove lora.mode from the threat (or set it to 'fresh')",
-            )
-        every = checkpoint_every or threat.get("checkpoint_every", 100)
+        """From a ``threats.<name>`` block (a ``ThreatSpec`` or its dict, as in the node
+        params; validated here, so unwritten fields take the schema's published defaults)
+        and one seed. ``checkpoint_every`` (the engine's override) wins over the block's."""
+        from ..spec.schema.threats import ThreatSpec
+
+        t = threat if isinstance(threat, ThreatSpec) else ThreatSpec.model_validate(dict(threat))
         return cls(
-            algorithm=threat.get("algorithm", "full"),
-            optimizer=threat.get("optimizer", "adamw"),
-            lr=float(threat.get("lr", 1e-5)),
-            weight_decay=float(threat.get("weight_decay", 1e-2)),
-            schedule=threat.get("schedule", "constant"),
-            warmup_steps=int(threat.get("warmup_steps", 0)),
-            steps=int(threat.get("steps", 200)),
-            batch_size=int(threat.get("batch_size", 1)),
-            grad_accumulation=int(threat.get("grad_accumulation", 4)),
-            precision=threat.get("precision", "fp16"),
-            max_grad_norm=threat.get("max_grad_norm"),
+            algorithm=t.algorithm,
+            optimizer=t.optimizer,
+            lr=float(t.lr),
+            weight_decay=float(t.weight_decay),
+            schedule=t.schedule,
+            warmup_steps=t.warmup_steps,
+            steps=t.steps,
+            batch_size=t.batch_size,
+            grad_accumulation=t.grad_accumulation,
+            precision=t.precision,
+            max_grad_norm=t.max_grad_norm,
             seed=int(seed),
-            lora_rank=int(lora.get("rank", 4)),
-            lora_alpha=lora.get("alpha"),
-            lora_targets=tuple(lora.get("targets") or PUBLISHED_LORA_TARGETS),
-            prior_weight=float(threat.get("prior_weight", 1.0)),
-            checkpoint_every=int(every),
+            lora_rank=t.lora.rank,
+            lora_alpha=t.lora.alpha,
+            lora_targets=tuple(t.lora.targets),
+            prior_weight=float(t.prior_weight),
+            checkpoint_every=int(checkpoint_every or t.checkpoint_every),
         )
 
 
@@ -227,7 +221,10 @@ def attach_fresh_lora(unet: torch.nn.Module, config: AttackConfig) -> list[str]:
     """Attach a new peft LoRA adapter to ``unet`` and freeze everything else.
 
     The adapter starts as a no-op (peft's default: Kaiming ``lora_A``, zero ``lora_B``), so
-    step 0 of a LoRA attack is the attacked model itself. Returns the adapted module names.
+    step 0 of a LoRA attack is the attacked model itself. ``lora_A`` is drawn under the
+    attack seed (peft draws it from the global RNG, whose state depended on whatever ran
+    before in the worker: the same attack node gave different weights in a fresh and in a
+    resumed run). Returns the adapted module names.
     """
     from peft import LoraConfig
 
@@ -244,7 +241,9 @@ def attach_fresh_lora(unet: torch.nn.Module, config: AttackConfig) -> list[str]:
         target_modules=list(config.lora_targets),
         init_lora_weights=True,
     )
-    unet.add_adapter(lora_config, adapter_name=ADAPTER_NAME)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(config.seed)
+        unet.add_adapter(lora_config, adapter_name=ADAPTER_NAME)
     unet.set_adapter(ADAPTER_NAME)
     for name, p in unet.named_parameters():
         p.requires_grad_("lora_" in name and f".{ADAPTER_NAME}" in name)
@@ -255,22 +254,17 @@ def denoise_loss(
     unet: torch.nn.Module,
     noise_scheduler: Any,
     latents: torch.Tensor,
-    cond: torch.Tensor,
+    cond: torch.Tensor | Mapping[str, Any],
     generator: torch.Generator,
 ) -> torch.Tensor:
-    """DDPM training loss: squared error of the UNet's ε (or v) prediction, batch mean."""
-    n_t = int(noise_scheduler.config.num_train_timesteps)
-    noise = torch.randn(latents.shape, generator=generator, dtype=torch.float32)
-    t = torch.randint(0, n_t, (latents.shape[0],), generator=generator)
-    noise = noise.to(latents.device, latents.dtype)
-    t = t.to(latents.device)
-    noisy = noise_scheduler.add_noise(latents, noise, t)
-    if noise_scheduler.config.prediction_type == "v_prediction":
-        target = noise_scheduler.get_velocity(latents, noise, t)
-    else:
-        target = noise
-    pred = unet(noisy, t, encoder_hidden_states=cond).sample
-    return ((pred.float() - target.float()) ** 2).mean()
+    """DDPM training loss (:mod:`resalign.models.diffusion`): squared error of the UNet's ε
+    or v prediction, batch mean. ``cond`` is the batch's UNet conditioning
+    (:meth:`ModelBundle.encode_condition`; text embeddings alone for models without added
+    conditioning)."""
+    noise, t = draw_noise(latents, int(noise_scheduler.config.num_train_timesteps), generator)
+    noisy, target = noise_and_target(noise_scheduler, latents, noise, t)
+    pred = unet(noisy, t, **as_condition(cond)).sample
+    return squared_error(pred, target)
 
 
 def _save_state(path: Path, state: dict[str, Any]) -> None:
@@ -363,12 +357,12 @@ def run_attack(
         start = resumed_from = int(st["step"])
         losses = [float(x) for x in st["losses"]]
 
-    def batch(pairs: Pairs, smp: _Sampler) -> tuple[torch.Tensor, torch.Tensor]:
+    def batch(pairs: Pairs, smp: _Sampler) -> tuple[torch.Tensor, dict[str, Any]]:
         idx = smp.take(config.batch_size)
         with torch.no_grad():
             images = pairs.images[idx].to(dev)
             latents = bundle.encode_images(images).float()
-            cond = bundle.encode_text([pairs.captions[i] for i in idx.tolist()])
+            cond = bundle.encode_condition([pairs.captions[i] for i in idx.tolist()])
         return latents, cond
 
     unet.train()
@@ -428,36 +422,3 @@ def run_attack(
         resumed_from=resumed_from,
         notes=notes,
     )
-
-
-def poison_pairs(base: Any, harmful: Any, ratio: float, seed: int) -> tuple[Any, list[int]]:
-    """``base`` with ``round(ratio·n)`` items replaced by harmful pairs (the paper's poisoning).
-
-    Which positions and which harmful items follow :func:`resalign.data.mix.poison_plan`,
-    deterministic in ``seed``. Returns the poisoned set (same type as ``base``) and the sorted
-    replaced positions.
-    """
-    import dataclasses
-
-    from ..data.mix import poison_plan
-
-    if not 0.0 <= ratio <= 1.0:
-        raise UserError(f"poison ratio must be in [0, 1], got {ratio}")
-    plan = poison_plan(len(base.captions), len(harmful.captions), ratio, seed)
-    images = base.images.clone()
-    captions = list(base.captions)
-    labels = getattr(base, "labels", None)
-    h_labels = getattr(harmful, "labels", None)
-    labels = list(labels) if labels is not None and h_labels is not None else None
-    for pos, item in plan:
-        images[pos] = harmful.images[item]
-        captions[pos] = harmful.captions[item]
-        if labels is not None:
-            labels[pos] = h_labels[item]
-    changes: dict[str, Any] = {"images": images, "captions": captions}
-    if hasattr(base, "labels"):
-        changes["labels"] = labels
-    if not dataclasses.is_dataclass(base):
-        raise TypeError("poison_pairs needs a dataclass pair set (resalign.data.pairs.PairSet)")
-    poisoned = dataclasses.replace(base, **changes)
-    return poisoned, sorted(p for p, _ in plan)

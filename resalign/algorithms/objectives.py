@@ -1,14 +1,17 @@
 """Objectives of unlearning, on pre-encoded data and a functional diffusers UNet.
 
-- :class:`EncodedPairs`: latents ``[N,C,h,w]``, text embeddings ``[N,L,D]`` and optional labels.
-- :class:`Denoiser`: noise prediction of a UNet at a given parameter dict
-  (``torch.func.functional_call``), and of the frozen original model.
+- :class:`EncodedPairs`: latents ``[N,C,h,w]``, text embeddings ``[N,L,D]``, SDXL's added
+  conditioning (pooled text embeddings, time ids) where the model has it, optional labels.
+- :class:`Denoiser`: the UNet's prediction (ε or v, as the training scheduler's
+  ``prediction_type`` says) at a given parameter dict (``torch.func.functional_call``), and
+  of the frozen original model. Every UNet call of unlearning goes through it.
 - harmful losses (``neg_denoise``, ``esd``) and retain regularizers (``distill``,
   ``denoise``) registered by name, and the regularizer weight schedule.
 
-Squared errors are written out (not ``F.mse_loss``): forward-over-reverse HVPs need it; they
-go through :func:`resalign.algorithms.memory.squared_error`, which upcasts half-precision
-predictions before the reduction.
+Noising, target and squared error are :mod:`resalign.models.diffusion`'s, shared with
+attacks and pretraining. The squared error is written out (not ``F.mse_loss``):
+forward-over-reverse HVPs need it; half-precision predictions are upcast before the
+reduction.
 
 Mixed precision (``unlearn.memory.autocast``): the :class:`Denoiser` runs its forward passes
 under autocast only inside :meth:`Denoiser.low_precision` blocks (the methods open them around
@@ -28,6 +31,15 @@ import torch
 from torch import Tensor
 from torch.func import functional_call
 
+from ..models.bundle import (
+    Condition,
+    as_condition,
+    cat_conditions,
+    condition_to,
+    expand_condition,
+    take_condition,
+)
+from ..models.diffusion import draw_noise, noise_and_target, squared_error
 from . import memory
 
 Params = Mapping[str, Tensor]
@@ -35,11 +47,49 @@ Params = Mapping[str, Tensor]
 
 @dataclass
 class EncodedPairs:
-    """Pre-encoded image–text pairs: what every loss here consumes."""
+    """Pre-encoded image–text pairs: what every loss here consumes. ``added`` is SDXL's
+    ``added_cond_kwargs`` per item (``text_embeds`` ``[N,P]``, ``time_ids`` ``[N,6]``),
+    None for models without added conditioning."""
 
     latents: Tensor
     embeddings: Tensor
     labels: Tensor | None = None
+    added: dict[str, Tensor] | None = None
+
+    @classmethod
+    def from_condition(
+        cls, latents: Tensor, cond: Mapping[str, Any], labels: Tensor | None = None
+    ) -> EncodedPairs:
+        """From latents and a condition of :meth:`ModelBundle.encode_condition`."""
+        added = cond.get("added_cond_kwargs")
+        return cls(latents, cond["encoder_hidden_states"], labels, dict(added) if added else None)
+
+    @classmethod
+    def encode(
+        cls,
+        bundle: Any,
+        images: Tensor,
+        captions: list[str],
+        labels: list[int] | None = None,
+        chunk: int = 64,
+    ) -> EncodedPairs:
+        """Encode image–caption pairs with ``bundle`` (VAE latents, the UNet conditioning
+        of :meth:`ModelBundle.encode_condition`), ``chunk`` items at a time."""
+        parts = [
+            cls.from_condition(
+                bundle.encode_images(images[i : i + chunk]),
+                bundle.encode_condition(list(captions[i : i + chunk])),
+            )
+            for i in range(0, len(captions), chunk)
+        ]
+        out = cls.concat(parts)
+        out.labels = None if labels is None else torch.tensor(labels)
+        return out
+
+    @property
+    def condition(self) -> Condition:
+        """The UNet keyword arguments of these pairs' captions."""
+        return _condition(self.embeddings, self.added)
 
     def __post_init__(self) -> None:
         if self.latents.shape[0] != self.embeddings.shape[0]:
@@ -54,7 +104,8 @@ class EncodedPairs:
 
     def take(self, index: Tensor) -> EncodedPairs:
         labels = None if self.labels is None else self.labels[index]
-        return EncodedPairs(self.latents[index], self.embeddings[index], labels)
+        added = None if self.added is None else take_condition(self.added, index)
+        return EncodedPairs(self.latents[index], self.embeddings[index], labels, added)
 
     def sample(self, n: int, generator: torch.Generator) -> EncodedPairs:
         """``n`` items drawn uniformly with replacement (index drawn on ``generator``)."""
@@ -63,16 +114,34 @@ class EncodedPairs:
 
     def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> EncodedPairs:
         lab = None if self.labels is None else self.labels.to(device)
-        return EncodedPairs(self.latents.to(device, dtype), self.embeddings.to(device, dtype), lab)
+        added = None if self.added is None else condition_to(self.added, device, dtype)
+        return EncodedPairs(
+            self.latents.to(device, dtype), self.embeddings.to(device, dtype), lab, added
+        )
 
     @staticmethod
     def concat(parts: list[EncodedPairs]) -> EncodedPairs:
         labels = None
         if all(p.labels is not None for p in parts):
             labels = torch.cat([p.labels for p in parts])  # type: ignore[misc]
+        added = None
+        if parts[0].added is not None:
+            if any(p.added is None for p in parts):
+                raise ValueError("cannot concatenate pairs with and without added conditioning")
+            added = cat_conditions([p.added for p in parts])  # type: ignore[misc]
         return EncodedPairs(
-            torch.cat([p.latents for p in parts]), torch.cat([p.embeddings for p in parts]), labels
+            torch.cat([p.latents for p in parts]),
+            torch.cat([p.embeddings for p in parts]),
+            labels,
+            added,
         )
+
+
+def _condition(embeddings: Tensor, added: Mapping[str, Tensor] | None) -> Condition:
+    cond: Condition = {"encoder_hidden_states": embeddings}
+    if added is not None:
+        cond["added_cond_kwargs"] = dict(added)
+    return cond
 
 
 @dataclass
@@ -84,27 +153,27 @@ class NoisedBatch:
     target: Tensor
     embeddings: Tensor
     latents: Tensor
+    added: dict[str, Tensor] | None = None
+
+    @property
+    def condition(self) -> Condition:
+        """The UNet keyword arguments of the batch's captions."""
+        return _condition(self.embeddings, self.added)
 
 
 def noise_batch(pairs: EncodedPairs, scheduler: Any, generator: torch.Generator) -> NoisedBatch:
-    """Draw ε ~ N(0, I) and t ~ U{0..T−1} on ``generator`` and noise the latents (DDPM)."""
+    """Draw ε ~ N(0, I) and t ~ U{0..T−1} on ``generator`` and noise the latents (DDPM,
+    :mod:`resalign.models.diffusion`); the target is ε or v per the scheduler."""
     lat = pairs.latents
-    noise = torch.randn(lat.shape, generator=generator, dtype=lat.dtype).to(lat.device)
-    t = torch.randint(
-        0, int(scheduler.config.num_train_timesteps), (lat.shape[0],), generator=generator
-    ).to(lat.device)
-    noisy = scheduler.add_noise(lat, noise, t)
-    if scheduler.config.prediction_type == "v_prediction":
-        target = scheduler.get_velocity(lat, noise, t)
-    else:
-        target = noise
-    return NoisedBatch(noisy, t, target, pairs.embeddings, lat)
+    noise, t = draw_noise(lat, int(scheduler.config.num_train_timesteps), generator)
+    noisy, target = noise_and_target(scheduler, lat, noise, t)
+    return NoisedBatch(noisy, t, target, pairs.embeddings, lat, pairs.added)
 
 
 def sq_err(a: Tensor, b: Tensor) -> Tensor:
     """Mean squared error, written out so forward-mode AD can differentiate it (half inputs
-    are upcast to fp32 first: :func:`memory.squared_error`)."""
-    return memory.squared_error(a, b)
+    are upcast to fp32 first: :func:`resalign.models.diffusion.squared_error`)."""
+    return squared_error(a, b)
 
 
 class Denoiser:
@@ -151,29 +220,36 @@ class Denoiser:
         finally:
             self._low = was
 
-    def eps(self, params: Params, nb: NoisedBatch, embeddings: Tensor | None = None) -> Tensor:
-        emb = nb.embeddings if embeddings is None else embeddings
+    def eps(
+        self, params: Params, nb: NoisedBatch, cond: Tensor | Mapping[str, Any] | None = None
+    ) -> Tensor:
+        """The UNet's prediction on ``nb`` at ``params`` (ε or v: whatever the scheduler's
+        ``prediction_type`` trains it to predict), conditioned on the batch's captions or on
+        ``cond`` (text embeddings, or a full condition with SDXL's added conditioning)."""
+        kwargs = nb.condition if cond is None else as_condition(cond)
         with memory.autocast(self.mode, nb.noisy.device):
             out = functional_call(
                 self.unet,
                 dict(params),
                 (nb.noisy, nb.timesteps),
-                {"encoder_hidden_states": emb, "return_dict": False},
+                {**kwargs, "return_dict": False},
                 strict=False,
             )[0]
         # fp32 out of autocast, so losses, gradients and HVPs are reduced in fp32
         return out.float() if out.dtype in memory.HALF_DTYPES else out
 
     @torch.no_grad()
-    def eps_original(self, nb: NoisedBatch, embeddings: Tensor | None = None) -> Tensor:
-        return self.eps(self.original, nb, embeddings).detach()
+    def eps_original(
+        self, nb: NoisedBatch, cond: Tensor | Mapping[str, Any] | None = None
+    ) -> Tensor:
+        return self.eps(self.original, nb, cond).detach()
 
 
 # --- harmful losses ----------------------------------------------------------------------
 
 
 def denoise_loss(den: Denoiser, params: Params, nb: NoisedBatch) -> Tensor:
-    """ε-prediction MSE (the diffusion training loss)."""
+    """The diffusion training loss: MSE of the prediction against the batch's ε or v target."""
     return sq_err(den.eps(params, nb), nb.target)
 
 
@@ -182,12 +258,21 @@ def neg_denoise_loss(den: Denoiser, params: Params, nb: NoisedBatch) -> Tensor:
     return -denoise_loss(den, params, nb)
 
 
-def esd_target(den: Denoiser, nb: NoisedBatch, uncond: Tensor, negative_guidance: float) -> Tensor:
+def esd_target(
+    den: Denoiser,
+    nb: NoisedBatch,
+    uncond: Tensor | Mapping[str, Any],
+    negative_guidance: float,
+) -> Tensor:
     """ESD target ``ε₀(x_t,∅) − η·(ε₀(x_t,c) − ε₀(x_t,∅))`` of the frozen original ε₀.
 
-    Departure from ESD: x_t is a noised harmful latent, not a partial sample of the model.
+    ``uncond`` is the empty prompt's conditioning (one item: text embeddings ``[1, L, D]``
+    or a condition of :meth:`ModelBundle.encode_condition`, which SDXL needs). Departure
+    from ESD: x_t is a noised harmful latent, not a partial sample of the model. For a
+    v-prediction model the same combination is taken of v: v is affine in ε at fixed x_t and
+    the combination's weights sum to one, so it is the v of the ε target.
     """
-    u = uncond.expand(nb.embeddings.shape[0], *uncond.shape[1:])
+    u = expand_condition(as_condition(uncond), nb.embeddings.shape[0])
     e_c = den.eps_original(nb)
     e_u = den.eps_original(nb, u)
     return e_u - negative_guidance * (e_c - e_u)

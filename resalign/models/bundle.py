@@ -3,10 +3,58 @@ step (unlearning, attacks, evaluation, pretraining)."""
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+
+# What ``unet(noisy, t, **condition)`` needs besides the noisy latents and timesteps:
+# ``encoder_hidden_states`` [N, L, D] and, for SDXL, ``added_cond_kwargs`` with
+# ``text_embeds`` [N, P] and ``time_ids`` [N, 6]. Built by ModelBundle.encode_condition.
+Condition = dict[str, Any]
+
+
+def as_condition(cond: torch.Tensor | Mapping[str, Any]) -> Condition:
+    """A condition from text embeddings alone (models without added conditioning) or a
+    full condition mapping (returned as a new dict)."""
+    if isinstance(cond, torch.Tensor):
+        return {"encoder_hidden_states": cond}
+    return dict(cond)
+
+
+def _map_condition(
+    cond: Mapping[str, Any], fn: Callable[[torch.Tensor], torch.Tensor]
+) -> Condition:
+    return {k: _map_condition(v, fn) if isinstance(v, Mapping) else fn(v) for k, v in cond.items()}
+
+
+def take_condition(cond: Mapping[str, Any], index: torch.Tensor | slice) -> Condition:
+    """The items ``index`` (along the batch dimension) of every tensor of ``cond``."""
+    return _map_condition(cond, lambda t: t[index])
+
+
+def expand_condition(cond: Mapping[str, Any], n: int) -> Condition:
+    """A one-item condition (e.g. the empty prompt's) broadcast to ``n`` items (a view)."""
+    return _map_condition(cond, lambda t: t.expand(n, *t.shape[1:]))
+
+
+def condition_to(
+    cond: Mapping[str, Any], device: torch.device | str, dtype: torch.dtype | None = None
+) -> Condition:
+    """Every tensor of ``cond`` moved to ``device`` (and cast to ``dtype``)."""
+    return _map_condition(cond, lambda t: t.to(device, dtype))
+
+
+def cat_conditions(conds: Sequence[Mapping[str, Any]]) -> Condition:
+    """Conditions of several batches concatenated along the batch dimension."""
+    first = conds[0]
+    return {
+        k: cat_conditions([c[k] for c in conds])
+        if isinstance(v, Mapping)
+        else torch.cat([c[k] for c in conds])
+        for k, v in first.items()
+    }
 
 
 @dataclass
@@ -34,56 +82,62 @@ class ModelBundle:
 
     # -- conditioning -----------------------------------------------------------------------
 
-    def _tokens(self, tokenizer: Any, captions: list[str]) -> torch.Tensor:
-        ids = tokenizer(
-            list(captions),
-            padding="max_length",
-            max_length=tokenizer.model_max_length,
-            truncation=True,
-            return_tensors="pt",
-        ).input_ids
-        return ids.to(self.device)
-
-    @torch.no_grad()
-    def encode_text(self, captions: list[str]) -> torch.Tensor:
-        """Text embeddings ``[N, L, D]`` for the UNet's cross-attention, computed as the
-        diffusers pipeline computes them (padded to ``model_max_length``, last hidden state;
-        SDXL: penultimate states of both encoders, concatenated). No gradient."""
+    def tokenize(self, captions: Sequence[str]) -> list[torch.Tensor]:
+        """Token ids of ``captions`` for each text encoder (one tensor per tokenizer), padded
+        to ``model_max_length`` and truncated as the diffusers pipelines do."""
+        tokenizers = [self.tokenizer]
         if self.family == "sdxl":
-            return self._sdxl_text(captions)[0]
-        ids = self._tokens(self.tokenizer, captions)
-        return self.text_encoder(ids)[0].to(self.dtype)
+            tokenizers.append(self.tokenizer_2)
+        return [
+            tok(
+                list(captions),
+                padding="max_length",
+                max_length=tok.model_max_length,
+                truncation=True,
+                return_tensors="pt",
+            ).input_ids.to(self.device)
+            for tok in tokenizers
+        ]
 
-    @torch.no_grad()
-    def _sdxl_text(self, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    def condition_from_tokens(self, ids: Sequence[torch.Tensor]) -> Condition:
+        """The UNet conditioning of token ids from :meth:`tokenize`, computed as the diffusers
+        pipeline computes it: SD, the last hidden state; SDXL, the penultimate hidden states
+        of both encoders concatenated, ``added_cond_kwargs`` with the second encoder's pooled
+        projection and the size/crop time ids ``(r, r, 0, 0, r, r)`` at the model resolution
+        (no crop; the pipeline's default at that resolution). Gradients flow where the text
+        encoders require them (pretraining a tiny model's encoder); use
+        :meth:`encode_condition` otherwise."""
+        if self.family != "sdxl":
+            return {"encoder_hidden_states": self.text_encoder(ids[0])[0].to(self.dtype)}
         states = []
         pooled = None
-        for tok, enc in (
-            (self.tokenizer, self.text_encoder),
-            (self.tokenizer_2, self.text_encoder_2),
-        ):
-            out = enc(self._tokens(tok, captions), output_hidden_states=True)
+        for tokens, enc in zip(ids, (self.text_encoder, self.text_encoder_2)):
+            out = enc(tokens, output_hidden_states=True)
             states.append(out.hidden_states[-2])
             pooled = out[0]  # text_encoder_2 is a CLIPTextModelWithProjection: text_embeds
-        return torch.cat(states, dim=-1).to(self.dtype), pooled.to(self.dtype)
-
-    @torch.no_grad()
-    def encode_condition(self, captions: list[str]) -> dict[str, Any]:
-        """Keyword arguments for ``unet(noisy, t, **cond)``: ``encoder_hidden_states`` and, for
-        SDXL, ``added_cond_kwargs`` (pooled text embeds and size/crop time ids at the model
-        resolution, no crop). Use this rather than :meth:`encode_text` to support SDXL."""
-        if self.family != "sdxl":
-            return {"encoder_hidden_states": self.encode_text(captions)}
-        states, pooled = self._sdxl_text(captions)
-        r = self.resolution
+        assert pooled is not None
+        n, r = int(ids[0].shape[0]), self.resolution
         time_ids = torch.tensor([[r, r, 0, 0, r, r]], dtype=self.dtype, device=self.device)
         return {
-            "encoder_hidden_states": states,
+            "encoder_hidden_states": torch.cat(states, dim=-1).to(self.dtype),
             "added_cond_kwargs": {
-                "text_embeds": pooled,
-                "time_ids": time_ids.repeat(len(captions), 1),
+                "text_embeds": pooled.to(self.dtype),
+                "time_ids": time_ids.repeat(n, 1),
             },
         }
+
+    @torch.no_grad()
+    def encode_condition(self, captions: Sequence[str]) -> Condition:
+        """Everything ``unet(noisy, t, **cond)`` needs for ``captions``, built once here for
+        every step (unlearning, attacks, pretraining; generation checks it equals the
+        pipeline's own ``encode_prompt``): ``encoder_hidden_states`` and, for SDXL,
+        ``added_cond_kwargs``. No gradient."""
+        return self.condition_from_tokens(self.tokenize(captions))
+
+    @torch.no_grad()
+    def encode_text(self, captions: Sequence[str]) -> torch.Tensor:
+        """The ``encoder_hidden_states`` part of :meth:`encode_condition` (``[N, L, D]``)."""
+        return self.encode_condition(captions)["encoder_hidden_states"]
 
     # -- images -----------------------------------------------------------------------------
 
@@ -148,6 +202,9 @@ class ModelBundle:
                 tokenizer_2=self.tokenizer_2,
                 unet=self.unet,
                 scheduler=scheduler,
+                # No invisible watermark (diffusers adds one when the package is installed):
+                # it would change the images the metrics score.
+                add_watermarker=False,
             )
         else:
             pipe = diffusers.StableDiffusionPipeline(

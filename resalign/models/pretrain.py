@@ -1,8 +1,9 @@
 """Pretraining a tiny model from scratch: the built-in demo's "original model".
 
-Standard text-conditioned DDPM training of the UNet (ε- or v-prediction MSE at uniformly drawn
-timesteps) on image–caption pairs, with the text encoder and VAE frozen as in Stable Diffusion
-(here: a random CLIP text encoder and the identity pixel VAE). Captions are replaced by the
+Standard text-conditioned DDPM training of the UNet (the loss of
+:mod:`resalign.models.diffusion`: ε- or v-prediction MSE at uniformly drawn timesteps; the
+conditioning of :meth:`ModelBundle.encode_condition`, so an SDXL-shaped model trains too) on
+image–caption pairs, with the text encoder and VAE frozen as in Stable Diffusion (here: a random CLIP text encoder and the identity pixel VAE). Captions are replaced by the
 empty prompt with probability ``uncond_prob`` (SD's 10 %) so classifier-free guidance works at
 sampling time. AdamW with a cosine decay to 10 % of ``lr``. With ``train_text_encoder`` the
 (randomly initialised) text encoder is trained jointly — from scratch there is no pretrained
@@ -24,7 +25,15 @@ from typing import Any
 
 import torch
 
+from .bundle import take_condition
+from .diffusion import noise_and_target, squared_error
+
 CHECKPOINT = "pretrain.pt"
+
+
+def _encoder_key(i: int) -> str:
+    # "text_encoder" as before for the first encoder: existing checkpoints stay readable.
+    return "text_encoder" if i == 0 else f"text_encoder_{i + 1}"
 
 
 def _lr_lambda(steps: int) -> Callable[[int], float]:
@@ -56,24 +65,23 @@ def pretrain_unet(
     latents = bundle.encode_images(pairs.images).float()
     uniq = sorted(set(pairs.captions))
     texts = [*uniq, ""]  # last row: the empty prompt
-    emb_table = bundle.encode_text(texts).float()
-    text_ids = bundle._tokens(bundle.tokenizer, texts)
-    encoder = bundle.text_encoder
+    cond_table = bundle.encode_condition(texts)
+    text_ids = bundle.tokenize(texts)
+    encoders = [e for e in (bundle.text_encoder, bundle.text_encoder_2) if e is not None]
     index = {c: i for i, c in enumerate(uniq)}
     cap_idx = torch.tensor([index[c] for c in pairs.captions], device=device)
     empty = len(uniq)
     sched = bundle.noise_scheduler
-    alphas = sched.alphas_cumprod.to(device=device, dtype=torch.float32)
     n_t = sched.config.num_train_timesteps
-    prediction = sched.config.prediction_type
 
     unet.train()
     unet.requires_grad_(True)
     params = list(unet.parameters())
     if train_text_encoder:
-        encoder.train()
-        encoder.requires_grad_(True)
-        params += list(encoder.parameters())
+        for encoder in encoders:
+            encoder.train()
+            encoder.requires_grad_(True)
+            params += list(encoder.parameters())
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=1e-2)
     lr_sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(steps))
     gen = torch.Generator(device="cpu").manual_seed(seed)
@@ -83,7 +91,8 @@ def pretrain_unet(
         state = torch.load(ckpt, map_location="cpu", weights_only=True)
         unet.load_state_dict(state["unet"])
         if train_text_encoder:
-            encoder.load_state_dict(state["text_encoder"])
+            for i, encoder in enumerate(encoders):
+                encoder.load_state_dict(state[_encoder_key(i)])
         opt.load_state_dict(state["optimizer"])
         lr_sched.load_state_dict(state["lr_schedule"])
         gen.set_state(state["generator"])
@@ -96,19 +105,19 @@ def pretrain_unet(
         noise = torch.randn((batch_size, *latents.shape[1:]), generator=gen)
         drop = torch.rand(batch_size, generator=gen) < uncond_prob
         idx, t, noise, drop = idx.to(device), t.to(device), noise.to(device), drop.to(device)
-        x0 = latents[idx]
-        a = alphas[t].view(-1, 1, 1, 1)
-        noisy = a.sqrt() * x0 + (1 - a).sqrt() * noise
-        target = noise if prediction == "epsilon" else a.sqrt() * noise - (1 - a).sqrt() * x0
+        # The draws above keep their order (index, t, noise, dropout): the demo's
+        # pretrained model is a cached result of this stream.
+        noisy, target = noise_and_target(sched, latents[idx], noise, t)
         rows = torch.where(drop, torch.full_like(cap_idx[idx], empty), cap_idx[idx])
         if train_text_encoder:
             # Encode only the distinct rows of the batch, then gather.
             used, inverse = torch.unique(rows, return_inverse=True)
-            cond = encoder(text_ids[used])[0].float()[inverse]
+            cond = bundle.condition_from_tokens([ids[used] for ids in text_ids])
+            cond = take_condition(cond, inverse)
         else:
-            cond = emb_table[rows]
-        pred = unet(noisy, t, encoder_hidden_states=cond).sample
-        loss = ((pred.float() - target) ** 2).mean()
+            cond = take_condition(cond_table, rows)
+        pred = unet(noisy, t, **cond).sample
+        loss = squared_error(pred, target)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -123,7 +132,11 @@ def pretrain_unet(
             torch.save(
                 {
                     "unet": unet.state_dict(),
-                    **({"text_encoder": encoder.state_dict()} if train_text_encoder else {}),
+                    **(
+                        {_encoder_key(i): e.state_dict() for i, e in enumerate(encoders)}
+                        if train_text_encoder
+                        else {}
+                    ),
                     "optimizer": opt.state_dict(),
                     "lr_schedule": lr_sched.state_dict(),
                     "generator": gen.get_state(),
@@ -134,6 +147,7 @@ def pretrain_unet(
             os.replace(tmp, ckpt)
     unet.eval()
     unet.requires_grad_(False)
-    encoder.eval()
-    encoder.requires_grad_(False)
+    for encoder in encoders:
+        encoder.eval()
+        encoder.requires_grad_(False)
     return {"final_loss": sum(recent) / max(1, len(recent)), "steps": float(steps)}

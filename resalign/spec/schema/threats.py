@@ -19,14 +19,28 @@ class PoisonSpec(StrictModel):
     ratio: float = Field(ge=0, le=1)
 
 
+class ThreatLoraSpec(LoraAttackSpec):
+    """The LoRA adapter of a ``lora`` attack: always a fresh one (the attacker has no access
+    to the unlearned model's own adapter; ``own`` applies to simulated fine-tunes only)."""
+
+    mode: Literal["fresh"] = Field(
+        default="fresh", description="threats fine-tune a fresh adapter ('own' is meta-only)"
+    )
+
+
 class ThreatSpec(StrictModel):
     """A fine-tuning attack. Defaults are the published attack: full UNet, 200 steps, lr 1e-5
-    constant, AdamW, effective batch 4, fp16, seed 42."""
+    constant, AdamW, effective batch 4, fp16, seed 42. These defaults are the only ones:
+    ``resalign.algorithms.attack.AttackConfig`` is built from this model.
+
+    ``poison`` replaces ``ratio`` of ``data`` by items of ``poison.data``, exactly as a
+    ``mix`` dataset does (``resalign.data.pairs.mix_pairs``), with the attack seed as the mix
+    seed."""
 
     data: str
     poison: PoisonSpec | None = None
     algorithm: Literal["full", "lora", "dreambooth"] = "full"
-    lora: LoraAttackSpec = Field(default_factory=lambda: LoraAttackSpec(mode="fresh"))
+    lora: ThreatLoraSpec = Field(default_factory=ThreatLoraSpec)
     prior: str | None = Field(default=None, description="class-prior dataset for dreambooth")
     prior_weight: float = Field(default=1.0, ge=0)
     optimizer: Literal["sgd", "adam", "adamw"] = "adamw"
