@@ -153,3 +153,115 @@ def test_view_errors_are_user_errors():
     with pytest.raises(UserError, match="fresh"):
         make_view(unet, sel.names, "full", "lora", "fresh")
     assert make_view(unet, sel.names, "full", "full", "own").kind == "identity"
+
+
+# --- differentiating through Adam (unrolled hypergradients) -------------------------------
+
+
+def _adam_problem():
+    """θ = [a (3,), kb (2,)]. The fine-tuning loss is a smooth non-quadratic in a and does not
+    depend on kb (written 0·‖kb‖² so its gradient is an exact zero inside the graph, as the
+    key bias of softmax attention pooling has); the harmful loss reads both."""
+    g = torch.Generator().manual_seed(4)
+    x, y = torch.randn(6, 3, generator=g, dtype=D), torch.randn(6, generator=g, dtype=D)
+    xh, u = torch.randn(4, 3, generator=g, dtype=D), torch.randn(2, generator=g, dtype=D)
+    theta = [torch.randn(3, generator=g, dtype=D), torch.randn(2, generator=g, dtype=D)]
+
+    def ft(ps, k):
+        return (torch.tanh(x @ ps[0]) - y).pow(2).mean() * (1 + 0.2 * k) + 0.0 * ps[1].pow(2).sum()
+
+    def harm(ps):
+        return -torch.log1p((xh @ ps[0]).pow(2)).mean() + u @ ps[1]
+
+    return theta, ft, harm, u
+
+
+def _fd(theta, ft, harm, steps, opt, h=1e-6):
+    """Central finite differences of L_harm(θ_S(θ₀)) through the forward Adam steps (float64)."""
+    from resalign.algorithms.inner import FunctionalOptimizer as _  # noqa: F401
+
+    def final(ps):
+        cur = [p.clone().requires_grad_(True) for p in ps]
+        st = opt.init(cur)
+        for k in range(steps):
+            gr = torch.autograd.grad(ft(cur, k), cur)
+            with torch.no_grad():
+                cur, st = opt.step([c.detach() for c in cur], list(gr), st)
+            cur = [c.detach().requires_grad_(True) for c in cur]
+        with torch.no_grad():
+            return float(harm(cur))
+
+    out = []
+    for i, t in enumerate(theta):
+        g = torch.zeros_like(t)
+        for j in range(t.numel()):
+            plus = [p.clone() for p in theta]
+            minus = [p.clone() for p in theta]
+            plus[i].view(-1)[j] += h
+            minus[i].view(-1)[j] -= h
+            g.view(-1)[j] = (final(plus) - final(minus)) / (2 * h)
+        out.append(g)
+    return out
+
+
+def test_unrolled_adam_is_finite_and_exact_where_a_gradient_is_exactly_zero(monkeypatch):
+    from resalign.algorithms import inner
+    from resalign.algorithms.hypergrad import unrolled_hypergradient
+
+    theta, ft, harm, u = _adam_problem()
+    opt = FunctionalOptimizer("adam", 0.05)
+    steps = 6
+    hyper, _, _ = unrolled_hypergradient(theta, ft, harm, steps, opt)
+    assert all(torch.isfinite(t).all() for t in hyper)
+    # kb never moves (Adam's update of an all-zero gradient is 0/(0 + ε)): d/dkb₀ = u exactly
+    assert torch.equal(hyper[1], u)
+    # a, where v̂ > 0 and the safe √ is not active: equal to float64 finite differences
+    fd = _fd(theta, ft, harm, steps, opt)
+    assert torch.allclose(hyper[0], fd[0], rtol=1e-6, atol=1e-9), (hyper[0], fd[0])
+    assert torch.allclose(hyper[1], fd[1], rtol=1e-6, atol=1e-9)
+    # autograd's own √ (what the optimizer used before) gives NaN on the same problem
+    monkeypatch.setattr(inner, "_sqrt", torch.sqrt)
+    broken, _, _ = unrolled_hypergradient(theta, ft, harm, steps, opt)
+    assert not torch.isfinite(broken[1]).all()
+
+
+def test_unrolled_adam_on_the_demo_unet_is_finite():
+    """The digits demo's UNet layout (text-pooled time embedding, cross-attention blocks) at
+    the demo's width: under math attention the pooling's key bias gets an exactly-zero gradient,
+    and one unrolled Adam step used to turn every hypergradient tensor NaN."""
+    from resalign.algorithms.hypergrad import unrolled_hypergradient
+    from resalign.algorithms.objectives import EncodedPairs, denoise_loss
+    from resalign.models.attention import math_attention
+    from resalign.models.tiny import build_unet
+    from resalign.spec.schema.model import TinyModelSpec
+
+    torch.manual_seed(0)
+    spec = TinyModelSpec(block_out_channels=[16, 32], cross_attention_dim=32, text_hidden_size=32)
+    f32 = torch.float32  # the demo's dtype: in float64 the zero is not exact
+    unet = build_unet(spec, 1, 8).to(f32).eval()
+    sched = toy_scheduler()
+    names = [n for n, _ in unet.named_parameters()]
+    params = dict(unet.named_parameters())
+    den = Denoiser(unet, sched, {})
+    g = torch.Generator().manual_seed(0)
+
+    def pairs(n, shift=0.0):
+        lat = torch.randn(n, 1, 8, 8, generator=g, dtype=f32) * 0.5 + shift
+        return EncodedPairs(lat, torch.randn(n, 8, 32, generator=g, dtype=f32))
+
+    batches = [noise_batch(pairs(4), sched, g)]
+    hb = noise_batch(pairs(4, 1.0), sched, g)
+    theta = [params[n].detach().clone() for n in names]
+    with math_attention(unet):
+        leaves = [t.clone().requires_grad_(True) for t in theta]
+        first = torch.autograd.grad(denoise_loss(den, dict(zip(names, leaves)), batches[0]), leaves)
+        assert any(bool((t == 0).any()) for t in first)  # the case the fix is for
+        hyper, _, _ = unrolled_hypergradient(
+            theta,
+            lambda ps, k: denoise_loss(den, dict(zip(names, ps)), batches[k]),
+            lambda ps: -denoise_loss(den, dict(zip(names, ps)), hb),
+            1,
+            FunctionalOptimizer("adam", 1e-3),
+        )
+    assert all(torch.isfinite(t).all() for t in hyper)
+    assert sum(float(t.pow(2).sum()) for t in hyper) > 0

@@ -77,10 +77,30 @@ class FunctionalOptimizer:
         bc2_sqrt = (1 - b2**t) ** 0.5
         step_size = lr / bc1
         new = [
-            p - step_size * mi / (vi.sqrt() / bc2_sqrt + self.eps)
+            p - step_size * mi / (_sqrt(vi) / bc2_sqrt + self.eps)
             for p, mi, vi in zip(params, m, v)
         ]
         return new, {"t": t, "m": m, "v": v}
+
+
+def _sqrt(v: Tensor) -> Tensor:
+    """√v whose derivative at v = 0 is 0 instead of autograd's 1/(2√0) = ∞.
+
+    Forward values are unchanged. Differentiated through (unrolled hypergradients), Adam's
+    √v̂ at an entry whose gradients were all exactly 0 has v = m = 0; torch's ∞ times the
+    0 of dv/dg is NaN, which then spreads to every tensor through the UNet's second derivatives
+    (measured: the digits demo's text-pooling key bias has an exactly-zero gradient under math
+    attention, and one unrolled Adam step turned all 299 hypergradient tensors NaN). The true
+    contribution of that path is −m·(d√v/dg)/(√v̂ + ε)², which is 0 there because m = 0 (and
+    d√v/dg stays bounded: √((1 − β₂)g²) = √(1 − β₂)·|g|), so the derivative taken here is exact.
+    Where (1 − β₂)g² underflows while g ≠ 0 (|g| ≲ 1e-21 in float32) the term dropped is
+    −m·√(1 − β₂)·sign(g)/(√v̂ + ε)² with |m| ≲ |g|: ≲ 3e-7 per unit of upstream gradient,
+    against the m path's (1 − β₁)/ε ≈ 1e7.
+    """
+    if not v.requires_grad:
+        return v.sqrt()
+    pos = v > 0
+    return torch.where(pos, torch.where(pos, v, torch.ones_like(v)).sqrt(), torch.zeros_like(v))
 
 
 # --- which parameters the inner loop fine-tunes ---------------------------------------------
