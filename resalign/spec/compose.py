@@ -38,11 +38,11 @@ from .source import (
     RESET,
     PathT,
     SourceMap,
-    SpecYAMLLoader,
     _Builder,
     compose_bounded,
     dotted,
     load_yaml_text,
+    new_loader,
 )
 from .validation import field_type, holds_only_text
 
@@ -261,7 +261,11 @@ def _set_value(raw: str, line: int, col0: int, lines: list[str]) -> Any:
     """``raw`` read as a YAML value with the spec loader's rules and bounds."""
     smap = SourceMap(SET_FILE, [raw])
     issues: list[Issue] = []
-    loader = SpecYAMLLoader(raw)
+    try:
+        loader = new_loader(raw, SET_FILE)
+    except SpecError as err:
+        i = err.issues[0]
+        raise SpecError([Issue(SET_FILE, line, col0 + (i.col or 1), i.message, None)]) from None
     try:
         try:
             root = compose_bounded(loader, SET_FILE, [raw])

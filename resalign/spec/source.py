@@ -224,31 +224,36 @@ def expansion_issue(root: yaml.Node) -> tuple[yaml.Node, str] | None:
 
     Returns (node, message) for the first node over a limit or in an alias cycle, else None.
     """
-    sizes: dict[int, int] = {}
+    seen: dict[int, tuple[int, int]] = {}  # id → (values, height) of the expanded node
     active: set[int] = set()
 
     class _Over(Exception):
         def __init__(self, node: yaml.Node, message: str):
             self.node, self.message = node, message
 
+    def too_deep(node: yaml.Node) -> _Over:
+        return _Over(
+            node, f"with its aliases expanded the spec nests deeper than {MAX_DEPTH} levels"
+        )
+
     def size(node: yaml.Node, depth: int) -> int:
-        if id(node) in sizes:
-            return sizes[id(node)]
+        if id(node) in seen:
+            n, height = seen[id(node)]
+            if depth + height - 1 > MAX_DEPTH:  # an alias placed deeper than its anchor
+                raise too_deep(node)
+            return n
         if depth > MAX_DEPTH:
-            raise _Over(
-                node,
-                f"with its aliases expanded the spec nests deeper than {MAX_DEPTH} levels",
-            )
+            raise too_deep(node)
         if id(node) in active:
             raise _Over(node, "recursive alias: a YAML anchor refers to itself")
         active.add(id(node))
-        n = 1
+        children: list[yaml.Node] = []
         if isinstance(node, yaml.SequenceNode):
-            for child in node.value:
-                n += size(child, depth + 1)
+            children = list(node.value)
         elif isinstance(node, yaml.MappingNode):
-            for k, v in node.value:
-                n += size(k, depth + 1) + size(v, depth + 1)
+            children = [c for kv in node.value for c in kv]
+        n = 1 + sum(size(c, depth + 1) for c in children)
+        height = 1 + max((seen[id(c)][1] for c in children), default=0)
         active.discard(id(node))
         if n > MAX_VALUES:
             raise _Over(
@@ -257,7 +262,7 @@ def expansion_issue(root: yaml.Node) -> tuple[yaml.Node, str] | None:
                 f"{MAX_VALUES:,} a spec may have (each '*alias' copies its anchor's block; "
                 "aliases of aliases multiply)",
             )
-        sizes[id(node)] = n
+        seen[id(node)] = (n, height)
         return n
 
     try:
@@ -366,6 +371,30 @@ def _retagged(node: yaml.Node, loader: SpecYAMLLoader) -> yaml.Node:
     return yaml.ScalarNode(resolved, node.value, node.start_mark, node.end_mark, node.style)
 
 
+def new_loader(text: str, filename: str) -> SpecYAMLLoader:
+    """A loader for ``text``; a character YAML forbids (a control character, U+FFFE) is a
+    :class:`SpecError` at its position (PyYAML checks the whole text when the loader is made).
+    """
+    try:
+        return SpecYAMLLoader(text)
+    except yaml.reader.ReaderError as exc:
+        line, col = _line_col_at(text, exc.position)
+        lines = text.splitlines()
+        excerpt = lines[line - 1] if line <= len(lines) else None
+        raise SpecError(
+            [
+                Issue(
+                    filename,
+                    line,
+                    col,
+                    f"the character U+{exc.character:04X} is not allowed in YAML (a control "
+                    "character: delete it or write it as an escape in a double-quoted string)",
+                    None if excerpt is None else excerpt.encode("unicode_escape").decode(),
+                )
+            ]
+        ) from None
+
+
 def compose_bounded(loader: SpecYAMLLoader, filename: str, lines: list[str]) -> yaml.Node | None:
     """The loader's single document as a node tree, checked against every bound; raises
     :class:`SpecError` on YAML errors and crossed bounds."""
@@ -409,7 +438,7 @@ def load_yaml_text(text: str, filename: str) -> tuple[Any, SourceMap]:
         raise SpecError([over])
     smap = SourceMap(filename, text.splitlines())
     issues: list[Issue] = []
-    loader = SpecYAMLLoader(text)
+    loader = new_loader(text, filename)
     try:
         root = compose_bounded(loader, filename, smap.lines)
         data = None if root is None else _Builder(loader, smap, issues).build(root, ())

@@ -49,7 +49,7 @@ import yaml
 
 from ..errors import UserError
 from .errors import Issue, SpecError
-from .source import MAX_SPEC_BYTES, SpecYAMLLoader, compose_bounded
+from .source import MAX_SPEC_BYTES, compose_bounded, new_loader
 
 Scalar = str | int | float | bool
 
@@ -281,7 +281,14 @@ def _read_template(path: Path) -> str:
 
 def _parse_front_matter(path: Path, fm_text: str, fm_line: int) -> _FrontMatter:
     """The front matter's YAML (the spec loader's rules and bounds) with its keys checked."""
-    loader = SpecYAMLLoader(fm_text)
+    try:
+        loader = new_loader(fm_text, str(path))
+    except SpecError as err:
+        issue = err.issues[0]
+        raise UserError(
+            f"the front matter is not valid YAML: {issue.message}",
+            where=f"{path}:{fm_line + (issue.line or 1) - 1}",
+        ) from None
     try:
         try:
             root = compose_bounded(loader, str(path), fm_text.splitlines())
