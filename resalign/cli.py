@@ -126,7 +126,37 @@ def plan(spec: str, mermaid: bool, store: str, force: tuple[str, ...], check_fil
 
     graph = compile_spec(_load(spec, check_files))
     status = {name: st.describe() for name, st in plan_status(graph, store, force).items()}
+    status.update(_changed_params(graph, store, status))
     click.echo(render_mermaid(graph, status) if mermaid else render_plan(graph, status))
+
+
+def _changed_params(graph: Any, store: str, status: dict[str, str]) -> dict[str, str]:
+    """Status texts naming the key parameters that changed, for nodes to run whose name had
+    another key in the store's last run of this spec (its index, else the old node.json)."""
+    import json
+    from pathlib import Path
+
+    from .engine.store import Store
+    from .graph.plan import describe_changes, param_changes
+
+    st = Store(store)
+    index = st.read_index(graph.spec_name)
+    out = {}
+    for n in graph:
+        prev = index.get(n.name)
+        if not status[n.name].startswith("to run") or not prev or prev.get("key") == n.key:
+            continue
+        old = prev.get("params")
+        if old is None:
+            node_json = Path(st.node_dir(n.kind, prev["key"])) / "node.json"
+            if not node_json.is_file():
+                continue
+            old = json.loads(node_json.read_text(encoding="utf-8")).get("params") or {}
+        changes = param_changes(n.kind, old, n.params)
+        if changes:
+            resumes = ", resumes from checkpoint" if "resumes" in status[n.name] else ""
+            out[n.name] = f"to run (parameter changed: {describe_changes(changes)}{resumes})"
+    return out
 
 
 # ----------------------------------------------------------------------------- schema

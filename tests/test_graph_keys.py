@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from resalign.graph.compile import compile_spec
-from resalign.graph.keys import fingerprint, key_view, node_key
+from resalign.graph.keys import fingerprint, key_view, node_key, step_version
 from resalign.spec import load_spec, load_spec_text
 from resalign.steps.base import STEPS, Step
 
@@ -271,3 +271,109 @@ def test_fingerprint_and_key_view(tmp_path: Path) -> None:
     assert key_view(params) == {"fingerprint": fp, "clip_fingerprint": fp, "a": 1}
     assert node_key("k", params, {}) == node_key("k", {**params, "path": "/elsewhere"}, {})
     assert node_key("k", params, {"m": "1"}) != node_key("k", params, {"m": "2"})
+
+
+# --------------------------------------------------------------------------- keys from reads
+
+WITH_PLAIN = SPEC.replace("threats:\n", "baselines:\n  plain: {method: plain}\nthreats:\n")
+PLAIN_DOWN = {
+    "unlearn/plain/seed0",
+    "evaluate/plain/seed0/pre/step0",
+    "attack/plain/seed0/ft/seed42",
+    "evaluate/plain/seed0/ft/seed42/step5",
+    "evaluate/plain/seed0/ft/seed42/step10",
+}
+
+
+@pytest.mark.parametrize(
+    "old,new",
+    [
+        ("  steps: 20\n", "  steps: 20\n  checkpoint_every: 3\n"),
+        ("  steps: 20\n", "  steps: 20\n  memory: {free_inner_state: false, offload_idle: true}\n"),
+        ("lr: 1e-4, eval_at", "lr: 1e-4, checkpoint_every: 2, eval_at"),
+    ],
+    ids=["unlearn-checkpoint_every", "neutral-memory-levers", "attack-checkpoint_every"],
+)
+def test_what_no_step_reads_changes_no_key(root, old, new) -> None:
+    base = keys_of(WITH_PLAIN, root)
+    assert old in WITH_PLAIN
+    assert keys_of(WITH_PLAIN.replace(old, new), root) == base
+
+
+def test_a_label_renames_nodes_and_keeps_their_keys(root) -> None:
+    base = keys_of(WITH_PLAIN, root)
+    new = keys_of(WITH_PLAIN.replace("  steps: 20\n", "  steps: 20\n  label: mine\n"), root)
+    renamed = {n.replace("/resalign/", "/mine/"): k for n, k in base.items()}
+    # the report reads the row names, so it alone is new
+    assert {n: k for n, k in new.items() if n != "report"} == {
+        n: k for n, k in renamed.items() if n != "report"
+    }
+    assert new["report"] != base["report"]
+
+
+def test_resilience_enters_only_the_keys_of_methods_that_read_it(root) -> None:
+    base = keys_of(WITH_PLAIN, root)
+    changed = _changed(base, keys_of(WITH_PLAIN.replace("  steps: 20\n", "  steps: 20\n  resilience: {beta: 0.5}\n"), root))  # fmt: skip
+    assert changed == UNLEARN_DOWN  # resalign's branch and the report; plain's keys stay
+    assert not changed & PLAIN_DOWN
+    # a lever that is not neutral (autocast) re-runs both rows
+    changed = _changed(base, keys_of(WITH_PLAIN.replace("  steps: 20\n", "  steps: 20\n  memory: {autocast: bf16}\n"), root))  # fmt: skip
+    assert changed == UNLEARN_DOWN | PLAIN_DOWN
+
+
+def test_key_params_is_the_declared_projection(root) -> None:
+    from resalign.graph.keys import key_params
+
+    g = compile_spec(load_spec_text(WITH_PLAIN, filename="s.yaml", base_dir=root))
+    plain = g["unlearn/plain/seed0"].params
+    kp = key_params("unlearn", plain)
+    assert "resilience" not in kp["unlearn"] and "meta_datasets" not in kp
+    assert "label" not in kp["unlearn"] and "checkpoint_every" not in kp["unlearn"]
+    assert set(kp["unlearn"]["memory"]) == {"autocast", "gradient_checkpointing", "frozen_dtype"}
+    assert plain["unlearn"]["resilience"]  # the step still gets every parameter
+    res = key_params("unlearn", g["unlearn/resalign/seed0"].params)
+    assert "resilience" in res["unlearn"] and set(res["meta_datasets"]) == {"keep"}
+    assert (
+        "checkpoint_every"
+        not in key_params("attack", g["attack/plain/seed0/ft/seed42"].params)["threat"]
+    )
+
+
+def test_plan_names_the_changed_parameter(root) -> None:
+    from click.testing import CliRunner
+
+    from resalign.cli import cli
+    from resalign.engine.store import Store
+
+    g = compile_spec(load_spec_text(WITH_PLAIN, filename="s.yaml", base_dir=root))
+    store = root / "runs"
+    entries = {
+        n.name: {"key": n.key, "kind": n.kind, "params": n.params, "version": step_version(n.kind)}
+        for n in g
+    }
+    Store(store).update_index(g.spec_name, entries)
+    (root / "s.yaml").write_text(
+        WITH_PLAIN.replace("  steps: 20\n", "  steps: 20\n  resilience: {beta: 0.5}\n")
+    )
+    res = CliRunner().invoke(cli, ["plan", str(root / "s.yaml"), "--store", str(store)])
+    assert res.exit_code == 0, res.output
+
+    def line(name: str) -> str:
+        return next(ln for ln in res.output.splitlines() if f" {name}  " in ln)
+
+    assert "[to run (parameter changed: unlearn.resilience.beta 0.8 → 0.5)]" in line(
+        "unlearn/resalign/seed0"
+    )
+    assert "(upstream changed)" in line("attack/resalign/seed0/ft/seed42")
+    assert "(new)" in line("unlearn/plain/seed0")  # same key as recorded: never ran
+
+
+def test_param_changes_lists_paths_old_and_new() -> None:
+    from resalign.graph.plan import describe_changes, param_changes
+
+    old = {"threat": {"lr": 1e-4, "eval_at": [5, 10], "checkpoint_every": 5}, "seed": 1}
+    new = {"threat": {"lr": 2e-4, "eval_at": [5, 8], "checkpoint_every": 9}, "seed": 1}
+    changes = param_changes("attack", old, new)
+    assert changes == [("threat.eval_at[1]", 10, 8), ("threat.lr", 1e-4, 2e-4)]
+    assert describe_changes(changes) == "threat.eval_at[1] 10 → 8; threat.lr 0.0001 → 0.0002"
+    assert describe_changes(changes, limit=1) == "threat.eval_at[1] 10 → 8; and 1 more"

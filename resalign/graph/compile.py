@@ -8,6 +8,10 @@
 One unlearn node per unlearning seed ``u`` of the row (``unlearn.seeds``), each with its own
 attacks (attack seeds ``a``) and evaluations.
 
+Keys hold what a step reads: :func:`.keys.node_key` leaves out what the step class declares
+in ``key_exclude`` (labels, checkpoint cadence, bitwise-neutral memory levers; for methods
+without a resilience term, ``unlearn.resilience`` and ``meta_datasets``).
+
 The row ``original`` (and any row whose method is ``none``) has no unlearn node and no
 ``seed<u>`` segment: ``attack/original/<threat>/seed<a>``, ``evaluate/original/pre/step0``;
 its attacks and evaluations start from the model node. Each node's params are exactly the resolved values
@@ -99,9 +103,12 @@ class _Compiler:
         u = self.r.rows[row]
         meta = u.resilience.meta
         used = [n for c in self.spec.concepts.values() for n in (*c.harmful, *c.retain)]
-        used += meta.data + [c.data for c in meta.configs.values()]
-        used += meta.distribution.data if meta.distribution else []
         datasets = self.closure(used)
+        # What only the resilience term reads (simulated fine-tuning data), apart, so that the
+        # key of a method without that term can leave it out (UnlearnStep.key_exclude).
+        pools = meta.data + [c.data for c in meta.configs.values()]
+        pools += meta.distribution.data if meta.distribution else []
+        meta_datasets = self.closure(pools)
         # One node per unlearning seed, carrying that seed alone (not the list), so adding a
         # seed adds nodes and leaves every existing key as it was.
         one = u.model_copy(update={"seed": seed}).model_dump(mode="json", exclude={"seeds"})
@@ -110,8 +117,9 @@ class _Compiler:
             "trainable": self.spec.model.trainable.model_dump(mode="json"),
             "concepts": {n: c.model_dump(mode="json") for n, c in self.spec.concepts.items()},
             "datasets": datasets,
+            "meta_datasets": meta_datasets,
         }
-        deps = {"model": "model", **self.harvest_deps(datasets)}
+        deps = {"model": "model", **self.harvest_deps({**datasets, **meta_datasets})}
         return self.add(
             "unlearn", f"unlearn/{row}/seed{seed}", params, deps, row=row, unlearn_seed=seed
         )

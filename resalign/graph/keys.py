@@ -1,7 +1,9 @@
 """Content keys of graph nodes and fingerprints of the files they read.
 
 A key is ``sha256`` of the canonical JSON (sorted keys, no whitespace) of the node's kind, its
-step's code version, its parameters and its upstream (role, key) pairs. Locations are not
+step's code version, the parameters it reads (its params minus what the step class declares
+in ``key_exclude``: labels, checkpoint cadence, bitwise-neutral levers; see
+:func:`key_params`) and its upstream (role, key) pairs. Locations are not
 content: a parameter ``path`` / ``pretrained`` with a sibling ``fingerprint``, or ``<x>_path``
 with a sibling ``<x>_fingerprint``, is left out of the key and the fingerprint stands for it, so
 moving the project keeps keys while another checkpoint at the same path changes them.
@@ -9,10 +11,11 @@ moving the project keeps keys while another checkpoint at the same path changes 
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import os
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -94,24 +97,53 @@ def key_view(params: Any) -> Any:
     return params
 
 
-def step_version(kind: str) -> str:
-    """The registered step's ``version`` ("1" while no step of that kind is registered)."""
+def _step_class(kind: str) -> Any:
     try:
         import resalign.steps  # noqa: F401  (registers the steps; torch-free at import)
     except ImportError:
         pass
     from ..steps.base import STEPS
 
-    cls = STEPS.get(kind)
+    return STEPS.get(kind)
+
+
+def step_version(kind: str) -> str:
+    """The registered step's ``version`` ("1" while no step of that kind is registered)."""
+    cls = _step_class(kind)
     return str(cls.version) if cls is not None else "1"
 
 
+def drop_paths(params: Mapping[str, Any], paths: Iterable[str]) -> dict[str, Any]:
+    """A deep copy of ``params`` without the dotted ``paths`` (absent paths are ignored)."""
+    out = copy.deepcopy(dict(params))
+    for path in paths:
+        *parents, last = path.split(".")
+        cur: Any = out
+        for p in parents:
+            cur = cur.get(p) if isinstance(cur, Mapping) else None
+        if isinstance(cur, dict):
+            cur.pop(last, None)
+    return out
+
+
+def key_params(kind: str, params: Mapping[str, Any]) -> dict[str, Any]:
+    """The parameters of a ``kind`` node that enter its key: ``params`` without what its step
+    declares it does not depend on. A step class declares ``key_exclude``: dotted paths into
+    its params, or a function of the params returning them (for what depends on the method);
+    without a declaration every parameter counts."""
+    exclude = getattr(_step_class(kind), "key_exclude", ())
+    if callable(exclude):
+        exclude = exclude(params)
+    return drop_paths(params, exclude)
+
+
 def node_key(kind: str, params: Mapping[str, Any], upstream: Mapping[str, str]) -> str:
-    """sha256 of kind, step version, the key view of params and sorted (role, upstream key)."""
+    """sha256 of kind, step version, the key view of the step's key parameters
+    (:func:`key_params`) and sorted (role, upstream key)."""
     payload = {
         "kind": kind,
         "version": step_version(kind),
-        "params": key_view(params),
+        "params": key_view(key_params(kind, params)),
         "upstream": sorted([role, key] for role, key in upstream.items()),
     }
     return hashlib.sha256(canonical_json(payload).encode()).hexdigest()

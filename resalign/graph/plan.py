@@ -3,12 +3,17 @@
 Each node is shown under its closest upstream node (attack, else unlearn, else harvest, else
 model); other upstream nodes are listed after ``needs``. ``status`` (node name → a short word
 such as ``cached`` / ``to run``, supplied by the engine) is appended when given.
+:func:`param_changes` names what changed between a node's previous parameters (the store's
+record of the last node of the same name) and its current ones, among those in its key.
 """
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping
+from typing import Any
 
+from .keys import key_params, key_view
 from .nodes import Graph, Node
 
 SHORT = 12
@@ -80,3 +85,39 @@ def render_mermaid(graph: Graph, status: Mapping[str, str] | None = None) -> str
         for dep in node.deps.values():
             out.append(f"    {ids[dep]} --> {ids[node.name]}")
     return "\n".join(out)
+
+
+def param_changes(
+    kind: str, old: Mapping[str, Any], new: Mapping[str, Any]
+) -> list[tuple[str, Any, Any]]:
+    """(dotted path, old value, new value) for every key parameter of a ``kind`` node that
+    differs between ``old`` and ``new`` params (what :func:`.keys.key_params` keeps; a
+    parameter that is absent on one side has the value None there). Lists of equal length are
+    compared item by item (``path[i]``), others as a whole."""
+    out: list[tuple[str, Any, Any]] = []
+
+    def walk(path: str, a: Any, b: Any) -> None:
+        if isinstance(a, Mapping) and isinstance(b, Mapping):
+            for k in sorted(set(a) | set(b), key=str):
+                walk(f"{path}.{k}" if path else str(k), a.get(k), b.get(k))
+        elif isinstance(a, list) and isinstance(b, list) and len(a) == len(b):
+            for i, (x, y) in enumerate(zip(a, b)):
+                walk(f"{path}[{i}]", x, y)
+        elif a != b:
+            out.append((path, a, b))
+
+    walk("", key_view(key_params(kind, old)), key_view(key_params(kind, new)))
+    return out
+
+
+def describe_changes(changes: list[tuple[str, Any, Any]], limit: int = 3) -> str:
+    """``unlearn.steps 20 → 21; ...`` for the first ``limit`` changes, then how many more."""
+
+    def show(v: Any) -> str:
+        text = json.dumps(v, sort_keys=True, default=str)
+        return text if len(text) <= 40 else text[:37] + "..."
+
+    parts = [f"{p} {show(a)} → {show(b)}" for p, a, b in changes[:limit]]
+    if len(changes) > limit:
+        parts.append(f"and {len(changes) - limit} more")
+    return "; ".join(parts)

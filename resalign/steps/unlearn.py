@@ -22,12 +22,16 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 from ..atomic import atomic_write_text
 from .base import Step, StepContext, check_finite_stats, check_finite_weights, register
 
+# Methods whose objective has the resilience term (read unlearn.resilience): the others'
+# keys leave that block out.
+RESILIENCE_METHODS = frozenset({"resalign"})
 HISTORY = "steps.jsonl"
 # What to change when unlearning diverges (the NonFiniteError hint).
 DIVERGED = (
@@ -43,6 +47,23 @@ class UnlearnStep(Step):
     # The engine may run this step on several torchrun ranks (resalign.engine.launch): the J
     # configs of each outer step are split over them; rank 0 alone writes.
     distributed = True
+
+    @staticmethod
+    def key_exclude(params: Mapping[str, Any]) -> tuple[str, ...]:
+        """What the result does not depend on, left out of the node key (issue 14): the row's
+        name (it names the node), the checkpoint cadence (a resumed run continues bitwise),
+        the memory levers that are bitwise-neutral (tests/test_memory_methods.py), and for a
+        method without a resilience term its ``resilience`` block and the datasets only that
+        block reads (``meta_datasets``)."""
+        out = (
+            "unlearn.label",
+            "unlearn.checkpoint_every",
+            "unlearn.memory.free_inner_state",
+            "unlearn.memory.offload_idle",
+        )
+        if params["unlearn"].get("method") not in RESILIENCE_METHODS:
+            out += ("unlearn.resilience", "meta_datasets")
+        return out
 
     def run(self, ctx: StepContext) -> None:
         import torch
