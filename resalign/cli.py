@@ -345,6 +345,35 @@ def sync(store: str, tracking_uri: str | None) -> None:
         sys.exit(1)
 
 
+# ----------------------------------------------------------------------------- verify
+@cli.command()
+@click.option("--store", default="runs", show_default=True, help="Store folder.")
+@click.option("--fix", is_flag=True, help="Remove the damaged nodes and the orphans found.")
+def verify(store: str, fix: bool) -> None:
+    """Check every node of the store against its DONE manifest (size and sha256 of each
+    file) and list orphans (staging leftovers, locks and state no live process owns).
+
+    A damaged node is never used: `run` recomputes it. Exits 1 when problems remain (without
+    --fix), 0 otherwise."""
+    from pathlib import Path
+
+    from .engine.verify import verify_store
+
+    if not Path(store).is_dir():
+        raise UserError(
+            f"no store at {store}", where="--store", hint="pass the folder runs were written to"
+        )
+    rep = verify_store(store, fix=fix, echo=click.echo)
+    legacy = f", {rep.legacy} without a manifest (older DONE, not checkable)" if rep.legacy else ""
+    click.echo(
+        f"{rep.checked} node(s) checked{legacy}: {len(rep.damaged)} damaged, "
+        f"{len(rep.orphans)} orphan(s)" + (f"; removed {len(rep.removed)}" if fix else "")
+    )
+    if not rep.clean and not fix:
+        click.echo("run `resalign verify --fix` to remove them (damaged nodes run again)")
+        sys.exit(1)
+
+
 # ----------------------------------------------------------------------------- grid
 @cli.command()
 @click.argument("template", type=click.Path(dir_okay=False))

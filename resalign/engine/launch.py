@@ -1,9 +1,9 @@
 """Run one node on several processes under ``torchrun`` (the unlearn node's meta-learning).
 
-The driver side, :func:`run_ranks`, is called by :func:`resalign.engine.runner.execute_task`
+The driver side, :func:`run_ranks`, is called by :func:`resalign.engine.worker.execute_task`
 (wherever the executor put it: this process, a local worker, a slurm job) after it took the
 node's lock and created the staging folder. It writes the task to
-``runs/launch/<kind>/<key>/task.pkl`` and starts::
+``runs/launch/<kind>/<key>/task.json`` (data, see :mod:`.taskfile`) and starts::
 
     <this python> -m torch.distributed.run --standalone --nproc_per_node N \\
         -m resalign.engine.launch <store> <kind> <key>
@@ -25,8 +25,8 @@ is never committed by a job one of whose ranks failed.
 
 A failure of any rank makes torchrun stop the others and exit non-zero; the driver then
 reports which rank failed, its exit code (as torchrun saw it), its error and the tail of its
-output. The task file is a pickle written by the driver for its own ranks moments earlier (the
-same trust as the spawn pool's and submitit's pickles); it is never read from elsewhere.
+output. The task file is JSON (:mod:`.taskfile`): nothing a rank reads back from the store
+is unpickled, so write access to a shared store does not give a way to run code.
 """
 
 from __future__ import annotations
@@ -34,7 +34,6 @@ from __future__ import annotations
 import contextlib
 import importlib
 import os
-import pickle
 import re
 import shutil
 import signal
@@ -47,7 +46,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .store import Store, atomic_write_bytes, atomic_write_json, read_json
+from ..atomic import atomic_write_json, atomic_write_text
+from .store import Store, read_json
+from .taskfile import dumps_task, loads_task
 
 LAUNCH_DIR = "launch"
 
@@ -57,7 +58,7 @@ def launch_dir(store_root: Path | str, kind: str, key: str) -> Path:
     return Store(store_root).root / LAUNCH_DIR / kind / key
 
 
-TASK_FILE = "task.pkl"
+TASK_FILE = "task.json"
 TAIL_LINES = 25
 # Variables of an enclosing torchrun/slurm-torchrun job: the nested torchrun must start its
 # own standalone group, not join the outer one.
@@ -240,7 +241,7 @@ def run_ranks(
     d = launch_dir(task.store_root, node.kind, node.key)
     shutil.rmtree(d, ignore_errors=True)
     d.mkdir(parents=True)
-    atomic_write_bytes(d / TASK_FILE, pickle.dumps({"task": task, "staging": str(staging)}))
+    atomic_write_text(d / TASK_FILE, dumps_task(task, staging))
     cmd = launch_command(task.store_root, node.kind, node.key, task.nproc_per_node)
     with open(d / "torchrun.log", "wb") as log:
         proc = subprocess.Popen(
@@ -314,8 +315,8 @@ def rank_main(argv: list[str]) -> int:
     """Entry point of one torchrun rank: ``<store> <kind> <key>``. Returns the exit code."""
     from ..algorithms import distributed
     from ..errors import UserError
+    from ..models.device import resolve_device
     from .progress import ProgressUI
-    from .runner import _resolve_device
 
     store_root, kind, key = argv
     state = Store(store_root).state_dir(kind, key)
@@ -326,13 +327,12 @@ def rank_main(argv: list[str]) -> int:
     logger = None
     code = 1
     try:
-        payload = pickle.loads((d / TASK_FILE).read_bytes())
-        task, staging = payload["task"], Path(payload["staging"])
+        task, staging = loads_task((d / TASK_FILE).read_text(encoding="utf-8"))
         importlib.import_module(task.step_module)
         from ..steps.base import STEPS
 
         dctx = distributed.setup()
-        device = _resolve_device(task.device)
+        device = resolve_device(task.device)
         if device == "cuda" or (device.startswith("cuda") and dctx.distributed):
             device = f"cuda:{dctx.local_rank}"
         kw: dict[str, Any] = {

@@ -1,20 +1,18 @@
-"""Run a compiled graph: cache by key, resume from checkpoints, log to MLflow.
+"""The driver: run a compiled graph, caching by key, resuming from checkpoints, logging to
+MLflow.
 
-``plan_status`` says for every node whether it is cached or will run, and why; ``run_graph``
-executes the nodes that must run (in dependency order, through an executor) and
-``execute_task`` is the worker side of one node. A node's result counts only once committed
-(see :mod:`.store`); a killed node leaves its checkpoints in ``runs/state/`` and running the
-same command again continues from them. When a run fails the last line printed is the exact
-command that resumes it.
+``run_graph`` asks :mod:`.plan` what is cached, then hands every node that must run (in
+dependency order, longest chain first) to an executor, which calls the worker side
+(:func:`.worker.execute_task`) wherever it runs nodes. A node's result counts only once
+committed (see :mod:`.store`); a killed node leaves its checkpoints in ``runs/state/`` and
+running the same command again continues from them. When a run fails the last line printed
+is the exact command that resumes it.
 """
 
 from __future__ import annotations
 
-import fnmatch
-import importlib
 import shlex
 import time
-import traceback
 from collections.abc import Iterable, Mapping, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, wait
 from dataclasses import dataclass, field
@@ -25,33 +23,16 @@ from ..errors import UserError
 from ..graph.nodes import Graph, Node
 from ..steps.base import STEPS
 from .executors.base import Executor, NodeResult, NodeTask
+from .plan import (  # noqa: F401  (plan_status, NodeStatus: re-exported for callers)
+    FORCED,
+    NodeStatus,
+    forced_names,
+    index_entry,
+    load_steps,
+    plan_status,
+)
 from .progress import ProgressUI
-from .store import Store, atomic_write_json, atomic_write_text
-
-NEW = "new"
-PARAMS = "parameter changed"
-UPSTREAM = "upstream changed"
-FORCED = "forced"
-VERSION = "step version changed"
-
-
-@dataclass(frozen=True)
-class NodeStatus:
-    """``state`` is ``cached`` or ``run``; ``reason`` says why a node runs; ``resumes`` that
-    an interrupted attempt left checkpoints it will continue from."""
-
-    name: str
-    kind: str
-    key: str
-    state: str
-    reason: str | None = None
-    resumes: bool = False
-
-    def describe(self) -> str:
-        if self.state == "cached":
-            return "cached"
-        extra = ", resumes from checkpoint" if self.resumes else ""
-        return f"to run ({self.reason}{extra})"
+from .store import Store
 
 
 class RunFailed(Exception):
@@ -84,268 +65,6 @@ class RunSummary:
     parent_run_id: str | None = None
     tracking_uri: str | None = None
     node_seconds: dict[str, float] = field(default_factory=dict)
-
-
-def load_steps() -> None:
-    """Import every module of ``resalign.steps`` so all step kinds are registered (the
-    modules are torch-free at import)."""
-    import pkgutil
-
-    import resalign.steps as pkg
-
-    for m in pkgutil.iter_modules(pkg.__path__):
-        importlib.import_module(f"resalign.steps.{m.name}")
-
-
-def _step_version(kind: str) -> str:
-    from ..graph.keys import step_version
-
-    return step_version(kind)
-
-
-def forced_names(graph: Graph, force: Iterable[str]) -> set[str]:
-    """Node names matched by ``--force`` values: ``all``, a name, a glob, or a kind."""
-    pats = [p for p in force if p]
-    if not pats:
-        return set()
-    out: set[str] = set()
-    unknown = []
-    for p in pats:
-        if p == "all":
-            return set(graph.nodes)
-        hits = {n.name for n in graph if n.kind == p or fnmatch.fnmatchcase(n.name, p)}
-        if not hits:
-            unknown.append(p)
-        out |= hits
-    if unknown:
-        raise UserError(
-            f"--force {', '.join(unknown)} matches no node of spec {graph.spec_name!r}",
-            where="--force",
-            hint="use 'all', a node kind, a node name or a glob (see `resalign plan SPEC`): "
-            + ", ".join(list(graph.nodes)[:8])
-            + (" ..." if len(graph) > 8 else ""),
-        )
-    return out
-
-
-def plan_status(
-    graph: Graph, store: Store | Path | str, force: Iterable[str] = ()
-) -> dict[str, NodeStatus]:
-    """For every node: cached, or to run and why (new / parameter changed / upstream changed
-    / forced). "parameter changed" needs the last key recorded under this node name in
-    ``runs/index/<spec>.json``; without one the node is "new"."""
-    store = store if isinstance(store, Store) else Store(store)
-    load_steps()
-    forced = forced_names(graph, force)
-    index = store.read_index(graph.spec_name)
-    out: dict[str, NodeStatus] = {}
-    for n in graph:
-        resumes = store.has_state(n.kind, n.key)
-        if n.name in forced:
-            out[n.name] = NodeStatus(n.name, n.kind, n.key, "run", FORCED, False)
-            continue
-        if store.is_complete(n.kind, n.key):
-            out[n.name] = NodeStatus(n.name, n.kind, n.key, "cached")
-            continue
-        prev = index.get(n.name)
-        if not prev or prev.get("key") == n.key:
-            reason = NEW
-        elif _canon(prev.get("params")) != _canon(n.params):
-            reason = PARAMS
-        elif prev.get("version") != _step_version(n.kind):
-            reason = VERSION
-        else:
-            reason = UPSTREAM
-        out[n.name] = NodeStatus(n.name, n.kind, n.key, "run", reason, resumes)
-    return out
-
-
-def _canon(x: Any) -> str:
-    import json
-
-    return json.dumps(x, sort_keys=True, default=str)
-
-
-def _index_entry(n: Node) -> dict[str, Any]:
-    return {"key": n.key, "kind": n.kind, "params": n.params, "version": _step_version(n.kind)}
-
-
-# -- the worker side -----------------------------------------------------------------------
-
-
-def _resolve_device(device: str) -> str:
-    if device != "auto":
-        return device
-    import torch
-
-    if torch.cuda.is_available():
-        return "cuda"
-    if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
-        return "mps"
-    return "cpu"
-
-
-def execute_task(task: NodeTask, ui: ProgressUI | None = None) -> NodeResult:
-    """Execute one node (in whatever process the executor chose) and commit its result."""
-    from .context import NodeContext
-    from .tracking import NodeLogger
-
-    importlib.import_module(task.step_module)
-    node = task.node
-    t0 = time.perf_counter()
-    store = Store(task.store_root)
-    ui = ui or ProgressUI(enabled=False, verbose=task.verbose)
-    with store.lock(node.kind, node.key, on_wait=lambda: ui.line(f"waiting for {node.name}")):
-        if store.is_complete(node.kind, node.key) and not task.fresh:
-            return NodeResult(node.name, True, already_done=True)
-        if task.fresh:
-            store.discard_state(node.kind, node.key)
-        staging = store.new_staging(node.kind, node.key)
-        atomic_write_json(
-            staging / "node.json",
-            {
-                "kind": node.kind,
-                "name": node.name,
-                "key": node.key,
-                "params": node.params,
-                "deps": dict(node.deps),
-                "inputs": task.inputs,
-                "version": _step_version(node.kind),
-            },
-        )
-        state = store.state_dir(node.kind, node.key)
-        state.mkdir(parents=True, exist_ok=True)
-        if task.nproc_per_node > 1:
-            return _execute_ranks(task, store, staging, state, ui, t0)
-        logger = NodeLogger(task.tracking, state / "metrics.jsonl") if task.tracking else None
-        if logger is not None:
-            logger.start_system_metrics()
-        ctx = NodeContext(
-            node=node,
-            spec=task.spec,
-            inputs={k: Path(v) for k, v in task.inputs.items()},
-            out=staging,
-            state=state,
-            device=_resolve_device(task.device),
-            checkpoint_every=task.checkpoint_every,
-            logger=logger,
-            ui=ui,
-        )
-        step = STEPS[node.kind]()
-        try:
-            step.run(ctx)
-            ctx.close()
-        except BaseException as e:
-            ctx.close()
-            interrupted = not isinstance(e, Exception)
-            if logger is not None:
-                logger.finish("KILLED" if interrupted else "FAILED", ctx.metrics_path, None)
-            import shutil
-
-            shutil.rmtree(staging, ignore_errors=True)
-            if interrupted:
-                raise
-            user = isinstance(e, UserError)
-            return NodeResult(
-                node.name,
-                False,
-                error=e.render() if user else f"{type(e).__name__}: {e}",
-                details=None if user else traceback.format_exc(),
-                user_error=user,
-                seconds=time.perf_counter() - t0,
-                log_seconds=logger.log_seconds if logger else 0.0,
-            )
-        _commit(store, node, staging, ctx.metrics_path, logger)
-    return NodeResult(
-        node.name,
-        True,
-        seconds=time.perf_counter() - t0,
-        log_seconds=logger.log_seconds if logger else 0.0,
-    )
-
-
-def _commit(store: Store, node: Node, staging: Path, metrics: Path, logger: Any) -> None:
-    atomic_write_text(
-        staging / "metrics.jsonl", metrics.read_text(encoding="utf-8") if metrics.exists() else ""
-    )
-    final = store.commit(staging, node.kind, node.key)
-    store.discard_state(node.kind, node.key)
-    if logger is not None:
-        logger.finish("FINISHED", final / "metrics.jsonl", final)
-
-
-def _execute_ranks(
-    task: NodeTask, store: Store, staging: Path, state: Path, ui: ProgressUI, t0: float
-) -> NodeResult:
-    """The node on ``task.nproc_per_node`` torchrun ranks (see :mod:`.launch`), called with
-    the node's lock held. Rank 0 writes the outputs into ``staging``; this process commits."""
-    import shutil
-
-    from .launch import launch_dir, run_ranks
-    from .tracking import NodeLogger, _read_tail
-
-    node, n = task.node, int(task.nproc_per_node)
-    metrics = state / "metrics.jsonl"
-    device = _resolve_device(task.device)
-    if device.startswith("cuda"):
-        import torch
-
-        if torch.cuda.device_count() < n:
-            shutil.rmtree(staging, ignore_errors=True)
-            err = UserError(
-                f"{node.name} is to run on {n} processes, one GPU each, but "
-                f"{torch.cuda.device_count()} GPU(s) are visible",
-                where="--nproc-per-node / execution.nproc_per_node",
-                hint="use at most as many processes as GPUs (CUDA_VISIBLE_DEVICES), or run on cpu",
-            )
-            return NodeResult(node.name, False, error=err.render(), user_error=True)
-    ui.line(
-        f"     {node.name}: {n} processes (torchrun, {'nccl' if device.startswith('cuda') else 'gloo'})"
-    )
-    offset = 0
-
-    def show_steps() -> None:
-        # --verbose: the step lines rank 0 logs (its own console is its log file)
-        nonlocal offset
-        if not ui.verbose:
-            return
-        if metrics.exists() and metrics.stat().st_size < offset:
-            offset = 0  # rank 0 truncated the history on resume
-        records, offset = _read_tail(metrics, offset)
-        for r in records:
-            ui.step_line(node.name, r.get("step"), {k: v for k, v in r.items() if k != "step"})
-
-    try:
-        out = run_ranks(task, staging, on_poll=show_steps)
-    except BaseException:
-        if task.tracking is not None:
-            NodeLogger(task.tracking, metrics).finish("KILLED", metrics, None)
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    # Created after the ranks exit: it continues from the sync record rank 0's logger left.
-    logger = NodeLogger(task.tracking, metrics) if task.tracking is not None else None
-    if not out.ok:
-        if logger is not None:
-            logger.finish("FAILED", metrics, None)
-        shutil.rmtree(staging, ignore_errors=True)
-        return NodeResult(
-            node.name,
-            False,
-            error=out.error,
-            details=None if out.user_error else out.details,
-            user_error=out.user_error,
-            seconds=time.perf_counter() - t0,
-            log_seconds=out.log_seconds + (logger.log_seconds if logger else 0.0),
-        )
-    _commit(store, node, staging, metrics, logger)
-    shutil.rmtree(launch_dir(store.root, node.kind, node.key), ignore_errors=True)
-    return NodeResult(
-        node.name,
-        True,
-        seconds=time.perf_counter() - t0,
-        log_seconds=out.log_seconds + (logger.log_seconds if logger else 0.0),
-        extra={"processes": n},
-    )
 
 
 # -- the driver ----------------------------------------------------------------------------
@@ -472,7 +191,7 @@ def run_graph(
     started: set[str] = set()
     running: dict[Future[NodeResult], Node] = {}
     interrupted = False
-    index_updates: dict[str, Any] = {n: _index_entry(graph[n]) for n in done}
+    index_updates: dict[str, Any] = {n: index_entry(graph[n]) for n in done}
     pending = critical_path_order(graph, to_run)
     try:
         with ui.session(), ui.bar(len(to_run), "nodes") as nodes_bar:
@@ -510,7 +229,7 @@ def run_graph(
                         done.add(n.name)
                         summary.executed.append(n.name)
                         summary.node_seconds[n.name] = res.seconds
-                        index_updates[n.name] = _index_entry(n)
+                        index_updates[n.name] = index_entry(n)
                         ui.line(
                             f"done {n.name} ({res.seconds:.1f}s)"
                             if not res.already_done

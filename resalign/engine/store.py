@@ -50,7 +50,9 @@ from ..atomic import (  # noqa: F401  (re-exported: the engine's modules import 
 
 DONE = "DONE"
 # Top-level folders of the store that hold no node results.
-RESERVED = frozenset({"state", "index", "locks", "launch", "tracking", "grids", "mlartifacts"})
+RESERVED = frozenset(
+    {"state", "index", "locks", "launch", "tracking", "grids", "mlartifacts", "slurm", "rehearsal"}
+)
 _KEY = re.compile(r"^[0-9a-f]{16,64}$")
 _HASH_CHUNK = 1 << 20
 
@@ -236,8 +238,9 @@ class Store:
         """Exclusive lock on ``key`` across processes (two invocations sharing a node).
 
         ``on_wait`` is called once if another process holds the lock and we have to wait.
-        ``resalign verify --fix`` may delete an unheld lock file; a holder checks after
-        acquiring that the file it locked is still the one at the path, else locks again.
+        The lock file is deleted by its holder on release (and by ``resalign verify --fix``
+        when nobody holds it); a process checks after acquiring that the file it locked is
+        still the one at the path, else locks again.
         """
         path = self.lock_path(kind, key)
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -261,6 +264,11 @@ class Store:
         try:
             yield
         finally:
+            # Removed while held: a process waiting on this file finds it gone once it gets
+            # the lock and locks the path anew (the inode check above), so a lock file left
+            # in locks/ means its holder was killed.
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
             fcntl.flock(f.fileno(), fcntl.LOCK_UN)
             f.close()
 

@@ -119,9 +119,8 @@ def raise_non_finite(
     else:
         resume = "no finite checkpoint was written before it (a re-run starts from scratch)"
     raise NonFiniteError(
-        f"{ctx.node.name}: {term} is {value} at step {step}: the run diverged, so the node "
-        f"failed and nothing was saved as its result; {resume}",
-        where=ctx.node.name,
+        f"{term} is {value} at step {step}: the run diverged, so the node failed and nothing "
+        f"was saved as its result; {resume}",
         hint=setting,
     )
 

@@ -69,9 +69,8 @@ class EvaluateStep(Step):
         if bad is not None:
             source = unet_dir or trainable or ctx.inputs["model"]
             raise NonFiniteError(
-                f"{ctx.node.name}: the model to evaluate has non-finite weights ({bad!r}, "
-                f"loaded from {source}); it is not scored",
-                where=ctx.node.name,
+                f"the model to evaluate has non-finite weights ({bad!r}, loaded from "
+                f"{source}); it is not scored",
                 hint="re-run the upstream node with settings that do not diverge (a result "
                 "saved before non-finite checks existed, or altered since: "
                 "`resalign verify` finds the latter)",

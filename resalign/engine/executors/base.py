@@ -3,7 +3,7 @@
 The driver (``resalign.engine.runner``) decides *what* runs: it resolves the cache, creates
 the MLflow child run and builds a :class:`NodeTask` (picklable: the node, the resolved spec,
 input folders, the tracking handle). An executor decides *where*: it calls
-:func:`resalign.engine.runner.execute_task` on the task, in this process, in a worker process,
+:func:`resalign.engine.worker.execute_task` on the task, in this process, in a worker process,
 or in a cluster job, and returns a :class:`concurrent.futures.Future` resolving to a
 :class:`NodeResult`. ``execute_task`` does everything on the worker side (lock, staging,
 resume, metrics, commit, MLflow child logging), so a new executor only has to move the call.

@@ -20,7 +20,7 @@ class LocalExecutor(Executor):
         self.ui = None  # set by the driver for in-process progress bars
 
     def submit(self, task: NodeTask) -> Future[NodeResult]:
-        from ..runner import execute_task
+        from ..worker import execute_task
 
         if self.in_process:
             fut: Future[NodeResult] = Future()

@@ -2,7 +2,7 @@
 
 The driver (``run_graph``) stays where the command was typed: it decides what runs, creates
 the MLflow runs, and hands each :class:`NodeTask` (which carries the node's MLflow run by id)
-to a job that calls :func:`resalign.engine.runner.execute_task` on a compute node. The store
+to a job that calls :func:`resalign.engine.worker.execute_task` on a compute node. The store
 must be on a file system the compute nodes share.
 
 Preemption and time limits: the job callable is a ``submitit.helpers.Checkpointable``; when
@@ -32,7 +32,7 @@ class _NodeJob:
         self.task = task
 
     def __call__(self) -> NodeResult:
-        from ..runner import execute_task
+        from ..worker import execute_task
 
         return execute_task(self.task)
 

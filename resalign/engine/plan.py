@@ -1,0 +1,135 @@
+"""What a run would do: for every node, cached or to run and why.
+
+``plan_status`` is what ``resalign plan`` prints and what the driver (:mod:`.runner`) acts
+on. A node is cached when its ``DONE`` manifest matches its files (:meth:`.store.Store.check`:
+sizes and mtimes, hashing only files touched since); a node whose files do not match is
+*damaged* and runs again, with the first mismatches as the reason.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import importlib
+import json
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ..errors import UserError
+from ..graph.nodes import Graph, Node
+from .store import Store
+
+NEW = "new"
+PARAMS = "parameter changed"
+UPSTREAM = "upstream changed"
+FORCED = "forced"
+DAMAGED = "damaged"
+VERSION = "step version changed"
+
+
+@dataclass(frozen=True)
+class NodeStatus:
+    """``state`` is ``cached`` or ``run``; ``reason`` says why a node runs; ``resumes`` that
+    an interrupted attempt left checkpoints it will continue from."""
+
+    name: str
+    kind: str
+    key: str
+    state: str
+    reason: str | None = None
+    resumes: bool = False
+
+    def describe(self) -> str:
+        if self.state == "cached":
+            return "cached"
+        extra = ", resumes from checkpoint" if self.resumes else ""
+        return f"to run ({self.reason}{extra})"
+
+
+def load_steps() -> None:
+    """Import every module of ``resalign.steps`` so all step kinds are registered (the
+    modules are torch-free at import)."""
+    import pkgutil
+
+    import resalign.steps as pkg
+
+    for m in pkgutil.iter_modules(pkg.__path__):
+        importlib.import_module(f"resalign.steps.{m.name}")
+
+
+def _step_version(kind: str) -> str:
+    from ..graph.keys import step_version
+
+    return step_version(kind)
+
+
+def forced_names(graph: Graph, force: Iterable[str]) -> set[str]:
+    """Node names matched by ``--force`` values: ``all``, a name, a glob, or a kind."""
+    pats = [p for p in force if p]
+    if not pats:
+        return set()
+    out: set[str] = set()
+    unknown = []
+    for p in pats:
+        if p == "all":
+            return set(graph.nodes)
+        hits = {n.name for n in graph if n.kind == p or fnmatch.fnmatchcase(n.name, p)}
+        if not hits:
+            unknown.append(p)
+        out |= hits
+    if unknown:
+        raise UserError(
+            f"--force {', '.join(unknown)} matches no node of spec {graph.spec_name!r}",
+            where="--force",
+            hint="use 'all', a node kind, a node name or a glob (see `resalign plan SPEC`): "
+            + ", ".join(list(graph.nodes)[:8])
+            + (" ..." if len(graph) > 8 else ""),
+        )
+    return out
+
+
+def plan_status(
+    graph: Graph, store: Store | Path | str, force: Iterable[str] = ()
+) -> dict[str, NodeStatus]:
+    """For every node: cached, or to run and why (new / parameter changed / upstream changed
+    / forced). "parameter changed" needs the last key recorded under this node name in
+    ``runs/index/<spec>.json``; without one the node is "new"."""
+    store = store if isinstance(store, Store) else Store(store)
+    load_steps()
+    forced = forced_names(graph, force)
+    index = store.read_index(graph.spec_name)
+    out: dict[str, NodeStatus] = {}
+    for n in graph:
+        resumes = store.has_state(n.kind, n.key)
+        if n.name in forced:
+            out[n.name] = NodeStatus(n.name, n.kind, n.key, "run", FORCED, False)
+            continue
+        if store.has_done(n.kind, n.key):
+            damage = store.check(n.kind, n.key)
+            if damage is None:
+                out[n.name] = NodeStatus(n.name, n.kind, n.key, "cached")
+                continue
+            # never used: re-run, saying why (the damaged folder is replaced on commit)
+            reason = f"{DAMAGED}: {damage}"
+            out[n.name] = NodeStatus(n.name, n.kind, n.key, "run", reason, resumes)
+            continue
+        prev = index.get(n.name)
+        if not prev or prev.get("key") == n.key:
+            reason = NEW
+        elif _canon(prev.get("params")) != _canon(n.params):
+            reason = PARAMS
+        elif prev.get("version") != _step_version(n.kind):
+            reason = VERSION
+        else:
+            reason = UPSTREAM
+        out[n.name] = NodeStatus(n.name, n.kind, n.key, "run", reason, resumes)
+    return out
+
+
+def _canon(x: Any) -> str:
+    return json.dumps(x, sort_keys=True, default=str)
+
+
+def index_entry(n: Node) -> dict[str, Any]:
+    return {"key": n.key, "kind": n.kind, "params": n.params, "version": _step_version(n.kind)}
