@@ -248,15 +248,17 @@ def bundle_from_pipeline(
     dtype: torch.dtype | str = torch.float32,
 ) -> ModelBundle:
     """A frozen :class:`ModelBundle` sharing ``pipe``'s modules. The training scheduler is a
-    ``DDPMScheduler`` built from the pipeline's scheduler config with ``noise_schedule``
-    (the spec's ``model.noise_schedule``) overriding it."""
+    ``DDPMScheduler`` built from the pipeline's scheduler config with the written fields of
+    ``noise_schedule`` (the spec's ``model.noise_schedule``; None = the checkpoint's)
+    overriding it."""
     from diffusers import DDPMScheduler
 
     dtype = resolve_dtype(dtype)
     sampler_config = dict(pipe.scheduler.config)
     config = dict(sampler_config)
     if noise_schedule:
-        config.update(noise_schedule)
+        # unwritten fields (None) keep the checkpoint's value (e.g. SD 2.x's v_prediction)
+        config.update({k: v for k, v in noise_schedule.items() if v is not None})
     config.setdefault("clip_sample", False)
     noise_scheduler = DDPMScheduler.from_config(config)
     vae_scale = 2 ** (len(pipe.vae.config.block_out_channels) - 1)

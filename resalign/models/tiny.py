@@ -41,11 +41,18 @@ import torch
 from diffusers import (
     AutoencoderKL,
     DDPMScheduler,
+    EulerDiscreteScheduler,
     PNDMScheduler,
     StableDiffusionPipeline,
+    StableDiffusionXLPipeline,
     UNet2DConditionModel,
 )
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+from transformers import (
+    CLIPTextConfig,
+    CLIPTextModel,
+    CLIPTextModelWithProjection,
+    CLIPTokenizer,
+)
 
 from ..errors import UserError
 from ..spec.schema.model import NoiseScheduleSpec, TinyModelSpec
@@ -131,8 +138,12 @@ def _norm_groups(channels: list[int]) -> int:
     return math.gcd(reduce(math.gcd, channels), 8)
 
 
-def build_unet(tiny: TinyModelSpec, latent_channels: int, sample_size: int) -> UNet2DConditionModel:
-    """The tiny UNet: cross-attention in every down/up block and the mid block."""
+def build_unet(
+    tiny: TinyModelSpec, latent_channels: int, sample_size: int, linear_projection: bool = False
+) -> UNet2DConditionModel:
+    """The tiny UNet: cross-attention in every down/up block and the mid block.
+    ``linear_projection``: linear (not 1×1 conv) projections into the transformers, as SD 2.x
+    and SDXL have."""
     widths = list(tiny.block_out_channels)
     bad = [w for w in widths if w % tiny.attention_head_dim]
     if bad:
@@ -162,16 +173,16 @@ def build_unet(tiny: TinyModelSpec, latent_channels: int, sample_size: int) -> U
         attention_head_dim=tuple(w // tiny.attention_head_dim for w in widths),
         cross_attention_dim=tiny.cross_attention_dim,
         norm_num_groups=_norm_groups(widths),
+        use_linear_projection=linear_projection,
         **kwargs,
     )
 
 
-def build_text_encoder(tiny: TinyModelSpec, vocab_size: int) -> CLIPTextModel:
-    """A small ``CLIPTextModel`` (random init; the demo keeps it frozen like SD's CLIP)."""
+def _text_config(tiny: TinyModelSpec, vocab_size: int) -> CLIPTextConfig:
     heads = max(1, tiny.text_hidden_size // 8)
     while tiny.text_hidden_size % heads:
         heads -= 1
-    config = CLIPTextConfig(
+    return CLIPTextConfig(
         vocab_size=vocab_size,
         hidden_size=tiny.text_hidden_size,
         intermediate_size=2 * tiny.text_hidden_size,
@@ -183,7 +194,11 @@ def build_text_encoder(tiny: TinyModelSpec, vocab_size: int) -> CLIPTextModel:
         pad_token_id=1,
         projection_dim=tiny.text_hidden_size,
     )
-    return CLIPTextModel(config)
+
+
+def build_text_encoder(tiny: TinyModelSpec, vocab_size: int) -> CLIPTextModel:
+    """A small ``CLIPTextModel`` (random init; the demo keeps it frozen like SD's CLIP)."""
+    return CLIPTextModel(_text_config(tiny, vocab_size))
 
 
 def _make_identity_vae(channels: int) -> AutoencoderKL:
@@ -256,6 +271,7 @@ def _make_random_vae(channels: int, tiny: TinyModelSpec) -> AutoencoderKL:
 
 def noise_scheduler_from_spec(noise: NoiseScheduleSpec) -> DDPMScheduler:
     """The training scheduler: DDPM with the spec's schedule (SD v1.x defaults otherwise)."""
+    noise = noise.filled()
     return DDPMScheduler(
         num_train_timesteps=noise.num_train_timesteps,
         beta_schedule=noise.beta_schedule,
@@ -269,6 +285,7 @@ def noise_scheduler_from_spec(noise: NoiseScheduleSpec) -> DDPMScheduler:
 
 def sampling_scheduler_from_spec(noise: NoiseScheduleSpec) -> PNDMScheduler:
     """The pipeline's default sampler, configured as SD v1.x ships it (PNDM, PLMS steps)."""
+    noise = noise.filled()
     return PNDMScheduler(
         num_train_timesteps=noise.num_train_timesteps,
         beta_schedule=noise.beta_schedule,
@@ -282,11 +299,16 @@ def sampling_scheduler_from_spec(noise: NoiseScheduleSpec) -> PNDMScheduler:
 
 
 def build_tiny_pipeline(
-    tiny: TinyModelSpec, noise: NoiseScheduleSpec, seed: int = 0, words: Iterable[str] = ()
+    tiny: TinyModelSpec,
+    noise: NoiseScheduleSpec,
+    seed: int = 0,
+    words: Iterable[str] = (),
+    linear_projection: bool = False,
 ) -> StableDiffusionPipeline:
     """Build a randomly initialised tiny ``StableDiffusionPipeline`` (PNDM sampler, no safety
     checker). ``words`` become single tokens (see :func:`write_byte_tokenizer`). Deterministic
-    in ``seed``; the global RNG state is left untouched."""
+    in ``seed``; the global RNG state is left untouched. SD 2.x-shaped: ``linear_projection``
+    and ``noise.prediction_type: v_prediction`` (the 768 models)."""
     channels = tiny.in_channels
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
@@ -295,7 +317,7 @@ def build_tiny_pipeline(
         text_encoder = build_text_encoder(tiny, vocab_size=len(tokenizer))
         if tiny.latent == "pixel":
             vae = _make_identity_vae(channels)
-            unet = build_unet(tiny, channels, tiny.sample_size)
+            unet = build_unet(tiny, channels, tiny.sample_size, linear_projection)
         else:
             if tiny.sample_size % 2:
                 raise UserError(
@@ -303,7 +325,7 @@ def build_tiny_pipeline(
                     hint="the tiny VAE downsamples by 2; use an even sample_size or latent: pixel",
                 )
             vae = _make_random_vae(channels, tiny)
-            unet = build_unet(tiny, 4, tiny.sample_size // 2)
+            unet = build_unet(tiny, 4, tiny.sample_size // 2, linear_projection)
     pipe = StableDiffusionPipeline(
         vae=vae,
         text_encoder=text_encoder,
@@ -316,3 +338,130 @@ def build_tiny_pipeline(
     )
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+# SDXL's added conditioning at test width: each of the six size/crop time ids is embedded in
+# this many sinusoidal features (SDXL: 256).
+SDXL_TIME_EMBED_DIM = 8
+
+
+def build_tiny_sdxl_unet(
+    tiny: TinyModelSpec, latent_channels: int, sample_size: int
+) -> UNet2DConditionModel:
+    """An SDXL-shaped tiny UNet: SDXL's block layout (no attention in the first level),
+    linear projections, cross-attention over both encoders' states concatenated
+    (``2 · text_hidden_size``; ``tiny.cross_attention_dim`` is not used) and the
+    ``text_time`` added conditioning (pooled text embeds + six time ids)."""
+    widths = list(tiny.block_out_channels)
+    bad = [w for w in widths if w % tiny.attention_head_dim]
+    if bad:
+        raise UserError(
+            f"model.tiny.block_out_channels {widths} are not all multiples of "
+            f"attention_head_dim {tiny.attention_head_dim}",
+            hint="pick widths divisible by attention_head_dim (e.g. [32, 64] with 8)",
+        )
+    n = len(widths)
+    down = (
+        ("DownBlock2D",) + ("CrossAttnDownBlock2D",) * (n - 1)
+        if n > 1
+        else ("CrossAttnDownBlock2D",)
+    )
+    up = ("CrossAttnUpBlock2D",) * (n - 1) + ("UpBlock2D",) if n > 1 else ("CrossAttnUpBlock2D",)
+    return UNet2DConditionModel(
+        sample_size=sample_size,
+        in_channels=latent_channels,
+        out_channels=latent_channels,
+        down_block_types=down,
+        up_block_types=up,
+        mid_block_type="UNetMidBlock2DCrossAttn",
+        block_out_channels=tuple(widths),
+        layers_per_block=tiny.layers_per_block,
+        attention_head_dim=tuple(w // tiny.attention_head_dim for w in widths),
+        cross_attention_dim=2 * tiny.text_hidden_size,
+        norm_num_groups=_norm_groups(widths),
+        use_linear_projection=True,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=SDXL_TIME_EMBED_DIM,
+        projection_class_embeddings_input_dim=tiny.text_hidden_size + 6 * SDXL_TIME_EMBED_DIM,
+    )
+
+
+def build_tiny_sdxl_pipeline(
+    tiny: TinyModelSpec, noise: NoiseScheduleSpec, seed: int = 0, words: Iterable[str] = ()
+) -> StableDiffusionXLPipeline:
+    """A randomly initialised SDXL-shaped ``StableDiffusionXLPipeline`` small enough for a
+    CPU: two byte-level tokenizers, a ``CLIPTextModel`` and a ``CLIPTextModelWithProjection``
+    (its ``text_embeds`` are SDXL's pooled embeddings), the UNet of
+    :func:`build_tiny_sdxl_unet`, the VAE of ``tiny.latent`` (as :func:`build_tiny_pipeline`)
+    and SDXL's sampler (Euler, leading spacing). No watermarker. Deterministic in ``seed``;
+    the global RNG state is left untouched."""
+    noise = noise.filled()
+    channels = tiny.in_channels
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        with tempfile.TemporaryDirectory(prefix="resalign-tok-") as tmp:
+            tokenizer = write_byte_tokenizer(Path(tmp) / "1", tiny.max_length, words)
+            tokenizer_2 = write_byte_tokenizer(Path(tmp) / "2", tiny.max_length, words)
+        text_encoder = CLIPTextModel(_text_config(tiny, len(tokenizer)))
+        text_encoder_2 = CLIPTextModelWithProjection(_text_config(tiny, len(tokenizer_2)))
+        if tiny.latent == "pixel":
+            vae = _make_identity_vae(channels)
+            unet = build_tiny_sdxl_unet(tiny, channels, tiny.sample_size)
+        else:
+            if tiny.sample_size % 2:
+                raise UserError(
+                    f"model.tiny.sample_size {tiny.sample_size} must be even for latent 'vae'",
+                    hint="the tiny VAE downsamples by 2; use an even sample_size or latent: pixel",
+                )
+            vae = _make_random_vae(channels, tiny)
+            unet = build_tiny_sdxl_unet(tiny, 4, tiny.sample_size // 2)
+    scheduler = EulerDiscreteScheduler(
+        num_train_timesteps=noise.num_train_timesteps,
+        beta_schedule=noise.beta_schedule,
+        beta_start=noise.beta_start,
+        beta_end=noise.beta_end,
+        prediction_type=noise.prediction_type,
+        timestep_spacing="leading",
+        steps_offset=1,
+    )
+    pipe = StableDiffusionXLPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        text_encoder_2=text_encoder_2,
+        tokenizer=tokenizer,
+        tokenizer_2=tokenizer_2,
+        unet=unet,
+        scheduler=scheduler,
+        add_watermarker=False,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def write_tiny_pipeline(
+    folder: Path,
+    layout: str = "sd",
+    *,
+    tiny: TinyModelSpec | None = None,
+    noise: NoiseScheduleSpec | None = None,
+    seed: int = 0,
+    words: Iterable[str] = (),
+) -> Path:
+    """Build a random-weight tiny pipeline and save it as a diffusers folder (safetensors)
+    that ``model.family`` ``sd`` (layouts ``sd``, ``sd2``) or ``sdxl`` loads from
+    ``model.pretrained``. ``sd2``: SD 2.x-shaped (linear projections, v-prediction unless
+    ``noise`` says otherwise). ``tiny``/``noise`` default to :class:`TinyModelSpec` and SD
+    v1.4's schedule. Returns ``folder``."""
+    tiny = tiny or TinyModelSpec()
+    noise = noise or NoiseScheduleSpec()
+    if layout == "sdxl":
+        pipe: Any = build_tiny_sdxl_pipeline(tiny, noise, seed, words)
+    elif layout in ("sd", "sd2"):
+        if layout == "sd2" and noise.prediction_type is None:
+            noise = noise.model_copy(update={"prediction_type": "v_prediction"})
+        pipe = build_tiny_pipeline(tiny, noise, seed, words, linear_projection=layout == "sd2")
+    else:
+        raise ValueError(f"unknown tiny layout {layout!r} (sd, sd2, sdxl)")
+    folder = Path(folder)
+    pipe.save_pretrained(str(folder), safe_serialization=True)
+    return folder

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import Field, PositiveInt, model_validator
 
@@ -40,14 +40,41 @@ class TrainableSpec(StrictModel):
         return self
 
 
-class NoiseScheduleSpec(StrictModel):
-    """Training noise schedule (DDPM), as SD v1.4 ships it."""
+# SD v1.4's training schedule: the tiny family's defaults (it has no checkpoint to read).
+SD_NOISE_SCHEDULE: dict[str, Any] = {
+    "num_train_timesteps": 1000,
+    "beta_schedule": "scaled_linear",
+    "beta_start": 0.00085,
+    "beta_end": 0.012,
+    "prediction_type": "epsilon",
+}
+_FROM_CHECKPOINT = "default: the checkpoint's own (sd, sdxl); SD v1.4's {} (tiny)"
 
-    num_train_timesteps: PositiveInt = 1000
-    beta_schedule: Literal["scaled_linear", "linear", "squaredcos_cap_v2"] = "scaled_linear"
-    beta_start: float = Field(default=0.00085, gt=0)
-    beta_end: float = Field(default=0.012, gt=0)
-    prediction_type: Literal["epsilon", "v_prediction"] = "epsilon"
+
+class NoiseScheduleSpec(StrictModel):
+    """Training noise schedule (DDPM). A field not written is the checkpoint's own for
+    ``sd``/``sdxl`` (an SD 2.x 768 model trains with v-prediction because its scheduler
+    says so) and SD v1.4's for ``tiny``."""
+
+    num_train_timesteps: PositiveInt | None = Field(
+        default=None, description=_FROM_CHECKPOINT.format(1000)
+    )
+    beta_schedule: Literal["scaled_linear", "linear", "squaredcos_cap_v2"] | None = Field(
+        default=None, description=_FROM_CHECKPOINT.format("scaled_linear")
+    )
+    beta_start: float | None = Field(
+        default=None, gt=0, description=_FROM_CHECKPOINT.format(0.00085)
+    )
+    beta_end: float | None = Field(default=None, gt=0, description=_FROM_CHECKPOINT.format(0.012))
+    prediction_type: Literal["epsilon", "v_prediction"] | None = Field(
+        default=None, description=_FROM_CHECKPOINT.format("epsilon")
+    )
+
+    def filled(self) -> NoiseScheduleSpec:
+        """This schedule with every unwritten field set to SD v1.4's value."""
+        return NoiseScheduleSpec(
+            **{k: SD_NOISE_SCHEDULE[k] if v is None else v for k, v in self.model_dump().items()}
+        )
 
 
 class TinyPretrainSpec(StrictModel):
@@ -111,6 +138,8 @@ class ModelSpec(StrictModel):
         if self.family == "tiny":
             if self.tiny is None:
                 self.tiny = TinyModelSpec()
+            # no checkpoint to take the schedule from: SD v1.4's, written into the spec
+            self.noise_schedule = self.noise_schedule.filled()
         elif not self.pretrained:
             raise ValueError(
                 f"model.family '{self.family}' needs 'pretrained': a hub id "
