@@ -229,10 +229,23 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--writer-sleep", type=float, default=0.0)
     ap.add_argument("--tracking-uri", default=None)
     ap.add_argument("--no-tracking", action="store_true")
+    ap.add_argument("--attacks", default=None, help="name=lr,... (default a=0.01,b=0.02)")
+    ap.add_argument("--attack-steps", type=int, default=10)
+    ap.add_argument("--workers", type=int, default=1)
     a = ap.parse_args(argv)
+    lrs = None
+    if a.attacks is not None:
+        lrs = {k: float(v) for k, v in (x.split("=") for x in a.attacks.split(",") if x)}
     graph = make_graph(
-        steps=a.steps, sleep=a.sleep, writer_chunks=a.writer_chunks, writer_sleep=a.writer_sleep
+        steps=a.steps,
+        sleep=a.sleep,
+        writer_chunks=a.writer_chunks,
+        writer_sleep=a.writer_sleep,
+        attack_lrs=lrs,
+        attack_steps=a.attack_steps,
     )
+    from resalign.engine.executors.local import LocalExecutor
+
     try:
         run_graph(
             graph,
@@ -242,6 +255,7 @@ def main(argv: list[str] | None = None) -> int:
             tracking_uri=a.tracking_uri,
             device="cpu",
             ui=ProgressUI(enabled=False),
+            executor=LocalExecutor(workers=a.workers),
             command=[sys.executable, __file__, *(argv or sys.argv[1:])],
         )
     except RunFailed as e:

@@ -106,18 +106,19 @@ class _GridTracking:
     """The grid's MLflow run and the re-parenting of each cell's run under it."""
 
     def __init__(self, uri: str, experiment: str, tpl: GridTemplate, store_root: Path):
-        from mlflow.tracking import MlflowClient
-
-        from .tracking import artifact_location, check_reachable
+        from .tracking import _client, artifact_location, check_reachable, setup_lock
 
         check_reachable(uri)
-        self.client = MlflowClient(uri)
-        exp = self.client.get_experiment_by_name(experiment)
-        if exp is None:
-            loc = artifact_location(uri, store_root)
-            self.experiment_id = self.client.create_experiment(experiment, artifact_location=loc)
-        else:
-            self.experiment_id = exp.experiment_id
+        self.client = _client(uri)
+        with setup_lock(uri):  # a new SQLite database: one process migrates it
+            exp = self.client.get_experiment_by_name(experiment)
+            if exp is None:
+                loc = artifact_location(uri, store_root)
+                self.experiment_id = self.client.create_experiment(
+                    experiment, artifact_location=loc
+                )
+            else:
+                self.experiment_id = exp.experiment_id
         run = self.client.create_run(
             self.experiment_id,
             run_name=f"grid {tpl.name}",

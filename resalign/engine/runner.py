@@ -60,6 +60,8 @@ class RunFailed(Exception):
 class RunSummary:
     executed: list[str] = field(default_factory=list)
     cached: list[str] = field(default_factory=list)
+    # completed by another invocation while this one waited for the node's lock
+    done_elsewhere: list[str] = field(default_factory=list)
     seconds: float = 0.0
     log_seconds: float = 0.0
     parent_run_id: str | None = None
@@ -227,8 +229,11 @@ def run_graph(
                     summary.log_seconds += res.log_seconds
                     if res.ok:
                         done.add(n.name)
-                        summary.executed.append(n.name)
-                        summary.node_seconds[n.name] = res.seconds
+                        if res.already_done:
+                            summary.done_elsewhere.append(n.name)
+                        else:
+                            summary.executed.append(n.name)
+                            summary.node_seconds[n.name] = res.seconds
                         index_updates[n.name] = index_entry(n)
                         ui.line(
                             f"done {n.name} ({res.seconds:.1f}s)"
@@ -261,8 +266,13 @@ def run_graph(
         user_only = bool(failed) and all(r.user_error for r in failed.values())
         raise RunFailed(list(failed) or ["interrupted"], cmd, interrupted, user_only)
     ui.line(
-        f"{graph.spec_name}: executed {len(summary.executed)}, cached {len(summary.cached)} "
-        f"in {summary.seconds:.1f}s"
+        f"{graph.spec_name}: executed {len(summary.executed)}, cached {len(summary.cached)}"
+        + (
+            f", done by another invocation {len(summary.done_elsewhere)}"
+            if summary.done_elsewhere
+            else ""
+        )
+        + f" in {summary.seconds:.1f}s"
         + (
             f"; MLflow run {summary.parent_run_id} at {summary.tracking_uri}"
             if summary.parent_run_id

@@ -20,16 +20,19 @@ Tracking URI precedence: ``--tracking-uri`` > ``MLFLOW_TRACKING_URI`` > the spec
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import logging
 import os
+import random
 import re
 import socket
 import subprocess
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -107,11 +110,76 @@ def check_reachable(uri: str, timeout: float = 5.0) -> None:
         ) from None
 
 
+def _sqlite_path(uri: str) -> Path | None:
+    if not uri.startswith("sqlite:///"):
+        return None
+    return Path(uri[len("sqlite:///") :]).resolve()
+
+
+@contextlib.contextmanager
+def setup_lock(uri: str) -> Iterator[None]:
+    """Serialize first use of a SQLite tracking database across processes. Two ``resalign
+    run`` started together on a new database both ran MLflow's schema migration and one died
+    with ``duplicate column name: step``; two creating the experiment race the same way."""
+    db = _sqlite_path(uri)
+    if db is None:
+        yield
+        return
+    db.parent.mkdir(parents=True, exist_ok=True)
+    with open(db.with_name(db.name + ".lock"), "a+") as f:
+        fcntl.flock(f.fileno(), fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+
+
+# SQLite lets one writer at a time; others wait out its busy timeout (5 s in pysqlite) and
+# then raise "database is locked". Seen with two drivers and their workers writing one
+# database on 2 loaded cores; retried with backoff instead of going offline (which would
+# leave the points to `resalign sync`).
+LOCKED_RETRIES = 8
+
+
+def _locked(e: BaseException) -> bool:
+    return "database is locked" in str(e) or "database table is locked" in str(e)
+
+
+class _RetryingClient:
+    """An ``MlflowClient`` whose calls are retried while SQLite says it is locked."""
+
+    def __init__(self, client: Any):
+        self._client = client
+
+    def __getattr__(self, name: str) -> Any:
+        attr = getattr(self._client, name)
+        if not callable(attr):
+            return attr
+
+        def call(*args: Any, **kwargs: Any) -> Any:
+            for attempt in range(LOCKED_RETRIES + 1):
+                try:
+                    return attr(*args, **kwargs)
+                except Exception as e:
+                    if not _locked(e) or attempt == LOCKED_RETRIES:
+                        raise
+                    time.sleep(min(0.2 * 2**attempt, 5.0) * (0.5 + random.random()))
+            raise AssertionError("unreachable")
+
+        return call
+
+
 def _client(uri: str) -> Any:
     _client_env_defaults()
     from mlflow.tracking import MlflowClient
 
-    return MlflowClient(tracking_uri=uri)
+    if _sqlite_path(uri) is None:
+        return MlflowClient(tracking_uri=uri)
+    with setup_lock(uri):
+        client = _RetryingClient(MlflowClient(tracking_uri=uri))
+        # the first query creates (or migrates) the database: under the lock
+        client.search_experiments(max_results=1)
+    return client
 
 
 def git_commit() -> str | None:
@@ -432,6 +500,26 @@ class NodeLogger:
         except Exception as e:
             self._fail("logging params", e)
 
+    def finish_elsewhere(self, node_dir: Path) -> None:
+        """Another invocation executed the node while this one waited for its lock: its run
+        holds the metrics and artifacts. This run is closed FINISHED with a tag saying so
+        and nothing else, and its record says there is nothing for ``sync`` to upload."""
+        if self.rec is None:
+            return
+        self.rec.tags["resalign.node.done_by"] = "another invocation"
+        self.rec.params_synced = False  # carries the tag
+        self.rec.artifacts_synced = True
+        self.rec.metrics_offset = _size(Path(node_dir) / "metrics.jsonl")
+        self.rec.status = "FINISHED"
+        save_node_record(self.record_path, self.rec)
+        if self.offline:
+            return
+        try:
+            _sync_node_static(self._client, self.rec, None)
+            save_node_record(self.record_path, self.rec)
+        except Exception as e:
+            self._fail("finishing the run", e)
+
     def finish(self, status: str, metrics_path: Path, node_dir: Path | None) -> None:
         """Final flush, artifacts, terminal status; all recorded for sync."""
         self.stop_system_metrics()
@@ -567,12 +655,13 @@ class Tracker:
             self.store_root.mkdir(parents=True, exist_ok=True)
         try:
             self._client = _client(self.uri)
-            exp = self._client.get_experiment_by_name(self.experiment)
-            if exp is None:
-                loc = artifact_location(self.uri, self.store_root)
-                exp_id = self._client.create_experiment(self.experiment, artifact_location=loc)
-            else:
-                exp_id = exp.experiment_id
+            with setup_lock(self.uri):
+                exp = self._client.get_experiment_by_name(self.experiment)
+                if exp is None:
+                    loc = artifact_location(self.uri, self.store_root)
+                    exp_id = self._client.create_experiment(self.experiment, artifact_location=loc)
+                else:
+                    exp_id = exp.experiment_id
             self._base_tags = {
                 "resalign.spec": graph.spec_name,
                 "resalign.spec_hash": graph.spec_hash,

@@ -48,6 +48,12 @@ def execute_task(task: NodeTask, ui: ProgressUI | None = None) -> NodeResult:
     try:
         with store.lock(node.kind, node.key, on_wait=lambda: ui.line(f"waiting for {node.name}")):
             if store.is_complete(node.kind, node.key) and not task.fresh:
+                if task.tracking is not None:
+                    from .tracking import NodeLogger
+
+                    NodeLogger(task.tracking, Path("/dev/null")).finish_elsewhere(
+                        store.node_dir(node.kind, node.key)
+                    )
                 return NodeResult(node.name, True, already_done=True)
             if task.fresh:
                 store.discard_state(node.kind, node.key)
