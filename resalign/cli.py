@@ -289,6 +289,7 @@ def run(spec: str, force: tuple[str, ...], store: str, tracking_uri: str | None,
     default=None,
     help="With --frontier: the threat whose relearning is plotted (default: the last).",
 )
+@_SET
 def report(spec: str, out: str | None, store: str, all_steps: bool, frontier: bool,
            threat: str | None) -> None:  # fmt: skip
     """Make the results table, curves and grids of a finished spec (issue 6).
@@ -302,8 +303,9 @@ def report(spec: str, out: str | None, store: str, all_steps: bool, frontier: bo
     target = Path(out) if out else None
     if is_template(spec):
         folder = report_for_grid(
-            spec, Path(store), target, all_steps=all_steps, frontier=frontier, threat=threat
-        )
+            spec, Path(store), target, all_steps=all_steps, frontier=frontier, threat=threat,
+            sets=_sets(),
+        )  # fmt: skip
     elif frontier or threat:
         raise UserError(
             f"{spec}: --frontier and --threat need a grid template (TEMPLATE.yaml.j2)",
@@ -311,7 +313,7 @@ def report(spec: str, out: str | None, store: str, all_steps: bool, frontier: bo
             "strength, e.g. templates/frontier_digits.yaml.j2",
         )
     else:
-        folder = report_for_spec(spec, Path(store), target, all_steps=all_steps)
+        folder = report_for_spec(spec, Path(store), target, all_steps=all_steps, sets=_sets())
     click.echo((folder / "report.md").read_text(encoding="utf-8").split("\n## ")[0])
     if frontier:
         click.echo((folder / "frontier.md").read_text(encoding="utf-8").split("\n", 4)[-1])

@@ -9,6 +9,7 @@ step registry imports, does not import the graph back).
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -23,14 +24,19 @@ from .evaluation.report import (
 
 
 def report_for_spec(
-    spec_path: str, store_root: Path, out: Path | None = None, all_steps: bool = False
+    spec_path: str,
+    store_root: Path,
+    out: Path | None = None,
+    all_steps: bool = False,
+    sets: Sequence[str] = (),
 ) -> Path:
-    """``resalign report SPEC``: compile the spec, read its evaluate results from the store,
-    write the report (default: ``<store>/reports/<spec name>/``). Returns the folder."""
+    """``resalign report SPEC``: compile the spec (with the ``--set`` items the run used),
+    read its evaluate results from the store, write the report (default:
+    ``<store>/reports/<spec name>/``). Returns the folder."""
     from .graph.compile import compile_spec
     from .spec import load_spec
 
-    resolved = load_spec(spec_path)
+    resolved = load_spec(spec_path, sets=sets)
     graph = compile_spec(resolved)
     results = results_from_store(graph, Path(store_root), spec_path)
     report_node = graph.of_kind("report")[0] if graph.of_kind("report") else None
@@ -61,18 +67,19 @@ class GridResults:
     cells: int
 
 
-def grid_results(template_path: str, store_root: Path) -> GridResults:
+def grid_results(template_path: str, store_root: Path, sets: Sequence[str] = ()) -> GridResults:
     """Every cell rendered and compiled as ``resalign grid --run`` did (same node keys), its
     evaluate results read from the store. A cell's row is named by the cell id (``<cell
     id>/<row>`` when the cell has several unlearned rows). The ``original`` row is shown once,
     first, when every cell shares its evaluate nodes (same keys); otherwise once per cell as
-    ``<cell id>/original``. Threats are the union over cells."""
+    ``<cell id>/original``. Threats are the union over cells. ``sets``: the ``--set`` items
+    the grid ran with (applied to every cell)."""
     from .graph.compile import compile_spec
     from .spec.templates import load_template, render_grid
 
     tpl = load_template(template_path)
     cells = []
-    for rc in render_grid(tpl):
+    for rc in render_grid(tpl, sets=sets):
         graph = compile_spec(rc.spec)
         try:
             found = results_from_store(graph, Path(store_root), template_path)
@@ -121,12 +128,13 @@ def report_for_grid(
     all_steps: bool = False,
     frontier: bool = False,
     threat: str | None = None,
+    sets: Sequence[str] = (),
 ) -> Path:
     """``resalign report TEMPLATE.yaml.j2``: one table with a row per cell (see
     :func:`grid_results`); a cell without a threat shows "–" in its columns. With
     ``frontier``: also ``frontier.png``/``.json``/``.md`` (:mod:`resalign.evaluation.frontier`)
     for ``threat`` (default: the last threat). Default folder: ``<store>/reports/<grid>/``."""
-    g = grid_results(template_path, store_root)
+    g = grid_results(template_path, store_root, sets)
     out = Path(out) if out else Path(store_root) / "reports" / g.name
     table = write_report(
         g.results,

@@ -309,3 +309,14 @@ def test_all_steps_gives_a_column_per_evaluation_step(tmp_path):
     assert plain["concept_rate/benign"]["values"] == pytest.approx([0.81, 0.82, 0.86, 0.87])
     md = (tmp_path / "out" / "report.md").read_text()
     assert "after benign (step 2)" in md and "after benign (step 4)" in md
+
+
+def test_report_compiles_with_the_runs_set_items(tmp_path):
+    from click.testing import CliRunner
+
+    from resalign.cli import cli
+
+    args = ["report", "tests/specs/tiny.yaml", "--store", str(tmp_path / "empty")]
+    res = CliRunner().invoke(cli, [*args, "--set", "unlearn.seeds=[4, 5]"])
+    assert res.exit_code == 2 and "Traceback" not in res.output
+    assert "evaluate/resalign/seed4/pre/step0" in res.output
