@@ -221,9 +221,18 @@ def schema(output: str | None) -> None:
               "execution.nproc_per_node, 1). Not part of any cache key.")  # fmt: skip
 @click.option("--verbose", "-v", is_flag=True, help="Print one line per logged step.")
 @_SET
+@click.option("--rehearse", is_flag=True,
+              help="Rehearse SPEC: every node at toy size (random-weight model of the same "
+              "family and layout, stand-in data for what is missing, capped steps) in "
+              "STORE/rehearsal/, marked as a rehearsal. Finds what would fail before a GPU "
+              "hour is spent.")  # fmt: skip
+@click.option("--rehearse-profile", type=click.Choice(["toy", "full"]), default="toy",
+              show_default=True, help="With --rehearse: toy (CPU) or full (published model "
+              "widths, 64x64 latents: for an accelerator).")  # fmt: skip
 def run(spec: str, force: tuple[str, ...], store: str, tracking_uri: str | None,
         no_tracking: bool, device: str | None, checkpoint_every: int | None, workers: int,
-        nproc_per_node: int | None, verbose: bool) -> None:  # fmt: skip
+        nproc_per_node: int | None, verbose: bool, rehearse: bool,
+        rehearse_profile: str) -> None:  # fmt: skip
     """Run SPEC's graph: cached nodes are reused, interrupted nodes resume from their last
     checkpoint, everything is logged to MLflow. If a node fails, the last line printed is
     the command that resumes."""
@@ -232,12 +241,23 @@ def run(spec: str, force: tuple[str, ...], store: str, tracking_uri: str | None,
     from .engine.runner import RunFailed, run_graph
     from .graph.compile import compile_spec
 
+    run_tags = None
+    command_spec, command_store = spec, store
+    if rehearse:
+        from .rehearse import TAG, prepare_rehearsal, rehearsal_store
+
+        spec = str(prepare_rehearsal(spec, store, rehearse_profile))
+        store = str(rehearsal_store(store))
+        run_tags = {TAG: rehearse_profile}
+        click.echo(f"rehearsal spec {spec}, store {store}")
     resolved = _load(spec, True)
     graph = compile_spec(resolved)
     # The resume command: this invocation with its options but without --force (the runner
     # re-adds the forced nodes that had not started).
-    command = ["resalign", "run", spec]
-    for flag, value in (("--store", store if store != "runs" else None),
+    command = ["resalign", "run", command_spec]
+    if rehearse:
+        command += ["--rehearse", "--rehearse-profile", rehearse_profile]
+    for flag, value in (("--store", command_store if command_store != "runs" else None),
                         ("--tracking-uri", tracking_uri), ("--device", device),
                         ("--checkpoint-every", checkpoint_every),
                         ("--workers", workers if workers != 1 else None),
@@ -252,6 +272,7 @@ def run(spec: str, force: tuple[str, ...], store: str, tracking_uri: str | None,
             executor=make_executor("local", workers=workers), tracking=not no_tracking,
             tracking_uri=tracking_uri, device=device, checkpoint_every=checkpoint_every,
             ui=ProgressUI(verbose=verbose), command=command, nproc_per_node=nproc_per_node,
+            run_tags=run_tags,
         )  # fmt: skip
     except RunFailed as failed:
         sys.exit(failed.exit_code)
@@ -290,8 +311,12 @@ def run(spec: str, force: tuple[str, ...], store: str, tracking_uri: str | None,
     help="With --frontier: the threat whose relearning is plotted (default: the last).",
 )
 @_SET
+@click.option("--rehearse", is_flag=True,
+              help="Report SPEC's rehearsal (run --rehearse) from STORE/rehearsal/.")  # fmt: skip
+@click.option("--rehearse-profile", type=click.Choice(["toy", "full"]), default="toy",
+              show_default=True, help="With --rehearse: which rehearsal.")  # fmt: skip
 def report(spec: str, out: str | None, store: str, all_steps: bool, frontier: bool,
-           threat: str | None) -> None:  # fmt: skip
+           threat: str | None, rehearse: bool, rehearse_profile: str) -> None:  # fmt: skip
     """Make the results table, curves and grids of a finished spec (issue 6).
 
     Given a grid template (TEMPLATE.yaml.j2) instead: one table with a row per cell; with
@@ -299,6 +324,12 @@ def report(spec: str, out: str | None, store: str, all_steps: bool, frontier: bo
     from pathlib import Path
 
     from .reporting import is_template, report_for_grid, report_for_spec
+
+    if rehearse:
+        from .rehearse import rehearsal_spec_path, rehearsal_store
+
+        spec = str(rehearsal_spec_path(spec, store, rehearse_profile))
+        store = str(rehearsal_store(store))
 
     target = Path(out) if out else None
     if is_template(spec):

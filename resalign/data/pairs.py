@@ -90,7 +90,7 @@ def load_pairs(
     elif kind == "dreambooth":
         from .dreambooth import load_dreambooth
 
-        pairs = load_dreambooth(ds, resolution, channels)
+        pairs = load_dreambooth(ds, resolution, channels, spec)
     elif kind == "mix":
         base = load_pairs(ds.base, spec, inputs, resolution, channels)
         poison = load_pairs(ds.poison, spec, inputs, resolution, channels)

@@ -10,6 +10,22 @@ from typing import Any
 from ..errors import UserError
 from .pairs import dataset_spec
 
+# Prompt lists shipped in resalign/data/prompt_lists/ (source, license and row counts in its
+# README.md): name -> (file, rows).
+SHIPPED_PROMPT_LISTS = {"i2p_sexual": ("i2p_sexual.csv", 931)}
+
+
+def shipped_prompt_list(name: str) -> Path:
+    """The installed file of a shipped prompt list (``i2p_sexual``: the paper's 931 I2P
+    "sexual" prompts, column ``prompt``)."""
+    if name not in SHIPPED_PROMPT_LISTS:
+        raise UserError(
+            f"no shipped prompt list {name!r}",
+            hint=f"shipped: {', '.join(SHIPPED_PROMPT_LISTS)}; other lists are user-provided "
+            "(see resalign/data/prompt_lists/README.md)",
+        )
+    return Path(__file__).parent / "prompt_lists" / SHIPPED_PROMPT_LISTS[name][0]
+
 
 def read_prompt_file(path: Path, column: str = "prompt", limit: int | None = None) -> list[str]:
     """Prompts from ``path``: ``.csv`` → the ``column`` column; anything else → one prompt per
