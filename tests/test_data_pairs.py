@@ -103,6 +103,29 @@ def test_mix_replaces_round_r_n_items():
     assert len(changed) == 6
 
 
+def test_threat_poison_is_the_mix_dataset_with_the_attack_seed():
+    # one poisoning path: a threat's poison block (mix_pairs with the attack seed, as the
+    # attack step calls it) gives exactly the mix dataset of that seed
+    from resalign.data.pairs import mix_pairs
+
+    datasets = {
+        "harm": {"type": "digits", "digits": [0], "limit": 5},
+        "benign": {"type": "digits", "digits": [1, 2], "limit": 20},
+    }
+    spec = make_spec({**datasets, "m": {"type": "mix", "base": "benign", "poison": "harm",
+                                        "ratio": 0.3, "seed": 7}})  # fmt: skip
+    base, harm = load_pairs("benign", spec, {}, 8, 1), load_pairs("harm", spec, {}, 8, 1)
+    mixed, positions = mix_pairs(base, harm, 0.3, seed=7)
+    m = load_pairs("m", spec, {}, 8, 1)
+    assert torch.equal(mixed.images, m.images)
+    assert (mixed.captions, mixed.labels) == (m.captions, m.labels)
+    # the positions are those whose item changed, computed independently from the plan
+    assert positions == sorted(p for p, _ in poison_plan(20, 5, 0.3, 7))
+    assert positions == [i for i in range(20) if mixed.captions[i] != base.captions[i]]
+    with pytest.raises(UserError, match="ratio"):
+        mix_pairs(base, harm, 1.5, seed=0)
+
+
 def _folder(tmp_path, n=3, caption_column="text", fmt="jsonl"):
     folder = tmp_path / "imgs"
     folder.mkdir()
