@@ -1,4 +1,6 @@
-# The two commands: `make demo` and `make test`. Each sets up .venv on first use.
+# The commands: `make demo`, `make test` (everything) and `make test-fast` (the spec language,
+# graph, numerics and report: under a minute; markers in tests/conftest.py). Each sets up .venv
+# on first use.
 PYTHON ?= python3
 TORCH ?= torch==2.13.0
 VENV := .venv
@@ -7,7 +9,7 @@ WORKERS ?= 2
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint format setup clean
+.PHONY: demo test test-fast lint format setup clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -28,6 +30,10 @@ test: $(STAMP)
 	$(BIN)/ruff check resalign tests
 	$(BIN)/ruff format --check resalign tests
 	$(BIN)/python -m pytest -q tests
+
+test-fast: $(STAMP)
+	$(BIN)/ruff check resalign tests
+	$(BIN)/python -m pytest -q -m fast tests
 
 format: $(STAMP)
 	$(BIN)/ruff format resalign tests
