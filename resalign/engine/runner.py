@@ -248,7 +248,10 @@ def run_graph(
     finally:
         executor.shutdown()
         if index_updates:
-            store.update_index(graph.spec_name, index_updates)
+            try:
+                store.update_index(graph.spec_name, index_updates)
+            except OSError as e:  # a full or read-only store: the node errors say so
+                ui.line(f"could not record this run in {store.index_path(graph.spec_name)}: {e}")
     summary.seconds = time.perf_counter() - t_start
     if tracker is not None:
         tracker.finish("KILLED" if interrupted else "FAILED" if failed else "FINISHED")

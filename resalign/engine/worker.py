@@ -121,12 +121,11 @@ def _execute_here(
         interrupted = not isinstance(e, Exception)
         if logger is not None:
             logger.finish("KILLED" if interrupted else "FAILED", ctx.metrics_path, None)
-        # measured before the staging folder goes: how far the node got
-        written = tree_bytes(staging) + tree_bytes(state)
+        # before the staging folder goes: how far the node got, how full the disk is
+        disk = None if interrupted else write_failure(e, store, node, staging)
         shutil.rmtree(staging, ignore_errors=True)
         if interrupted:
             raise
-        disk = write_failure(e, store, node, staging, written=written)
         user = isinstance(e, UserError) or disk is not None
         return NodeResult(
             node.name,
@@ -180,8 +179,6 @@ def write_failure(
     store: Store,
     node: Node,
     staging: Path | None,
-    *,
-    written: int | None = None,
 ) -> UserError | None:
     """A clear error when ``e`` came from a full or read-only disk, else None.
 
@@ -200,21 +197,18 @@ def write_failure(
         return None
     path = (ose.filename if ose is not None else None) or staging or store.root
     state = store.state_dir(node.kind, node.key)
-    resume = f"then run the same command again: {node.name} resumes from its checkpoints in {state}"
+    resume = "then run the same command again" + (
+        f": {node.name} resumes from its checkpoints in {state}"
+        if store.has_state(node.kind, node.key)
+        else ""
+    )
     if not full:
         what = ose.strerror if ose is not None and ose.strerror else "not writable"
         return UserError(
-            f"{node.name}: cannot write {path}: {what}; nothing of the node was kept",
-            where=str(path),
+            f"cannot write {path}: {what}; nothing of the node was kept",
             hint=f"make the store writable (or pass --store with a writable folder), {resume}",
         )
-    done = (
-        written
-        if written is not None
-        else tree_bytes(staging) + tree_bytes(state)
-        if staging
-        else 0
-    )
+    done = (tree_bytes(staging) if staging else 0) + tree_bytes(state)
     # the space a completed node of this kind took (the largest in this store), as a guide
     sizes = [tree_bytes(d) for _k, _key, d in store.node_dirs() if _k == node.kind]
     typical = max(sizes, default=0)
@@ -226,10 +220,8 @@ def write_failure(
         else f"this node had written {_mib(done)} when the disk filled up and needs more than that"
     )
     return UserError(
-        f"{node.name}: no space left on device writing {path} "
-        f"({_mib(free or 0)} free on the store's filesystem); {need}; "
-        "nothing of the node was kept",
-        where=str(path),
+        f"no space left on device writing {path} ({_mib(free or 0)} free on the store's "
+        f"filesystem); {need}; nothing of the node was kept",
         hint=f"free space on {store.root}'s filesystem (or pass --store elsewhere), {resume}",
     )
 
