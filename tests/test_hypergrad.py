@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from resalign.algorithms.hypergrad import tensors_norm
+from resalign.algorithms.hypergrad import power_iteration, tensors_norm
 from resalign.algorithms.inner import FunctionalOptimizer
 from resalign.algorithms.objectives import Denoiser, denoise_loss, noise_batch
 from resalign.algorithms.toy import toy_pairs, toy_scheduler, toy_unet
@@ -157,6 +157,47 @@ def test_norm_cap_tests_what_the_caller_says():
     # a cap of 0.41 passes after one halving: x = ½·b
     x, st = richardson_solve(b, zero, 1.0, 1, max_norm=0.41, norm_of=whole, retries=1)
     assert st.retries == 1 and not st.fell_back and torch.allclose(x[0], 0.5 * b[0])
+
+
+def test_power_iteration_matches_dense_eigensolve():
+    # PSD with a gap at the top, and an indefinite one whose largest |λ| is negative
+    for eigs, seed in (
+        (torch.linspace(0.01, 3.0, 11).tolist() + [6.0], 11),
+        ([-5.0, 0.5, 1.0, 2.0, 3.0], 12),
+    ):
+        h, _, hvp, like = dense_problem(eigs, seed=seed)
+        top = torch.linalg.eigvalsh(h)
+        want = float(top[top.abs().argmax()])
+        lam, n = power_iteration(hvp, like, iterations=200, tol=1e-10)
+        assert abs(lam - want) < 1e-6 * abs(want), (lam, want)
+        assert n < 200
+
+
+def test_gamma_auto_solves_where_gamma_one_diverges():
+    """λ_max = 40: with γ = 1 the published solve must halve its step 4 times to pass the
+    divergence test, and its 5 iterations then leave a residual above half of ‖b‖; γ = auto takes
+    γ = ½/λ_max from power iteration and K = 5 undamped iterations reach the dense solution
+    of (I + γH)x = b to the contraction bound ½⁵ (all eigenvalues of γH in [0, ½])."""
+    eigs = torch.linspace(0.05, 10.0, 14).tolist() + [40.0]
+    h, b, _, like = dense_problem(eigs, seed=13)
+    params = [torch.zeros_like(t) for t in like]
+
+    def ft(ps):  # ½ψᵀHψ: its Hessian is H
+        v = flat(ps)
+        return 0.5 * v @ h @ v
+
+    _, s1 = moreau_hypergradient(b, ft, params, gamma=1.0, max_norm=None)
+    assert s1.retries >= 4 and s1.residuals[-1] > 0.5 * tensors_norm(b), s1
+    x, st = moreau_hypergradient(
+        b, ft, params, gamma="auto", max_norm=None, tol=0.0, power_iterations=100
+    )
+    assert not st.fell_back and st.retries == 0
+    assert abs(st.lambda_max - 40.0) < 1e-3 * 40 and abs(st.gamma - 0.5 / st.lambda_max) < 1e-15
+    exact = torch.linalg.solve(torch.eye(15, dtype=D) + st.gamma * h, flat(b))
+    err = float((flat(x) - exact).norm() / exact.norm())
+    assert err < 0.5**5, err
+    assert st.hvps > 5  # the power iteration's products are counted
+    assert st.as_metrics()["gamma"] == st.gamma
 
 
 def _tiny_lora(seed=0):

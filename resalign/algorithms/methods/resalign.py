@@ -265,6 +265,8 @@ class ResAlign(Method):
                         lambda ps: ft(dict(zip(names, ps)), nb, pb),
                         psi_star,
                         gamma=h.gamma,
+                        gamma_fraction=h.gamma_fraction,
+                        power_iterations=h.power_iterations,
                         iterations=h.iterations,
                         tol=h.tol,
                         backend=h.hvp_backend,

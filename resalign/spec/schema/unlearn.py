@@ -63,7 +63,13 @@ class HypergradientSpec(StrictModel):
     first-order (the direct gradient at θ*_FT)."""
 
     kind: Literal["moreau", "unrolled", "none"] = "moreau"
-    gamma: PositiveFloat = 1.0
+    gamma: PositiveFloat | Literal["auto"] = Field(
+        default=1.0,
+        description="Moreau proximal weight (published 1). auto: gamma_fraction / lambda_max "
+        "of the fine-tuning Hessian at theta*, estimated per solve by power iteration",
+    )
+    gamma_fraction: Annotated[float, Field(gt=0, le=1)] = 0.5
+    power_iterations: PositiveInt = 20
     iterations: PositiveInt = 5
     tol: float = Field(default=1e-10, ge=0)
     hvp_backend: Literal["double_backward", "forward_over_reverse"] = "double_backward"
