@@ -168,10 +168,9 @@ def schema(output: str | None) -> None:
     """Print the JSON Schema of the spec. Point your editor at it with a first line
     `# yaml-language-server: $schema=<file>` for completion and checks."""
     import json
-    import os
-    import tempfile
     from pathlib import Path
 
+    from .atomic import atomic_write_text
     from .spec.json_schema import spec_json_schema
 
     text = json.dumps(spec_json_schema(), indent=2) + "\n"
@@ -180,10 +179,7 @@ def schema(output: str | None) -> None:
         return
     target = Path(output)
     try:
-        fd, tmp = tempfile.mkstemp(dir=target.parent.resolve(), prefix=f".{target.name}.")
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, target)
+        atomic_write_text(target, text)
     except OSError as exc:
         raise UserError(f"cannot write '{output}': {exc.strerror}") from None
     click.echo(f"wrote {output}")

@@ -32,7 +32,6 @@ defaults; here every knob is explicit and recorded.
 from __future__ import annotations
 
 import logging
-import os
 from collections.abc import Callable, Mapping, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
@@ -41,6 +40,7 @@ from typing import Any, Protocol
 
 import torch
 
+from ..atomic import atomic_open
 from ..errors import UserError
 from ..models.bundle import as_condition
 from ..models.diffusion import draw_noise, noise_and_target, squared_error
@@ -268,10 +268,8 @@ def denoise_loss(
 
 
 def _save_state(path: Path, state: dict[str, Any]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+    with atomic_open(path) as f:
+        torch.save(state, f)
 
 
 # --------------------------------------------------------------------------- the loop

@@ -19,6 +19,8 @@ import sys
 import time
 from pathlib import Path
 
+from ..atomic import atomic_write_text
+
 
 def _rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
@@ -193,10 +195,7 @@ def main(argv: list[str] | None = None) -> int:
                     flush=True,
                 )
     out = Path(a.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp")
-    tmp.write_text(json.dumps(rows, indent=2), encoding="utf-8")
-    os.replace(tmp, out)
+    atomic_write_text(out, json.dumps(rows, indent=2))
     print(f"wrote {out}")
     return 0
 

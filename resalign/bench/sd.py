@@ -51,6 +51,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..atomic import atomic_write_text
+
 PUBLISHED = {
     "rank": 4,
     "targets": ["to_q", "to_k", "to_v", "to_out.0"],
@@ -521,10 +523,7 @@ def _write_json(args: argparse.Namespace, results: list[dict[str, Any]]) -> None
         "results": results,
     }
     path = Path(args.json_path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp_path = path.with_suffix(path.suffix + ".tmp")
-    tmp_path.write_text(json.dumps(payload, indent=2), encoding="utf-8")
-    os.replace(tmp_path, path)
+    atomic_write_text(path, json.dumps(payload, indent=2))
 
 
 def main(argv: list[str] | None = None) -> int:

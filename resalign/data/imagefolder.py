@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..atomic import atomic_write_text
 from ..errors import UserError
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
@@ -174,6 +175,4 @@ def write_imagefolder(
         if extra is not None:
             row.update(extra[i])
         lines.append(json.dumps(row))
-    tmp = folder / "metadata.jsonl.tmp"
-    tmp.write_text("\n".join(lines) + "\n", encoding="utf-8")
-    tmp.replace(folder / "metadata.jsonl")
+    atomic_write_text(folder / "metadata.jsonl", "\n".join(lines) + "\n")

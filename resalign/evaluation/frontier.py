@@ -21,11 +21,11 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from ..atomic import atomic_open
 from ..atomic import atomic_write_text as atomic_text
 from ..errors import UserError
 from .report import REFERENCE_ROW, EvalResult, _Index, relearning
@@ -245,10 +245,9 @@ def plot_frontier(front: Mapping[str, Any], path: Path) -> None:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     fig.tight_layout()
-    tmp = path.with_suffix(".tmp.png")
-    fig.savefig(tmp, dpi=110)
+    with atomic_open(path) as f:
+        fig.savefig(f, dpi=110, format="png")
     plt.close(fig)
-    os.replace(tmp, path)
 
 
 def write_frontier(front: Mapping[str, Any], out: Path) -> list[str]:

@@ -22,13 +22,13 @@ from __future__ import annotations
 import html
 import json
 import math
-import os
 import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
 
+from ..atomic import atomic_open
 from ..atomic import atomic_write_text as atomic_text
 from ..errors import UserError
 from .stats import (
@@ -547,10 +547,9 @@ def plot_curves(table: Mapping[str, Any], path: Path) -> bool:
     for ax in list(axes.flat)[len(keys) :]:
         ax.axis("off")
     fig.tight_layout()
-    tmp = path.with_suffix(".tmp.png")
-    fig.savefig(tmp, dpi=110)
+    with atomic_open(path) as f:
+        fig.savefig(f, dpi=110, format="png")
     plt.close(fig)
-    os.replace(tmp, path)
     return True
 
 

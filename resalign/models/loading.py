@@ -23,6 +23,7 @@ from typing import Any
 
 import torch
 
+from ..atomic import atomic_write_text
 from ..errors import UserError
 from .bundle import ModelBundle
 from .device import resolve_dtype
@@ -306,10 +307,7 @@ def write_model_json(out: Path, info: Mapping[str, Any]) -> None:
 
 
 def _write_json(path: Path, data: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=True), encoding="utf-8")
-    os.replace(tmp, path)
+    atomic_write_text(path, json.dumps(data, indent=2, sort_keys=True))
 
 
 def read_model_json(model_dir: Path) -> dict[str, Any]:

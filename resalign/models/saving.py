@@ -5,13 +5,12 @@ UNet folder for ``UNet2DConditionModel.from_pretrained(path)`` (both safetensors
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from ..atomic import atomic_dir, atomic_write_bytes
 
 LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
 
@@ -25,20 +24,6 @@ def _lora_layers(unet: torch.nn.Module) -> list[tuple[str, Any]]:
 def has_lora(unet: torch.nn.Module) -> bool:
     """Whether ``unet`` carries a peft LoRA adapter."""
     return bool(_lora_layers(unet))
-
-
-def _atomic_dir(path: Path) -> tuple[Path, Path]:
-    """A staging folder next to ``path``, renamed onto it by :func:`_commit_dir`."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
-    return path, tmp
-
-
-def _commit_dir(path: Path, tmp: Path) -> None:
-    if path.exists():
-        shutil.rmtree(path)
-    os.replace(tmp, path)
 
 
 def save_lora(unet: torch.nn.Module, path: Path, adapter_name: str = "default") -> Path:
@@ -61,15 +46,15 @@ def save_lora(unet: torch.nn.Module, path: Path, adapter_name: str = "default") 
     metadata = json.loads(
         json.dumps(metadata, default=lambda o: sorted(o) if isinstance(o, set) else str(o))
     )
-    path, tmp = _atomic_dir(Path(path))
-    StableDiffusionPipeline.save_lora_weights(
-        save_directory=str(tmp),
-        unet_lora_layers=state,
-        safe_serialization=True,
-        weight_name=LORA_WEIGHT_NAME,
-        unet_lora_adapter_metadata=metadata,
-    )
-    _commit_dir(path, tmp)
+    path = Path(path)
+    with atomic_dir(path) as tmp:
+        StableDiffusionPipeline.save_lora_weights(
+            save_directory=str(tmp),
+            unet_lora_layers=state,
+            safe_serialization=True,
+            weight_name=LORA_WEIGHT_NAME,
+            unet_lora_adapter_metadata=metadata,
+        )
     return path
 
 
@@ -106,9 +91,9 @@ def save_merged_unet(unet: torch.nn.Module, path: Path) -> Path:
     """Save ``unet`` with its LoRA merged (if any) via ``save_pretrained`` (safetensors) into
     ``path``, written atomically. Returns the folder."""
     merged = merged_unet(unet)
-    path, tmp = _atomic_dir(Path(path))
-    merged.save_pretrained(str(tmp), safe_serialization=True)
-    _commit_dir(path, tmp)
+    path = Path(path)
+    with atomic_dir(path) as tmp:
+        merged.save_pretrained(str(tmp), safe_serialization=True)
     return path
 
 
@@ -116,15 +101,12 @@ def save_trainable(unet: torch.nn.Module, path: Path, names: list[str] | None = 
     """Save tensors by parameter name (default: those with ``requires_grad``; LoRA tensors
     keep their peft names) to a ``.safetensors`` file, atomically. Read back with
     :func:`resalign.models.loading.load_state_file` / ``apply_trained_tensors``."""
-    from safetensors.torch import save_file
+    from safetensors.torch import save
 
     params = dict(unet.named_parameters())
     if names is None:
         names = [n for n, p in params.items() if p.requires_grad]
     state = {n: params[n].detach().to("cpu").contiguous() for n in names}
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    save_file(state, str(tmp))
-    os.replace(tmp, path)
+    atomic_write_bytes(path, save(state))
     return path

@@ -47,6 +47,7 @@ from typing import Any
 
 import yaml
 
+from ..atomic import atomic_write_text
 from ..errors import UserError
 from .errors import Issue, SpecError
 from .source import MAX_SPEC_BYTES, compose_bounded, new_loader
@@ -871,23 +872,12 @@ class GridError(UserError):
 
 def write_rendered(rendered: Sequence[RenderedCell], out_dir: str | Path) -> list[Path]:
     """Write each cell's spec to ``<out_dir>/<cell id>.yaml`` atomically; return the paths."""
-    import os
-    import tempfile
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths = []
     for rc in rendered:
         target = out / f"{rc.cell.id}.yaml"
-        fd, tmp = tempfile.mkstemp(dir=out, prefix=".tmp-", suffix=".yaml")
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as f:
-                f.write(rc.text)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, target)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        atomic_write_text(target, rc.text)
         paths.append(target)
     return paths
