@@ -55,8 +55,9 @@ def test_deep_nesting_is_refused_at_the_limit(tmp_path: Path, closed: bool) -> N
     p.write_text("name: x\nmodel: " + "[" * 5000 + ("]" * 5000 if closed else "") + "\n")
     err, seconds = _timed_load(p)
     (issue,) = err.issues
-    # the first bracket past the limit (the top-level mapping is level 1, `model:` level 2)
-    assert issue.where == f"{p}:2:{8 + MAX_DEPTH - 1}"
+    # on the line of the brackets, past the limit (libyaml's scanner, reading ahead of the
+    # composer, may meet its own 1,000-level bound first; the message is the same)
+    assert issue.file == str(p) and issue.line == 2 and issue.col > 8 + MAX_DEPTH - 2
     assert f"deeper than {MAX_DEPTH} levels" in issue.message
     assert seconds < 0.5, seconds
     assert len(err.render().splitlines()[1]) < 130  # the excerpt is a window, not 5,000 chars
