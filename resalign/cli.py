@@ -70,6 +70,13 @@ _SET = click.option(
 )
 
 
+def _load_plain(path: str) -> Any:
+    """A spec file with its files checked and no --set items (a rehearsal spec)."""
+    from .spec import load_spec
+
+    return load_spec(path, check_files=True)
+
+
 _CHECK_FILES = click.option(
     "--check-files",
     is_flag=True,
@@ -242,11 +249,12 @@ def run(spec: str, force: tuple[str, ...], store: str, tracking_uri: str | None,
     if rehearse:
         from .rehearse import TAG, prepare_rehearsal, rehearsal_store
 
-        spec = str(prepare_rehearsal(spec, store, rehearse_profile))
+        spec = str(prepare_rehearsal(spec, store, rehearse_profile, sets=_sets()))
         store = str(rehearsal_store(store))
         run_tags = {TAG: rehearse_profile}
         click.echo(f"rehearsal spec {spec}, store {store}")
-    resolved = _load(spec, True)
+    # A rehearsal spec is written with the --set items already applied.
+    resolved = _load(spec, True) if not rehearse else _load_plain(spec)
     graph = compile_spec(resolved)
     # The resume command: this invocation with its options but without --force (the runner
     # re-adds the forced nodes that had not started).

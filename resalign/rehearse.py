@@ -43,6 +43,7 @@ import copy
 import hashlib
 import json
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -91,19 +92,21 @@ def _profile(name: str) -> Profile:
     return PROFILES[name]
 
 
-def prepare_rehearsal(spec_path: str | Path, store: str | Path, profile: str = "toy") -> Path:
-    """Validate ``spec_path`` (without requiring its files), build the rehearsal assets and
-    write the rehearsal spec; returns the rehearsal spec's path (load it with
-    ``check_files=True``)."""
+def prepare_rehearsal(
+    spec_path: str | Path, store: str | Path, profile: str = "toy", sets: Sequence[str] = ()
+) -> Path:
+    """Validate ``spec_path`` with its ``--set`` items ``sets`` (without requiring its files),
+    build the rehearsal assets and write the rehearsal spec (composed: ``extends``, ``--set``
+    and ``vars`` applied); returns its path (load it with ``check_files=True`` and no sets)."""
     import yaml
 
     from .spec import load_spec
-    from .spec.loader import load_yaml_text
+    from .spec.compose import compose_text, read_spec_file
 
     prof = _profile(profile)
-    resolved = load_spec(spec_path, check_files=False)
-    text = Path(spec_path).read_text(encoding="utf-8")
-    data, _ = load_yaml_text(text, str(spec_path))
+    resolved = load_spec(spec_path, check_files=False, sets=sets)
+    p = Path(spec_path)
+    data, _, _ = compose_text(read_spec_file(p), str(p), p.parent.resolve(), sets=sets, path=p)
     root = rehearsal_store(store)
     assets = root / "assets" / resolved.name / prof.name
     out = rehearse_data(data, resolved, assets, prof)
@@ -572,17 +575,46 @@ def build_pipeline(family: str, scale: str, folder: Path, pretrained: str = "") 
 
 
 def _build_sdxl(scale: str, folder: Path) -> None:
-    """SDXL-shaped pipeline: the builder in ``resalign.models.tiny`` (two text encoders,
-    ``text_time`` added conditioning) when it exists."""
-    from .models import tiny
-
-    builder = getattr(tiny, "build_tiny_sdxl_pipeline", None)
-    if builder is None:
-        raise UserError(
-            "rehearsal of family sdxl needs resalign.models.tiny.build_tiny_sdxl_pipeline, "
-            "which this checkout does not have yet",
-            hint="rehearse an SD v1.x spec for now",
-        )
+    """SDXL-shaped pipeline at toy width: ``resalign.models.tiny``'s SDXL UNet (SDXL's block
+    layout, linear projections, ``text_time`` added conditioning over both encoders) and its
+    two text encoders (the second with projection: the pooled embeddings), with 77-token
+    tokenizers and an SDXL-layout 4-block VAE (8x down, scaling 0.13025) at 64 px."""
     if scale != "toy":
-        raise UserError("SDXL rehearsal is available at toy scale only")
-    builder().save_pretrained(str(folder), safe_serialization=True)
+        raise UserError(
+            "the SDXL rehearsal is available at toy scale only",
+            hint="use --rehearse-profile toy",
+        )
+    import torch
+    from diffusers import AutoencoderKL, StableDiffusionXLPipeline
+
+    from .models.tiny import build_tiny_sdxl_pipeline, build_tiny_sdxl_unet
+    from .spec.schema.model import NoiseScheduleSpec, TinyModelSpec
+
+    tiny = TinyModelSpec(
+        sample_size=16,
+        in_channels=3,
+        block_out_channels=[16, 32, 32],
+        layers_per_block=2,
+        attention_head_dim=8,
+        text_hidden_size=32,
+        max_length=77,
+        latent="vae",
+    )
+    base = build_tiny_sdxl_pipeline(tiny, NoiseScheduleSpec(), seed=0)
+    vae_cfg = dict(_SD_VAE, block_out_channels=[8, 8, 16, 16], norm_num_groups=8)
+    vae_cfg.update(sample_size=64, scaling_factor=0.13025)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(1)
+        unet = build_tiny_sdxl_unet(tiny, 4, 8)
+        vae = AutoencoderKL(**vae_cfg)
+    pipe = StableDiffusionXLPipeline(
+        vae=vae,
+        text_encoder=base.text_encoder,
+        text_encoder_2=base.text_encoder_2,
+        tokenizer=base.tokenizer,
+        tokenizer_2=base.tokenizer_2,
+        unet=unet,
+        scheduler=base.scheduler,
+        add_watermarker=False,
+    )
+    pipe.save_pretrained(str(folder), safe_serialization=True)

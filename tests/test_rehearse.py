@@ -223,3 +223,36 @@ def test_sd14_sexual_rehearses_through_the_cli(tmp_path: Path) -> None:
     assert again.exit_code == 0 and "executed 0" in again.output, again.output
     rep = CliRunner().invoke(cli, ["report", str(SD14), "--rehearse", "--store", str(store)])
     assert rep.exit_code == 0 and "resalign report: sd14_sexual.rehearsal" in rep.output
+
+
+SDXL = ROOT / "specs" / "sdxl_sexual.yaml"
+
+
+@pytest.mark.slow
+def test_sdxl_spec_rehearses_through_the_cli(tmp_path: Path) -> None:
+    """specs/sdxl_sexual.yaml (SDXL base 1.0, extending the SD v1.4 spec) rehearses end to end
+    on an SDXL-shaped random pipeline: two text encoders, text_time added conditioning, SDXL's
+    block layout; every node of the real graph runs."""
+    from diffusers import StableDiffusionXLPipeline
+
+    from resalign.graph.compile import compile_spec
+    from resalign.models import sd_arch
+    from resalign.spec import load_spec
+
+    store = tmp_path / "runs"
+    res = CliRunner().invoke(
+        cli, ["run", str(SDXL), "--rehearse", "--store", str(store), "--no-tracking"]
+    )
+    assert res.exit_code == 0, res.output
+    root = store / "rehearsal"
+    reh = load_spec(root / "specs" / "sdxl_sexual.rehearsal.toy.yaml")
+    assert reh.spec.model.family == "sdxl"
+    pipe = StableDiffusionXLPipeline.from_pretrained(reh.spec.model.pretrained)
+    ref = sd_arch.unet_config("sdxl")
+    for key in ("down_block_types", "up_block_types", "addition_embed_type"):
+        assert list(np.atleast_1d(pipe.unet.config[key])) == list(np.atleast_1d(ref[key])), key
+    assert pipe.text_encoder_2 is not None and pipe.tokenizer_2.model_max_length == 77
+    done = {json.loads((p.parent / "node.json").read_text())["name"] for p in root.glob("*/*/DONE")}
+    assert {_shape(n) for n in done} == {_shape(n.name) for n in compile_spec(load_spec(SDXL))}
+    report = next(root.glob("report/*/report.md")).read_text()
+    assert report.startswith("# resalign report: sdxl_sexual.rehearsal")
