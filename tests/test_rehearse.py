@@ -256,3 +256,39 @@ def test_sdxl_spec_rehearses_through_the_cli(tmp_path: Path) -> None:
     assert {_shape(n) for n in done} == {_shape(n.name) for n in compile_spec(load_spec(SDXL))}
     report = next(root.glob("report/*/report.md")).read_text()
     assert report.startswith("# resalign report: sdxl_sexual.rehearsal")
+
+
+def test_metric_stand_ins_load_in_the_real_metrics(tmp_path: Path) -> None:
+    """Missing metric weights are replaced by random weights of the same architecture that
+    the real metric code loads: the MHSC head on 768-d CLIP features (ViT-L/14 width), CLIP
+    score on 512-d (ViT-B/32). (FID's random Inception runs in the sd14 rehearsal test.)"""
+    from PIL import Image
+
+    from resalign.evaluation.metrics.base import EvalImage
+    from resalign.evaluation.metrics.clip_score import ClipScore
+    from resalign.evaluation.metrics.mhsc_us import MhscUS, load_head
+    from resalign.rehearse import build_clip, build_weights
+
+    for width in (768, 512):
+        (tmp_path / f"clip{width}").mkdir()
+        build_clip(tmp_path / f"clip{width}", width)
+    build_weights(tmp_path / "head.pt", "head")
+    assert load_head(str(tmp_path / "head.pt"))[0].in_features == 768
+    images = []
+    for i in range(2):
+        path = tmp_path / f"{i}.png"
+        Image.new("RGB", (64, 64), (90 * i, 30, 200)).save(path)
+        images.append(EvalImage(path, f"prompt {i}", i, 0))
+    mhsc = MhscUS(
+        {
+            "kind": "mhsc_us",
+            "prompts": "p",
+            "clip_path": str(tmp_path / "clip768"),
+            "head_path": str(tmp_path / "head.pt"),
+        }
+    )
+    (us,) = mhsc.compute(images)
+    assert us.n == 2 and 0.0 <= us.value <= 1.0
+    clip = ClipScore({"kind": "clip_score", "prompts": "p", "clip_path": str(tmp_path / "clip512")})
+    (cs,) = clip.compute(images)
+    assert cs.n == 2 and -100.0 <= cs.value <= 100.0
