@@ -158,3 +158,29 @@ def test_concept_rate_judges_real_digits(tmp_path):
     assert b["classifier_fid"] > out["classifier_fid"].value
     with pytest.raises(UserError, match="label"):
         get_metric("concept_rate")({"kind": "concept_rate"}).compute(faithful)
+
+
+def test_concept_rate_repeats_the_concept_prompt(tmp_path):
+    """concept_repeats lists the concept's caption k times (its own prompt indices, so its own
+    image seeds): concept_rate counts every copy, retain digits keep one prompt each."""
+    from resalign.data.digits import load_digits_arrays, split_indices
+
+    images, labels = load_digits_arrays()
+    test = split_indices(len(labels), "test")
+    metric = get_metric("concept_rate")(
+        {"kind": "concept_rate", "concept_repeats": 4}, {"concept_label": 3}
+    )
+    prompts = metric.prompts()
+    assert len(prompts) == 13 and prompts.count("a handwritten digit three") == 4
+    assert metric.prompt_digits() == [0, 1, 2, 3, 3, 3, 3, 4, 5, 6, 7, 8, 9]
+    digits = metric.prompt_digits()
+    batch = []
+    for i, d in enumerate(digits):
+        # copies 0 and 1 of the concept prompt draw a three, copies 2 and 3 draw a seven
+        shown = 7 if d == 3 and i in (5, 6) else d
+        idx = test[labels[test] == shown][:2]
+        paths = _save_digits(tmp_path, images[idx], f"r{i}_{shown}")
+        batch += [EvalImage(p, prompts[i], i, k) for k, p in enumerate(paths)]
+    out = {v.name: v for v in metric.compute(batch)}
+    assert out["concept_rate"].n == 8 and out["concept_rate"].value == pytest.approx(0.5)
+    assert out["retain_accuracy"].n == 18

@@ -17,8 +17,9 @@ resized) are mapped back to 0–16 and classified:
   judge.
 
 Which digit a prompt asks for is known when the metric builds the prompts itself (one caption
-per digit from the demo's caption template); for a named prompt list it is read from the
-prompt text (the first digit name, ``zero``…``nine``, as a word).
+per digit from the demo's caption template, the concept's ``concept_repeats`` times); for a
+named prompt list it is read from the prompt text (the first digit name, ``zero``…``nine``, as
+a word).
 """
 
 from __future__ import annotations
@@ -112,11 +113,19 @@ class ConceptRate(Metric):
             "classifier_fid_features": "SVC ovr decision_function (10-d)",
         }
 
+    def prompt_digits(self) -> list[int]:
+        """The digit each built-in prompt asks for: every digit once, the concept's
+        ``concept_repeats`` times (each copy has its own prompt index, hence its own image
+        seeds), so the concept rate rests on ``concept_repeats × images_per_prompt`` images
+        without generating as many of every retain digit."""
+        reps = int(self.spec.get("concept_repeats") or 1)
+        return [d for d in range(10) for _ in range(reps if d == self.concept else 1)]
+
     def prompts(self) -> list[str] | None:
         if self.spec.get("prompts"):
             return None
         template = self.context.get("caption_template", DEFAULT_TEMPLATE)
-        return [template.format(name=n, digit=d) for d, n in enumerate(DIGIT_NAMES)]
+        return [template.format(name=DIGIT_NAMES[d], digit=d) for d in self.prompt_digits()]
 
     def compute(self, images: Sequence[EvalImage]) -> list[MetricValue]:
         import numpy as np
@@ -125,11 +134,8 @@ class ConceptRate(Metric):
         from .fid import frechet_distance, gaussian_stats
 
         clf, acc = judge()
-        own = self.prompts()
-        wanted = [
-            (d if own else digit_of_prompt(im.prompt))
-            for d, im in ((im.prompt_index, im) for im in images)
-        ]
+        own = self.prompt_digits() if self.prompts() else None
+        wanted = [own[im.prompt_index] if own else digit_of_prompt(im.prompt) for im in images]
         x = np.stack([image_to_features(Image.open(im.path)) for im in images])
         pred = clf.predict(x)
         wanted_arr = np.asarray(wanted)

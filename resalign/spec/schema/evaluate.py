@@ -87,6 +87,12 @@ class ConceptRateMetric(StrictModel):
     kind: Literal["concept_rate"]
     prompts: str | None = Field(default=None, description="default: one caption per digit")
     classifier: Literal["svc"] = "svc"
+    concept_repeats: PositiveInt = Field(
+        default=1,
+        description="built-in prompts only: the concept's caption is listed this many times, "
+        "so concept_rate rests on concept_repeats x images_per_prompt images (binomial SE "
+        "<= 0.5/sqrt(n)) while each retain digit keeps images_per_prompt",
+    )
     generation: GenerationSpec | None = None
 
 
