@@ -190,3 +190,17 @@ def test_cli_set_on_validate_plan_and_grid(tmp_path: Path) -> None:
 def test_bench_help_exits_0() -> None:
     res = CliRunner().invoke(cli, ["bench", "--help"])
     assert res.exit_code == 0 and "hypergrad" in res.output
+
+
+def test_grid_cells_carry_their_set_items_to_the_run_params() -> None:
+    from resalign.engine.grid import _cell_spec, prepare
+    from resalign.engine.tracking import curated_params
+
+    tpl = ROOT / "templates" / "ablation_digits.yaml.j2"
+    _, prepared = prepare(tpl, sets=["vars.digit=4", "unlearn.steps=3"])
+    for rc, _ in prepared:
+        spec = _cell_spec(rc)
+        assert spec.spec.tracking.run_name == rc.cell.id
+        assert spec.spec.datasets["harmful"].digits == [4]
+        params = curated_params(spec)
+        assert params["set.vars.digit"] == "4" and params["set.unlearn.steps"] == "3"

@@ -17,6 +17,7 @@ name, report node key and MLflow run: :func:`report_cells` reads a template back
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from collections.abc import Sequence
@@ -96,10 +97,13 @@ def list_table(tpl: GridTemplate) -> str:
 
 
 def _cell_spec(rc: RenderedCell) -> Any:
+    """The cell's resolved spec, its run named by the cell id; a ResolvedSpec, as `resalign
+    run` passes, so that the ``--set`` items it was loaded with reach the run's params."""
     spec = rc.spec.spec
-    return spec.model_copy(
+    named = spec.model_copy(
         update={"tracking": spec.tracking.model_copy(update={"run_name": rc.cell.id})}
     )
+    return dataclasses.replace(rc.spec, spec=named)
 
 
 class _GridTracking:
