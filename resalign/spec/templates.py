@@ -29,10 +29,14 @@ order the axes first appear in the front matter (``hypergradient=moreau,meta=dat
 spelt as written in the front matter, so the same cell has the same id in run names, MLflow
 tags, file names and store paths.
 
-The body is rendered in Jinja's immutable sandbox with ``StrictUndefined`` and no loader: a
-template cannot reach Python internals, the file system or other templates, and an undefined
-variable is an error. Every cell is rendered and validated before any cell is used, and every
-problem of every cell is reported at once with the cell id and the template line.
+The body is rendered in Jinja's immutable sandbox with ``StrictUndefined`` and no loader
+(:mod:`resalign.spec.sandbox`, shared with a spec's ``vars``): a template cannot reach Python
+internals, the file system or other templates, and an undefined variable is an error. A cell may
+``extends:`` a spec (relative to the template's folder), so a template states only what differs.
+Input is bounded as for specs (issue 15): the front matter is read by the spec loader, and a
+cell's text stops rendering past the spec size limit. Every cell is rendered and validated
+before any cell is used, and every problem of every cell is reported at once with the cell id
+and the template line.
 """
 
 from __future__ import annotations
