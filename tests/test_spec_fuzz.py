@@ -5,8 +5,11 @@ references, ``--set`` items) each end in success (exit 0) or a user error (exit 
 traceback, a hang (> 5 s of CPU time: wall time on a shared 2-core machine measures the
 neighbours) or more than 500 MB.
 
-CI runs ``RESALIGN_FUZZ_EXAMPLES`` examples (default 200, derandomized: the same examples on
-every run; about 20 s on a 2-core machine). For a long random run::
+Grid templates likewise, through ``grid --render`` (every cell rendered and validated).
+
+CI runs ``RESALIGN_FUZZ_EXAMPLES`` spec examples (default 200, derandomized: the same examples
+on every run; about 15 s on a 2-core machine) and a quarter as many templates. For a long random
+run::
 
     RESALIGN_FUZZ_EXAMPLES=5000 RESALIGN_FUZZ_RANDOM=1 .venv/bin/python -m pytest -q \\
         tests/test_spec_fuzz.py
@@ -267,3 +270,87 @@ def test_validate_never_crashes_hangs_or_explodes(workdir: Path) -> None:
     )
     # both outcomes occur: the mutations are not all fatal, nor all harmless
     assert counts[2] > 0 and (counts[0] > 0 or EXAMPLES < 50), counts
+
+
+TEMPLATES = {
+    p.name: p.read_text()
+    for p in sorted((ROOT / "templates").glob("*_digits.yaml.j2"))
+    + [ROOT / "templates" / "ablation.yaml.j2"]
+}
+TEMPLATE_SNIPPETS = [
+    "{{ undefined_name }}",
+    "{{ cell.__class__ }}",
+    "{% include 'x' %}",
+    "{% for i in range(100000) %}{% for j in range(100000) %}x{% endfor %}{% endfor %}",
+    "{{ 'x' * 10**9 }}",
+    "{{ 2 ** 10**9 }}",
+    "{{ '%0999999999d' % 1 }}",
+    "{% if %}",
+    "{{",
+    "{% raw %}",
+    "---",
+    "matrix: {a: [1, 1]}",
+    "exclude: [{nope: 1}]",
+    "include: [{}]",
+    "vars: {cell: 1}",
+    "extends: ../templates/ablation_digits.yaml.j2",
+    "extends: ../specs/sd14_sexual.yaml",
+]
+
+
+@st.composite
+def mutated_templates(draw) -> str:
+    text = TEMPLATES[draw(st.sampled_from(sorted(TEMPLATES)))]
+    if draw(st.booleans()):
+        lines = text.splitlines()
+        i = draw(st.integers(0, len(lines)))
+        lines.insert(i, draw(st.sampled_from(TEMPLATE_SNIPPETS)))
+        text = "\n".join(lines) + "\n"
+    return _lines_strategy(draw, text)
+
+
+def test_grid_render_never_crashes_hangs_or_explodes(workdir: Path) -> None:
+    runner = CliRunner()
+    start_rss = _rss_kb()
+    tdir = workdir / "templates"
+    tdir.mkdir(exist_ok=True)
+    specs = workdir / "specs"
+    specs.mkdir(exist_ok=True)
+    for name, text in SHIPPED.items():
+        (specs / name).write_text(text)
+    for name, text in TEMPLATES.items():
+        (tdir / name).write_text(text)
+    counts = {0: 0, 2: 0}
+
+    @settings(
+        max_examples=max(EXAMPLES // 4, 10),
+        deadline=None,
+        derandomize=not RANDOM,
+        database=None,
+        suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+    )
+    @given(mutated_templates())
+    def check(text: str) -> None:
+        tpl = tdir / "fuzzed.yaml.j2"
+        tpl.write_text(text, encoding="utf-8")
+        args = ["grid", str(tpl), "--render", str(workdir / "cells")]
+        old = signal.signal(signal.SIGPROF, _on_alarm)
+        signal.setitimer(signal.ITIMER_PROF, 4 * HANG_S)  # up to 8 cells, each a spec
+        try:
+            res = runner.invoke(cli, args)
+        finally:
+            signal.setitimer(signal.ITIMER_PROF, 0)
+            signal.signal(signal.SIGPROF, old)
+        if res.exception is not None and not isinstance(res.exception, SystemExit):
+            import traceback
+
+            tb = "".join(traceback.format_exception(res.exception))
+            raise AssertionError(f"traceback on:\n{text[:2000]}\n{tb}")
+        assert res.exit_code in (0, 2), (res.exit_code, res.output[-2000:])
+        grown = _rss_kb() - start_rss
+        assert grown < MAX_RSS_GROWTH_KB, f"peak memory grew by {grown // 1024} MB"
+        counts[res.exit_code] += 1
+
+    check()
+    print(f"template fuzz: {counts[0]} rendered, {counts[2]} exit 2")
+    assert counts[2] > 0, counts
