@@ -17,7 +17,9 @@ not hold:
   type: a prompt list of neutral prompts, or an image folder of synthesised images with
   captions (``metadata.jsonl``).
 - **Steps and counts.** Outer steps, inner fine-tuning steps, attack steps (``eval_at``
-  rescaled), generation steps, prompts and images per prompt are capped. In the toy profile
+  rescaled, as many points as written), generation steps, prompts and images per prompt are
+  capped; seeds are kept, so the rehearsal has exactly the real graph's nodes (evaluation
+  step numbers rescaled). In the toy profile
   the explicit meta configurations are reduced to one per (algorithm, optimizer) pair and all
   of them are drawn every outer step, so LoRA, DreamBooth (with its prior) and full
   fine-tuning each run; the full profile keeps the published J and every configuration.
@@ -263,13 +265,17 @@ def _cap_unlearn(u: dict[str, Any], prof: Profile, top: bool) -> dict[str, Any]:
 
 def _cap_threat(t: dict[str, Any], prof: Profile) -> dict[str, Any]:
     steps = int(t.get("steps", 200))
-    new = min(steps, prof.attack_steps)
-    eval_at = [int(s) for s in t.get("eval_at") or [steps]]
-    t["eval_at"] = sorted({max(1, min(new, round(s * new / steps))) for s in eval_at})
+    eval_at = sorted({int(s) for s in t.get("eval_at") or [steps]})
+    # As many evaluation points as the real threat (the same evaluate nodes): rescaled to the
+    # capped length, or the last len(eval_at) steps where rescaling would merge some.
+    new = min(steps, max(prof.attack_steps, len(eval_at)))
+    scaled = sorted({max(1, min(new, round(s * new / steps))) for s in eval_at})
+    if len(scaled) < len(eval_at):
+        scaled = list(range(new - len(eval_at) + 1, new + 1))
+    t["eval_at"] = scaled
     t["steps"] = new
     t["grad_accumulation"] = min(int(t.get("grad_accumulation", 4)), prof.grad_accumulation)
     t["checkpoint_every"] = 1
-    t["seeds"] = list(t.get("seeds") or [42])[:1]
     if t.get("warmup_steps"):
         t["warmup_steps"] = min(int(t["warmup_steps"]), new - 1)
     return t

@@ -53,7 +53,7 @@ def test_rehearsal_keeps_the_graph_and_caps_sizes(rehearsed: tuple[Path, Path]) 
         u = s.threats[name]
         same = ("data", "algorithm", "optimizer", "lr", "precision", "schedule", "batch_size")
         assert all(getattr(u, k) == getattr(t, k) for k in same)
-        assert (u.steps, u.eval_at, u.grad_accumulation, u.seeds) == (2, [2], 2, [42])
+        assert (u.steps, u.eval_at, u.grad_accumulation, u.seeds) == (2, [2], 2, t.seeds)
     # Meta: one config per (algorithm, optimizer), all drawn every outer step.
     meta_r = reh.rows["resalign"].resilience.meta
     kinds = {(c.algorithm, c.optimizer) for c in meta_r.configs.values()}
@@ -81,6 +81,33 @@ def test_rehearsal_keeps_the_graph_and_caps_sizes(rehearsed: tuple[Path, Path]) 
     fid = next(m for m in s.evaluate.metrics if m.kind == "fid")
     assert fid.generation is not None and fid.generation.steps == 2
     assert Path(fid.inception_path).name == "inception_random.pth"
+
+
+@pytest.mark.parametrize("spec", sorted(p.name for p in (ROOT / "specs").glob("*.yaml")))
+def test_every_shipped_spec_rehearses_with_its_graph(spec: str, tmp_path: Path) -> None:
+    """Every spec in specs/ turns into a rehearsal whose files all exist and whose graph has
+    the real one's nodes (evaluation step numbers rescaled)."""
+    from resalign.graph.compile import compile_spec
+    from resalign.rehearse import prepare_rehearsal
+    from resalign.spec import load_spec
+
+    real = compile_spec(load_spec(ROOT / "specs" / spec))
+    reh = compile_spec(load_spec(prepare_rehearsal(ROOT / "specs" / spec, tmp_path), check_files=True))  # fmt: skip
+    assert [(_shape(n.name), n.kind) for n in real] == [(_shape(n.name), n.kind) for n in reh]
+
+
+def test_eval_points_and_seeds_are_kept() -> None:
+    """Several evaluation points stay several (rescaled, or the last steps where rescaling
+    merges them) and every seed stays: the rehearsal has the real graph's nodes."""
+    from resalign.rehearse import PROFILES, _cap_threat
+
+    toy = PROFILES["toy"]
+    t = _cap_threat({"data": "d", "steps": 100, "eval_at": [25, 50, 100], "seeds": [1, 2]}, toy)
+    assert (t["steps"], t["eval_at"], t["seeds"]) == (3, [1, 2, 3], [1, 2])
+    t = _cap_threat({"data": "d", "steps": 200, "eval_at": [100, 200]}, toy)
+    assert (t["steps"], t["eval_at"]) == (2, [1, 2])
+    t = _cap_threat({"data": "d", "steps": 1}, toy)
+    assert (t["steps"], t["eval_at"]) == (1, [1])
 
 
 def _shape(name: str) -> str:
