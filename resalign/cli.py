@@ -131,10 +131,20 @@ def plan(spec: str, mermaid: bool, store: str, force: tuple[str, ...], check_fil
     from .graph.compile import compile_spec
     from .graph.plan import render_mermaid, render_plan
 
-    graph = compile_spec(_load(spec, check_files))
+    resolved = _load(spec, check_files)
+    graph = compile_spec(resolved)
     status = {name: st.describe() for name, st in plan_status(graph, store, force).items()}
     status.update(_changed_params(graph, store, status))
     click.echo(render_mermaid(graph, status) if mermaid else render_plan(graph, status))
+    if not mermaid:
+        from .graph.compile import search_plans
+
+        for sp in search_plans(resolved):  # issue 16: trials are asked at run time
+            s = resolved.spec.threats[sp.threat].search
+            click.echo(
+                f"search {sp.name}  {sp.key[:12]}  {s.trials} trials ({s.sampler}, seed "
+                f"{s.seed}), each an attack per seed + its evaluation after the graph above"
+            )
 
 
 def _changed_params(graph: Any, store: str, status: dict[str, str]) -> dict[str, str]:
@@ -270,13 +280,24 @@ def run(spec: str, force: tuple[str, ...], store: str, tracking_uri: str | None,
             command += [flag, str(value)]
     command += ["--no-tracking"] * no_tracking + ["--verbose"] * verbose
     command += [arg for item in _sets() for arg in ("--set", item)]
+    ui = ProgressUI(verbose=verbose)
     try:
-        run_graph(
+        summary = run_graph(
             graph, resolved, store_root=store, force=force,
             executor=make_executor("local", workers=workers), tracking=not no_tracking,
             tracking_uri=tracking_uri, device=device, checkpoint_every=checkpoint_every,
-            ui=ProgressUI(verbose=verbose), command=command, nproc_per_node=nproc_per_node,
+            ui=ui, command=command, nproc_per_node=nproc_per_node,
             run_tags=run_tags,
+        )  # fmt: skip
+        # threats with `search`: their trials, after the graph they attack (issue 16)
+        from .engine.search import run_searches
+
+        run_searches(
+            resolved, graph, store_root=store,
+            executor_factory=lambda: make_executor("local", workers=workers),
+            tracking=not no_tracking, tracking_uri=tracking_uri, device=device,
+            checkpoint_every=checkpoint_every, ui=ui, command=command,
+            parent_run_id=summary.parent_run_id, run_tags=run_tags,
         )  # fmt: skip
     except RunFailed as failed:
         sys.exit(failed.exit_code)

@@ -49,8 +49,20 @@ def report_for_spec(
         threats=params.get("threats"),
         title=f"resalign report: {graph.spec_name}",
         all_steps=all_steps,
+        searches=_searches(resolved, graph, Path(store_root)),
     )
     return out
+
+
+def _searches(resolved: Any, graph: Any, store_root: Path) -> list[dict[str, Any]]:
+    """The attacker searches of a spec as far as the store holds their trials (issue 16)."""
+    from .graph.compile import search_plans
+
+    if not search_plans(resolved):
+        return []
+    from .engine.search import study_records
+
+    return [r.as_dict() for r in study_records(resolved, graph, store_root)]
 
 
 @dataclasses.dataclass
@@ -65,6 +77,8 @@ class GridResults:
     threats: dict[str, Any]
     groups: dict[str, list[tuple[str, str]]]
     cells: int
+    # attacker searches (issue 16), rows renamed as the results' rows
+    searches: list[dict[str, Any]] = dataclasses.field(default_factory=list)
 
 
 def grid_results(template_path: str, store_root: Path, sets: Sequence[str] = ()) -> GridResults:
@@ -94,13 +108,15 @@ def grid_results(template_path: str, store_root: Path, sets: Sequence[str] = ())
         params = report_node.params if report_node is not None else {}
         original = frozenset(n.key for n in graph.of_kind("evaluate") if n.row == ORIGINAL_ROW)
         unlearned = list(dict.fromkeys(n.row for n in graph.of_kind("unlearn")))
-        cells.append((rc.cell.id, found, params, original, unlearned))
+        studies = _searches(rc.spec, graph, Path(store_root))
+        cells.append((rc.cell.id, found, params, original, unlearned, studies))
     shared = len({c[3] for c in cells}) == 1 and bool(cells[0][3])
     results: list[EvalResult] = []
     rows: list[str] = [ORIGINAL_ROW] if shared else []
     threats: dict[str, Any] = {}
     groups: dict[str, list[tuple[str, str]]] = {}
-    for i, (cid, found, params, _, unlearned) in enumerate(cells):
+    searches: list[dict[str, Any]] = []
+    for i, (cid, found, params, _, unlearned, studies) in enumerate(cells):
         own = list(params.get("rows") or dict.fromkeys(x.row for x in found))
         methods = [r for r in own if r != ORIGINAL_ROW]
         names = {r: cid if len(methods) == 1 else f"{cid}/{r}" for r in methods}
@@ -118,7 +134,14 @@ def grid_results(template_path: str, store_root: Path, sets: Sequence[str] = ())
                 results.append(res)
         for t, meta in (params.get("threats") or {}).items():
             threats.setdefault(t, meta)
-    return GridResults(tpl.name, Path(tpl.path), results, rows, threats, groups, len(cells))
+        for st in studies:
+            if st["row"] in names:
+                searches.append({**st, "row": names[st["row"]]})
+            elif shared and all(x["key"] != st["key"] for x in searches):
+                searches.append(st)
+    return GridResults(
+        tpl.name, Path(tpl.path), results, rows, threats, groups, len(cells), searches
+    )
 
 
 def report_for_grid(
@@ -143,6 +166,7 @@ def report_for_grid(
         threats=g.threats or None,
         title=f"resalign report: grid {g.name} ({g.cells} cells)",
         all_steps=all_steps,
+        searches=g.searches,
     )
     if frontier:
         write_grid_frontier(g, table, out, threat)

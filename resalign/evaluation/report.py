@@ -431,6 +431,8 @@ def fmt_diff(d: Mapping[str, Any] | None) -> str:
 def column_title(c: Mapping[str, Any], info: Mapping[str, Any]) -> str:
     arrow = {"lower": "↓", "higher": "↑"}.get(info.get(c["metric"], {}).get("better"), "")
     kind = c.get("kind", "value")
+    if kind == "worst":
+        return f"worst-case {c['metric']} {arrow} over searched {c['threat']} ({c['bound']})"
     if kind == "area":
         return f"relearning area of {c['metric']} {arrow} over {c['threat']} (0–{c['step']})"
     if kind == "first":
@@ -607,13 +609,21 @@ def write_report(
     threats: Mapping[str, Mapping[str, Any]] | None = None,
     title: str = "resalign report",
     all_steps: bool = False,
+    searches: Sequence[Mapping[str, Any]] = (),
 ) -> dict[str, Any]:
-    """Write table.json, report.md, report.html, ip_vs_steps.png and grids.png to ``out``."""
+    """Write table.json, report.md, report.html, ip_vs_steps.png and grids.png to ``out``.
+    ``searches``: attacker searches (``resalign.engine.search.StudyRecord.as_dict``), shown
+    as worst-case columns (:func:`add_worst_case`), a section per study and
+    ``search_best_so_far.png``."""
     if not results:
         raise UserError("no evaluation results to report", hint="add metrics to 'evaluate'")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     table = build_table(results, rows, threats, all_steps=all_steps)
+    has_search_plot = False
+    if searches:
+        add_worst_case(table, searches)
+        has_search_plot = plot_best_so_far(searches, out / "search_best_so_far.png")
     has_plot = plot_curves(table, out / "ip_vs_steps.png")
     has_grids = image_grids(results, table, out / "grids.png")
     table["seeds"] = sorted({r.seed for r in results if r.seed is not None})
@@ -627,9 +637,23 @@ def write_report(
         md += ["## Metric vs fine-tuning steps", "", "![curves](ip_vs_steps.png)", ""]
     if has_grids:
         md += ["## Samples before / after fine-tuning", "", "![grids](grids.png)", ""]
+    if searches:
+        md += ["## Attacker search: worst case per row", "", search_markdown(table), ""]
+        md += [search_note(table), ""]
+        if has_search_plot:
+            md += ["![best so far](search_best_so_far.png)", ""]
     md += ["## Metric definitions", "", _definitions_md(table), ""]
     atomic_text(out / "report.md", "\n".join(md))
-    atomic_text(out / "report.html", _html(table, title, has_plot, has_grids))
+    page = _html(table, title, has_plot, has_grids)
+    if searches:
+        section = (
+            "<h2>Attacker search: worst case per row</h2>"
+            f"<pre>{html.escape(search_markdown(table))}</pre>"
+            f"<p>{html.escape(search_note(table))}</p>"
+            + ("<img src='search_best_so_far.png'>" if has_search_plot else "")
+        )
+        page = page.replace("<h2>Metric definitions</h2>", section + "<h2>Metric definitions</h2>")
+    atomic_text(out / "report.html", page)
     return table
 
 
@@ -665,6 +689,142 @@ def _html(table: Mapping[str, Any], title: str, plot: bool, grids: bool) -> str:
     return "\n".join(parts)
 
 
+# ----------------------------------------------------------------------------- searches
+
+
+def _bound_text(c: Mapping[str, Any]) -> str:
+    if c.get("min") is not None:
+        return f"{c['metric']} ≥ {c['min']:g}"
+    return f"{c['metric']} ≤ {c['max']:g}"
+
+
+def add_worst_case(table: dict[str, Any], searches: Sequence[Mapping[str, Any]]) -> None:
+    """Add a worst-case column per searched threat (id ``<metric>/<threat>/worst``, kind
+    ``worst``) to ``table``: per row, over its studies (one per unlearning seed, the units),
+    the highest objective among trials within the utility bound, with the paired difference
+    to the reference row (same unlearning seed). A study without a trial within the bound
+    gives no unit. The studies themselves go to ``table["searches"]``."""
+    rows = table["rows"]
+    cols: list[dict[str, Any]] = []
+    for s in searches:
+        cid = f"{s['objective']}/{s['threat']}/worst"
+        if all(c["id"] != cid for c in cols):
+            cols.append(
+                {"id": cid, "kind": "worst", "metric": s["objective"], "threat": s["threat"],
+                 "step": None, "bound": _bound_text(s["constraint"]),
+                 "budget": s["budget"], "sampler": s["sampler"], "seed": s["seed"]}
+            )  # fmt: skip
+    # after the objective metric's own value columns (pre-FT and fixed threats)
+    same = [i for i, c in enumerate(table["columns"])
+            if c["kind"] == "value" and cols and c["metric"] == cols[0]["metric"]]  # fmt: skip
+    at = same[-1] + 1 if same else len(table["columns"])
+    table["columns"][at:at] = cols
+
+    def units(row: str, c: Mapping[str, Any]) -> dict[Unit, float]:
+        return {
+            (s["unlearn_seed"], None): float(s["best"]["objective"])
+            for s in searches
+            if s["row"] == row and s["threat"] == c["threat"] and s["objective"] == c["metric"]
+            and s["best"] is not None
+        }  # fmt: skip
+
+    for r in table["table"]:
+        for c in cols:
+            vals = units(r["row"], c)
+            cell = summary(list(vals.values()), bounds_of(c["metric"]))
+            cell["units"] = [list(u) for u in vals]
+            r["cells"][c["id"]] = cell
+            if r.get("reference"):
+                other = units(r["reference"], c)
+                r["diff"][c["id"]] = paired(vals, other, bounds_of(c["metric"], difference=True))
+    known = set(rows)
+    table["searches"] = [dict(s) for s in searches if s["row"] in known]
+
+
+def _settings(params: Mapping[str, Any]) -> str:
+    return ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}"
+                     for k, v in params.items())  # fmt: skip
+
+
+def search_markdown(table: Mapping[str, Any]) -> str:
+    """One line per study: its worst case, the utility there, the trial that found it, the
+    trial's settings and how many trials kept the bound."""
+    lines = [
+        "| row | unlearning seed | threat | worst case | utility | found at trial | settings "
+        "| within bound | sampler (seed) |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for s in table.get("searches", []):
+        b = s["best"]
+        c = s["constraint"]
+        worst = "none within the bound" if b is None else f"{s['objective']} {b['objective']:.3f}"
+        util = "–" if b is None else f"{c['metric']} {b['utility']:.3f}"
+        found = "–" if b is None else f"{b['number']} of {s['done']}"
+        settings = "–" if b is None else _settings(b["params"])
+        useed = "–" if s["unlearn_seed"] is None else str(s["unlearn_seed"])
+        done = f"{s['feasible']}/{s['done']}" + (
+            f" (budget {s['budget']})" if s["done"] < s["budget"] else ""
+        )
+        lines.append(
+            f"| {s['row']} | {useed} | {s['threat']} | {worst} | {util} | {found} | {settings} "
+            f"| {done} | {s['sampler']} ({s['seed']}) |"
+        )
+    return "\n".join(lines)
+
+
+def search_note(table: Mapping[str, Any]) -> str:
+    return (
+        "Worst case: the highest objective metric of the attacked model (mean over the "
+        "threat's attack seeds, at the attack's last step) among the search's trials that "
+        "keep the utility bound; trials are numbered from 0 in the order the sampler asked "
+        "them; every row is searched with the same budget, sampler and seed. The worst-case "
+        "column aggregates over unlearning seeds (one study each) with the paired difference "
+        "to the reference row. search_best_so_far.png: the best value within the bound after "
+        "each trial (dots: every trial; hollow: outside the bound)."
+    )
+
+
+def plot_best_so_far(searches: Sequence[Mapping[str, Any]], path: Path) -> bool:
+    """Best-so-far (within the bound) against trials: one panel per searched threat, one
+    line per study, every trial's value as a dot (hollow outside the bound). Returns False
+    when no study has a trial."""
+    threats = list(dict.fromkeys(s["threat"] for s in searches if s["trials"]))
+    if not threats:
+        return False
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(threats), figsize=(5.5 * len(threats), 3.8), squeeze=False)
+    for ax, t in zip(axes.flat, threats):
+        budget = 1
+        for s in (s for s in searches if s["threat"] == t and s["trials"]):
+            label = s["row"] if s["unlearn_seed"] is None else f"{s['row']} seed{s['unlearn_seed']}"
+            xs = [tr["number"] + 1 for tr in s["trials"]]
+            best = s["best_so_far"]
+            (line,) = ax.step(
+                xs, [float("nan") if v is None else v for v in best], where="post", label=label
+            )
+            for tr, x in zip(s["trials"], xs):
+                ax.plot(x, tr["objective"], "o", ms=4, color=line.get_color(),
+                        mfc=line.get_color() if tr["feasible"] else "none", alpha=0.7)  # fmt: skip
+            budget = max(budget, s["budget"])
+        c = next(s["constraint"] for s in searches if s["threat"] == t)
+        obj = next(s["objective"] for s in searches if s["threat"] == t)
+        ax.set_xlim(0.5, budget + 0.5)
+        ax.set_title(f"best {obj} so far, {t} ({_bound_text(c)})", fontsize=9)
+        ax.set_xlabel("trials")
+        ax.set_ylabel(obj)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    with atomic_open(path) as f:
+        fig.savefig(f, dpi=110, format="png")
+    plt.close(fig)
+    return True
+
+
 def is_template(path: str | Path) -> bool:
     """A grid template (``*.j2``) rather than a spec: ``resalign report`` reports its cells."""
     return str(path).endswith(".j2")
@@ -672,12 +832,14 @@ def is_template(path: str | Path) -> bool:
 
 __all__ = [
     "EvalResult",
+    "add_worst_case",
     "band_limits",
     "build_table",
     "fmt",
     "is_template",
     "mean_ci",
     "parse_eval_name",
+    "plot_best_so_far",
     "plot_curves",
     "results_from_dirs",
     "results_from_store",

@@ -25,12 +25,37 @@ they are (the fingerprint of the resolved weights is in the key). Evaluate nodes
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from ..spec.resolve import ResolvedSpec
 from .keys import canonical_json, fingerprint, node_key
 from .nodes import Graph, Node
+
+
+@dataclass(frozen=True)
+class StudyPlan:
+    """One attacker search (a threat with ``search``) on one row and unlearning seed.
+
+    ``name`` is ``search/<row>[/seed<u>]/<threat>``; ``key`` a content key of everything its
+    trials depend on (the threat with its search block, the attacked model's node key, the
+    evaluation), so a changed spec is another study. ``base``: the attacked model's deps
+    (``model``, ``unlearn``). Trials are compiled by :func:`trial_graph`."""
+
+    name: str
+    key: str
+    row: str
+    unlearn_seed: int | None
+    threat: str
+    prefix: str
+    base: dict[str, str]
+
+    def trial_threat(self, k: int) -> str:
+        """The threat name of trial ``k`` in node names (``:`` cannot occur in a spec name,
+        so no fixed threat collides; keys do not depend on names)."""
+        return f"{self.threat}:trial{k}"
+
 
 _DATASET_REFS = {
     "harvest": ("prompts",),
@@ -45,6 +70,7 @@ class _Compiler:
         self.spec = resolved.spec
         self.graph = Graph(spec_name=self.spec.name, spec_hash=spec_hash(resolved))
         self._ds_cache: dict[str, dict[str, Any]] = {}
+        self.studies: list[StudyPlan] = []
 
     # -- helpers -------------------------------------------------------------------------
 
@@ -166,34 +192,61 @@ class _Compiler:
             ).name
         ]
         for tname, t in self.spec.threats.items():
-            tparams = t.model_dump(mode="json", exclude={"seeds"})
-            datasets = self.closure([t.data, t.poison.data if t.poison else None, t.prior])
-            for seed in t.seeds:
-                params = {"threat": tparams, "seed": seed, "datasets": datasets}
-                deps = {**base, **self.harvest_deps(datasets)}
-                at = self.add(
-                    "attack",
-                    f"attack/{prefix}/{tname}/seed{seed}",
-                    params,
-                    deps,
-                    threat=tname,
-                    seed=seed,
-                    **loc,
-                )
-                for step in t.eval_at:
-                    evals.append(
-                        self.add(
-                            "evaluate",
-                            f"evaluate/{prefix}/{tname}/seed{seed}/step{step}",
-                            self.evaluate_params(step),
-                            {**base, "attack": at.name},
-                            threat=tname,
-                            seed=seed,
-                            step=step,
-                            **loc,
-                        ).name
-                    )
+            if t.search is not None:
+                # no static nodes: the engine asks the study for each trial (StudyPlan)
+                self.studies.append(self.study_plan(row, useed, prefix, base, tname, t))
+                continue
+            evals += self.attack_nodes(prefix, loc, base, tname, t)
         return evals
+
+    def attack_nodes(
+        self, prefix: str, loc: dict[str, Any], base: dict[str, str], tname: str, t: Any
+    ) -> list[str]:
+        """The attack nodes of threat ``t`` (named ``tname`` in node names), one per attack
+        seed, and their evaluations; returns the evaluate node names."""
+        evals: list[str] = []
+        # ``search`` left out: a search trial's threat (search None) has the key of the
+        # fixed threat with its values, and a spec without search keeps its keys.
+        tparams = t.model_dump(mode="json", exclude={"seeds", "search"})
+        datasets = self.closure([t.data, t.poison.data if t.poison else None, t.prior])
+        for seed in t.seeds:
+            params = {"threat": tparams, "seed": seed, "datasets": datasets}
+            deps = {**base, **self.harvest_deps(datasets)}
+            at = self.add(
+                "attack",
+                f"attack/{prefix}/{tname}/seed{seed}",
+                params,
+                deps,
+                threat=tname,
+                seed=seed,
+                **loc,
+            )
+            for step in t.eval_at:
+                evals.append(
+                    self.add(
+                        "evaluate",
+                        f"evaluate/{prefix}/{tname}/seed{seed}/step{step}",
+                        self.evaluate_params(step),
+                        {**base, "attack": at.name},
+                        threat=tname,
+                        seed=seed,
+                        step=step,
+                        **loc,
+                    ).name
+                )
+        return evals
+
+    def study_plan(
+        self, row: str, useed: int | None, prefix: str, base: dict[str, str], tname: str, t: Any
+    ) -> StudyPlan:
+        upstream = self.graph.nodes[base.get("unlearn", "model")].key
+        ident = {
+            "threat": t.model_dump(mode="json"),
+            "upstream": upstream,
+            "evaluate": self.evaluate_params(0),
+        }
+        key = hashlib.sha256(canonical_json(ident).encode()).hexdigest()
+        return StudyPlan(f"search/{prefix}/{tname}", key, row, useed, tname, prefix, dict(base))
 
     def compile(self) -> Graph:
         self.model()
@@ -208,6 +261,7 @@ class _Compiler:
             "threats": {
                 n: {"seeds": t.seeds, "eval_at": t.eval_at, "steps": t.steps}
                 for n, t in self.spec.threats.items()
+                if t.search is None  # searched threats: reported from their studies
             },
         }
         self.add("report", "report", params, {e: e for e in evals})
@@ -251,3 +305,29 @@ def compile_spec(resolved: ResolvedSpec) -> Graph:
     segment), ``report`` (deps: role = name of each evaluate node).
     """
     return _Compiler(resolved).compile()
+
+
+def search_plans(resolved: ResolvedSpec) -> list[StudyPlan]:
+    """Every attacker search of ``resolved``: one per (row, unlearning seed, searched threat),
+    rows in report order."""
+    c = _Compiler(resolved)
+    c.compile()
+    return c.studies
+
+
+def trial_graph(
+    resolved: ResolvedSpec, graph: Graph, trials: Sequence[tuple[StudyPlan, int, Any]]
+) -> Graph:
+    """The nodes of search trials: for each (study, trial number, fixed threat), the attack
+    nodes of that threat (one per attack seed) and their evaluations at its last step, named
+    with ``<threat>:trial<k>`` and keyed exactly as a fixed threat with those values would
+    be; with the upstream nodes of ``graph`` (model, harvests, unlearning) they read."""
+    c = _Compiler(resolved)
+    c.graph = Graph(spec_name=graph.spec_name, spec_hash=graph.spec_hash)
+    for n in graph:
+        if n.kind in ("model", "harvest", "unlearn"):
+            c.graph.nodes[n.name] = n
+    for plan, k, threat in trials:
+        loc = {"row": plan.row, "unlearn_seed": plan.unlearn_seed}
+        c.attack_nodes(plan.prefix, loc, plan.base, plan.trial_threat(k), threat)
+    return c.graph

@@ -142,6 +142,11 @@ def references(data: Any) -> Iterator[tuple[PathT, Any, str]]:
             yield p, n, "harmful"
         for p, n in _names(_get(t, "prior"), ("threats", tname, "prior")):
             yield p, n, "pairs"
+        # datasets an attacker search may choose (issue 16): pairs, never harvested
+        for searched in ("data", "poison.data", "prior"):
+            sp = ("threats", tname, "search", "space", searched, "choice")
+            for p, n in _names(_get(t, "search", "space", searched, "choice"), sp):
+                yield p, n, "pairs"
     for i, m in _items(_get(data, "evaluate", "metrics")):
         for p, n in _names(_get(m, "prompts"), ("evaluate", "metrics", i, "prompts")):
             yield p, n, "prompts"

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import Field, PositiveInt, model_validator
+from pydantic import Field, PositiveInt, ValidationError, model_validator
 
 from .base import StrictModel
+from .search import SearchSpec, apply_values
 from .unlearn import LoraAttackSpec
 
 PositiveFloat = Annotated[float, Field(gt=0)]
@@ -58,9 +59,16 @@ class ThreatSpec(StrictModel):
         default_factory=list, description="steps at which to evaluate; default: the last step"
     )
     checkpoint_every: PositiveInt = 100
+    search: SearchSpec | None = Field(
+        default=None,
+        description="search these hyperparameters within a trial budget instead of fixing "
+        "them (resalign.engine.search); the fields written here are the fixed part",
+    )
 
     @model_validator(mode="after")
     def _check(self) -> ThreatSpec:
+        if self.search is not None:
+            self._check_search(self.search)
         late = [s for s in self.eval_at if s > self.steps]
         if late:
             raise ValueError(
@@ -72,3 +80,28 @@ class ThreatSpec(StrictModel):
         if len(set(self.seeds)) != len(self.seeds):
             raise ValueError(f"seeds has duplicates: {self.seeds}")
         return self
+
+    def _check_search(self, search: SearchSpec) -> None:
+        if "eval_at" in self.model_fields_set:
+            raise ValueError(
+                "a searched threat evaluates each trial at its last step: remove eval_at"
+            )
+        if self.poison is None and any(k.startswith("poison.") for k in search.space):
+            raise ValueError("search.space has poison.* but the threat has no poison block")
+        for name, p in search.space.items():
+            for v in p.corners():
+                try:
+                    self.trial({name: v})
+                except ValidationError as e:
+                    err = e.errors()[0]
+                    where = ".".join(map(str, err["loc"])) or "threat"
+                    raise ValueError(
+                        f"search.space.{name}: value {v!r} makes an invalid threat: "
+                        f"{where}: {err['msg']}"
+                    ) from None
+
+    def trial(self, values: dict) -> ThreatSpec:
+        """The fixed threat of one search trial: this threat with ``values`` (``field`` or
+        ``block.field``) set and no ``search``; evaluated at its last step."""
+        base = self.model_dump(mode="json", exclude={"search", "eval_at"})
+        return ThreatSpec.model_validate(apply_values(base, values))

@@ -1,0 +1,404 @@
+"""Attacker search (issue 16): a threat with ``search`` is attacked ``trials`` times per model
+row (and unlearning seed), its hyperparameters drawn by an Optuna sampler, and reported as
+the worst case: the highest concept metric among trials that keep the utility bound.
+
+How a study runs and resumes:
+
+- Each trial is an ordinary attack node (one per attack seed) plus its evaluation at the
+  attack's last step, compiled by :func:`resalign.graph.compile.trial_graph` with exactly the
+  keys of a fixed threat with the trial's values, and run by :func:`.runner.run_graph`: it is
+  cached, resumed after a kill and tracked like any node.
+- The store's nodes are the record. Every invocation re-creates each study from them: a
+  fresh, seeded sampler is asked trial after trial in the same order; a trial whose
+  evaluations are already in the store is told its stored result without running anything,
+  the first one that is not is run. A seeded sampler told the same results asks the same
+  values, so the re-created study is the one an uninterrupted run would have built and a
+  kill -9 repeats no finished trial. Departure from a plain Optuna resume (load the study from
+  its storage and continue): the sampler's random state is not in the storage, so a reloaded
+  TPE study would draw other values than the uninterrupted one.
+- The Optuna study is also written to the store, ``<store>/search/<study key>.db`` (SQLite,
+  study name ``search/<row>[/seed<u>]/<threat>``; rebuilt by each run, for Optuna's own tools),
+  with ``<store>/search/<study key>.json``, the trials as JSON. Neither is read back.
+- Rows are searched side by side: round ``k`` asks trial ``k`` of every study and runs them
+  in one ``run_graph`` call (``--workers`` runs them in parallel), nested in MLflow under the
+  invocation's run; each trial's attack run is tagged ``resalign.search.study``,
+  ``resalign.search.trial`` and ``resalign.search.param.<name>``.
+- TPE is Optuna's constrained TPE (the utility bound as ``constraints_func``); random and grid
+  ignore the bound when sampling. The objective is the mean over the threat's attack seeds.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import warnings
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..atomic import atomic_write_json
+from ..errors import UserError
+from ..graph.compile import StudyPlan, search_plans, trial_graph
+from ..graph.nodes import Graph
+from .store import Store
+
+USER_ATTR_CONSTRAINT = "constraint"
+
+
+@dataclass
+class TrialRecord:
+    """One finished trial: ``number`` (0-based), the sampled ``params``, the objective and
+    utility metric of the attacked model (means over attack seeds) and whether it kept the
+    bound; ``attack_keys`` the attack nodes that hold it."""
+
+    number: int
+    params: dict[str, Any]
+    objective: float
+    utility: float
+    feasible: bool
+    attack_keys: list[str] = field(default_factory=list)
+
+
+@dataclass
+class StudyRecord:
+    """A study re-created from the store: its plan, search block and finished trials."""
+
+    plan: StudyPlan
+    search: dict[str, Any]
+    trials: list[TrialRecord] = field(default_factory=list)
+
+    @property
+    def budget(self) -> int:
+        return int(self.search["trials"])
+
+    def best(self) -> TrialRecord | None:
+        """The worst case: the highest objective among trials within the bound (the first
+        such trial on ties)."""
+        ok = [t for t in self.trials if t.feasible and not math.isnan(t.objective)]
+        return max(ok, key=lambda t: (t.objective, -t.number)) if ok else None
+
+    def best_so_far(self) -> list[float | None]:
+        """After each trial, the best feasible objective so far (None before the first)."""
+        out: list[float | None] = []
+        best: float | None = None
+        for t in self.trials:
+            if t.feasible and not math.isnan(t.objective):
+                best = t.objective if best is None else max(best, t.objective)
+            out.append(best)
+        return out
+
+    def as_dict(self) -> dict[str, Any]:
+        best = self.best()
+        c = self.search["constraint"]
+        return {
+            "study": self.plan.name,
+            "key": self.plan.key,
+            "row": self.plan.row,
+            "unlearn_seed": self.plan.unlearn_seed,
+            "threat": self.plan.threat,
+            "objective": self.search["objective"]["metric"],
+            "constraint": c,
+            "sampler": self.search["sampler"],
+            "seed": self.search["seed"],
+            "budget": self.budget,
+            "done": len(self.trials),
+            "feasible": sum(t.feasible for t in self.trials),
+            "best": None if best is None else best.__dict__,
+            "best_so_far": self.best_so_far(),
+            "trials": [t.__dict__ for t in self.trials],
+        }
+
+
+# ----------------------------------------------------------------------------- optuna
+
+
+def _optuna() -> Any:
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    return optuna
+
+
+def distributions(search: Mapping[str, Any]) -> dict[str, Any]:
+    """The Optuna distribution of each searched value of a ``search`` block (dumped)."""
+    optuna = _optuna()
+    d = optuna.distributions
+    out: dict[str, Any] = {}
+    for name, p in search["space"].items():
+        if p.get("choice") is not None:
+            out[name] = d.CategoricalDistribution(p["choice"])
+        elif p.get("integer") is not None:
+            low, high = p["integer"]
+            step = int(p.get("step") or 1)
+            out[name] = d.IntDistribution(low, low + (high - low) // step * step, step=step)
+        else:
+            log = p.get("log_uniform") is not None
+            low, high = p["log_uniform"] if log else p["uniform"]
+            out[name] = d.FloatDistribution(float(low), float(high), log=log)
+    return out
+
+
+def make_sampler(search: Mapping[str, Any]) -> Any:
+    """The seeded sampler of a ``search`` block."""
+    optuna = _optuna()
+    seed = int(search["seed"])
+    if search["sampler"] == "random":
+        return optuna.samplers.RandomSampler(seed=seed)
+    if search["sampler"] == "grid":
+        space = {}
+        for name, p in search["space"].items():
+            if p.get("choice") is not None:
+                space[name] = list(p["choice"])
+            else:
+                low, high = p["integer"]
+                space[name] = list(range(low, high + 1, int(p.get("step") or 1)))
+        return optuna.samplers.GridSampler(space, seed=seed)
+
+    def constraints(trial: Any) -> list[float]:
+        return [float(trial.user_attrs.get(USER_ATTR_CONSTRAINT, math.inf))]
+
+    with warnings.catch_warnings():  # constraints_func is marked experimental
+        warnings.simplefilter("ignore")
+        return optuna.samplers.TPESampler(seed=seed, constraints_func=constraints)
+
+
+def _open_study(plan: StudyPlan, search: Mapping[str, Any], store: Store | None) -> Any:
+    """A new study for ``plan``: in ``<store>/search/<key>.db`` (any earlier copy of it
+    replaced: the store's nodes are the record), or in memory when ``store`` is None."""
+    optuna = _optuna()
+    storage = None
+    if store is not None:
+        folder = store.root / "search"
+        folder.mkdir(parents=True, exist_ok=True)
+        storage = f"sqlite:///{(folder / f'{plan.key}.db').resolve()}"
+        try:
+            optuna.delete_study(study_name=plan.name, storage=storage)
+        except KeyError:
+            pass
+    return optuna.create_study(
+        study_name=plan.name,
+        storage=storage,
+        sampler=make_sampler(search),
+        direction="maximize",
+    )
+
+
+# ----------------------------------------------------------------------------- replay
+
+
+def _metric(metrics: Mapping[str, Any], name: str, where: Path) -> float:
+    if name not in metrics:
+        raise UserError(
+            f"search objective/constraint metric {name!r} is not among the evaluation's "
+            f"metrics ({', '.join(metrics)}) in {where}",
+            hint="name a metric that `evaluate.metrics` computes (concept_rate gives "
+            "concept_rate, retain_accuracy and classifier_fid)",
+        )
+    return float(metrics[name]["value"])
+
+
+def _trial_result(
+    tg: Graph, plan: StudyPlan, k: int, search: Mapping[str, Any], store: Store
+) -> tuple[float, float, list[str]] | None:
+    """(objective, utility, attack keys) of trial ``k`` from the store, None when any of its
+    evaluations is not there yet."""
+    tname = plan.trial_threat(k)
+    evals = [n for n in tg.of_kind("evaluate") if n.threat == tname and n.row == plan.row
+             and n.unlearn_seed == plan.unlearn_seed]  # fmt: skip
+    objs, utils = [], []
+    for n in evals:
+        folder = store.node_dir(n.kind, n.key)
+        if not store.has_done(n.kind, n.key) or not (folder / "metrics.json").is_file():
+            return None
+        metrics = json.loads((folder / "metrics.json").read_text("utf-8"))
+        objs.append(_metric(metrics, search["objective"]["metric"], folder))
+        utils.append(_metric(metrics, search["constraint"]["metric"], folder))
+    keys = [tg[n.deps["attack"]].key for n in evals]
+    return sum(objs) / len(objs), sum(utils) / len(utils), keys
+
+
+def _violation(constraint: Mapping[str, Any], value: float) -> float:
+    if constraint.get("min") is not None:
+        return float(constraint["min"]) - value
+    return value - float(constraint["max"])
+
+
+RoundRunner = Callable[[Graph, int, list[tuple[StudyPlan, int, dict[str, Any]]]], None]
+
+
+def replay(
+    resolved: Any,
+    graph: Graph,
+    store_root: Path | str,
+    run_round: RoundRunner | None = None,
+    write: bool = False,
+) -> list[StudyRecord]:
+    """Re-create every study of ``resolved`` from the store (see the module docstring).
+
+    With ``run_round``, a round whose trials are not all in the store is handed to it (it
+    must compute them) and the studies continue to their budget; without, a study stops at
+    its first missing trial (the report's view). ``write``: keep the studies in
+    ``<store>/search/`` (SQLite and JSON)."""
+    store = Store(store_root)
+    plans = search_plans(resolved)
+    threats = resolved.spec.threats
+    records: list[StudyRecord] = []
+    studies: list[Any] = []
+    for plan in plans:
+        search = threats[plan.threat].search.model_dump(mode="json")
+        records.append(StudyRecord(plan, search))
+        studies.append(_open_study(plan, search, store if write else None))
+    dists = [distributions(r.search) for r in records]
+    active = list(range(len(plans)))
+    k = 0
+    while active:
+        active = [i for i in active if k < records[i].budget]
+        if not active:
+            break
+        asked = []
+        for i in active:
+            trial = studies[i].ask(dists[i])
+            values = dict(trial.params)
+            threat = threats[records[i].plan.threat].trial(values)
+            asked.append((i, trial, values, threat))
+        tg = trial_graph(resolved, graph, [(records[i].plan, k, t) for i, _, _, t in asked])
+        found = {i: _trial_result(tg, records[i].plan, k, records[i].search, store)
+                 for i, *_ in asked}  # fmt: skip
+        if run_round is not None and any(v is None for v in found.values()):
+            run_round(tg, k, [(records[i].plan, k, v) for i, _, v, _ in asked])
+            found = {i: _trial_result(tg, records[i].plan, k, records[i].search, store)
+                     for i, *_ in asked}  # fmt: skip
+        for i, trial, values, _ in asked:
+            res = found[i]
+            if res is None:
+                if run_round is not None:
+                    raise RuntimeError(f"{records[i].plan.name}: trial {k} did not complete")
+                active.remove(i)  # report view: this study stops at its first missing trial
+                continue
+            obj, util, keys = res
+            c = records[i].search["constraint"]
+            viol = _violation(c, util)
+            trial.set_user_attr(USER_ATTR_CONSTRAINT, viol)
+            trial.set_user_attr("utility", util)
+            studies[i].tell(trial, obj)
+            records[i].trials.append(TrialRecord(k, values, obj, util, viol <= 0, keys))
+        if write:
+            for i, *_ in asked:
+                _write_json(store, records[i])
+        k += 1
+    return records
+
+
+def _write_json(store: Store, rec: StudyRecord) -> None:
+    atomic_write_json(store.root / "search" / f"{rec.plan.key}.json", rec.as_dict())
+
+
+def study_records(resolved: Any, graph: Graph, store_root: Path | str) -> list[StudyRecord]:
+    """The studies of ``resolved`` as far as the store holds their trials (nothing runs)."""
+    return replay(resolved, graph, store_root)
+
+
+# ----------------------------------------------------------------------------- running
+
+
+def run_searches(
+    resolved: Any,
+    graph: Graph,
+    *,
+    store_root: Path | str = "runs",
+    executor_factory: Callable[[], Any] | None = None,
+    tracking: bool = True,
+    tracking_uri: str | None = None,
+    device: str | None = None,
+    checkpoint_every: int | None = None,
+    ui: Any = None,
+    command: Sequence[str] | None = None,
+    parent_run_id: str | None = None,
+    run_tags: Mapping[str, str] | None = None,
+) -> list[StudyRecord]:
+    """Run every attacker search of ``resolved`` to its budget after the static ``graph``
+    has run (its model and unlearn nodes are the searches' upstream). Finished trials are
+    taken from the store. A failing trial node raises :class:`.runner.RunFailed` (the
+    printed resume command re-runs the whole invocation, which resumes the search). Returns
+    the studies."""
+    if not search_plans(resolved):
+        return []
+    from .progress import ProgressUI
+    from .runner import run_graph
+
+    ui = ui or ProgressUI()
+
+    def run_round(tg: Graph, k: int, trials: list[tuple[StudyPlan, int, dict[str, Any]]]) -> None:
+        for plan, _, values in trials:
+            shown = ", ".join(f"{n}={_short(v)}" for n, v in values.items())
+            ui.line(f"search {plan.name}: trial {k}: {shown}")
+        summary = run_graph(
+            tg,
+            resolved,
+            store_root=store_root,
+            executor=executor_factory() if executor_factory else None,
+            tracking=tracking,
+            tracking_uri=tracking_uri,
+            device=device,
+            checkpoint_every=checkpoint_every,
+            ui=ui,
+            command=command,
+            parent_run_id=parent_run_id,
+            run_tags={**(run_tags or {}), "resalign.search.round": str(k)},
+        )
+        if summary.parent_run_id and summary.tracking_uri:
+            _tag_trial_runs(summary.tracking_uri, summary.parent_run_id, tg, trials, ui)
+
+    records = replay(resolved, graph, store_root, run_round=run_round, write=True)
+    for rec in records:
+        best = rec.best()
+        c = rec.search["constraint"]
+        bound = f"{c['metric']} {'>=' if c.get('min') is not None else '<='} "
+        bound += str(c["min"] if c.get("min") is not None else c["max"])
+        if best is None:
+            ui.line(f"search {rec.plan.name}: no trial of {len(rec.trials)} kept {bound}")
+        else:
+            ui.line(
+                f"search {rec.plan.name}: worst case {rec.search['objective']['metric']} "
+                f"{best.objective:.3f} at trial {best.number} of {len(rec.trials)} "
+                f"({bound}: {best.utility:.3f})"
+            )
+    return records
+
+
+def _short(v: Any) -> str:
+    return f"{v:.3g}" if isinstance(v, float) else str(v)
+
+
+def _tag_trial_runs(
+    uri: str,
+    round_run_id: str,
+    tg: Graph,
+    trials: list[tuple[StudyPlan, int, dict[str, Any]]],
+    ui: Any,
+) -> None:
+    """Tag the attack runs this round created with their study, trial and sampled values."""
+    try:
+        from mlflow.tracking import MlflowClient
+
+        client = MlflowClient(uri)
+        exp = client.get_run(round_run_id).info.experiment_id
+        runs = client.search_runs(
+            [exp], filter_string=f"tags.mlflow.parentRunId = '{round_run_id}'"
+        )
+        by_name = {r.data.tags.get("resalign.node.name"): r.info.run_id for r in runs}
+        for plan, k, values in trials:
+            tname = plan.trial_threat(k)
+            for n in tg.of_kind("attack"):
+                if n.threat != tname or n.row != plan.row or n.name not in by_name:
+                    continue
+                if n.unlearn_seed != plan.unlearn_seed:
+                    continue
+                tags = {"resalign.search.study": plan.name, "resalign.search.trial": str(k),
+                        "resalign.search.study_key": plan.key}  # fmt: skip
+                tags.update({f"resalign.search.param.{p}": str(v) for p, v in values.items()})
+                for t, v in tags.items():
+                    client.set_tag(by_name[n.name], t, v)
+    except Exception as e:  # tracking must not fail a finished round; the store has it
+        ui.line(f"could not tag the search trials in MLflow: {type(e).__name__}: {e}")
