@@ -153,7 +153,14 @@ def make_sampler(search: Mapping[str, Any]) -> Any:
             else:
                 low, high = p["integer"]
                 space[name] = list(range(low, high + 1, int(p.get("step") or 1)))
-        return optuna.samplers.GridSampler(space, seed=seed)
+
+        class _Grid(optuna.samplers.GridSampler):
+            # GridSampler.after_trial calls study.stop() once the grid is used up, which
+            # raises outside study.optimize (we ask and tell); the budget is ours to end.
+            def after_trial(self, *args: Any, **kwargs: Any) -> None:
+                return None
+
+        return _Grid(space, seed=seed)
 
     def constraints(trial: Any) -> list[float]:
         return [float(trial.user_attrs.get(USER_ATTR_CONSTRAINT, math.inf))]

@@ -1,0 +1,244 @@
+"""Attacker search (issue 16) without running a model: the search block's validation
+(file:line, exit 2), trial keys equal to the fixed threat's, the seeded replay that resumes a
+study, the worst case and best-so-far against hand computation, the report's column and plot."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from resalign.cli import cli
+
+SPEC = Path(__file__).resolve().parent / "specs" / "tiny_search.yaml"
+
+
+def _write(tmp_path: Path, search_yaml: str, name: str = "s") -> Path:
+    p = tmp_path / f"{name}.yaml"
+    p.write_text(
+        f"extends: {SPEC}\nname: {name}\nthreats:\n  poison:\n    search: !override\n"
+        + "".join(f"      {line}\n" for line in search_yaml.strip().splitlines())
+    )
+    return p
+
+
+@pytest.mark.parametrize(
+    "search, message, line",
+    [
+        (
+            "space: {}\nconstraint: {metric: retain_accuracy, min: 0.5}",
+            "search.space is empty",
+            5,
+        ),
+        ("space: {lr: {log_uniform: [1.0e-4, 1.0e-2]}}", "search needs a utility bound", 5),
+        (
+            "space: {lr: {log_uniform: [1.0e-4, 1.0e-2]}}\nconstraint: {metric: retain_accuracy}",
+            "needs exactly one bound",
+            7,
+        ),
+        (
+            "sampler: grid\nspace: {lr: {log_uniform: [1.0e-4, 1.0e-2]}}\n"
+            "constraint: {metric: retain_accuracy, min: 0.5}",
+            "sampler grid needs finite values",
+            6,
+        ),
+        (
+            "sampler: grid\ntrials: 5\nspace: {optimizer: {choice: [adam, sgd]}}\n"
+            "constraint: {metric: retain_accuracy, min: 0.5}",
+            "sampler grid has 2 points but trials is 5",
+            6,
+        ),
+        (
+            "space: {poison.ratio: {uniform: [0.1, 1.5]}}\n"
+            "constraint: {metric: retain_accuracy, min: 0.5}",
+            "value 1.5 makes an invalid threat: poison.ratio",
+            5,
+        ),
+        (
+            "space: {stpes: {integer: [1, 4]}}\nconstraint: {metric: retain_accuracy, min: 0.5}",
+            "'stpes' cannot be searched",
+            5,
+        ),
+        (
+            "space: {data: {choice: [benign, nosuch]}}\n"
+            "constraint: {metric: retain_accuracy, min: 0.5}",
+            "unknown dataset 'nosuch'",
+            6,
+        ),
+    ],
+)
+def test_search_block_errors_name_file_line_and_exit_2(tmp_path, search, message, line):
+    p = _write(tmp_path, search)
+    r = CliRunner().invoke(cli, ["validate", str(p)])
+    assert r.exit_code == 2, r.output
+    assert message in r.output
+    assert f"{p}:{line}:" in r.output
+    assert "Traceback" not in r.output
+
+
+def test_eval_at_with_search_is_an_error(tmp_path):
+    p = tmp_path / "e.yaml"
+    p.write_text(f"extends: {SPEC}\nname: e\nthreats:\n  poison:\n    eval_at: [1]\n")
+    r = CliRunner().invoke(cli, ["validate", str(p)])
+    assert r.exit_code == 2 and "remove eval_at" in r.output
+
+
+def test_trial_nodes_have_the_fixed_threats_keys(tmp_path):
+    """A trial with values v is keyed exactly as the fixed threat written with v: a search
+    reuses attacks a fixed threat computed, and the other way round."""
+    from resalign.graph.compile import compile_spec, search_plans, trial_graph
+    from resalign.spec import load_spec
+
+    searched = load_spec(SPEC)
+    graph = compile_spec(searched)
+    assert not graph.of_kind("attack")  # a searched threat has no static nodes
+    assert "poison" not in graph["report"].params["threats"]
+    values = {"lr": 0.00123, "poison.ratio": 0.3}
+    plans = search_plans(searched)
+    assert [p.name for p in plans] == ["search/original/poison", "search/plain/seed0/poison"]
+    threat = searched.spec.threats["poison"].trial(values)
+    tg = trial_graph(searched, graph, [(p, 4, threat) for p in plans])
+    fixed = tmp_path / "fixed.yaml"
+    fixed.write_text(
+        f"extends: {SPEC}\nname: fixed\nthreats:\n  poison:\n    search: !reset\n"
+        "    lr: 0.00123\n    poison: {data: held_out, ratio: 0.3}\n"
+    )
+    fg = compile_spec(load_spec(fixed))
+    for row in ("original", "plain/seed0"):
+        t = tg[f"attack/{row}/poison:trial4/seed1"]
+        f = fg[f"attack/{row}/poison/seed1"]
+        assert t.key == f.key and t.params == f.params
+        assert (
+            tg[f"evaluate/{row}/poison:trial4/seed1/step2"].key
+            == fg[f"evaluate/{row}/poison/seed1/step2"].key
+        )
+    # the trial graph holds the upstream nodes it reads, unchanged
+    assert tg["unlearn/plain/seed0"].key == graph["unlearn/plain/seed0"].key
+
+
+def _objective(p):
+    # a smooth function of the sampled values with its maximum inside the space
+    return (
+        -((math.log10(p["lr"]) + 2.5) ** 2)
+        - (p["steps"] - 30) ** 2 / 400
+        + (0.3 if p["optimizer"] == "adam" else 0.0)
+    )
+
+
+SEARCH = {
+    "space": {
+        "lr": {"log_uniform": [1e-4, 1e-1]},
+        "steps": {"integer": [10, 60], "step": 10},
+        "optimizer": {"choice": ["adam", "sgd"]},
+    },
+    "trials": 14,
+    "sampler": "tpe",
+    "seed": 3,
+    "objective": {"metric": "concept_rate"},
+    "constraint": {"metric": "retain_accuracy", "min": 0.5},
+}
+
+
+def test_a_study_recreated_from_its_results_asks_the_same_trials():
+    """The resume design: a fresh seeded sampler told the stored results of the first k
+    trials asks exactly what the uninterrupted study asked next, for TPE past its random
+    start-up (10 trials), random and grid."""
+    for sampler in ("tpe", "random", "grid"):
+        search = dict(SEARCH, sampler=sampler)
+        if sampler == "grid":
+            search = dict(search, space={k: v for k, v in SEARCH["space"].items() if k != "lr"})
+            search["trials"] = 12
+        n = search["trials"]
+        full = _ask_tell(search, n)
+        stored = [_value(p) for p in full[:9]]
+        again = _ask_tell(search, n, stored)
+        assert again == full, sampler
+        assert len({tuple(sorted(p.items())) for p in full}) == n  # distinct trials
+
+
+def _value(p):
+    return _objective({"lr": 10**-2.5, **p})  # the grid space has no lr
+
+
+def _ask_tell(search, n, stored=None):
+    """Ask/tell ``n`` trials as the engine's replay does; ``stored``: results told from a
+    record (the store) for the first trials instead of computed."""
+    import optuna
+
+    from resalign.engine.search import USER_ATTR_CONSTRAINT, distributions, make_sampler
+
+    study = optuna.create_study(sampler=make_sampler(search), direction="maximize")
+    dists = distributions(search)
+    asked = []
+    for k in range(n):
+        t = study.ask(dists)
+        value = stored[k] if stored and k < len(stored) else _value(t.params)
+        t.set_user_attr(USER_ATTR_CONSTRAINT, -0.1 if k % 3 else 0.2)
+        study.tell(t, value)
+        asked.append(dict(t.params))
+    return asked
+
+
+def _record(trials):
+    from resalign.engine.search import StudyRecord, TrialRecord
+    from resalign.graph.compile import StudyPlan
+
+    plan = StudyPlan("search/plain/seed0/poison", "k" * 64, "plain", 0, "poison", "plain/seed0", {})
+    rec = StudyRecord(plan, dict(SEARCH, trials=6))
+    for i, (obj, util) in enumerate(trials):
+        rec.trials.append(TrialRecord(i, {"lr": 10.0**-i}, obj, util, util >= 0.5, []))
+    return rec
+
+
+def test_worst_case_is_the_best_trial_within_the_bound():
+    # trial 3 has the highest objective but breaks the bound; trials 2 and 4 tie at 0.6
+    rec = _record([(0.1, 0.9), (0.05, 0.2), (0.6, 0.7), (0.9, 0.4), (0.6, 0.8)])
+    best = rec.best()
+    assert best.number == 2 and best.objective == 0.6 and best.utility == 0.7
+    assert rec.best_so_far() == [0.1, 0.1, 0.6, 0.6, 0.6]
+    assert _record([(0.1, 0.0)]).best() is None
+    assert _record([(0.1, 0.0), (0.3, 0.6)]).best_so_far() == [None, 0.3]
+    d = rec.as_dict()
+    assert d["feasible"] == 3 and d["done"] == 5 and d["budget"] == 6
+
+
+def test_report_worst_case_column_paired_difference_and_plot(tmp_path):
+    from resalign.evaluation.report import EvalResult, write_report
+
+    def res(row, useed, value):
+        m = {
+            "concept_rate": {"value": value, "role": "safety", "better": "lower", "n": 20},
+            "retain_accuracy": {"value": 0.8, "role": "utility", "better": "higher", "n": 180},
+        }
+        return EvalResult(row, None, None, 0, m, tmp_path, useed)
+
+    results = [res("original", None, 0.8), res("plain", 0, 0.0), res("plain", 1, 0.0)]
+    results += [res("resalign", 0, 0.0), res("resalign", 1, 0.05)]
+    searches = []
+    best = {("original", None): 0.85, ("plain", 0): 0.7, ("plain", 1): 0.5,
+            ("resalign", 0): 0.75, ("resalign", 1): 0.45}  # fmt: skip
+    for (row, useed), b in best.items():
+        rec = _record([(b - 0.2, 0.9), (b + 0.1, 0.1), (b, 0.6)])
+        rec.plan = type(rec.plan)(f"search/{row}/poison", "k" * 64, row, useed, "poison", row, {})
+        searches.append(rec.as_dict())
+    out = tmp_path / "rep"
+    table = write_report(results, out, rows=["original", "resalign", "plain"], threats={},
+                         searches=searches)  # fmt: skip
+    col = "concept_rate/poison/worst"
+    assert [c["id"] for c in table["columns"]][:2] == ["concept_rate/pre", col]
+    cells = {r["row"]: r for r in table["table"]}
+    plain = cells["plain"]["cells"][col]
+    assert plain["n"] == 2 and plain["mean"] == pytest.approx(0.6)
+    # t interval over the two unlearning seeds: 0.6 ± t_{0.975,1} * sd / sqrt(2)
+    sd = math.sqrt(((0.7 - 0.6) ** 2 + (0.5 - 0.6) ** 2) / 1)
+    assert plain["ci95"] == pytest.approx(12.706204736 * sd / math.sqrt(2), rel=1e-6)
+    diff = cells["resalign"]["diff"][col]
+    assert diff["mean"] == pytest.approx(((0.75 - 0.7) + (0.45 - 0.5)) / 2) and diff["n"] == 2
+    assert cells["original"]["cells"][col]["mean"] == pytest.approx(0.85)
+    md = (out / "report.md").read_text()
+    assert "worst-case concept_rate ↓ over searched poison (retain_accuracy ≥ 0.5)" in md
+    assert "| plain | 1 | poison | concept_rate 0.500 | retain_accuracy 0.600 | 2 of 3 |" in md
+    assert (out / "search_best_so_far.png").stat().st_size > 1000
+    assert "search_best_so_far.png" in (out / "report.html").read_text()
