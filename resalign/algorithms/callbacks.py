@@ -17,10 +17,24 @@ algorithm, optimizer, dataset). Keys:
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
+from contextlib import AbstractContextManager, nullcontext
 
 StatValue = float | str
 Stats = dict[str, StatValue]
 StepCallback = Callable[[Stats], None]
+
+# Phases of an outer step a method enters, in order of first use: ``direct`` (∇ of the direct
+# terms at θ), ``inner`` (each simulated fine-tune; all of ``unrolled``), ``harm_grad``
+# (∇L_harm at θ*), ``richardson`` (the HVP graph and the Moreau solve), ``update`` (the outer
+# optimizer step). A ``PhaseHook`` is called with the name and returns the context the method
+# runs that phase in (timers, memory peaks: resalign/bench/sd.py); phases never nest.
+PHASES = ("direct", "inner", "harm_grad", "richardson", "update")
+PhaseHook = Callable[[str], AbstractContextManager[None]]
+
+
+def no_phases(name: str) -> AbstractContextManager[None]:
+    """The default hook: run every phase as is."""
+    return nullcontext()
 
 
 def numeric(stats: Mapping[str, StatValue]) -> dict[str, float]:

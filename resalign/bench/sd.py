@@ -5,39 +5,38 @@
 
 Builds the UNet of the architecture from its published config with random weights
 (:mod:`resalign.models.sd_arch`: memory and time depend on the architecture, not on the
-weights), adds the published trainable LoRA (rank 4 on to_q/to_k/to_v/to_out.0, published init)
-and runs one outer step of the published configuration with the project's own algorithm units
-(:mod:`resalign.algorithms.objectives`, ``inner``, ``hypergrad``): the direct gradient of
-L_harm + α·R (distillation to the frozen original), then for each of J = 3 inner configurations
-sampled from the published distribution (lr {1e-4, 1e-5, 1e-6}, steps {5, 10, 20, 30}, SGD or
-Adam, batch 1) a simulated LoRA fine-tune, ∇L_harm(θ*) and K = 5 Richardson iterations on HVPs
-(γ = 1) on one fresh fine-tuning batch; the outer gradient is
-∇L_harm + α∇R + β·meta_rate·mean_j(h_j − ∇L_harm(θ)).
+weights), adds the published trainable LoRA (rank 4 on to_q/to_k/to_v/to_out.0, published init),
+builds the :class:`~resalign.algorithms.methods.UnlearnProblem` the unlearn step would (random
+latents and text conditioning shaped as the encoders produce them: the VAE and text encoders
+take no part in an outer step once data are encoded) and calls ``step()`` of the real
+``resalign`` method once, on the published configuration (:func:`bench_spec`: J = 3 inner
+configurations sampled from lr {1e-4, 1e-5, 1e-6}, steps {5, 10, 20, 30}, SGD or Adam, batch 1;
+γ = 1, K = 5 with the published safeguards; β = 0.8, α = 1.6, meta_rate 0.3; AdamW 2e-4). The
+phases are timed through the method's phase hook (:data:`resalign.algorithms.callbacks.PHASES`:
+direct terms, inner fine-tunes, ∇L_harm(θ*), HVP graph + Richardson, the optimizer update).
+The lever combination becomes the spec's ``unlearn.memory`` (and ``hvp_backend``), so what is
+measured is exactly what ``resalign run`` executes.
 
-Inputs are random latents and random text embeddings shaped like the encoders' outputs (the
-VAE and text encoder are not part of an outer step once data are encoded). Every combination
-runs in a fresh subprocess with the same seed, so the configurations, batches and noise are
-identical, and its peak memory is its own: the CUDA allocator peak on a GPU, the peak resident
-set (VmHWM, reset after the model is built) on a CPU; ``setup_peak`` and the child's
-``ru_maxrss`` include building the model. Accuracy is reported against the ``fp32``
+Every combination runs in a fresh subprocess with the same seed, so the configurations, batches
+and noise are identical, and its peak memory is its own: the CUDA allocator peak on a GPU, the
+peak resident set (VmHWM, reset after the model is built) on a CPU; ``setup_peak`` and the
+child's ``ru_maxrss`` include building the model. Accuracy is reported against the ``fp32``
 combination: relative norm difference and cosine of the mean hypergradient and of the outer
-gradient. The hypergradient is the one the published method uses: the Richardson solve with
-the published safeguards (divergence test ‖Jv‖/‖v‖ > 1 or norm > 0.2: halve the step, up to
-5 times, then fall back to ∇L_harm(θ*)); retries and fallbacks are reported per
-configuration, since a lever that flips one of these decisions changes the hypergradient.
+gradient; retries and fallbacks are reported per configuration, since a lever that flips one
+of these safeguard decisions changes the hypergradient discontinuously.
 
-Lever tokens (joined by ``+``): ``fp32`` (no lever: the reference), ``published`` (fp32 plus
-the published design's second frozen UNet copy for the regularizer target), ``bf16`` /
-``fp16`` (autocast forward passes of the inner fine-tuning and ∇L_harm), ``ahvp`` (the
-HVPs under autocast too), ``ckpt`` (gradient checkpointing,
-:func:`resalign.algorithms.memory.enable_gradient_checkpointing`), ``half`` (frozen weights
-stored in the autocast dtype; forces autocast on the regularizer and HVPs), ``fr`` (forward-over-reverse HVPs instead of double backward).
+Lever tokens (joined by ``+``): ``fp32`` (no lever: the reference), ``bf16`` / ``fp16``
+(``memory.autocast``), ``ckpt`` (``memory.gradient_checkpointing``), ``half``
+(``memory.frozen_dtype`` in the autocast dtype), ``fr`` (``hvp_backend:
+forward_over_reverse``), ``published`` (the published design's memory: a second frozen UNet,
+copied before the LoRA is added, computes the regularizer's target instead of the same UNet
+with its adapters off; same values). The former ``ahvp`` token (HVPs under autocast without
+half weights) is not an option of the method and is gone.
 """
 
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import math
 import os
@@ -46,11 +45,13 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..algorithms.callbacks import PHASES
 from ..atomic import atomic_write_text
 
 PUBLISHED = {
@@ -73,9 +74,8 @@ PUBLISHED = {
     "retries": 5,
 }
 
-TOKENS = ("fp32", "published", "bf16", "fp16", "ckpt", "half", "fr", "ahvp")
+TOKENS = ("fp32", "published", "bf16", "fp16", "ckpt", "half", "fr")
 DEFAULT_COMBOS = "published,fp32,ckpt,bf16,bf16+ckpt,bf16+half,bf16+half+ckpt"
-PHASES = ("direct", "inner", "harm_grad", "richardson")
 
 
 @dataclass
@@ -88,7 +88,6 @@ class Levers:
     frozen_half: bool = False
     second_copy: bool = False
     hvp_backend: str = "double_backward"
-    autocast_hvp: bool = False
 
     @classmethod
     def parse(cls, combo: str) -> Levers:
@@ -108,10 +107,8 @@ class Levers:
                 lv.frozen_half = True
             elif t == "fr":
                 lv.hvp_backend = "forward_over_reverse"
-            elif t == "ahvp":
-                lv.autocast_hvp = True
-        if (lv.frozen_half or lv.autocast_hvp) and lv.autocast == "none":
-            raise ValueError(f"{combo}: 'half' and 'ahvp' need 'bf16' or 'fp16'")
+        if lv.frozen_half and lv.autocast == "none":
+            raise ValueError(f"{combo}: 'half' needs 'bf16' or 'fp16'")
         return lv
 
 
@@ -132,270 +129,263 @@ def _flat(tensors: list[Any]) -> Any:
     return torch.cat([t.detach().reshape(-1).float().cpu() for t in tensors])
 
 
+HALF = {"bf16": "bfloat16", "fp16": "float16"}
+
+
+def bench_spec(
+    levers: Levers,
+    *,
+    inner_steps_cap: int | None = None,
+    samples_per_step: int | None = None,
+    gamma: float | None = None,
+    max_norm: float | None | str = "published",
+) -> Any:
+    """The ``unlearn`` section of the published configuration with ``levers`` as
+    ``unlearn.memory`` (and ``hvp_backend``): what the benchmark's method runs. The inner step
+    counts are capped at ``inner_steps_cap`` (CPU budgets); ``gamma`` / ``max_norm`` override
+    the published 1 / 0.2 (tests keep every safeguard decision off its threshold)."""
+    from ..spec.schema.unlearn import UnlearnSpec
+
+    P = PUBLISHED
+    steps = sorted({s if inner_steps_cap is None else min(s, inner_steps_cap) for s in P["steps"]})
+    return UnlearnSpec.model_validate(
+        {
+            "method": "resalign",
+            "steps": 1,
+            "harmful_loss": {"batch_size": P["harm_batch"]},
+            "regularizers": [
+                {"kind": "distill", "weight": P["alpha"], "batch_size": P["retain_batch"]}
+            ],
+            "resilience": {
+                "beta": P["beta"],
+                "hypergradient": {
+                    "kind": "moreau",
+                    "gamma": P["gamma"] if gamma is None else gamma,
+                    "iterations": P["iterations"],
+                    "max_norm": P["max_norm"] if max_norm == "published" else max_norm,
+                    "divergence_ratio": P["divergence_ratio"],
+                    "retries": P["retries"],
+                    "hvp_backend": levers.hvp_backend,
+                },
+                "meta": {
+                    "samples_per_step": samples_per_step or P["samples_per_step"],
+                    "meta_rate": P["meta_rate"],
+                    "data": ["benign"],
+                    "distribution": {
+                        "lr": P["lr"],
+                        "steps": steps,
+                        "optimizer": P["optimizer"],
+                        "batch_size": [P["inner_batch"]],
+                    },
+                },
+            },
+            "memory": {
+                "autocast": levers.autocast,
+                "gradient_checkpointing": levers.gradient_checkpointing,
+                "frozen_dtype": HALF[levers.autocast] if levers.frozen_half else "float32",
+            },
+        }
+    )
+
+
+def bench_problem(
+    unet: Any, selection: Any, arch: str, *, latent: int, seed: int, device: str
+) -> Any:
+    """The :class:`~resalign.algorithms.methods.UnlearnProblem` the unlearn step would build,
+    with random latents and random text conditioning shaped as ``arch``'s encoders produce it
+    (the VAE and text encoders take no part in an outer step once data are encoded)."""
+    import torch
+
+    from ..algorithms.methods import UnlearnProblem
+    from ..algorithms.objectives import EncodedPairs
+    from ..algorithms.toy import toy_scheduler
+    from ..models.sd_arch import conditioning
+
+    gen = torch.Generator().manual_seed(seed)
+    in_ch = unet.config.in_channels
+
+    def pairs(n: int) -> EncodedPairs:
+        cond = conditioning(arch, n, generator=gen, device=device)
+        lat = torch.randn(n, in_ch, latent, latent, generator=gen).to(device)
+        return EncodedPairs.from_condition(lat, cond)
+
+    harmful, retain, benign = pairs(4), pairs(8), pairs(8)
+    return UnlearnProblem(
+        unet,
+        toy_scheduler(),  # SD's DDPM training schedule (scaled_linear 0.00085-0.012)
+        selection,
+        harmful=harmful,
+        retain=retain,
+        pools={"benign": benign},
+        default_pool=["benign"],
+    )
+
+
 def outer_step(
     unet: Any,
+    selection: Any,
     arch: str,
     levers: Levers,
     *,
     latent: int,
-    inner_steps_cap: int | None,
     seed: int,
     device: str,
-    original_unet: Any = None,
+    inner_steps_cap: int | None = None,
     gamma: float | None = None,
+    max_norm: float | None | str = "published",
     samples_per_step: int | None = None,
+    original_unet: Any = None,
 ) -> tuple[StepResult, Any, Any]:
-    """One outer step of the published configuration on ``unet`` (LoRA already added), with
-    ``levers`` applied by the caller to the model. Returns (measurements, flat mean
-    hypergradient, flat outer gradient), both fp32 on the CPU. ``gamma`` overrides the
-    published γ = 1 (tests use a smaller one so that no safeguard decision sits on its
-    threshold); ``samples_per_step`` overrides the published J = 3 (the CPU table runs fewer
-    configurations per step to fit its time budget)."""
+    """One outer step of the real ``resalign`` method (:func:`bench_spec` on
+    :func:`bench_problem`), each phase timed through the method's phase hook. Returns
+    (measurements, flat mean hypergradient, flat outer gradient), both fp32 on the CPU: the
+    mean over configs of what the method's ``hypergradient`` returned (a dropped one counts as
+    zero) and the gradient its ``step`` handed to the optimizer. ``original_unet``: the
+    ``published`` lever's second frozen copy."""
     import torch
-    from diffusers import DDPMScheduler
-    from torch.func import functional_call
 
     from ..algorithms import memory
-    from ..algorithms.hypergrad import richardson_solve
-    from ..algorithms.inner import FunctionalOptimizer, InnerView, simulate_finetune
-    from ..algorithms.objectives import Denoiser, EncodedPairs, NoisedBatch, noise_batch
-    from ..models.sd_arch import TEXT_SHAPE, conditioning
+    from ..algorithms.methods import build_method
 
     sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
-    gen = torch.Generator().manual_seed(seed)
-    scheduler = DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
-    in_ch = unet.config.in_channels
-
-    def pairs(n: int) -> EncodedPairs:
-        cond = conditioning(arch, n, generator=gen)
-        lat = torch.randn(n, in_ch, latent, latent, generator=gen)
-        return EncodedPairs(lat, cond["encoder_hidden_states"]).to(device)
-
-    harmful, retain, benign = pairs(4), pairs(8), pairs(8)
-    added = None
-    if TEXT_SHAPE[arch][2] is not None:
-        extra = conditioning(arch, 1, generator=gen, device=device)["added_cond_kwargs"]
-        added = extra
-
-    class BenchDenoiser(Denoiser):
-        # SDXL needs its pooled-text/time conditioning; the frozen original is the same UNet
-        # with adapters disabled, or the published design's second copy.
-        def _kw(self, emb: Any) -> dict[str, Any]:
-            kw: dict[str, Any] = {"encoder_hidden_states": emb, "return_dict": False}
-            if added is not None:
-                n = emb.shape[0]
-                kw["added_cond_kwargs"] = {k: v.expand(n, *v.shape[1:]) for k, v in added.items()}
-            return kw
-
-        def eps(self, params: Mapping[str, Any], nb: NoisedBatch, embeddings: Any = None) -> Any:
-            emb = nb.embeddings if embeddings is None else embeddings
-            out = functional_call(
-                self.unet, dict(params), (nb.noisy, nb.timesteps), self._kw(emb), strict=False
-            )
-            return out[0]
-
-        @torch.no_grad()
-        def eps_original(self, nb: NoisedBatch, embeddings: Any = None) -> Any:
-            emb = nb.embeddings if embeddings is None else embeddings
-            if original_unet is not None:
-                return original_unet(nb.noisy, nb.timesteps, **self._kw(emb))[0].detach()
-            with memory.frozen_original(self.unet):
-                return self.unet(nb.noisy, nb.timesteps, **self._kw(emb))[0].detach()
-
-    den = BenchDenoiser(unet, scheduler, {})
-    theta = {n: p for n, p in unet.named_parameters() if p.requires_grad}
-    names = list(theta)
-    P = PUBLISHED
-    mode = levers.autocast
-
-    def harm_loss(params: Mapping[str, Any], nb: NoisedBatch) -> Any:
-        return -memory.squared_error(den.eps(params, nb), nb.target)
-
-    def reg_loss(params: Mapping[str, Any], nb: NoisedBatch) -> Any:
-        return memory.squared_error(den.eps(params, nb), den.eps_original(nb))
-
-    def ft_loss(params: Mapping[str, Any], nb: NoisedBatch) -> Any:
-        return memory.squared_error(den.eps(params, nb), nb.target)
-
-    # Autocast scope: the inner fine-tuning and ∇L_harm always; the distillation regularizer
-    # and the HVPs stay fp32 unless the frozen weights are half (they cannot meet fp32
-    # activations) or ``ahvp`` asks for it. Measured on the tiny UNet: bf16 distillation
-    # loses the ε_θ − ε₀ difference to rounding (outer gradient 126% off) and bf16 HVPs flip
-    # the published divergence test (hypergradient 50% off).
-    low = levers.frozen_half
-    harm_l = memory.autocast_loss(harm_loss, mode, device)
-    reg_l = memory.autocast_loss(reg_loss, mode if low else "none", device)
-    ft_l = memory.autocast_loss(ft_loss, mode if (low or levers.autocast_hvp) else "none", device)
-
-    class AutocastDenoiser(BenchDenoiser):
-        # the inner loop calls den.eps through the objectives; run it under autocast too
-        def eps(self, params: Mapping[str, Any], nb: NoisedBatch, embeddings: Any = None) -> Any:
-            with memory.autocast(mode, device):
-                return super().eps(params, nb, embeddings).float()
-
-    inner_den = AutocastDenoiser(unet, scheduler, {})
     res = StepResult(
-        phase_seconds=dict.fromkeys(PHASES, 0.0), phase_peak_bytes=dict.fromkeys(PHASES, 0)
+        phase_seconds=dict.fromkeys(PHASES, 0.0),
+        phase_peak_bytes=dict.fromkeys(PHASES, 0),
     )
 
-    def phase(name: str, fn: Any) -> Any:
+    @contextmanager
+    def phase(name: str) -> Iterator[None]:
         sync()
         memory.reset_peak_memory(device)
         t0 = time.perf_counter()
-        out = fn()
-        sync()
-        res.phase_seconds[name] += time.perf_counter() - t0
-        res.phase_peak_bytes[name] = max(res.phase_peak_bytes[name], memory.peak_memory(device))
-        return out
+        try:
+            yield
+        finally:
+            sync()
+            res.phase_seconds[name] += time.perf_counter() - t0
+            res.phase_peak_bytes[name] = max(res.phase_peak_bytes[name], memory.peak_memory(device))
 
-    def grad_of(loss_fn: Any, params: dict[str, Any], nb: NoisedBatch) -> list[Any]:
-        leaves = [params[n].detach().requires_grad_(True) for n in names]
-        with torch.enable_grad():
-            loss = loss_fn(dict(zip(names, leaves)), nb)
-            return [g.detach() for g in torch.autograd.grad(loss, leaves)]
+    problem = bench_problem(unet, selection, arch, latent=latent, seed=seed, device=device)
+    spec = bench_spec(
+        levers,
+        inner_steps_cap=inner_steps_cap,
+        samples_per_step=samples_per_step,
+        gamma=gamma,
+        max_norm=max_norm,
+    )
+    seen: list[dict[str, Any]] = []
+    method = build_method("resalign", problem, spec, seed, seen.append, phases=phase)
+    # observe (not change) what the step computes: the per-config hypergradients and the
+    # outer gradient, copied to the CPU in fp32 outside every timed phase
+    hypers: list[list[Any]] = []
+    outer: list[Any] = []
+    own_hyper, own_outer = method.hypergradient, method.outer_gradient
 
+    def hypergradient(*a: Any, **kw: Any) -> Any:
+        h, st = own_hyper(*a, **kw)
+        hypers.append([t.detach().float().cpu() for t in h])
+        return h, st
+
+    def outer_gradient() -> Any:
+        g, st = own_outer()
+        outer.extend(t.detach().float().cpu() for t in g)
+        return g, st
+
+    if original_unet is not None:
+        # ``published``: the regularizer's target comes from the second frozen copy
+        from ..models.bundle import as_condition
+
+        def eps_original(nb: Any, cond: Any = None) -> Any:
+            kwargs = nb.condition if cond is None else as_condition(cond)
+            with torch.no_grad():
+                return original_unet(nb.noisy, nb.timesteps, **kwargs, return_dict=False)[0]
+
+        method.den.eps_original = eps_original  # type: ignore[method-assign]
+    method.hypergradient = hypergradient  # type: ignore[method-assign]
+    method.outer_gradient = outer_gradient  # type: ignore[method-assign]
+    sync()
     t_step = time.perf_counter()
-    harm_nb = noise_batch(harmful.sample(P["harm_batch"], gen), scheduler, gen)
-    ret_nb = noise_batch(retain.sample(P["retain_batch"], gen), scheduler, gen)
-
-    def direct() -> tuple[list[Any], list[Any]]:
-        g_h = grad_of(harm_l, theta, harm_nb)
-        g_r = grad_of(reg_l, theta, ret_nb)
-        return g_h, g_r
-
-    g_harm, g_reg = phase("direct", direct)
-    view = InnerView("identity", names, names)
-    hyper_sum = [torch.zeros_like(t, dtype=torch.float32) for t in g_harm]
-    J = P["samples_per_step"] if samples_per_step is None else int(samples_per_step)
-    for _ in range(J):
-        lr = P["lr"][int(torch.randint(len(P["lr"]), (1,), generator=gen))]
-        steps = P["steps"][int(torch.randint(len(P["steps"]), (1,), generator=gen))]
-        opt = P["optimizer"][int(torch.randint(len(P["optimizer"]), (1,), generator=gen))]
-        run_steps = steps if inner_steps_cap is None else min(steps, inner_steps_cap)
-        optimizer = FunctionalOptimizer(opt, lr)
-        psi0 = {n: theta[n].detach() for n in names}
-        inner = phase(
-            "inner",
-            lambda o=optimizer, s=run_steps, p=psi0: simulate_finetune(
-                inner_den, view, p, o, s, benign, P["inner_batch"], gen
-            ),
-        )
-        star, losses = dict(inner.params), list(inner.losses)
-        inner.params = {}
-        # the inner optimizer state is already dropped by simulate_finetune; release the
-        # rest (last batches, graphs held by stray references) before the Richardson phase
-        memory.free_inner_state(inner.__dict__, collect=True)
-        del inner
-        b_nb = noise_batch(harmful.sample(P["harm_batch"], gen), scheduler, gen)
-        b = phase("harm_grad", lambda s=star, nb=b_nb: grad_of(harm_l, s, nb))
-        h_nb = noise_batch(benign.sample(P["inner_batch"], gen), scheduler, gen)
-
-        def solve(s: dict[str, Any] = star, nb: NoisedBatch = h_nb, rhs: list[Any] = b) -> Any:
-            from ..algorithms.hypergrad import make_hvp
-
-            def loss_fn(ps: Any) -> Any:
-                return ft_l(dict(zip(names, ps)), nb)
-
-            hvp = make_hvp(loss_fn, [s[n] for n in names], levers.hvp_backend)
-            return richardson_solve(
-                rhs,
-                hvp,
-                P["gamma"] if gamma is None else gamma,
-                P["iterations"],
-                divergence_ratio=P["divergence_ratio"],
-                max_norm=P["max_norm"],
-                retries=P["retries"],
-                fallback="direct",
-            )
-
-        x, stats = phase("richardson", solve)
-        res.hvps += stats.hvps
-        for acc, xi in zip(hyper_sum, x):
-            acc.add_(xi.float())
-        xn = math.sqrt(sum(float((xi.double() ** 2).sum()) for xi in x))
-        res.configs.append(
-            {
-                "lr": lr,
-                "steps": steps,
-                "steps_run": run_steps,
-                "optimizer": opt,
-                "inner_loss_last": losses[-1] if losses else None,
-                "harm_timesteps": [int(t) for t in b_nb.timesteps.tolist()],
-                "hvp_timesteps": [int(t) for t in h_nb.timesteps.tolist()],
-                "residuals": stats.residuals,
-                "hypergrad_norm": xn,
-                "damping": stats.damping,
-                "retries": stats.retries,
-                "fell_back": stats.fell_back,
-                "hvps": stats.hvps,
-            }
-        )
-        del star, b, x
-    hyper = [h / J for h in hyper_sum]
-    scale = P["beta"] * P["meta_rate"]
-    outer = [
-        gh.float() + P["alpha"] * gr.float() + scale * (h - gh.float())
-        for gh, gr, h in zip(g_harm, g_reg, hyper)
-    ]
+    method.step()
     sync()
     res.step_seconds = time.perf_counter() - t_step
-    return res, _flat(hyper), _flat(outer)
+    st = seen[0]
+    for j in range(len(hypers)):
+        c = {k[len(f"meta{j}.") :]: v for k, v in st.items() if k.startswith(f"meta{j}.")}
+        residuals = [
+            c[f"residual_{i}"] for i in range(int(c.get("hvps", 0))) if f"residual_{i}" in c
+        ]
+        res.configs.append(
+            {
+                "config": c.get("config"),
+                "lr": c.get("lr"),
+                "steps": int(c.get("steps", 0)),
+                "optimizer": c.get("optimizer"),
+                "inner_loss_last": c.get("inner_loss"),
+                "residuals": residuals,
+                "hypergrad_norm": c.get("hypergrad_norm"),
+                "damping": c.get("damping"),
+                "retries": int(c.get("retries", 0)),
+                "fell_back": bool(c.get("fallback", 0.0)),
+                "hvps": int(c.get("hvps", 0)),
+            }
+        )
+        res.hvps += int(c.get("hvps", 0))
+    mean = [sum(parts) / len(hypers) for parts in zip(*hypers)]
+    return res, _flat(mean), _flat(outer)
 
 
 def prepare_unet(
-    arch: str, levers: Levers, *, seed: int = 0, device: str = "cpu", dtype: Any = None
+    arch: str, *, seed: int = 0, device: str = "cpu", dtype: Any = None, second_copy: bool = False
 ) -> tuple[Any, Any, Any]:
-    """Build ``arch``'s UNet (random weights under ``seed``), add the published LoRA and apply
-    the model-side levers. Returns (unet, second frozen copy or None, trainable selection)."""
+    """Build ``arch``'s UNet (random weights under ``seed``) with the published LoRA. Returns
+    (unet, trainable selection, frozen copy made before the LoRA or None); the method applies
+    the memory levers of its spec."""
+    import copy
+
     import torch
 
-    from ..algorithms import memory
     from ..models.sd_arch import build_unet
     from ..models.trainable import apply_trainable
 
     unet = build_unet(arch, seed=seed, device=device, dtype=dtype or torch.float32)
-    original = copy.deepcopy(unet).requires_grad_(False) if levers.second_copy else None
+    original = copy.deepcopy(unet).requires_grad_(False) if second_copy else None
     sel = apply_trainable(
         unet,
         {"kind": "lora", "rank": PUBLISHED["rank"], "targets": PUBLISHED["targets"]},
         torch.Generator().manual_seed(seed),
     )
     unet.to(device=device, dtype=dtype or torch.float32)
-    if levers.gradient_checkpointing:
-        memory.enable_gradient_checkpointing(unet)
-    if levers.frozen_half:
-        memory.cast_frozen_weights(unet, memory.AUTOCAST_DTYPES[levers.autocast])
-    unet.train()
-    return unet, original, sel
+    return unet, sel, original
 
 
 def _worker(args: argparse.Namespace) -> None:
     import torch
 
     from ..algorithms import memory
-    from ..models.attention import math_attention
 
     torch.set_num_threads(args.threads)
     device = args.device
     levers = Levers.parse(args.combo)
     t0 = time.perf_counter()
-    unet, original, sel = prepare_unet(args.arch, levers, seed=args.seed, device=device)
+    unet, sel, original = prepare_unet(
+        args.arch, seed=args.seed, device=device, second_copy=levers.second_copy
+    )
     build_s = time.perf_counter() - t0
     setup_peak = memory.peak_memory(device)
     memory.reset_peak_memory(device)
-    # Double backward through attention needs the math path (fused SDPA kernels lack it).
-    with math_attention(unet):
-        res, hyper, outer = outer_step(
-            unet,
-            args.arch,
-            levers,
-            latent=args.latent,
-            inner_steps_cap=args.inner_steps,
-            seed=args.seed,
-            device=device,
-            original_unet=original,
-            samples_per_step=args.configs,
-        )
+    # the method itself switches to the math attention path around its HVPs
+    res, hyper, outer = outer_step(
+        unet,
+        sel,
+        args.arch,
+        levers,
+        latent=args.latent,
+        inner_steps_cap=args.inner_steps,
+        seed=args.seed,
+        device=device,
+        samples_per_step=args.configs,
+        original_unet=original,
+    )
     step_peak = max(res.phase_peak_bytes.values())
     torch.save({"hyper": hyper, "outer": outer}, args.tensors)
     report = {
@@ -487,14 +477,14 @@ def table(results: list[dict[str, Any]]) -> str:
     base = next((r for r in results if r["combo"] == "fp32" and "error" not in r), None)
     head = (
         "| levers | step peak GiB | × fp32 | setup peak GiB | step s | direct s | inner s "
-        "| ∇L_harm(θ*) s | HVP/Richardson s | hypergrad rel diff | cosine | outer rel diff "
-        "| safeguard flips |\n"
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|"
+        "| ∇L_harm(θ*) s | HVP/Richardson s | update s | hypergrad rel diff | cosine "
+        "| outer rel diff | safeguard flips |\n"
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"
     )
     rows = [head]
     for r in results:
         if "error" in r:
-            rows.append(f"| {r['combo']} | {r['error']} | | | | | | | | | | | |")
+            rows.append(f"| {r['combo']} | {r['error']} | | | | | | | | | | | | |")
             continue
         ratio = r["step_peak_bytes"] / base["step_peak_bytes"] if base else math.nan
         acc = r.get("accuracy", {})

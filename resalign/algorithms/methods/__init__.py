@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from ...errors import UserError
-from ..callbacks import StepCallback
+from ..callbacks import PhaseHook, StepCallback
 from .base import Method, UnlearnProblem, original_overrides
 from .esd import ESD
 from .gradient_ascent import GradientAscent
@@ -21,15 +21,17 @@ def build_method(
     spec: Any,
     seed: int = 0,
     callback: StepCallback | None = None,
+    phases: PhaseHook | None = None,
 ) -> Method:
-    """The registered method ``name`` on ``problem`` with the ``unlearn`` spec ``spec``."""
+    """The registered method ``name`` on ``problem`` with the ``unlearn`` spec ``spec``
+    (``phases``: see :class:`Method`)."""
     if name not in METHODS:
         raise UserError(
             f"unknown unlearning method {name!r}",
             where="unlearn.method",
             hint=f"use one of: {', '.join(sorted(METHODS))}",
         )
-    return METHODS[name](problem, spec, seed, callback)
+    return METHODS[name](problem, spec, seed, callback, phases)
 
 
 __all__ = [

@@ -13,7 +13,7 @@ from torch import Tensor
 from ...errors import UserError
 from ...models.trainable import TrainableSelection
 from .. import memory
-from ..callbacks import Stats, StepCallback
+from ..callbacks import PhaseHook, Stats, StepCallback, no_phases
 from ..hypergrad import tensors_norm
 from ..objectives import (
     Denoiser,
@@ -71,6 +71,8 @@ class Method:
     (AdamW by default, published). All randomness comes from two generators the method owns
     (a ``torch.Generator`` for data, noise and timesteps; a ``random.Random`` for config and
     dataset choices), so a run is reproducible from its seed and resumable exactly.
+    ``phases`` (:data:`resalign.algorithms.callbacks.PHASES`) wraps each phase of a step, for
+    timers and memory peaks (the SD benchmark); it changes no arithmetic.
     """
 
     name: ClassVar[str]
@@ -83,10 +85,12 @@ class Method:
         spec: Any,
         seed: int = 0,
         callback: StepCallback | None = None,
+        phases: PhaseHook | None = None,
     ):
         self.problem = problem
         self.spec = spec
         self.callback = callback
+        self.phase: PhaseHook = phases or no_phases
         self.total_steps = int(spec.steps)
         self.unet = problem.unet
         all_params = dict(self.unet.named_parameters())
@@ -241,6 +245,10 @@ class Method:
 
     def direct_terms(self, harm_coef: float) -> tuple[list[Tensor], Stats]:
         """∇[harm_coef·L_harm + Σ wᵢ Rᵢ] at θ, and the loss values."""
+        with self.phase("direct"):
+            return self._direct_terms(harm_coef)
+
+    def _direct_terms(self, harm_coef: float) -> tuple[list[Tensor], Stats]:
         params = dict(zip(self.names, self.params))
         stats: Stats = {}
         with torch.enable_grad():
@@ -272,15 +280,16 @@ class Method:
         """One outer step: compute the outer gradient, apply the optimizer, report."""
         self.unet.train(False)
         grads, stats = self.outer_gradient()
-        for p, g in zip(self.params, grads):
-            p.grad = g.detach().to(p.dtype)
-        clip = self.spec.optimizer.max_grad_norm
-        if clip is not None:
-            torch.nn.utils.clip_grad_norm_(self.params, clip)
-        stats["grad_norm"] = tensors_norm([p.grad for p in self.params])  # type: ignore[misc]
-        stats["lr"] = float(self.optimizer.param_groups[0]["lr"])
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
+        with self.phase("update"):
+            for p, g in zip(self.params, grads):
+                p.grad = g.detach().to(p.dtype)
+            clip = self.spec.optimizer.max_grad_norm
+            if clip is not None:
+                torch.nn.utils.clip_grad_norm_(self.params, clip)
+            stats["grad_norm"] = tensors_norm([p.grad for p in self.params])  # type: ignore[misc]
+            stats["lr"] = float(self.optimizer.param_groups[0]["lr"])
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
         self.step_count += 1
         stats["step"] = float(self.step_count)
         if self.callback is not None:

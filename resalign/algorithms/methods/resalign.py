@@ -109,8 +109,15 @@ def candidate_configs(meta: Any) -> list[InnerConfig]:
 class ResAlign(Method):
     name = "resalign"
 
-    def __init__(self, problem: Any, spec: Any, seed: int = 0, callback: Any = None):
-        super().__init__(problem, spec, seed, callback)
+    def __init__(
+        self,
+        problem: Any,
+        spec: Any,
+        seed: int = 0,
+        callback: Any = None,
+        phases: Any = None,
+    ):
+        super().__init__(problem, spec, seed, callback, phases)
         res = spec.resilience
         self.beta = float(res.beta)
         self.meta_seed = int(seed)  # base of the per-config seeds (part of the state)
@@ -213,7 +220,7 @@ class ResAlign(Method):
             ft = finetune_loss(self.den, fixed, cfg.prior_weight)
             # the unrolled reference differentiates through the inner fine-tuning: its forwards
             # (inner steps and L_harm) run in the inner fine-tuning's precision
-            with math_attention(self.unet), self.den.low_precision():
+            with self.phase("inner"), math_attention(self.unet), self.den.low_precision():
                 x, psi_star, losses = unrolled_hypergradient(
                     [psi0[n] for n in names],
                     lambda ps, k: ft(dict(zip(names, ps)), *batches[k]),
@@ -223,7 +230,7 @@ class ResAlign(Method):
                 )
             b = self._harm_grad(names, psi_star, fixed, hb, target)
         else:
-            with self.den.low_precision():
+            with self.phase("inner"), self.den.low_precision():
                 res = simulate_finetune(
                     self.den,
                     view,
@@ -259,7 +266,7 @@ class ResAlign(Method):
                 norm_of = None
                 if h.max_norm_on == "config_gradient" and direct is not None:
                     norm_of = self._config_gradient_norm(view, theta, names, direct)
-                with math_attention(self.unet):
+                with self.phase("richardson"), math_attention(self.unet):
                     x, solve = moreau_hypergradient(
                         b,
                         lambda ps: ft(dict(zip(names, ps)), nb, pb),
@@ -312,7 +319,7 @@ class ResAlign(Method):
         target: Tensor | None,
     ) -> list[Tensor]:
         leaves = [p.detach().clone().requires_grad_(True) for p in psi]
-        with torch.enable_grad():
+        with self.phase("harm_grad"), torch.enable_grad():
             loss = self.harm_loss({**fixed, **dict(zip(names, leaves))}, hb, target)
             g = torch.autograd.grad(loss, leaves, allow_unused=True)
         return [torch.zeros_like(p) if gi is None else gi.detach() for p, gi in zip(leaves, g)]
