@@ -266,7 +266,7 @@ def test_unlearn_step_outputs_and_resume_from_state(tmp_path):
     assert stats["steps"] == 2 and stats["trainable"]["kind"] == "lora"
     lines = (a / "steps.jsonl").read_text().splitlines()
     assert len(lines) == 2 and "meta0.config" in json.loads(lines[1])
-    assert (state / "method.pt").is_file()  # checkpoint of step 1 (of 2)
+    assert (state / "checkpoint.pt").is_file()  # ctx.save_checkpoint of step 1 (of 2)
     b = run(tmp_path / "b")  # resumes from step 1 and redoes step 2
     ta, tb = load_file(a / "trainable.safetensors"), load_file(b / "trainable.safetensors")
     assert set(ta) == set(tb) and all(torch.equal(ta[k], tb[k]) for k in ta)

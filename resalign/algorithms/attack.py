@@ -289,14 +289,17 @@ def run_attack(
     callback: StepCallback | None = None,
     state_dir: Path | None = None,
     device: torch.device | str | None = None,
+    checkpoints: Any = None,
 ) -> AttackResult:
     """Fine-tune ``bundle.unet`` in place on ``data`` as the attack ``config`` says.
 
     ``on_eval(step, unet)`` is called after each step in ``eval_at`` (typically to save a
     merged UNet); ``callback(step, {"loss", "lr"})`` after every optimizer step. With
     ``state_dir`` the loop checkpoints every ``config.checkpoint_every`` steps and resumes
-    from the last checkpoint there. ``on_eval`` of steps before the resume point is not
-    repeated: the caller must keep what it wrote then under durable storage too.
+    from the last checkpoint there; ``checkpoints`` (an object with ``save_checkpoint(state,
+    step)`` and ``load_checkpoint() -> (state, step) | None``, e.g. a step's context) does the
+    same through it instead of files of its own. ``on_eval`` of steps before the resume point
+    is not repeated: the caller must keep what it wrote then under durable storage too.
     """
     unet = bundle.unet
     dev = torch.device(device) if device is not None else next(unet.parameters()).device
@@ -340,8 +343,13 @@ def run_attack(
     losses: list[float] = []
     resumed_from = None
     state_path = Path(state_dir) / STATE_FILE if state_dir is not None else None
-    if state_path is not None and state_path.exists():
+    st = None
+    if checkpoints is not None:
+        loaded = checkpoints.load_checkpoint()
+        st = loaded[0] if loaded is not None else None
+    elif state_path is not None and state_path.exists():
         st = torch.load(state_path, weights_only=True, map_location="cpu")
+    if st is not None:
         with torch.no_grad():
             for n, p in named:
                 p.copy_(st["params"][n])
@@ -395,21 +403,23 @@ def run_attack(
             unet.eval()
             on_eval(done, unet)
             unet.train()
-        if state_path is not None and (done % config.checkpoint_every == 0 or done == config.steps):
-            _save_state(
-                state_path,
-                {
-                    "step": done,
-                    "params": {n: p.detach().cpu().clone() for n, p in named},
-                    "optimizer": optimizer.state_dict(),
-                    "lr_scheduler": lr_sched.state_dict(),
-                    "scaler": scaler.state_dict(),
-                    "generator": gen.get_state(),
-                    "sampler": sampler.state_dict(),
-                    "prior_sampler": prior_sampler.state_dict() if prior_sampler else None,
-                    "losses": torch.tensor(losses, dtype=torch.float64),
-                },
-            )
+        durable = checkpoints is not None or state_path is not None
+        if durable and (done % config.checkpoint_every == 0 or done == config.steps):
+            state = {
+                "step": done,
+                "params": {n: p.detach().cpu().clone() for n, p in named},
+                "optimizer": optimizer.state_dict(),
+                "lr_scheduler": lr_sched.state_dict(),
+                "scaler": scaler.state_dict(),
+                "generator": gen.get_state(),
+                "sampler": sampler.state_dict(),
+                "prior_sampler": prior_sampler.state_dict() if prior_sampler else None,
+                "losses": torch.tensor(losses, dtype=torch.float64),
+            }
+            if checkpoints is not None:
+                checkpoints.save_checkpoint(state, done)
+            else:
+                _save_state(state_path, state)  # type: ignore[arg-type]
     unet.eval()
     return AttackResult(
         steps=config.steps,

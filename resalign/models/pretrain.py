@@ -18,13 +18,13 @@ weights an uninterrupted run reaches.
 from __future__ import annotations
 
 import math
-import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from ..atomic import atomic_open
 from .bundle import take_condition
 from .diffusion import noise_and_target, squared_error
 
@@ -56,6 +56,7 @@ def pretrain_unet(
     state_dir: Path | None = None,
     checkpoint_every: int = 200,
     on_step: Callable[[int, float], None] | None = None,
+    checkpoints: Any = None,
 ) -> dict[str, float]:
     """Train ``bundle.unet`` in place for ``steps`` steps on ``pairs`` (images in [-1, 1],
     captions). ``on_step(step, loss)`` is called after every step (1-based). Returns
@@ -87,8 +88,13 @@ def pretrain_unet(
     gen = torch.Generator(device="cpu").manual_seed(seed)
     start = 0
     ckpt = Path(state_dir) / CHECKPOINT if state_dir is not None else None
-    if ckpt is not None and ckpt.is_file():
+    state = None
+    if checkpoints is not None:  # e.g. a step's context: save_checkpoint / load_checkpoint
+        loaded = checkpoints.load_checkpoint()
+        state = loaded[0] if loaded is not None else None
+    elif ckpt is not None and ckpt.is_file():
         state = torch.load(ckpt, map_location="cpu", weights_only=True)
+    if state is not None:
         unet.load_state_dict(state["unet"])
         if train_text_encoder:
             for i, encoder in enumerate(encoders):
@@ -126,25 +132,25 @@ def pretrain_unet(
         recent = (recent + [value])[-50:]
         if on_step is not None:
             on_step(step, value)
-        if ckpt is not None and (step % checkpoint_every == 0) and step < steps:
-            ckpt.parent.mkdir(parents=True, exist_ok=True)
-            tmp = ckpt.with_name(ckpt.name + ".tmp")
-            torch.save(
-                {
-                    "unet": unet.state_dict(),
-                    **(
-                        {_encoder_key(i): e.state_dict() for i, e in enumerate(encoders)}
-                        if train_text_encoder
-                        else {}
-                    ),
-                    "optimizer": opt.state_dict(),
-                    "lr_schedule": lr_sched.state_dict(),
-                    "generator": gen.get_state(),
-                    "step": step,
-                },
-                tmp,
-            )
-            os.replace(tmp, ckpt)
+        durable = checkpoints is not None or ckpt is not None
+        if durable and (step % checkpoint_every == 0) and step < steps:
+            state = {
+                "unet": unet.state_dict(),
+                **(
+                    {_encoder_key(i): e.state_dict() for i, e in enumerate(encoders)}
+                    if train_text_encoder
+                    else {}
+                ),
+                "optimizer": opt.state_dict(),
+                "lr_schedule": lr_sched.state_dict(),
+                "generator": gen.get_state(),
+                "step": step,
+            }
+            if checkpoints is not None:
+                checkpoints.save_checkpoint(state, step)
+            else:
+                with atomic_open(ckpt) as f:  # type: ignore[arg-type]
+                    torch.save(state, f)
     unet.eval()
     unet.requires_grad_(False)
     for encoder in encoders:

@@ -72,9 +72,21 @@ class AttackStep(Step):
             prior = data.prior
 
         ckpt_root = Path(ctx.state) / "checkpoints"
-        # the loop's own resume checkpoint: written right after the callback of every
-        # checkpoint_every-th step, so a step whose weights passed the check below is finite
+        # the step of the checkpoint resumed from, then of the last one written (the loop
+        # writes it right after the callback of a checkpoint step, whose weights are checked)
         last_ok: list[int | None] = [None]
+
+        class Checkpoints:
+            """``ctx``'s checkpoints, noting which step they hold."""
+
+            def load_checkpoint(self) -> tuple[dict[str, Any], int] | None:
+                loaded = ctx.load_checkpoint()
+                last_ok[0] = loaded[1] if loaded is not None else None
+                return loaded
+
+            def save_checkpoint(self, state: Any, step: int) -> None:
+                ctx.save_checkpoint(state, step)
+                last_ok[0] = step
 
         def check_weights(step: int) -> None:
             check_finite_weights(
@@ -99,7 +111,6 @@ class AttackStep(Step):
                 )
                 if step % config.checkpoint_every == 0 or step == config.steps:
                     check_weights(step)
-                    last_ok[0] = step
                 bar.advance(1)
 
             result = run_attack(
@@ -110,8 +121,8 @@ class AttackStep(Step):
                 eval_at=threat.get("eval_at") or [config.steps],
                 on_eval=on_eval,
                 callback=callback,
-                state_dir=Path(ctx.state),
                 device=ctx.device,
+                checkpoints=Checkpoints(),
             )
         out_ckpt = Path(ctx.out) / "checkpoints"
         for step in threat.get("eval_at") or [config.steps]:

@@ -79,7 +79,6 @@ class ModelStep(Step):
         )
 
     def _tiny(self, ctx: StepContext, model: Any) -> None:
-        import torch
 
         from ..data.pairs import load_pairs
         from ..errors import UserError
@@ -89,7 +88,7 @@ class ModelStep(Step):
             bundle_from_pipeline,
             write_model_json,
         )
-        from ..models.pretrain import CHECKPOINT, pretrain_unet
+        from ..models.pretrain import pretrain_unet
         from ..models.tiny import build_tiny_pipeline, caption_token_count, caption_words
 
         tiny = model.tiny
@@ -117,14 +116,11 @@ class ModelStep(Step):
                     where="model.tiny.max_length",
                     hint=f"set model.tiny.max_length to at least {need}",
                 )
-            ckpt = Path(ctx.state) / CHECKPOINT
-            resumed = None
-            if ckpt.is_file():
-                resumed = int(torch.load(ckpt, map_location="cpu", weights_only=True)["step"])
-            if hasattr(ctx, "resumed_from"):
-                ctx.resumed_from(resumed)
             every = ctx.checkpoint_every or 200
-            last_ok: list[int | None] = [resumed]
+            # the step of the checkpoint resumed from, then of the last one written (the
+            # NonFiniteError names it)
+            last_ok: list[int | None] = [None]
+            resumed_at: list[int | None] = [None]
 
             def check_weights(step: int) -> None:
                 named = list(bundle.unet.named_parameters())
@@ -141,8 +137,20 @@ class ModelStep(Step):
             started = time.perf_counter()
             window: list[float] = []
             with ctx.progress(pre.steps, "pretrain") as bar:
-                if resumed:
-                    bar.advance(resumed)
+
+                class Checkpoints:
+                    """``ctx``'s checkpoints, noting which step they hold."""
+
+                    def load_checkpoint(self) -> tuple[dict[str, Any], int] | None:
+                        loaded = ctx.load_checkpoint()
+                        if loaded is not None:
+                            last_ok[0] = resumed_at[0] = loaded[1]
+                            bar.advance(loaded[1])
+                        return loaded
+
+                    def save_checkpoint(self, state: Any, step: int) -> None:
+                        ctx.save_checkpoint(state, step)
+                        last_ok[0] = step
 
                 def on_step(step: int, loss: float) -> None:
                     check_finite_stats(
@@ -152,7 +160,6 @@ class ModelStep(Step):
                     if step % every == 0 and step < pre.steps:
                         # pretrain_unet saves its resume checkpoint right after this call
                         check_weights(step)
-                        last_ok[0] = step
                     window.append(loss)
                     if step % log_every == 0 or step == pre.steps:
                         ctx.log_metrics({"pretrain/loss": sum(window) / len(window)}, step=step)
@@ -167,10 +174,11 @@ class ModelStep(Step):
                     batch_size=pre.batch_size,
                     seed=pre.seed,
                     train_text_encoder=pre.train_text_encoder,
-                    state_dir=Path(ctx.state),
                     checkpoint_every=every,
                     on_step=on_step,
+                    checkpoints=Checkpoints(),
                 )
+                resumed = resumed_at[0]
             check_weights(pre.steps)
             stats.update(
                 {
