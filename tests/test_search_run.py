@@ -1,0 +1,119 @@
+"""A searched threat through the CLI (issue 16): tests/specs/tiny_search.yaml (3 trials per
+row, rows original and plain) is killed with SIGKILL once round 0 is in the store and round 1
+has started; the same command then finishes the study without repeating any finished trial
+(counted in attack nodes), asks the interrupted trial the same values, and `resalign report`
+shows the worst-case column and writes the best-so-far plot. The trials' attack runs carry
+the study and trial tags in MLflow."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+SPEC = Path(__file__).resolve().parent / "specs" / "tiny_search.yaml"
+ROWS = 2  # original, plain
+TRIALS = 3
+
+
+def _command(store: Path) -> list[str]:
+    return [sys.executable, "-m", "resalign", "run", str(SPEC), "--store", str(store)]
+
+
+def _done_attacks(store: Path) -> set[str]:
+    return {p.parent.name for p in (store / "attack").glob("*/DONE")}
+
+
+@pytest.mark.slow
+def test_searched_threat_resumes_after_kill_and_reports_worst_case(tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    store = tmp_path / "runs"
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    log1 = tmp_path / "run1.log"
+    with log1.open("w") as out:
+        proc = subprocess.Popen(_command(store), stdout=out, stderr=subprocess.STDOUT, env=env,
+                                start_new_session=True)  # fmt: skip
+        deadline = time.time() + 240
+        # kill once round 0 (one attack per row) is done and round 1 has started an attack
+        while time.time() < deadline and proc.poll() is None:
+            if len(_done_attacks(store)) >= ROWS and "run  attack/" in _round(log1, 1):
+                break
+            time.sleep(0.2)
+        assert proc.poll() is None, log1.read_text()
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    before = _done_attacks(store)
+    assert ROWS <= len(before) < ROWS * TRIALS
+    first = log1.read_text()
+
+    r = subprocess.run(_command(store), capture_output=True, text=True, env=env, timeout=300)
+    second = r.stdout + r.stderr  # the progress lines go to stderr
+    assert r.returncode == 0, second
+    after = _done_attacks(store)
+    assert len(after) == ROWS * TRIALS
+    executed = re.findall(r"^done (attack/\S+) \(", second, re.M)
+    # no finished trial ran again: exactly the missing attacks ran, none of the finished ones
+    assert len(executed) == ROWS * TRIALS - len(before)
+    assert not set(executed) & set(re.findall(r"^done (attack/\S+) \(", first, re.M))
+    # the interrupted round asks the same values in the new process (seeded replay)
+    asked1 = re.findall(r"^search (\S+): trial 1: (.*)$", first, re.M)
+    asked2 = dict(re.findall(r"^search (\S+): trial 1: (.*)$", second, re.M))
+    assert asked1 and dict(asked1) == asked2
+
+    # the study written to the store holds every trial, and a replay from the nodes agrees
+    from resalign.engine.search import study_records
+    from resalign.graph.compile import compile_spec
+    from resalign.spec import load_spec
+
+    resolved = load_spec(SPEC)
+    records = study_records(resolved, compile_spec(resolved), store)
+    assert [len(x.trials) for x in records] == [TRIALS] * ROWS
+    for rec in records:
+        saved = json.loads((store / "search" / f"{rec.plan.key}.json").read_text())
+        assert [t["params"] for t in saved["trials"]] == [t.params for t in rec.trials]
+        assert (store / "search" / f"{rec.plan.key}.db").is_file()
+        # the same budget and seed on every row: the sampler asked the same values
+        assert [t.params for t in rec.trials] == [t.params for t in records[0].trials]
+
+    rep = subprocess.run(
+        [sys.executable, "-m", "resalign", "report", str(SPEC), "--store", str(store)],
+        capture_output=True, text=True, env=env, timeout=120,
+    )  # fmt: skip
+    assert rep.returncode == 0, rep.stdout + rep.stderr
+    assert "worst-case concept_rate" in rep.stdout
+    folder = store / "reports" / "tiny_search"
+    assert (folder / "search_best_so_far.png").stat().st_size > 1000
+    table = json.loads((folder / "table.json").read_text())
+    worst = {r["row"]: r["cells"]["concept_rate/poison/worst"] for r in table["table"]}
+    for rec in records:
+        best = rec.best()
+        assert worst[rec.plan.row]["mean"] == pytest.approx(best.objective)
+    assert "found at trial" in (folder / "report.md").read_text()
+
+    c = MlflowClient(f"sqlite:///{store.resolve() / 'mlflow.db'}")
+    exp = c.get_experiment_by_name("tiny")
+    runs = c.search_runs([exp.experiment_id], "tags.`resalign.search.trial` = '2'")
+    names = {x.data.tags["resalign.node.name"] for x in runs}
+    assert names == {
+        "attack/original/poison:trial2/seed1",
+        "attack/plain/seed0/poison:trial2/seed1",
+    }
+    tags = runs[0].data.tags
+    assert (
+        tags["resalign.search.study"].startswith("search/") and "resalign.search.param.lr" in tags
+    )
+
+
+def _round(log: Path, k: int) -> str:
+    """The part of the log after round ``k`` was asked."""
+    text = log.read_text()
+    i = text.find(f": trial {k}: ")
+    return "" if i < 0 else text[i:]
