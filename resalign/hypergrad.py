@@ -6,6 +6,7 @@ from .algorithms.hypergrad import (
     SolveStats,
     make_hvp,
     moreau_hypergradient,
+    power_iteration,
     richardson_solve,
     unrolled_hypergradient,
 )
@@ -14,6 +15,7 @@ __all__ = [
     "SolveStats",
     "make_hvp",
     "moreau_hypergradient",
+    "power_iteration",
     "richardson_solve",
     "unrolled_hypergradient",
 ]
