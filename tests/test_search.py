@@ -242,3 +242,36 @@ def test_report_worst_case_column_paired_difference_and_plot(tmp_path):
     assert "| plain | 1 | poison | concept_rate 0.500 | retain_accuracy 0.600 | 2 of 3 |" in md
     assert (out / "search_best_so_far.png").stat().st_size > 1000
     assert "search_best_so_far.png" in (out / "report.html").read_text()
+
+
+def test_shipped_search_template_attacks_the_demo_rows_with_one_budget():
+    """templates/attack_search_digits.yaml.j2: two cells (plain, resalign), each with the
+    original row; their unlearn nodes are the demo's; every study has >= 20 TPE trials with the
+    same seed and a retain-accuracy bound; the original row's study is one study in both."""
+    from resalign.engine.grid import prepare
+    from resalign.graph.compile import compile_spec, search_plans
+    from resalign.spec import load_spec
+
+    root = Path(__file__).resolve().parents[1]
+    r = CliRunner().invoke(cli, ["grid", str(root / "templates/attack_search_digits.yaml.j2"),
+                                 "--list"])  # fmt: skip
+    assert r.exit_code == 0, r.output
+    assert [line.split()[0] for line in r.output.splitlines()[1:-1]] == [
+        "method=plain",
+        "method=resalign",
+    ]
+    _, prepared = prepare(root / "templates/attack_search_digits.yaml.j2", check_files=True)
+    demo = compile_spec(load_spec(root / "specs/digits_demo.yaml"))
+    originals = set()
+    for rc, graph in prepared:
+        method = rc.cell.axes["method"]
+        assert list(rc.spec.rows) == ["original", method]
+        assert graph[f"unlearn/{method}/seed0"].key == demo[f"unlearn/{method}/seed0"].key
+        plans = search_plans(rc.spec)
+        assert [p.row for p in plans] == ["original", method]
+        (threat,) = rc.spec.spec.threats.values()
+        s = threat.search
+        assert s.trials >= 20 and s.sampler == "tpe" and threat.poison is not None
+        assert s.constraint.metric == "retain_accuracy" and s.constraint.min == 0.7
+        originals.add(plans[0].key)
+    assert len(originals) == 1

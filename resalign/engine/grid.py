@@ -230,6 +230,21 @@ def run_grid(
                     run_tags=tracker.cell_tags(rc) if tracker is not None else None,
                     run_params={f"axis.{k}": v for k, v in rc.cell.spelt.items()},
                 )
+                # the cell's attacker searches (issue 16), after the graph they attack;
+                # studies shared by cells (e.g. the original row's) are in the store already
+                from .search import run_searches
+
+                run_searches(
+                    _cell_spec(rc),
+                    graph,
+                    store_root=store,
+                    executor_factory=executor if callable(executor) else None,
+                    tracking=tracker is not None,
+                    tracking_uri=uri,
+                    device=device,
+                    command=[*(command or ["resalign", "grid", str(tpl.path), "--run"])],
+                    parent_run_id=summary.parent_run_id,
+                )
             except RunFailed as e:
                 res.ok, res.error = False, str(e)
                 status = "FAILED"
