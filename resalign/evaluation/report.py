@@ -813,6 +813,9 @@ def plot_best_so_far(searches: Sequence[Mapping[str, Any]], path: Path) -> bool:
         c = next(s["constraint"] for s in searches if s["threat"] == t)
         obj = next(s["objective"] for s in searches if s["threat"] == t)
         ax.set_xlim(0.5, budget + 0.5)
+        ax.xaxis.get_major_locator().set_params(integer=True)
+        if obj in RATE_METRICS:
+            ax.set_ylim(-0.03, 1.03)
         ax.set_title(f"best {obj} so far, {t} ({_bound_text(c)})", fontsize=9)
         ax.set_xlabel("trials")
         ax.set_ylabel(obj)
