@@ -759,7 +759,7 @@ def search_markdown(table: Mapping[str, Any]) -> str:
         c = s["constraint"]
         worst = "none within the bound" if b is None else f"{s['objective']} {b['objective']:.3f}"
         util = "–" if b is None else f"{c['metric']} {b['utility']:.3f}"
-        found = "–" if b is None else f"{b['number']} of {s['done']}"
+        found = "–" if b is None else f"#{b['number']} ({b['number'] + 1} of {s['done']})"
         settings = "–" if b is None else _settings(b["params"])
         useed = "–" if s["unlearn_seed"] is None else str(s["unlearn_seed"])
         done = f"{s['feasible']}/{s['done']}" + (
@@ -776,9 +776,9 @@ def search_note(table: Mapping[str, Any]) -> str:
     return (
         "Worst case: the highest objective metric of the attacked model (mean over the "
         "threat's attack seeds, at the attack's last step) among the search's trials that "
-        "keep the utility bound; trials are numbered from 0 in the order the sampler asked "
-        "them; every row is searched with the same budget, sampler and seed. The worst-case "
-        "column aggregates over unlearning seeds (one study each) with the paired difference "
+        "keep the utility bound. Trial #k is the (k+1)-th the sampler asked, node names "
+        "<threat>:trial<k>. Every row is searched with the same budget, sampler and seed. "
+        "The worst-case column aggregates over unlearning seeds (one study each) with the paired difference "
         "to the reference row. search_best_so_far.png: the best value within the bound after "
         "each trial (dots: every trial; hollow: outside the bound)."
     )
