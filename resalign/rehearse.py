@@ -50,6 +50,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .atomic import atomic_write_text
 from .errors import UserError
 
 REHEARSAL_DIR = "rehearsal"
@@ -119,7 +120,7 @@ def prepare_rehearsal(
         "`resalign run --rehearse`.\n# Random-weight model, stand-in data, capped steps: its "
         "numbers are not results.\n"
     )
-    _atomic_text(path, header + yaml.safe_dump(out, sort_keys=False, width=100))
+    atomic_write_text(path, header + yaml.safe_dump(out, sort_keys=False, width=100))
     return path
 
 
@@ -328,13 +329,6 @@ def _rehearse_evaluate(e: dict[str, Any], spec: Any, assets: Path, prof: Profile
 
 
 # --------------------------------------------------------------------------- assets
-
-
-def _atomic_text(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
 
 
 def _once(folder: Path, build: Any) -> None:
