@@ -111,9 +111,7 @@ def load_pairs(
     return pairs
 
 
-def mix_pairs(
-    base: PairSet, poison: PairSet, ratio: float, seed: int
-) -> tuple[PairSet, list[int]]:
+def mix_pairs(base: PairSet, poison: PairSet, ratio: float, seed: int) -> tuple[PairSet, list[int]]:
     """``base`` with ``round(ratio·n)`` items replaced by ``poison`` items (the paper's
     poisoning): the one implementation behind the ``mix`` dataset type and a threat's
     ``poison`` block (which passes the attack seed). Which positions and which poison items
