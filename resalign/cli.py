@@ -342,7 +342,7 @@ def run(spec: str, force: tuple[str, ...], store: str, tracking_uri: str | None,
               show_default=True, help="With --rehearse: which rehearsal.")  # fmt: skip
 def report(spec: str, out: str | None, store: str, all_steps: bool, frontier: bool,
            threat: str | None, rehearse: bool, rehearse_profile: str) -> None:  # fmt: skip
-    """Make the results table, curves and grids of a finished spec (issue 6).
+    """Make the results table, curves and grids of a finished spec.
 
     Given a grid template (TEMPLATE.yaml.j2) instead: one table with a row per cell; with
     --frontier, the utility-matched frontier of its methods."""
