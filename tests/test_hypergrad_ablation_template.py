@@ -57,8 +57,9 @@ def test_cells_are_the_demo_with_only_the_hypergradient_changed():
         assert rc.spec.spec.threats == demo.spec.threats
         assert rc.spec.spec.evaluate == demo.spec.evaluate
         seeds.add(tuple(row.seeds or [row.seed]))
+        assert row.seeds == demo_row.seeds
         # the plain baseline is one node shared by every cell (and by the demo)
         plain_keys |= {n.key for n in g.of_kind("unlearn") if n.row == "plain"}
     assert len(seeds) == 1
     demo_plain = {n.key for n in compile_spec(demo).of_kind("unlearn") if n.row == "plain"}
-    assert plain_keys == demo_plain and len(plain_keys) == 1
+    assert plain_keys == demo_plain and len(plain_keys) == len(demo_row.seeds or [0])
