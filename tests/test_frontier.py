@@ -91,6 +91,13 @@ def test_frontier_difference_matches_dense_interpolation(tmp_path):
     lo, hi = stats.t.interval(0.95, 3, loc=mean, scale=stats.sem(gaps))
     assert (d["mean"], d["lo"], d["hi"]) == pytest.approx((mean, lo, hi), abs=1e-6)
     assert mean < 0 and hi < 0  # resalign's line lies below plain's at equal retain accuracy
+    # over unlearning seeds: each seed's pairs averaged, then t with k - 1 = 1 degree of freedom
+    per_seed = [np.mean([g for g, (u, _) in zip(gaps, UNITS) if u == s]) for s in (0, 1)]
+    k = d["by_unlearn_seed"]
+    klo, khi = stats.t.interval(0.95, 1, loc=np.mean(per_seed), scale=stats.sem(per_seed))
+    assert k["n"] == 2 and k["values"] == pytest.approx(per_seed, abs=1e-6)
+    assert (k["lo"], k["hi"]) == pytest.approx((max(klo, -1.0), min(khi, 1.0)), abs=1e-6)
+    assert "over the k = 2 unlearning seeds" in cmp["sentence"]
     assert "resalign relearns less than plain" in cmp["sentence"]
     assert f"{mean:+.3f}" in cmp["sentence"] and "n = 4" in cmp["sentence"]
     sentences = write_frontier(front, tmp_path)

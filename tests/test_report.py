@@ -203,6 +203,14 @@ def test_paired_difference_to_plain(report):
     md = (out / "report.md").read_text()
     assert f"| Δ resalign − plain (paired) | {dp['mean']:+.3f}" in md
     assert f"{mean:+.3f} [{lo:+.3f}, {hi:+.3f}] n=4" in md
+    # the conservative interval: each unlearning seed's two attack seeds averaged, t over k = 2
+    per_seed = [np.mean([diffs[i] for i, (u, _) in enumerate(UNITS) if u == s]) for s in (0, 1)]
+    k = d["by_unlearn_seed"]
+    kmean, klo, khi = t_interval(per_seed)
+    assert k["n"] == 2 and k["seeds"] == [0, 1] and k["values"] == pytest.approx(per_seed)
+    assert (k["mean"], k["lo"], k["hi"]) == pytest.approx((kmean, klo, khi))
+    assert f"; by seed [{klo:+.3f}, {khi:+.3f}] k=2" in md
+    assert dp["by_unlearn_seed"] is None or dp["by_unlearn_seed"]["n"] == 2
 
 
 def test_relearning_area_and_first_step(report):

@@ -12,7 +12,9 @@ seed, attack seed) pair that both methods have, each method's relearning area is
 interpolated linearly in x across its strength points (x of that unlearning seed, area of
 that pair), the difference method − reference is averaged over the x range both curves of
 that pair span (exactly: the difference is linear between the union of their x points), and
-a Student-t interval is taken over the pairs (clipped to [−1, 1] for rates). Pairs whose
+a Student-t interval is taken over the pairs (clipped to [−1, 1] for rates), and, more
+conservatively, over the unlearning seeds (each seed's pairs averaged first: pairs that share
+an unlearned model are not independent). Pairs whose
 ranges do not overlap are left out and counted. The sentence also gives the common range of
 the mean curves. There is no extrapolation: outside a method's range nothing is compared.
 """
@@ -29,7 +31,7 @@ from ..atomic import atomic_open
 from ..atomic import atomic_write_text as atomic_text
 from ..errors import UserError
 from .report import REFERENCE_ROW, EvalResult, _Index, relearning
-from .stats import bounds_of, mean_gap_over_common_range, summary
+from .stats import bounds_of, by_unlearn_seed, mean_gap_over_common_range, summary
 
 
 def build_frontier(
@@ -121,16 +123,19 @@ def _compare(
         & {u for row, _ in groups[ref] for u in per_row[row][0]},
         key=lambda u: (u[0] is None, u[0] or 0, u[1] is None, u[1] or 0),
     )
-    gaps, ranges, no_overlap = [], [], []
+    gaps: dict[tuple, float] = {}
+    ranges, no_overlap = [], []
     for unit in units:
         a, b = pair_curve(method, unit), pair_curve(ref, unit)
         got = mean_gap_over_common_range(a, b) if a[0] and b[0] else None
         if got is None:
             no_overlap.append(list(unit))
             continue
-        gaps.append(got[0])
+        gaps[unit] = got[0]
         ranges.append(list(got[1]))
-    diff = summary(gaps, None if ybounds is None else (-1.0, 1.0))
+    dbounds = None if ybounds is None else (-1.0, 1.0)
+    diff = summary(list(gaps.values()), dbounds)
+    diff["by_unlearn_seed"] = by_unlearn_seed(gaps, dbounds)
     mean_curves = mean_gap_over_common_range(_curve(methods[method], xm), _curve(methods[ref], xm))
     out = {
         "method": method,
@@ -182,8 +187,14 @@ def _sentence(c: Mapping[str, Any], methods: Mapping[str, Any], metric: str, thr
             f", paired 95% t-interval [{d['lo']:+.3f}, {d['hi']:+.3f}] over n = {d['n']} "
             "(unlearning seed, attack seed) pairs"
         )
-        if d["lo"] <= 0 <= d["hi"]:
-            text += "; the interval includes 0, so no difference is established"
+        k = d.get("by_unlearn_seed")
+        if k and k.get("lo") is not None:
+            text += (
+                f"; over the k = {k['n']} unlearning seeds (each seed's pairs averaged) "
+                f"[{k['lo']:+.3f}, {k['hi']:+.3f}]"
+            )
+        if d["lo"] <= 0 <= d["hi"] or (k and k.get("lo") is not None and k["lo"] <= 0 <= k["hi"]):
+            text += "; an interval includes 0, so no difference is established"
     else:
         text += f" (n = {d['n']} pair: no interval)"
     text += (

@@ -414,7 +414,8 @@ def fmt(cell: Mapping[str, Any] | float, ci: float | None = None) -> str:
 
 
 def fmt_diff(d: Mapping[str, Any] | None) -> str:
-    """A paired difference: ``+mean [lo, hi] n=k``, or for first steps
+    """A paired difference: ``+mean [lo, hi] n=k`` (then ``; by seed [lo, hi] k=j``, the interval
+    over unlearning seeds, when there are several), or for first steps
     ``later a / earlier b / tied c`` (sign test p)."""
     if not d or not d["n"]:
         return "–"
@@ -425,7 +426,11 @@ def fmt_diff(d: Mapping[str, Any] | None) -> str:
     text = f"{d['mean']:+.{d_}f}"
     if d.get("lo") is not None:
         text += f" [{d['lo']:+.{d_}f}, {d['hi']:+.{d_}f}]"
-    return f"{text} n={d['n']}"
+    text += f" n={d['n']}"
+    k = d.get("by_unlearn_seed")
+    if k and k.get("lo") is not None:
+        text += f"; by seed [{k['lo']:+.{d_}f}, {k['hi']:+.{d_}f}] k={k['n']}"
+    return text
 
 
 def column_title(c: Mapping[str, Any], info: Mapping[str, Any]) -> str:
@@ -482,8 +487,11 @@ def notes(table: Mapping[str, Any]) -> list[str]:
         out.append(
             f"Δ rows: paired difference to {ref} (same unlearning seed and attack seed; pre-FT: "
             "same unlearning seed), mean with a t-interval over the pairs (clipped to [−1, 1] "
-            "for rates); for first steps, pairs where the method relearns later / earlier / "
-            "tied, with the two-sided exact sign-test p over the untied pairs."
+            "for rates); with several unlearning seeds also 'by seed': each unlearning seed's "
+            "mean difference, t-interval over the k unlearning seeds (pairs sharing an "
+            "unlearned model are not independent: a difference is established only when this "
+            "interval excludes 0 too); for first steps, pairs where the method relearns later "
+            "/ earlier / tied, with the two-sided exact sign-test p over the untied pairs."
         )
     ev = table.get("evaluation_n") or {}
     parts = [

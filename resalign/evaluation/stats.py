@@ -4,8 +4,10 @@ Units. A post-fine-tuning cell of a row that unlearns aggregates one value per (
 seed, attack seed) pair; a pre-fine-tuning cell one value per unlearning seed; a row without
 unlearning (``original``) one value per attack seed (pre: its single evaluation). Units are
 treated as independent draws, although pairs that share an unlearning seed share its
-unlearned model: with few unlearning seeds the interval is optimistic about the between-seed
-spread (a hierarchical interval would need ≥ 3 unlearning seeds to say anything).
+unlearned model: with few unlearning seeds that interval is optimistic about the between-seed
+spread. Paired differences therefore also carry ``by_unlearn_seed``: the mean over each
+unlearning seed's attack seeds, then a t-interval over the unlearning seeds (the conservative
+one; it needs ≥ 2 unlearning seeds, and with 2–3 it is wide).
 
 Intervals. Mean and a two-sided 95 % Student-t interval (n − 1 degrees of freedom). For rate
 metrics (fractions of images, in [0, 1]) the interval is clipped to [0, 1], and the paired
@@ -80,13 +82,36 @@ def bounds_of(metric: str, difference: bool = False) -> tuple[float, float] | No
     return (-1.0, 1.0) if difference else (0.0, 1.0)
 
 
+def by_unlearn_seed(
+    diffs: Mapping[Unit, float], bounds: tuple[float, float] | None
+) -> dict[str, Any] | None:
+    """The conservative interval: each unlearning seed's differences averaged over its attack
+    seeds, then the t-interval over the k unlearning seeds (k − 1 degrees of freedom). Pairs
+    that share an unlearning seed share its unlearned model, so they are not independent; this
+    interval does not assume they are. None when the units carry no unlearning seed or all
+    share one (then only the unit interval exists)."""
+    groups: dict[int, list[float]] = {}
+    for (u, _), d in diffs.items():
+        if u is None:
+            return None
+        groups.setdefault(u, []).append(d)
+    if len(groups) < 2:
+        return None
+    out = summary([sum(v) / len(v) for v in groups.values()], bounds)
+    out["seeds"] = sorted(groups)
+    return out
+
+
 def paired(
     a: Mapping[Unit, float], b: Mapping[Unit, float], bounds: tuple[float, float] | None
 ) -> dict[str, Any]:
-    """Summary of a − b over the units both have (same unlearning and attack seed)."""
+    """Summary of a − b over the units both have (same unlearning and attack seed), with
+    ``by_unlearn_seed``: the same difference with its interval over unlearning seeds."""
     units = [u for u in a if u in b]
-    out = summary([a[u] - b[u] for u in units], bounds)
+    diffs = {u: a[u] - b[u] for u in units}
+    out = summary(list(diffs.values()), bounds)
     out["units"] = [list(u) for u in units]
+    out["by_unlearn_seed"] = by_unlearn_seed(diffs, bounds)
     return out
 
 
