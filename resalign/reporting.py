@@ -23,6 +23,14 @@ from .evaluation.report import (
 )
 
 
+def _complete(store_root: Path | str) -> Any:
+    """The store's own completeness test: ``DONE`` exists and the files match its manifest,
+    so a damaged evaluation is reported missing instead of read."""
+    from .engine.store import Store
+
+    return Store(store_root).is_complete
+
+
 def report_for_spec(
     spec_path: str,
     store_root: Path,
@@ -38,7 +46,7 @@ def report_for_spec(
 
     resolved = load_spec(spec_path, sets=sets)
     graph = compile_spec(resolved)
-    results = results_from_store(graph, Path(store_root), spec_path)
+    results = results_from_store(graph, Path(store_root), spec_path, _complete(store_root))
     report_node = graph.of_kind("report")[0] if graph.of_kind("report") else None
     params = report_node.params if report_node is not None else {}
     out = Path(out) if out else Path(store_root) / "reports" / graph.spec_name
@@ -96,7 +104,9 @@ def grid_results(template_path: str, store_root: Path, sets: Sequence[str] = ())
     for rc in render_grid(tpl, sets=sets):
         graph = compile_spec(rc.spec)
         try:
-            found = results_from_store(graph, Path(store_root), template_path)
+            found = results_from_store(
+                graph, Path(store_root), template_path, _complete(store_root)
+            )
         except UserError as e:
             raise UserError(
                 f"grid {tpl.name!r}, cell {rc.cell.id}: {e.message}",

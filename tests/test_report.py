@@ -296,6 +296,27 @@ def test_missing_result_names_the_node_and_the_command(tmp_path):
     assert name in text and "resalign run specs/demo.yaml" in text
 
 
+def test_a_damaged_result_is_missing_never_read(tmp_path):
+    """With the store's own completeness test (what `resalign report` passes), an evaluation
+    whose metrics.json no longer matches its DONE manifest is reported missing."""
+    from resalign.engine.store import Store, build_manifest
+
+    graph = make_store(tmp_path / "runs")
+    store = Store(tmp_path / "runs")
+    name = "evaluate/resalign/seed0/poisoned/seed1/step2"
+    for node in graph.of_kind("evaluate"):  # manifests, as the engine's commit writes them
+        d = tmp_path / "runs" / "evaluate" / node.key
+        (d / "DONE").unlink()
+        (d / "DONE").write_text(json.dumps(build_manifest(d)))
+    folder = tmp_path / "runs" / "evaluate" / graph.nodes[name].key
+    assert len(results_from_store(graph, tmp_path / "runs", complete=store.is_complete)) > 1
+    metrics = folder / "metrics.json"
+    metrics.write_text(metrics.read_text().replace("}", " }", 1))  # edited after DONE
+    with pytest.raises(UserError) as err:
+        results_from_store(graph, tmp_path / "runs", "s.yaml", complete=store.is_complete)
+    assert name in err.value.render() and "1 of" in err.value.render()
+
+
 def test_all_steps_gives_a_column_per_evaluation_step(tmp_path):
     graph = make_store(tmp_path / "runs")
     results = results_from_store(graph, tmp_path / "runs")

@@ -23,7 +23,7 @@ import html
 import json
 import math
 import re
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -111,15 +111,24 @@ def results_from_dirs(dirs: Mapping[str, Path]) -> list[EvalResult]:
     return [read_result(n, p) for n, p in dirs.items()]
 
 
-def results_from_store(graph: Any, store_root: Path, spec_path: str = "SPEC") -> list[EvalResult]:
+def results_from_store(
+    graph: Any,
+    store_root: Path,
+    spec_path: str = "SPEC",
+    complete: Callable[[str, str], bool] | None = None,
+) -> list[EvalResult]:
     """Results of every evaluate node of ``graph`` from ``store_root`` (``runs/``).
 
+    ``complete(kind, key)``: whether a node's result may be read (the engine's
+    ``Store.is_complete``, which also checks the files against the ``DONE`` manifest, so a
+    damaged result is reported as missing, never read); default: a ``DONE`` marker exists.
     A node without a completed result is a :class:`UserError` naming every missing node.
     """
     found, missing = {}, []
     for node in graph.of_kind("evaluate"):
         folder = Path(store_root) / "evaluate" / node.key
-        if (folder / "DONE").is_file() and (folder / "metrics.json").is_file():
+        done = complete("evaluate", node.key) if complete else (folder / "DONE").is_file()
+        if done and (folder / "metrics.json").is_file():
             found[node.name] = folder
         else:
             missing.append(node.name)
