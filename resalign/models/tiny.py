@@ -138,20 +138,25 @@ def _norm_groups(channels: list[int]) -> int:
     return math.gcd(reduce(math.gcd, channels), 8)
 
 
+def _checked_widths(tiny: TinyModelSpec) -> list[int]:
+    """``block_out_channels``, each a multiple of ``attention_head_dim`` (else a UserError)."""
+    widths = list(tiny.block_out_channels)
+    if any(w % tiny.attention_head_dim for w in widths):
+        raise UserError(
+            f"model.tiny.block_out_channels {widths} are not all multiples of "
+            f"attention_head_dim {tiny.attention_head_dim}",
+            hint="pick widths divisible by attention_head_dim (e.g. [32, 64] with 8)",
+        )
+    return widths
+
+
 def build_unet(
     tiny: TinyModelSpec, latent_channels: int, sample_size: int, linear_projection: bool = False
 ) -> UNet2DConditionModel:
     """The tiny UNet: cross-attention in every down/up block and the mid block.
     ``linear_projection``: linear (not 1×1 conv) projections into the transformers, as SD 2.x
     and SDXL have."""
-    widths = list(tiny.block_out_channels)
-    bad = [w for w in widths if w % tiny.attention_head_dim]
-    if bad:
-        raise UserError(
-            f"model.tiny.block_out_channels {widths} are not all multiples of "
-            f"attention_head_dim {tiny.attention_head_dim}",
-            hint="pick widths divisible by attention_head_dim (e.g. [32, 64] with 8)",
-        )
+    widths = _checked_widths(tiny)
     n = len(widths)
     kwargs: dict[str, Any] = {}
     if tiny.text_time_embedding:
@@ -352,14 +357,7 @@ def build_tiny_sdxl_unet(
     linear projections, cross-attention over both encoders' states concatenated
     (``2 · text_hidden_size``; ``tiny.cross_attention_dim`` is not used) and the
     ``text_time`` added conditioning (pooled text embeds + six time ids)."""
-    widths = list(tiny.block_out_channels)
-    bad = [w for w in widths if w % tiny.attention_head_dim]
-    if bad:
-        raise UserError(
-            f"model.tiny.block_out_channels {widths} are not all multiples of "
-            f"attention_head_dim {tiny.attention_head_dim}",
-            hint="pick widths divisible by attention_head_dim (e.g. [32, 64] with 8)",
-        )
+    widths = _checked_widths(tiny)
     n = len(widths)
     down = (
         ("DownBlock2D",) + ("CrossAttnDownBlock2D",) * (n - 1)

@@ -42,6 +42,21 @@ def _tag_values(model: type[BaseModel]) -> list[str]:
     return []
 
 
+def _child_type(tp: Any, el: Any) -> Any:
+    """The annotation one step below ``tp`` (not a union): field ``el`` of a model, the value
+    type of a dict, the item type of a list or tuple; None when there is none."""
+    tp = _strip(tp)
+    origin = typing.get_origin(tp)
+    if isinstance(tp, type) and issubclass(tp, BaseModel):
+        f = tp.model_fields.get(el)
+        return None if f is None else f.annotation
+    if origin is dict:
+        return typing.get_args(tp)[1]
+    if origin in (list, tuple):
+        return typing.get_args(tp)[0]
+    return None
+
+
 def _type_at(loc: Sequence[Any], root: type[BaseModel] = Spec) -> Any:
     """The annotation the schema has at pydantic location ``loc`` (which names union members by
     their tag), or None when it cannot be followed."""
@@ -56,18 +71,8 @@ def _type_at(loc: Sequence[Any], root: type[BaseModel] = Spec) -> Any:
             if len(members) != 1:
                 return None
             tp = members[0]
-        tp = _strip(tp)
-        origin = typing.get_origin(tp)
-        if isinstance(tp, type) and issubclass(tp, BaseModel):
-            f = tp.model_fields.get(el)
-            if f is None:
-                return None
-            tp = f.annotation
-        elif origin is dict:
-            tp = typing.get_args(tp)[1]
-        elif origin in (list, tuple):
-            tp = typing.get_args(tp)[0]
-        else:
+        tp = _child_type(tp, el)
+        if tp is None:
             return None
     return tp
 
@@ -247,18 +252,8 @@ def field_type(path: PathT, data: Any, root: type[BaseModel] = Spec) -> Any:
                 tp = members[0]
             else:
                 return None
-        tp = _strip(tp)
-        origin = typing.get_origin(tp)
-        if isinstance(tp, type) and issubclass(tp, BaseModel):
-            f = tp.model_fields.get(el)
-            if f is None:
-                return None
-            tp = f.annotation
-        elif origin is dict:
-            tp = typing.get_args(tp)[1]
-        elif origin in (list, tuple):
-            tp = typing.get_args(tp)[0]
-        else:
+        tp = _child_type(tp, el)
+        if tp is None:
             return None
         cur = cur.get(el) if isinstance(cur, Mapping) else None
     return tp
