@@ -115,6 +115,20 @@ def atomic_write_json(path: Path | str, obj: Any, *, indent: int | None = 2) -> 
     atomic_write_text(path, json.dumps(obj, indent=indent, sort_keys=True, default=str) + "\n")
 
 
+def swap_dir(src: Path | str, dst: Path | str) -> None:
+    """Rename the (fsynced) folder ``src`` to ``dst``; an existing ``dst`` is moved aside first
+    and deleted after, so ``dst`` is at every moment complete or absent."""
+    src, dst = Path(src), Path(dst)
+    old = None
+    if dst.exists():
+        old = dst.parent / f".{dst.name}.{uuid.uuid4().hex[:8]}.old"
+        os.replace(dst, old)
+    os.replace(src, dst)
+    fsync_dir(dst.parent)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
 @contextlib.contextmanager
 def atomic_dir(path: Path | str) -> Iterator[Path]:
     """A temporary folder next to ``path`` to fill; on a clean exit it is fsynced and renamed
@@ -127,14 +141,7 @@ def atomic_dir(path: Path | str) -> Iterator[Path]:
     try:
         yield tmp
         fsync_tree(tmp)
-        old = None
-        if path.exists():
-            old = path.parent / f".{path.name}.{uuid.uuid4().hex[:8]}.old"
-            os.replace(path, old)
-        os.replace(tmp, path)
-        fsync_dir(path.parent)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+        swap_dir(tmp, path)
     except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
         if isinstance(e, OSError):

@@ -126,6 +126,7 @@ def test_verify_reports_damage_and_orphans_and_fix_removes_them(tmp_path):
     # orphans: a staging leftover, resume state of a complete node, a dead process's lock
     tn = g["train"]
     (tmp_path / "t_train" / f".tmp-{tn.key}-deadbeef").mkdir()
+    (tmp_path / "t_train" / f".{tn.key}.cafe0001.old").mkdir()  # swap_dir's moved-aside result
     (store.state_dir("t_train", tn.key)).mkdir(parents=True)
     (store.state_dir("t_train", tn.key) / "checkpoint.pt").write_bytes(b"x")
     (tmp_path / "locks" / f"t_train-{tn.key}.lock").write_text("")
@@ -141,20 +142,22 @@ def test_verify_reports_damage_and_orphans_and_fix_removes_them(tmp_path):
             "sha256 (same size)" in r.output
         )
         assert f".tmp-{tn.key}-deadbeef: staging leftover of t_train/{tn.key}" in r.output
+        assert f".{tn.key}.cafe0001.old: replaced result of t_train/{tn.key}" in r.output
         assert f"state/t_train/{tn.key}: resume state" in r.output
         assert f"t_train-{tn.key}.lock: lock file no live process holds" in r.output
         assert "t_eval-0123456789abcdef" not in r.output
-        assert "1 damaged, 3 orphan(s)" in r.output
+        assert "1 damaged, 4 orphan(s)" in r.output
 
         r = CliRunner().invoke(cli, ["verify", "--store", str(tmp_path), "--fix"])
         assert r.exit_code == 0, r.output
-        assert "removed 4" in r.output
+        assert "removed 5" in r.output
         assert held.exists()
     finally:
         f.close()
         held.unlink()
     assert not store.has_done("t_attack", an.key)
     assert not (tmp_path / "t_train" / f".tmp-{tn.key}-deadbeef").exists()
+    assert not (tmp_path / "t_train" / f".{tn.key}.cafe0001.old").exists()
     out = io.StringIO()
     summary = run(tmp_path, g, Console(file=out, width=300))
     assert summary.executed == ["attack/a"]  # recomputed; its evaluation's key is unchanged

@@ -46,6 +46,7 @@ from ..atomic import (  # noqa: F401  (re-exported: the engine's modules import 
     atomic_write_text,
     fsync_dir,
     fsync_tree,
+    swap_dir,
 )
 
 DONE = "DONE"
@@ -220,14 +221,7 @@ class Store:
         fsync_tree(staging)
         atomic_write_json(staging / DONE, build_manifest(staging))
         final = self.node_dir(kind, key)
-        trash = None
-        if final.exists():
-            trash = final.parent / f".old-{key}-{uuid.uuid4().hex[:8]}"
-            os.replace(final, trash)
-        os.replace(staging, final)
-        fsync_dir(final.parent)
-        if trash is not None:
-            shutil.rmtree(trash, ignore_errors=True)
+        swap_dir(staging, final)
         return final
 
     def discard_state(self, kind: str, key: str) -> None:
@@ -313,8 +307,9 @@ class Store:
         for kd in sorted(self.root.iterdir()):
             if not kd.is_dir() or kd.name in RESERVED:
                 continue
-            for d in sorted(kd.glob(".tmp-*")) + sorted(kd.glob(".old-*")):
-                key = d.name.split("-")[1]
+            # staging: .tmp-<key>-<id>; replaced results (swap_dir): .<key>.<id>.old
+            for d in sorted(kd.glob(".tmp-*")) + sorted(kd.glob(".*.old")):
+                key = d.name.split("-")[1] if d.name.startswith(".tmp-") else d.name.split(".")[1]
                 if not self.is_locked(kd.name, key):
                     what = "staging leftover" if d.name.startswith(".tmp-") else "replaced result"
                     out.append((d, f"{what} of {kd.name}/{key} (no process is executing it)"))
