@@ -478,7 +478,9 @@ def markdown_table(table: Mapping[str, Any]) -> str:
 
 def notes(table: Mapping[str, Any]) -> list[str]:
     """What the cells are, as sentences under the table."""
-    ref = next((r["reference"] for r in table["table"] if r.get("reference")), None)
+    refs = list(dict.fromkeys(r["reference"] for r in table["table"] if r.get("reference")))
+    # a grid report pairs each cell's rows with that cell's own plain row
+    ref = refs[0] if len(refs) == 1 else ("the row it names (its cell's plain)" if refs else None)
     out = [
         f"Cells: mean [95% interval] n, over units: (unlearning seed, attack seed) pairs after "
         f"fine-tuning, unlearning seeds before it (original: attack seeds). Unlearning seeds "
