@@ -9,7 +9,6 @@ import torch
 
 from resalign.algorithms.methods import (
     METHODS,
-    UnlearnProblem,
     build_method,
     candidate_configs,
 )
@@ -20,10 +19,8 @@ from resalign.algorithms.objectives import (
     esd_target,
     noise_batch,
 )
-from resalign.algorithms.toy import toy_pairs, toy_scheduler, toy_unet
+from resalign.algorithms.toy import toy_problem
 from resalign.errors import UserError
-from resalign.models.trainable import apply_trainable
-from resalign.spec.schema.model import TrainableSpec
 from resalign.spec.schema.unlearn import UnlearnSpec
 
 D = torch.float64
@@ -42,18 +39,7 @@ CHEAP = {
 
 
 def problem(trainable=None):
-    unet = toy_unet("tiny", D)
-    sel = apply_trainable(unet, trainable or TrainableSpec(), torch.Generator().manual_seed(1))
-    return UnlearnProblem(
-        unet,
-        toy_scheduler(),
-        sel,
-        harmful=toy_pairs(6, 8, seed=1, shift=1.0),
-        retain=toy_pairs(6, 8, seed=2),
-        pools={"benign": toy_pairs(6, 8, seed=3)},
-        default_pool=["benign"],
-        uncond=torch.zeros(1, 4, 8, dtype=D),
-    )
+    return toy_problem(trainable, D)
 
 
 def spec(**over):

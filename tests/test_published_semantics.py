@@ -16,9 +16,7 @@ import torch
 
 from resalign.algorithms.hypergrad import tensors_norm
 from resalign.algorithms.methods import METHODS, UnlearnProblem, build_method
-from resalign.algorithms.toy import toy_pairs, toy_scheduler, toy_unet
-from resalign.models.trainable import apply_trainable
-from resalign.spec.schema.model import TrainableSpec
+from resalign.algorithms.toy import toy_problem
 from resalign.spec.schema.unlearn import UnlearnSpec
 
 D = torch.float64
@@ -26,17 +24,7 @@ BETA = 0.8
 
 
 def _problem() -> UnlearnProblem:
-    unet = toy_unet("tiny", D)
-    sel = apply_trainable(unet, TrainableSpec(), torch.Generator().manual_seed(1))
-    return UnlearnProblem(
-        unet,
-        toy_scheduler(),
-        sel,
-        harmful=toy_pairs(6, 8, seed=1, shift=1.0),
-        retain=toy_pairs(6, 8, seed=2),
-        pools={"benign": toy_pairs(6, 8, seed=3)},
-        default_pool=["benign"],
-    )
+    return toy_problem(dtype=D)
 
 
 def _spec(rate: float = 1.0, scope: str = "update", **hyper: Any) -> UnlearnSpec:

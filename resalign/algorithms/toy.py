@@ -61,3 +61,25 @@ def toy_pairs(
     lat = torch.randn((n, 1, 8, 8), generator=g, dtype=dtype) * 0.5 + shift
     emb = torch.randn((n, 4, cross_dim), generator=g, dtype=dtype)
     return EncodedPairs(lat, emb)
+
+
+def toy_problem(trainable=None, dtype: torch.dtype = torch.float64):  # noqa: ANN201
+    """The small unlearning problem the method tests share: a toy UNet with the default
+    trainable selection (or ``trainable``), harmful pairs shifted away from the retain and
+    benign ones, one benign fine-tuning pool, a zero unconditional embedding."""
+    from ..models.trainable import apply_trainable
+    from ..spec.schema.model import TrainableSpec
+    from .methods import UnlearnProblem
+
+    unet = toy_unet("tiny", dtype)
+    sel = apply_trainable(unet, trainable or TrainableSpec(), torch.Generator().manual_seed(1))
+    return UnlearnProblem(
+        unet,
+        toy_scheduler(),
+        sel,
+        harmful=toy_pairs(6, 8, seed=1, shift=1.0, dtype=dtype),
+        retain=toy_pairs(6, 8, seed=2, dtype=dtype),
+        pools={"benign": toy_pairs(6, 8, seed=3, dtype=dtype)},
+        default_pool=["benign"],
+        uncond=torch.zeros(1, 4, 8, dtype=dtype),
+    )
