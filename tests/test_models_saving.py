@@ -137,3 +137,33 @@ def test_pickled_code_is_refused(tmp_path):
     torch.save({"w": Evil()}, tmp_path / "evil.pt")
     with pytest.raises(UserError, match="weights-only"):
         load_state_file(tmp_path / "evil.pt")
+
+
+def test_lora_file_bytes_do_not_depend_on_the_run(tmp_path):
+    """The LoRA file is the same bytes every time it is written from the same tensors.
+
+    safetensors orders the metadata keys from a randomly seeded hash map, so without the
+    header rewrite 8 writes agree with probability 2^-7 (the kill -9 test failed on it)."""
+    import json
+    import struct
+
+    from safetensors.torch import load_file
+
+    pipe = _trained(alpha=4.0)
+    blobs = set()
+    for i in range(8):
+        folder = save_lora(pipe.unet, tmp_path / f"lora{i}")
+        blobs.add((folder / "pytorch_lora_weights.safetensors").read_bytes())
+    assert len(blobs) == 1
+    (raw,) = blobs
+    (n,) = struct.unpack("<Q", raw[:8])
+    header = json.loads(raw[8 : 8 + n])
+    assert list(header["__metadata__"]) == sorted(header["__metadata__"])
+    assert (8 + n) % 8 == 0
+    # the rewritten file is still a safetensors file with the tensors peft holds
+    got = load_file(tmp_path / "lora0" / "pytorch_lora_weights.safetensors")
+    lora = {k: v for k, v in pipe.unet.state_dict().items() if "lora_" in k}
+    assert len(got) == len(lora) > 0
+    assert sorted(v.abs().sum().item() for v in got.values()) == sorted(
+        v.abs().sum().item() for v in lora.values()
+    )

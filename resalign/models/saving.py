@@ -55,7 +55,30 @@ def save_lora(unet: torch.nn.Module, path: Path, adapter_name: str = "default") 
             weight_name=LORA_WEIGHT_NAME,
             unet_lora_adapter_metadata=metadata,
         )
+        sort_safetensors_metadata(tmp / LORA_WEIGHT_NAME)
     return path
+
+
+def sort_safetensors_metadata(path: Path) -> None:
+    """Rewrite a safetensors file's header with its ``__metadata__`` keys sorted.
+
+    safetensors serialises the metadata from a Rust ``HashMap``, whose order is random per
+    map: the LoRA file (two metadata keys, ``format`` and ``lora_adapter_metadata``) came out
+    in either order, so two runs with equal tensors wrote different bytes (the CI failure of
+    the kill -9 test, reproduced here 1 run in 2). Tensor entries keep their order; the data
+    offsets are relative to the end of the header, so only the header is rewritten."""
+    import struct
+
+    raw = Path(path).read_bytes()
+    (n,) = struct.unpack("<Q", raw[:8])
+    header = json.loads(raw[8 : 8 + n])
+    meta = header.get("__metadata__")
+    if not meta:
+        return
+    header["__metadata__"] = dict(sorted(meta.items()))
+    text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
+    text += b" " * (-len(text) % 8)  # the format aligns the data to 8 bytes
+    Path(path).write_bytes(struct.pack("<Q", len(text)) + text + raw[8 + n :])
 
 
 def merged_unet_state_dict(unet: torch.nn.Module) -> dict[str, torch.Tensor]:
