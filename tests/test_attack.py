@@ -265,6 +265,25 @@ def test_resume_from_state_continues_exactly(tmp_path):
         assert torch.equal(x, y)
 
 
+def test_stop_at_then_continue_is_the_whole_attack(tmp_path):
+    """An attack stopped at step 3 (a segment) and continued from its state ends where the
+    uninterrupted attack does, with the whole schedule (cosine over 5 steps, not 3)."""
+    cfg = config(steps=5, checkpoint_every=10, batch_size=2, grad_accumulation=1,
+                 precision="fp32", lr=1e-2, schedule="cosine")  # fmt: skip
+    ref = Bundle()
+    ref_losses = run_attack(ref, _data(), cfg).losses
+    first = Bundle()
+    part = run_attack(first, _data(), cfg, state_dir=tmp_path, stop_at=3)
+    assert part.steps == 3 and part.losses == ref_losses[:3]
+    second = Bundle()
+    res = run_attack(second, _data(), cfg, state_dir=tmp_path)
+    assert res.resumed_from == 3 and res.losses == ref_losses
+    for x, y in zip(ref.unet.parameters(), second.unet.parameters()):
+        assert torch.equal(x, y)
+    with pytest.raises(ValueError, match="stop_at"):
+        run_attack(Bundle(), _data(), cfg, stop_at=6)
+
+
 def test_fp16_on_cpu_falls_back_to_fp32_with_a_warning(caplog):
     with caplog.at_level(logging.WARNING, logger="resalign.attack"):
         res = run_attack(Bundle(), _data(), config(**{**FAST, "precision": "fp16"}))

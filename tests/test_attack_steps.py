@@ -70,9 +70,13 @@ def test_attack_evaluate_report_steps(tmp_path):
         if node.kind == "evaluate":
             evals[node.name] = out
 
-    stats = json.loads((done["attack/original/poisoned/seed1"] / "stats.json").read_text())
+    stats = json.loads((done["attack/original/poisoned/seed1/step2"] / "stats.json").read_text())
     assert len(stats["poisoned_positions"]) == round(0.5 * 8) and stats["precision"] == "fp32"
-    assert (done["attack/original/benign/seed2"] / "checkpoints/step1/unet/config.json").is_file()
+    assert (done["attack/original/benign/seed2/step1"] / "unet/config.json").is_file()
+    assert (done["attack/original/benign/seed2/step1"] / "resume/checkpoint.pt").is_file()
+    # the segment to step 2 continued the one to step 1
+    st2 = json.loads((done["attack/original/benign/seed2/step2"] / "stats.json").read_text())
+    assert st2["resumed_from"] == 1 and st2["steps"] == 2
     m = json.loads((evals["evaluate/original/benign/seed1/step2"] / "metrics.json").read_text())
     assert set(m) == {"concept_rate", "retain_accuracy", "classifier_fid"}
     assert m["concept_rate"]["definition"] == "concept_rate" and m["concept_rate"]["version"] == "1"

@@ -32,8 +32,10 @@ def test_unlearning_starts_before_the_original_models_attacks(tmp_path: Path) ->
     # graph order puts the original model's attacks first; the unlearning row's chain
     # (unlearn -> attack -> evaluate) is longer, so it must start first
     graph_order = [n.name for n in nodes]
-    assert graph_order.index("attack/original/a/seed1") < graph_order.index("unlearn/plain/seed0")
-    assert names.index("unlearn/plain/seed0") < names.index("attack/original/a/seed1")
+    assert graph_order.index("attack/original/a/seed1/step2") < graph_order.index(
+        "unlearn/plain/seed0"
+    )
+    assert names.index("unlearn/plain/seed0") < names.index("attack/original/a/seed1/step2")
     # still a topological order: a dependency is never started after its dependant
     for n in graph:
         assert all(names.index(d) < names.index(n.name) for d in n.deps.values())

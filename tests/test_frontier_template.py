@@ -25,12 +25,13 @@ def test_frontier_template_cells():
         assert list(rc.spec.spec.threats) == ["poison5_adam_3e-4"]
         g = compile_spec(rc.spec)
         assert g["model"].key == demo["model"].key
-        assert len(g.of_kind("unlearn")) == 6 and len(g.of_kind("attack")) == 14
+        # 7 attacked models (original, 2 rows x 3 seeds) x 2 attack seeds x 3 segments
+        assert len(g.of_kind("unlearn")) == 6 and len(g.of_kind("attack")) == 7 * 2 * 3
     g50 = compile_spec(cells[0].spec)
     for name in (
         "unlearn/resalign/seed0",
         "unlearn/plain/seed0",
-        "attack/plain/seed0/poison5_adam_3e-4/seed2",
+        "attack/plain/seed0/poison5_adam_3e-4/seed2/step50",
         "evaluate/resalign/seed0/poison5_adam_3e-4/seed1/step100",
     ):
         assert g50[name].key == demo[name].key, name

@@ -43,10 +43,11 @@ def test_nodes_and_dependencies(tmp_path: Path) -> None:
     assert [n.name for n in g.of_kind("unlearn")] == ["unlearn/resalign/seed0"]  # none: none
     attacks = {n.name for n in g.of_kind("attack")}
     assert attacks == {
-        f"attack/{r}/{t}/seed{s}"
+        f"attack/{r}/{t}/seed{s}/step{n}"
         for r in ("original", "resalign/seed0", "nothing")
-        for t, seeds in (("a", (1, 2)), ("b", (42,)))
+        for t, seeds, steps in (("a", (1, 2), (2, 4)), ("b", (42,), (3,)))
         for s in seeds
+        for n in steps
     }
     evals = g.of_kind("evaluate")
     assert len(evals) == 3 * (1 + 2 * 2 + 1)
@@ -55,17 +56,21 @@ def test_nodes_and_dependencies(tmp_path: Path) -> None:
     assert u.params["unlearn"]["seed"] == 0 and u.row == "resalign" and u.unlearn_seed == 0
     assert "seeds" not in u.params["unlearn"]  # the node carries its one seed, not the list
     # the poisoned threat reads the harvest through the mix dataset
-    b = g["attack/resalign/seed0/b/seed42"]
+    b = g["attack/resalign/seed0/b/seed42/step3"]
     assert b.deps["harvest:p__harvest"] == "harvest/p__harvest"
     assert b.deps["unlearn"] == "unlearn/resalign/seed0"
     assert "seeds" not in b.params["threat"] and b.params["seed"] == 42
+    assert "eval_at" not in b.params["threat"] and b.params["stop"] == 3 and "resume" not in b.deps
+    # the segment to step 4 continues the one to step 2 (an ordering dep, not in the key)
+    a4 = g["attack/resalign/seed0/a/seed2/step4"]
+    assert a4.deps["resume"] == "attack/resalign/seed0/a/seed2/step2" and a4.step == 4
     assert set(b.params["datasets"]) == {"keep", "mixed", "p", "p__harvest"}
     e = g["evaluate/resalign/seed0/a/seed2/step2"]
     assert (e.row, e.unlearn_seed, e.threat, e.seed, e.step) == ("resalign", 0, "a", 2, 2)
     assert dict(e.deps) == {
         "model": "model",
         "unlearn": "unlearn/resalign/seed0",
-        "attack": "attack/resalign/seed0/a/seed2",
+        "attack": "attack/resalign/seed0/a/seed2/step2",
     }
     pre = g["evaluate/original/pre/step0"]
     assert dict(pre.deps) == {"model": "model"} and pre.threat is None and pre.step == 0
@@ -77,9 +82,9 @@ def test_nodes_and_dependencies(tmp_path: Path) -> None:
 
 def test_none_row_shares_keys_with_original(tmp_path: Path) -> None:
     g = graph(tmp_path)
-    assert g["attack/nothing/a/seed1"].key == g["attack/original/a/seed1"].key
+    assert g["attack/nothing/a/seed1/step2"].key == g["attack/original/a/seed1/step2"].key
     assert g["evaluate/nothing/pre/step0"].key == g["evaluate/original/pre/step0"].key
-    assert g["attack/resalign/seed0/a/seed1"].key != g["attack/original/a/seed1"].key
+    assert g["attack/resalign/seed0/a/seed1/step2"].key != g["attack/original/a/seed1/step2"].key
 
 
 def test_plan_renderings(tmp_path: Path) -> None:
@@ -112,10 +117,12 @@ def test_unlearning_seeds_give_a_branch_each(tmp_path: Path) -> None:
         assert n.params["unlearn"]["seed"] == n.unlearn_seed
     e = g["evaluate/plain/seed5/a/seed1/step4"]
     assert e.deps["unlearn"] == "unlearn/plain/seed5" and e.unlearn_seed == 5
-    assert e.deps["attack"] == "attack/plain/seed5/a/seed1"
+    assert e.deps["attack"] == "attack/plain/seed5/a/seed1/step4"
     # 'none' rows have no unlearning seed: one branch
     assert {n.name for n in g.of_kind("attack") if n.row == "nothing"} == {
-        "attack/nothing/a/seed1", "attack/nothing/a/seed2", "attack/nothing/b/seed42"}  # fmt: skip
+        "attack/nothing/a/seed1/step2", "attack/nothing/a/seed1/step4",
+        "attack/nothing/a/seed2/step2", "attack/nothing/a/seed2/step4",
+        "attack/nothing/b/seed42/step3"}  # fmt: skip
     assert g["report"].params["unlearn_seeds"] == {"resalign": [3, 5], "plain": [3, 5]}
     evals = g.of_kind("evaluate")
     assert len(evals) == 2 * (1 + 2 * 2 + 1) + 2 * 2 * (1 + 2 * 2 + 1)

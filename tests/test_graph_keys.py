@@ -111,7 +111,9 @@ def test_keys_unchanged_when_project_moves(root: Path, base: dict[str, str], tmp
     (moved / "spec.yaml").write_text(SPEC)
     graph = compile_spec(load_spec(moved / "spec.yaml"))
     assert {n.name: n.key for n in graph} == base
-    assert str(moved) in graph["attack/original/ft/seed42"].params["datasets"]["bench"]["path"]
+    assert (
+        str(moved) in graph["attack/original/ft/seed42/step5"].params["datasets"]["bench"]["path"]
+    )
 
 
 def _changed(base: dict[str, str], new: dict[str, str]) -> set[str]:
@@ -135,7 +137,7 @@ def _evals(rows: set[str], pre: bool = True, post: bool = True) -> set[str]:
 
 
 def _attacks(rows: set[str]) -> set[str]:
-    return {f"attack/{PREFIX[r]}/ft/seed42" for r in rows}
+    return {f"attack/{PREFIX[r]}/ft/seed42/step{s}" for r in rows for s in (5, 10)}
 
 
 UNLEARN_DOWN = (
@@ -182,14 +184,18 @@ def test_keys_change_exactly_downstream_of_a_used_param(root, base, old, new, ex
     assert changed == (set(base) if expected == "all" else expected)
 
 
-def test_eval_at_adds_nodes_without_touching_unlearning(root: Path, base: dict[str, str]) -> None:
+def test_an_eval_step_adds_one_segment_and_one_evaluation(root: Path, base: dict[str, str]) -> None:
     new = keys_of(SPEC.replace("eval_at: [5, 10]", "eval_at: [5, 8, 10]"), root)
     assert {n for n in new if n not in base} == {
+        "attack/original/ft/seed42/step8",
         "evaluate/original/ft/seed42/step8",
+        "attack/resalign/seed0/ft/seed42/step8",
         "evaluate/resalign/seed0/ft/seed42/step8",
     }
-    assert new["unlearn/resalign/seed0"] == base["unlearn/resalign/seed0"]
-    assert new["model"] == base["model"]
+    # the segment to step 10 now continues from step 8, and keeps its key (issue 14)
+    assert {n for n in base if new[n] != base[n]} == {"report"}
+    removed = keys_of(SPEC.replace("eval_at: [5, 10]", "eval_at: [10]"), root)
+    assert {n for n in removed if removed[n] != base.get(n)} == {"report"}
 
 
 def test_data_content_changes_keys_of_readers(root: Path, base: dict[str, str]) -> None:
@@ -216,7 +222,7 @@ def test_shared_prefix_shares_nodes(root: Path, base: dict[str, str]) -> None:
         "  ft: {", "  ft2: {data: bench, steps: 3}\n  ft: {"
     )
     new = keys_of(other, root)
-    for name in ("model", "unlearn/resalign/seed0", "attack/resalign/seed0/ft/seed42"):
+    for name in ("model", "unlearn/resalign/seed0", "attack/resalign/seed0/ft/seed42/step10"):
         assert new[name] == base[name]
 
 
@@ -235,7 +241,8 @@ def test_adding_an_unlearning_seed_adds_nodes_and_changes_no_key(root, base) -> 
     assert added == {
         "unlearn/resalign/seed7",
         "evaluate/resalign/seed7/pre/step0",
-        "attack/resalign/seed7/ft/seed42",
+        "attack/resalign/seed7/ft/seed42/step5",
+        "attack/resalign/seed7/ft/seed42/step10",
         "evaluate/resalign/seed7/ft/seed42/step5",
         "evaluate/resalign/seed7/ft/seed42/step10",
     }
@@ -251,7 +258,8 @@ def test_adding_an_attack_seed_adds_nodes_and_changes_no_key(root, base) -> None
     assert added == {
         f"{kind}/{PREFIX[r]}/ft/seed9{tail}"
         for r in ALL_ROWS
-        for kind, tail in (("attack", ""), ("evaluate", "/step5"), ("evaluate", "/step10"))
+        for kind in ("attack", "evaluate")
+        for tail in ("/step5", "/step10")
     }
     assert {n for n in base if new[n] != base[n]} == {"report"}
 
@@ -279,7 +287,8 @@ WITH_PLAIN = SPEC.replace("threats:\n", "baselines:\n  plain: {method: plain}\nt
 PLAIN_DOWN = {
     "unlearn/plain/seed0",
     "evaluate/plain/seed0/pre/step0",
-    "attack/plain/seed0/ft/seed42",
+    "attack/plain/seed0/ft/seed42/step5",
+    "attack/plain/seed0/ft/seed42/step10",
     "evaluate/plain/seed0/ft/seed42/step5",
     "evaluate/plain/seed0/ft/seed42/step10",
 }
@@ -335,7 +344,7 @@ def test_key_params_is_the_declared_projection(root) -> None:
     assert "resilience" in res["unlearn"] and set(res["meta_datasets"]) == {"keep"}
     assert (
         "checkpoint_every"
-        not in key_params("attack", g["attack/plain/seed0/ft/seed42"].params)["threat"]
+        not in key_params("attack", g["attack/plain/seed0/ft/seed42/step5"].params)["threat"]
     )
 
 
@@ -364,7 +373,7 @@ def test_plan_names_the_changed_parameter(root) -> None:
     assert "[to run (parameter changed: unlearn.resilience.beta 0.8 → 0.5)]" in line(
         "unlearn/resalign/seed0"
     )
-    assert "(upstream changed)" in line("attack/resalign/seed0/ft/seed42")
+    assert "(upstream changed)" in line("attack/resalign/seed0/ft/seed42/step5")
     assert "(new)" in line("unlearn/plain/seed0")  # same key as recorded: never ran
 
 

@@ -130,7 +130,7 @@ def test_parse_eval_name_both_forms():
     assert tuple(parse_eval_name("evaluate/plain/seed3/poison/seed1/step25")) == (
         "plain", 3, "poison", 1, 25)  # fmt: skip
     with pytest.raises(ValueError):
-        parse_eval_name("attack/plain/seed3/poison/seed1")
+        parse_eval_name("attack/plain/seed3/poison/seed1/step25")
 
 
 def test_cells_aggregate_over_unlearning_and_attack_seeds(report):

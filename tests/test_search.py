@@ -107,8 +107,8 @@ def test_trial_nodes_have_the_fixed_threats_keys(tmp_path):
     )
     fg = compile_spec(load_spec(fixed))
     for row in ("original", "plain/seed0"):
-        t = tg[f"attack/{row}/poison:trial4/seed1"]
-        f = fg[f"attack/{row}/poison/seed1"]
+        t = tg[f"attack/{row}/poison:trial4/seed1/step2"]
+        f = fg[f"attack/{row}/poison/seed1/step2"]
         assert t.key == f.key and t.params == f.params
         assert (
             tg[f"evaluate/{row}/poison:trial4/seed1/step2"].key

@@ -103,8 +103,8 @@ def test_searched_threat_resumes_after_kill_and_reports_worst_case(tmp_path):
     runs = c.search_runs([exp.experiment_id], "tags.`resalign.search.trial` = '2'")
     names = {x.data.tags["resalign.node.name"] for x in runs}
     assert names == {
-        "attack/original/poison:trial2/seed1",
-        "attack/plain/seed0/poison:trial2/seed1",
+        "attack/original/poison:trial2/seed1/step2",
+        "attack/plain/seed0/poison:trial2/seed1/step2",
     }
     tags = runs[0].data.tags
     assert (

@@ -80,6 +80,8 @@ def test_model_folders_are_referenced_not_uploaded_unless_asked(tmp_path):
     (node / "images").mkdir()
     (node / "images" / "0.png").write_bytes(b"png")
     (node / "stats.json").write_text("{}")
+    (node / "resume").mkdir()  # an attack segment's training state: never uploaded
+    (node / "resume" / "checkpoint.pt").write_bytes(b"s" * 100)
     uri = f"sqlite:///{tmp_path / 'm.db'}"
     c = MlflowClient(uri)
     exp = c.create_experiment("a", artifact_location=artifact_location(uri, tmp_path))
@@ -98,11 +100,14 @@ def test_model_folders_are_referenced_not_uploaded_unless_asked(tmp_path):
     assert index == skipped
     assert [(s["artifact"], s["local"], s["bytes"]) for s in index] == [
         ("checkpoints/step2/unet", str(node / "checkpoints/step2/unet"), 4098),
+        ("resume", str(node / "resume"), 100),
         ("unet", str(node / "unet"), 4098),
     ]
 
     full = c.create_run(exp).info.run_id
-    assert log_node_artifacts(c, full, node, log_models=True) == []
+    assert log_node_artifacts(c, full, node, log_models=True) == [
+        {"artifact": "resume", "local": str(node / "resume"), "bytes": 100}
+    ]
     assert _paths(c, full) == {
         "stats.json",
         "lora/pytorch_lora_weights.safetensors",
@@ -111,4 +116,5 @@ def test_model_folders_are_referenced_not_uploaded_unless_asked(tmp_path):
         "unet/diffusion_pytorch_model.safetensors",
         "checkpoints/step2/unet/config.json",
         "checkpoints/step2/unet/diffusion_pytorch_model.safetensors",
+        "local_models.json",  # lists resume/
     }

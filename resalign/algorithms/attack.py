@@ -130,7 +130,7 @@ class AttackConfig:
 class AttackResult:
     """Summary of a finished attack."""
 
-    steps: int
+    steps: int  # the last step run (``stop_at``, else the attack's length)
     precision: str  # what actually ran (may differ from the request, see notes)
     losses: list[float]
     trainable: int  # number of trained scalars
@@ -290,6 +290,7 @@ def run_attack(
     state_dir: Path | None = None,
     device: torch.device | str | None = None,
     checkpoints: Any = None,
+    stop_at: int | None = None,
 ) -> AttackResult:
     """Fine-tune ``bundle.unet`` in place on ``data`` as the attack ``config`` says.
 
@@ -300,7 +301,13 @@ def run_attack(
     step)`` and ``load_checkpoint() -> (state, step) | None``, e.g. a step's context) does the
     same through it instead of files of its own. ``on_eval`` of steps before the resume point
     is not repeated: the caller must keep what it wrote then under durable storage too.
+    ``stop_at`` ends the loop after that step (a checkpoint is written there) with the
+    schedule of the whole ``config.steps``: continuing from that checkpoint later is the
+    uninterrupted attack, bitwise (an attack segment, :mod:`resalign.steps.attack`).
     """
+    stop = config.steps if stop_at is None else int(stop_at)
+    if not 0 < stop <= config.steps:
+        raise ValueError(f"stop_at must be in 1..{config.steps}, not {stop_at}")
     unet = bundle.unet
     dev = torch.device(device) if device is not None else next(unet.parameters()).device
     precision, note = resolve_precision(config.precision, dev)
@@ -373,7 +380,7 @@ def run_attack(
 
     unet.train()
     eval_steps = set(eval_at)
-    for step in range(start, config.steps):
+    for step in range(start, stop):
         total = 0.0
         for _ in range(config.grad_accumulation):
             latents, cond = batch(data, sampler)
@@ -404,7 +411,7 @@ def run_attack(
             on_eval(done, unet)
             unet.train()
         durable = checkpoints is not None or state_path is not None
-        if durable and (done % config.checkpoint_every == 0 or done == config.steps):
+        if durable and (done % config.checkpoint_every == 0 or done in (stop, config.steps)):
             state = {
                 "step": done,
                 "params": {n: p.detach().cpu().clone() for n, p in named},
@@ -422,7 +429,7 @@ def run_attack(
                 _save_state(state_path, state)  # type: ignore[arg-type]
     unet.eval()
     return AttackResult(
-        steps=config.steps,
+        steps=stop,
         precision=precision,
         losses=losses,
         trainable=sum(p.numel() for p in params),

@@ -33,6 +33,7 @@ from .progress import ProgressUI
 from .store import read_json, truncate_metrics
 
 CHECKPOINT = "checkpoint.pt"
+RESUME = "resume"  # where a result keeps the state a later node continues from
 
 
 class NodeContext:
@@ -162,6 +163,35 @@ class NodeContext:
         ck = torch.load(path, map_location=map_location, weights_only=True)
         self.resumed_from(int(ck["step"]))
         return ck["state"], int(ck["step"])
+
+    def export_checkpoint(self) -> None:
+        """Copy the last checkpoint and the metric history into ``out/resume/`` (see
+        :meth:`adopt_checkpoint`)."""
+        src = self.state / CHECKPOINT
+        if not src.is_file():
+            raise RuntimeError(f"{self.node.name}: no checkpoint to export in {self.state}")
+        self.sync_metrics()
+        dst = self.out / RESUME
+        dst.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(src, dst / CHECKPOINT)
+        if self.metrics_path.is_file():
+            shutil.copy2(self.metrics_path, dst / "metrics.jsonl")
+
+    def adopt_checkpoint(self, node_out: Path) -> bool:
+        """Make the checkpoint another node exported (``node_out/resume/``) this node's own,
+        with its metric history, unless this node already has a checkpoint (an interrupted
+        attempt got further). Call before :meth:`load_checkpoint`. False when there is
+        nothing to adopt (the resume folder was deleted): the step starts from scratch."""
+        src = Path(node_out) / RESUME
+        if (self.state / CHECKPOINT).is_file() or not (src / CHECKPOINT).is_file():
+            return False
+        self._close_metrics()
+        shutil.copy2(src / CHECKPOINT, self.state / CHECKPOINT)
+        if (src / "metrics.jsonl").is_file():
+            shutil.copy2(src / "metrics.jsonl", self.metrics_path)
+        else:
+            self.metrics_path.unlink(missing_ok=True)
+        return True
 
     def close(self) -> None:
         self._close_metrics()

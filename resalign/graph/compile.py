@@ -1,7 +1,7 @@
 """Compile a resolved spec into the execution graph (docs/architecture.md, "The graph").
 
     model ─► harvest/<ds> (implied or declared harvest datasets that something reads)
-      └────► unlearn/<row>/seed<u> ─► attack/<row>/seed<u>/<threat>/seed<a>
+      └────► unlearn/<row>/seed<u> ─► attack/<row>/seed<u>/<threat>/seed<a>/step<n> ─► (next step)
                                  │       └─► evaluate/<row>/seed<u>/<threat>/seed<a>/step<n>
                                  └─► evaluate/<row>/seed<u>/pre/step0                  ─► report
 
@@ -13,7 +13,7 @@ in ``key_exclude`` (labels, checkpoint cadence, bitwise-neutral memory levers; f
 without a resilience term, ``unlearn.resilience`` and ``meta_datasets``).
 
 The row ``original`` (and any row whose method is ``none``) has no unlearn node and no
-``seed<u>`` segment: ``attack/original/<threat>/seed<a>``, ``evaluate/original/pre/step0``;
+``seed<u>`` segment: ``attack/original/<threat>/seed<a>/step<n>``, ``evaluate/original/pre/step0``;
 its attacks and evaluations start from the model node. Each node's params are exactly the resolved values
 its step reads; dataset and model locations carry a fingerprint (see :mod:`.keys`).
 Departure from the table in the architecture notes: ``model.allow_download`` is left out of
@@ -207,21 +207,28 @@ class _Compiler:
         evals: list[str] = []
         # ``search`` left out: a search trial's threat (search None) has the key of the
         # fixed threat with its values, and a spec without search keeps its keys.
-        tparams = t.model_dump(mode="json", exclude={"seeds", "search"})
+        tparams = t.model_dump(mode="json", exclude={"seeds", "search", "eval_at"})
         datasets = self.closure([t.data, t.poison.data if t.poison else None, t.prior])
         for seed in t.seeds:
-            params = {"threat": tparams, "seed": seed, "datasets": datasets}
             deps = {**base, **self.harvest_deps(datasets)}
-            at = self.add(
-                "attack",
-                f"attack/{prefix}/{tname}/seed{seed}",
-                params,
-                deps,
-                threat=tname,
-                seed=seed,
-                **loc,
-            )
-            for step in t.eval_at:
+            prev: str | None = None
+            for step in sorted(set(t.eval_at)):
+                # one segment per evaluation step: its key is the attack and where it stops,
+                # not the list of evaluation steps (steps/attack.py); ``resume`` orders it
+                # after the previous segment, whose state it continues, and is not in the key
+                params = {"threat": tparams, "seed": seed, "stop": step, "datasets": datasets}
+                seg_deps = dict(deps) if prev is None else {**deps, "resume": prev}
+                at = self.add(
+                    "attack",
+                    f"attack/{prefix}/{tname}/seed{seed}/step{step}",
+                    params,
+                    seg_deps,
+                    threat=tname,
+                    seed=seed,
+                    step=step,
+                    **loc,
+                )
+                prev = at.name
                 evals.append(
                     self.add(
                         "evaluate",
@@ -298,7 +305,8 @@ def compile_spec(resolved: ResolvedSpec) -> Graph:
     """The execution graph of ``resolved``, nodes in topological order.
 
     Node names: ``model``, ``harvest/<dataset>``, ``unlearn/<row>/seed<u>``,
-    ``attack/<row>/seed<u>/<threat>/seed<a>``, ``evaluate/<row>/seed<u>/pre/step0`` (before
+    ``attack/<row>/seed<u>/<threat>/seed<a>/step<n>`` (the attack's segment that ends at
+    evaluation step ``n``; ``resume`` dep: the previous segment), ``evaluate/<row>/seed<u>/pre/step0`` (before
     any attack: ``threat`` and ``seed`` None, ``step`` 0),
     ``evaluate/<row>/seed<u>/<threat>/seed<a>/step<n>`` (``u`` an unlearning seed of the
     row, ``a`` an attack seed of the threat; rows without unlearning have no ``seed<u>``

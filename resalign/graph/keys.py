@@ -3,7 +3,8 @@
 A key is ``sha256`` of the canonical JSON (sorted keys, no whitespace) of the node's kind, its
 step's code version, the parameters it reads (its params minus what the step class declares
 in ``key_exclude``: labels, checkpoint cadence, bitwise-neutral levers; see
-:func:`key_params`) and its upstream (role, key) pairs. Locations are not
+:func:`key_params`) and its upstream (role, key) pairs, except the roles in
+:data:`ORDER_ROLES`. Locations are not
 content: a parameter ``path`` / ``pretrained`` with a sibling ``fingerprint``, or ``<x>_path``
 with a sibling ``<x>_fingerprint``, is left out of the key and the fingerprint stands for it, so
 moving the project keeps keys while another checkpoint at the same path changes them.
@@ -25,6 +26,13 @@ _WHOLE_LIMIT = 8 << 20
 _EDGE = 1 << 20
 _META_NAMES = {"metadata.jsonl", "metadata.csv"}
 _SKIP_DIRS = {".git", ".cache", "__pycache__"}
+
+
+# Dependencies that order a node and let it start from the upstream's saved state without
+# changing its result: an attack segment's ``resume`` (the previous segment, which it
+# continues bitwise and could equally recompute). Not in the key, so adding an evaluation step
+# between two others leaves the later segment's key as it was.
+ORDER_ROLES = frozenset({"resume"})
 
 
 def canonical_json(obj: Any) -> str:
@@ -139,11 +147,13 @@ def key_params(kind: str, params: Mapping[str, Any]) -> dict[str, Any]:
 
 def node_key(kind: str, params: Mapping[str, Any], upstream: Mapping[str, str]) -> str:
     """sha256 of kind, step version, the key view of the step's key parameters
-    (:func:`key_params`) and sorted (role, upstream key)."""
+    (:func:`key_params`) and sorted (role, upstream key) without :data:`ORDER_ROLES`."""
     payload = {
         "kind": kind,
         "version": step_version(kind),
         "params": key_view(key_params(kind, params)),
-        "upstream": sorted([role, key] for role, key in upstream.items()),
+        "upstream": sorted(
+            [role, key] for role, key in upstream.items() if role not in ORDER_ROLES
+        ),
     }
     return hashlib.sha256(canonical_json(payload).encode()).hexdigest()

@@ -1,17 +1,27 @@
-"""The ``attack`` step: one downstream fine-tuning attack (threat × seed) on one model row.
+"""The ``attack`` step: one segment of a downstream fine-tuning attack (threat × seed) on one
+model row, from the start (or the previous evaluation step) to one evaluation step.
 
-Params (graph): ``threat`` (the threat block minus seeds), ``seed``, ``datasets`` (specs of the
-data it reads). Inputs: ``model``, ``unlearn`` (absent for the original row), harvests.
-Outputs: ``checkpoints/step<n>/unet/`` (merged UNet, ``save_pretrained`` layout) for every
-``eval_at`` step, ``stats.json`` (what ran: precision, trainable size, poison positions, loss).
-Checkpoints are first written under ``ctx.state`` so a resumed attack still has the
-evaluation checkpoints it wrote before the crash.
+Params (graph): ``threat`` (the threat block minus seeds, ``eval_at`` and ``search``),
+``seed``, ``stop`` (the evaluation step this segment ends at), ``datasets`` (specs of the data
+it reads). Inputs: ``model``, ``unlearn`` (absent for the original row), harvests, and
+``resume``: the segment ending at the previous evaluation step, an ordering dependency that
+is not in the key (:data:`resalign.graph.keys.ORDER_ROLES`).
+Outputs: ``unet/`` (the merged UNet at ``stop``, ``save_pretrained`` layout), ``stats.json``
+(what ran: precision, trainable size, poison positions, loss), ``metrics.jsonl`` (the loss from
+step 1), and, when the attack goes on past ``stop``, ``resume/checkpoint.pt``: the full state
+(trainable tensors, optimizer, schedule, generator, sampler position) at ``stop``.
+
+Why segments (issue 14): the key of the segment to step ``s`` is the attack's settings and
+``s``, not the list of evaluation steps, so adding an evaluation step adds one segment (from
+the nearest earlier one, whose saved state it continues bitwise) and one evaluation, and
+re-runs nothing else. Segments continued from a saved state equal the uninterrupted attack
+bitwise (tests/test_attack_segments.py). The price is disk: each segment before the last keeps
+its full training state (for a full fine-tune, the UNet and two Adam moments).
 """
 
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -38,7 +48,7 @@ def row_unet(inputs: Any) -> tuple[Path | None, Path | None]:
 @register
 class AttackStep(Step):
     kind = "attack"
-    version = "1"
+    version = "2"  # 2: one node per evaluation step (segments)
     # Left out of the key (issue 14): the checkpoint cadence (a resumed attack continues
     # bitwise, tests/test_attack.py).
     key_exclude = ("threat.checkpoint_every",)
@@ -71,9 +81,11 @@ class AttackStep(Step):
         elif getattr(data, "prior", None) is not None:
             prior = data.prior
 
-        ckpt_root = Path(ctx.state) / "checkpoints"
+        stop = int(ctx.params["stop"])
+        if "resume" in ctx.inputs:
+            ctx.adopt_checkpoint(Path(ctx.inputs["resume"]))
         # the step of the checkpoint resumed from, then of the last one written (the loop
-        # writes it right after the callback of a checkpoint step, whose weights are checked)
+        # writes one right after the callback of a checkpoint step, whose weights are checked)
         last_ok: list[int | None] = [None]
 
         class Checkpoints:
@@ -98,18 +110,14 @@ class AttackStep(Step):
                 last_checkpoint=last_ok[0],
             )
 
-        def on_eval(step: int, unet: Any) -> None:
-            check_weights(step)
-            save_merged_unet(unet, ckpt_root / f"step{step}" / "unet")
-
-        with ctx.progress(config.steps, f"attack {ctx.node.name}") as bar:
+        with ctx.progress(stop, f"attack {ctx.node.name}") as bar:
 
             def callback(step: int, m: Any) -> None:
                 ctx.log_metrics({"attack/loss": m["loss"], "attack/lr": m["lr"]}, step=step)
                 check_finite_stats(
                     ctx, m, step, setting=DIVERGED, last_checkpoint=last_ok[0], terms=["loss"]
                 )
-                if step % config.checkpoint_every == 0 or step == config.steps:
+                if step % config.checkpoint_every == 0 or step == stop:
                     check_weights(step)
                 bar.advance(1)
 
@@ -118,18 +126,15 @@ class AttackStep(Step):
                 data,
                 config,
                 prior=prior,
-                eval_at=threat.get("eval_at") or [config.steps],
-                on_eval=on_eval,
                 callback=callback,
                 device=ctx.device,
                 checkpoints=Checkpoints(),
+                stop_at=stop,
             )
-        out_ckpt = Path(ctx.out) / "checkpoints"
-        for step in threat.get("eval_at") or [config.steps]:
-            src = ckpt_root / f"step{step}"
-            if not src.is_dir():
-                raise RuntimeError(f"attack checkpoint for step {step} is missing in {src}")
-            shutil.copytree(src, out_ckpt / f"step{step}", dirs_exist_ok=True)
+        check_weights(stop)
+        save_merged_unet(bundle.unet, Path(ctx.out) / "unet")
+        if stop < config.steps:
+            ctx.export_checkpoint()  # the state the next segment continues from
         stats = {
             **result.as_dict(),
             "config": {k: getattr(config, k) for k in config.__dataclass_fields__},

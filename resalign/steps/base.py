@@ -18,6 +18,12 @@ step so the history has no duplicates; a step that declares nothing gets the res
 inferred from its first logged step (records at or after it are dropped), so log in
 increasing step order. ``log_metrics(..., step=None)`` records step 0.
 
+Continuing another node. ``ctx.export_checkpoint()`` puts the last checkpoint and the metric
+history so far into the result (``resume/``); a later node given that result as an input
+calls ``ctx.adopt_checkpoint(input_folder)`` before ``load_checkpoint`` and starts from
+there (unless it has a checkpoint of its own from an interrupted attempt). Attack segments
+use this (resalign/steps/attack.py).
+
 Non-finite means failed. A step checks the terms it already receives per step (its method's
 stats callback, its loop's loss callback) with :func:`check_finite_stats` and the weights it
 is about to checkpoint or save with :func:`check_finite_weights`; either raises
@@ -66,6 +72,10 @@ class StepContext(Protocol):
     def save_checkpoint(self, state: Mapping[str, Any], step: int) -> None: ...
 
     def load_checkpoint(self, map_location: str = "cpu") -> tuple[dict[str, Any], int] | None: ...
+
+    def export_checkpoint(self) -> None: ...
+
+    def adopt_checkpoint(self, node_out: Path) -> bool: ...
 
 
 class Step:

@@ -56,9 +56,7 @@ class EvaluateStep(Step):
         step = int(ctx.params.get("step", 0))
         out = Path(ctx.out)
         if "attack" in ctx.inputs:
-            unet_dir: Path | None = (
-                Path(ctx.inputs["attack"]) / "checkpoints" / f"step{step}" / "unet"
-            )
+            unet_dir: Path | None = Path(ctx.inputs["attack"]) / "unet"  # the segment to ``step``
             trainable = None
         else:
             unet_dir, trainable = row_unet(ctx.inputs)

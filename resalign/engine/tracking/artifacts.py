@@ -7,6 +7,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+from ..context import RESUME
 from .records import NodeRecord, _log_batch_chunked, _params_entities, _tags
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt")
@@ -30,10 +31,9 @@ def log_node_artifacts(client: Any, run_id: str, root: Path, *, log_models: bool
     """Upload a completed node's folder to its run. Without ``log_models`` model folders
     (:func:`is_model_folder`: a merged UNet is 3.4 GB for SD) are not uploaded; the run gets
     ``local_models.json`` (artifact path, local path, bytes of each) instead, and every other
-    file (LoRA weights, metrics, images, stats). Returns the skipped folders."""
-    if log_models:
-        client.log_artifacts(run_id, str(root))
-        return []
+    file (LoRA weights, metrics, images, stats). The training state a later node continues
+    from (``resume/``: for a full fine-tune the UNet and two Adam moments) is never uploaded,
+    only listed there. Returns the folders not uploaded."""
     skipped: list[dict] = []
 
     def holds_model(d: Path) -> bool:
@@ -43,9 +43,9 @@ def log_node_artifacts(client: Any, run_id: str, root: Path, *, log_models: bool
         for p in sorted(d.iterdir()):
             r = f"{rel}/{p.name}" if rel else p.name
             if p.is_dir():
-                if is_model_folder(p):
+                if (not rel and p.name == RESUME) or (not log_models and is_model_folder(p)):
                     skipped.append({"artifact": r, "local": str(p), "bytes": _tree_size(p)})
-                elif holds_model(p):
+                elif not log_models and holds_model(p):
                     visit(p, r)
                 else:  # one call per plain folder (images/), not per file
                     client.log_artifacts(run_id, str(p), artifact_path=r)
