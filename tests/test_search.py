@@ -67,6 +67,18 @@ def _write(tmp_path: Path, search_yaml: str, name: str = "s") -> Path:
             "unknown dataset 'nosuch'",
             6,
         ),
+        (  # metric names are checked against what evaluate.metrics writes, before any trial
+            "space: {lr: {log_uniform: [1.0e-4, 1.0e-2]}}\n"
+            "constraint: {metric: retain_acc, min: 0.5}",
+            "no metric in evaluate.metrics writes 'retain_acc'",
+            7,
+        ),
+        (
+            "space: {lr: {log_uniform: [1.0e-4, 1.0e-2]}}\nobjective: {metric: nudenet_ip}\n"
+            "constraint: {metric: retain_accuracy, min: 0.5}",
+            "search.objective.metric: no metric in evaluate.metrics writes 'nudenet_ip'",
+            7,
+        ),
     ],
 )
 def test_search_block_errors_name_file_line_and_exit_2(tmp_path, search, message, line):

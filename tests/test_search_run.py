@@ -117,3 +117,57 @@ def _round(log: Path, k: int) -> str:
     text = log.read_text()
     i = text.find(f": trial {k}: ")
     return "" if i < 0 else text[i:]
+
+
+@pytest.mark.slow
+def test_a_diverging_trial_is_told_failed_and_the_search_goes_on(tmp_path):
+    """A trial whose attack diverges (lr 1e30: NonFiniteError) is recorded as failed, told to
+    the sampler as FAIL and left out of the worst case; the other trial still runs, and a
+    second invocation runs nothing (the recorded failure is not retried)."""
+    from click.testing import CliRunner
+
+    from resalign.cli import cli
+    from resalign.engine.search import study_records
+    from resalign.graph.compile import compile_spec
+    from resalign.spec import load_spec
+
+    spec = tmp_path / "diverge.yaml"
+    spec.write_text(
+        f"extends: {SPEC}\nname: tiny_diverge\nbaselines: !reset\n"
+        "unlearn: {method: none}\n"  # the original row alone
+        "threats:\n  poison:\n    search: !override\n      trials: 2\n      seed: 0\n"
+        "      sampler: grid\n      space: {lr: {choice: [1.0e-3, 1.0e+30]}}\n"
+        "      constraint: {metric: retain_accuracy, min: 0.0}\n"
+    )
+    store = tmp_path / "runs"
+    args = ["run", str(spec), "--store", str(store), "--no-tracking"]
+    res = CliRunner().invoke(cli, args)
+    assert res.exit_code == 0, res.output
+    assert "diverged; its trial is told to the sampler as failed" in res.output
+    resolved = load_spec(spec)
+    records = study_records(resolved, compile_spec(resolved), store)
+    assert records
+    for rec in records:  # original, and the none row (the same nodes)
+        assert len(rec.trials) == 2
+        failed = [t for t in rec.trials if t.failed is not None]
+        ok = [t for t in rec.trials if t.failed is None]
+        assert [t.params["lr"] for t in failed] == [1e30] and [t.params["lr"] for t in ok] == [1e-3]
+        assert "loss is nan at step" in failed[0].failed
+        assert rec.best() is not None and rec.best().number == ok[0].number
+        saved = json.loads((store / "search" / f"{rec.plan.key}.json").read_text())
+        assert saved["failed"] == 1
+        assert [t["objective"] is None for t in saved["trials"]] == [
+            t.failed is not None for t in rec.trials
+        ]
+        import optuna
+
+        db = store / "search" / f"{rec.plan.key}.db"
+        study = optuna.load_study(study_name=rec.plan.name, storage=f"sqlite:///{db}")
+        assert sorted(t.state.name for t in study.trials) == ["COMPLETE", "FAIL"]
+    again = CliRunner().invoke(cli, args)
+    assert again.exit_code == 0, again.output
+    assert not re.findall(r"^done attack/", again.output, re.M)  # nothing ran again
+    rep = CliRunner().invoke(cli, ["report", str(spec), "--store", str(store)])
+    assert rep.exit_code == 0, rep.output
+    md = (store / "reports" / "tiny_diverge" / "report.md").read_text()
+    assert "1/2, 1 diverged" in md

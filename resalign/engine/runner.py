@@ -46,9 +46,11 @@ class RunFailed(Exception):
         resume_command: str,
         interrupted: bool = False,
         user_error: bool = False,
+        results: Mapping[str, NodeResult] | None = None,
     ):
         super().__init__(f"failed: {', '.join(failed)}")
         self.failed = list(failed)
+        self.results = dict(results or {})  # failed node name -> its result
         self.resume_command = resume_command
         self.interrupted = interrupted
         # Exit 2 when every failure was the user's to fix (bad data found mid-run), as for a
@@ -267,7 +269,7 @@ def run_graph(
         ui.line("interrupted; to resume, run:" if interrupted else "to resume, run:")
         ui.line(cmd)
         user_only = bool(failed) and all(r.user_error for r in failed.values())
-        raise RunFailed(list(failed) or ["interrupted"], cmd, interrupted, user_only)
+        raise RunFailed(list(failed) or ["interrupted"], cmd, interrupted, user_only, failed)
     ui.line(
         f"{graph.spec_name}: executed {len(summary.executed)}, cached {len(summary.cached)}"
         + (

@@ -58,6 +58,14 @@ class TrialRecord:
     utility: float
     feasible: bool
     attack_keys: list[str] = field(default_factory=list)
+    failed: str | None = None  # why the trial failed (its attack diverged); objective NaN
+
+    def as_dict(self) -> dict[str, Any]:
+        d = dict(self.__dict__)
+        for k in ("objective", "utility"):  # strict JSON: a failed trial has no value
+            if isinstance(d[k], float) and math.isnan(d[k]):
+                d[k] = None
+        return d
 
 
 @dataclass
@@ -104,9 +112,10 @@ class StudyRecord:
             "budget": self.budget,
             "done": len(self.trials),
             "feasible": sum(t.feasible for t in self.trials),
-            "best": None if best is None else best.__dict__,
+            "best": None if best is None else best.as_dict(),
             "best_so_far": self.best_so_far(),
-            "trials": [t.__dict__ for t in self.trials],
+            "failed": sum(t.failed is not None for t in self.trials),
+            "trials": [t.as_dict() for t in self.trials],
         }
 
 
@@ -225,6 +234,52 @@ def _trial_result(
     return sum(objs) / len(objs), sum(utils) / len(utils), keys
 
 
+FAILED_DIR = "failed"  # under <store>/search/: one JSON per node whose settings diverged
+
+
+def _failure_path(store: Store, kind: str, key: str) -> Path:
+    return store.root / "search" / FAILED_DIR / f"{kind}-{key}.json"
+
+
+def record_failure(store: Store, node: Any, error: str) -> None:
+    """Record that ``node`` (a trial's attack or evaluation) failed because its settings
+    diverged. Keyed by the node's content key: the same settings fail the same way (the
+    attack is deterministic in its seed), so a re-created study tells that trial failed
+    without running it again; other settings are unaffected. Delete the file to retry."""
+    atomic_write_json(
+        _failure_path(store, node.kind, node.key),
+        {"node": node.name, "kind": node.kind, "key": node.key, "error": error},
+    )
+
+
+def _trial_nodes(tg: Graph, plan: StudyPlan, k: int) -> list[Any]:
+    tname = plan.trial_threat(k)
+    return [n for n in tg if n.kind in ("attack", "evaluate") and n.threat == tname
+            and n.row == plan.row and n.unlearn_seed == plan.unlearn_seed]  # fmt: skip
+
+
+def _trial_failure(tg: Graph, plan: StudyPlan, k: int, store: Store) -> str | None:
+    """Why trial ``k`` failed (its first recorded failure), None when none is recorded."""
+    for n in _trial_nodes(tg, plan, k):
+        f = _failure_path(store, n.kind, n.key)
+        if f.is_file():
+            rec = json.loads(f.read_text("utf-8"))
+            return f"{n.name}: {rec.get('error', 'failed')}"
+    return None
+
+
+def _results(
+    tg: Graph, recs: Sequence[tuple[int, StudyRecord]], k: int, store: Store
+) -> dict[int, Any]:
+    """Per study index: why trial ``k`` failed (str), its (objective, utility, attack keys),
+    or None when it is not in the store yet."""
+    out: dict[int, Any] = {}
+    for i, rec in recs:
+        why = _trial_failure(tg, rec.plan, k, store)
+        out[i] = why if why is not None else _trial_result(tg, rec.plan, k, rec.search, store)
+    return out
+
+
 def _violation(constraint: Mapping[str, Any], value: float) -> float:
     if constraint.get("min") is not None:
         return float(constraint["min"]) - value
@@ -270,14 +325,17 @@ def replay(
             threat = threats[records[i].plan.threat].trial(values)
             asked.append((i, trial, values, threat))
         tg = trial_graph(resolved, graph, [(records[i].plan, k, t) for i, _, _, t in asked])
-        found = {i: _trial_result(tg, records[i].plan, k, records[i].search, store)
-                 for i, *_ in asked}  # fmt: skip
+        found = _results(tg, [(i, records[i]) for i, *_ in asked], k, store)
         if run_round is not None and any(v is None for v in found.values()):
             run_round(tg, k, [(records[i].plan, k, v) for i, _, v, _ in asked])
-            found = {i: _trial_result(tg, records[i].plan, k, records[i].search, store)
-                     for i, *_ in asked}  # fmt: skip
+            found = _results(tg, [(i, records[i]) for i, *_ in asked], k, store)
         for i, trial, values, _ in asked:
             res = found[i]
+            if isinstance(res, str):  # diverged: told to the sampler as failed
+                studies[i].tell(trial, state=_optuna().trial.TrialState.FAIL)
+                nan = math.nan
+                records[i].trials.append(TrialRecord(k, values, nan, nan, False, [], res))
+                continue
             if res is None:
                 if run_round is not None:
                     raise RuntimeError(f"{records[i].plan.name}: trial {k} did not complete")
@@ -332,7 +390,7 @@ def run_searches(
     if not search_plans(resolved):
         return []
     from .progress import ProgressUI
-    from .runner import run_graph
+    from .runner import RunFailed, run_graph
 
     ui = ui or ProgressUI()
 
@@ -340,20 +398,34 @@ def run_searches(
         for plan, _, values in trials:
             shown = ", ".join(f"{n}={_short(v)}" for n, v in values.items())
             ui.line(f"search {plan.name}: trial {k}: {shown}")
-        summary = run_graph(
-            tg,
-            resolved,
-            store_root=store_root,
-            executor=executor_factory() if executor_factory else None,
-            tracking=tracking,
-            tracking_uri=tracking_uri,
-            device=device,
-            checkpoint_every=checkpoint_every,
-            ui=ui,
-            command=command,
-            parent_run_id=parent_run_id,
-            run_tags={**(run_tags or {}), "resalign.search.round": str(k)},
-        )
+        store = Store(store_root)
+        while True:
+            # a trial that diverged (recorded) is not run again; its evaluations neither
+            live = drop_failed(tg, trials, store)
+            try:
+                summary = run_graph(
+                    live,
+                    resolved,
+                    store_root=store_root,
+                    executor=executor_factory() if executor_factory else None,
+                    tracking=tracking,
+                    tracking_uri=tracking_uri,
+                    device=device,
+                    checkpoint_every=checkpoint_every,
+                    ui=ui,
+                    command=command,
+                    parent_run_id=parent_run_id,
+                    run_tags={**(run_tags or {}), "resalign.search.round": str(k)},
+                )
+                break
+            except RunFailed as e:
+                diverged = {n: r for n, r in e.results.items() if r.error_type == DIVERGED}
+                if e.interrupted or not diverged or len(diverged) < len(e.failed):
+                    raise  # anything but divergence stops the search, as any failed node
+                for name, r in diverged.items():
+                    record_failure(store, tg[name], (r.error or "").splitlines()[0])
+                    ui.line(f"search: {name} diverged; its trial is told to the sampler "
+                            "as failed and the search goes on")  # fmt: skip
         if summary.parent_run_id and summary.tracking_uri:
             _tag_trial_runs(summary.tracking_uri, summary.parent_run_id, tg, trials, ui)
 
@@ -364,7 +436,11 @@ def run_searches(
         bound = f"{c['metric']} {'>=' if c.get('min') is not None else '<='} "
         bound += str(c["min"] if c.get("min") is not None else c["max"])
         if best is None:
-            ui.line(f"search {rec.plan.name}: no trial of {len(rec.trials)} kept {bound}")
+            failed = sum(t.failed is not None for t in rec.trials)
+            ui.line(
+                f"search {rec.plan.name}: no trial of {len(rec.trials)} kept {bound}"
+                + (f" ({failed} diverged)" if failed else "")
+            )
         else:
             ui.line(
                 f"search {rec.plan.name}: worst case {rec.search['objective']['metric']} "
@@ -372,6 +448,22 @@ def run_searches(
                 f"({bound}: {best.utility:.3f})"
             )
     return records
+
+
+# the error type of a node whose settings diverged (resalign.steps.base.NonFiniteError)
+DIVERGED = "NonFiniteError"
+
+
+def drop_failed(tg: Graph, trials: Sequence[tuple[StudyPlan, int, Any]], store: Store) -> Graph:
+    """``tg`` without the nodes of trials that have a recorded failure (their attack and
+    evaluation nodes); every other node kept, in order."""
+    gone = {n.name for plan, k, _ in trials if _trial_failure(tg, plan, k, store)
+            for n in _trial_nodes(tg, plan, k)}  # fmt: skip
+    if not gone:
+        return tg
+    out = Graph(spec_name=tg.spec_name, spec_hash=tg.spec_hash)
+    out.nodes = {name: n for name, n in tg.nodes.items() if name not in gone}
+    return out
 
 
 def _short(v: Any) -> str:

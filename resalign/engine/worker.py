@@ -133,6 +133,7 @@ def _execute_here(
             error=(disk or e).render() if user else f"{type(e).__name__}: {e}",  # type: ignore[union-attr]
             details=None if user else traceback.format_exc(),
             user_error=user,
+            error_type=type(disk or e).__name__,
             seconds=time.perf_counter() - t0,
             log_seconds=logger.log_seconds if logger else 0.0,
         )

@@ -781,8 +781,10 @@ def search_markdown(table: Mapping[str, Any]) -> str:
         found = "–" if b is None else f"#{b['number']} ({b['number'] + 1} of {s['done']})"
         settings = "–" if b is None else _settings(b["params"])
         useed = "–" if s["unlearn_seed"] is None else str(s["unlearn_seed"])
-        done = f"{s['feasible']}/{s['done']}" + (
-            f" (budget {s['budget']})" if s["done"] < s["budget"] else ""
+        done = (
+            f"{s['feasible']}/{s['done']}"
+            + (f" (budget {s['budget']})" if s["done"] < s["budget"] else "")
+            + (f", {s['failed']} diverged" if s.get("failed") else "")
         )
         lines.append(
             f"| {s['row']} | {useed} | {s['threat']} | {worst} | {util} | {found} | {settings} "
@@ -799,7 +801,8 @@ def search_note(table: Mapping[str, Any]) -> str:
         "<threat>:trial<k>. Every row is searched with the same budget, sampler and seed. "
         "The worst-case column aggregates over unlearning seeds (one study each) with the paired difference "
         "to the reference row. search_best_so_far.png: the best value within the bound after "
-        "each trial (dots: every trial; hollow: outside the bound)."
+        "each trial (dots: every trial; hollow: outside the bound; crosses at 0: diverged, "
+        "told to the sampler as failed)."
     )
 
 
@@ -826,6 +829,9 @@ def plot_best_so_far(searches: Sequence[Mapping[str, Any]], path: Path) -> bool:
                 xs, [float("nan") if v is None else v for v in best], where="post", label=label
             )
             for tr, x in zip(s["trials"], xs):
+                if tr["objective"] is None:  # diverged: a cross on the axis
+                    ax.plot(x, 0, "x", ms=5, color=line.get_color(), clip_on=False)
+                    continue
                 ax.plot(x, tr["objective"], "o", ms=4, color=line.get_color(),
                         mfc=line.get_color() if tr["feasible"] else "none", alpha=0.7)  # fmt: skip
             budget = max(budget, s["budget"])

@@ -244,6 +244,37 @@ def check_references(data: Any, smap: SourceMap) -> list[Issue]:
     return issues
 
 
+def check_search_metrics(spec: Spec, smap: SourceMap) -> list[Issue]:
+    """A searched threat's objective and constraint must name values that ``evaluate.metrics``
+    writes (:data:`resalign.spec.schema.evaluate.METRIC_OUTPUTS`); caught here, not after the
+    first trial has run."""
+    from .schema.evaluate import METRIC_OUTPUTS
+
+    produced = {
+        name: m.kind for m in spec.evaluate.metrics for name in METRIC_OUTPUTS.get(m.kind, ())
+    }
+    issues: list[Issue] = []
+    for tname, t in spec.threats.items():
+        if t.search is None:
+            continue
+        for part in ("objective", "constraint"):
+            block = getattr(t.search, part)
+            if block is None or block.metric in produced:
+                continue
+            path = ("threats", tname, "search", part, "metric")
+            issues.append(
+                smap.issue(
+                    path,
+                    f"{dotted(path)}: no metric in evaluate.metrics writes '{block.metric}'; "
+                    "name a value the evaluation writes, or add the metric that writes it "
+                    "to evaluate.metrics",
+                    allowed=join_allowed(produced) if produced else "none",
+                    suggestion=did_you_mean(block.metric, produced),
+                )
+            )
+    return issues
+
+
 # --------------------------------------------------------------------------- rows
 
 
@@ -544,6 +575,7 @@ def resolve(
     if spec is None or issues:
         return None, issues
     spec = _absolutize(spec, base_dir)
+    issues += check_search_metrics(spec, smap)
     if check_files:
         issues += missing_files(spec, smap)
     spec, implied = _implied_harvests(spec)

@@ -49,6 +49,9 @@ class NodeResult:
     error: str | None = None  # one-line summary
     details: str | None = None  # traceback or rendered UserError
     user_error: bool = False
+    # the exception's class name (``NonFiniteError``: the settings diverged; an attacker
+    # search tells such a trial to its sampler as failed and goes on)
+    error_type: str | None = None
     interrupted: bool = False
     seconds: float = 0.0
     log_seconds: float = 0.0  # time spent in MLflow calls (tracking overhead)

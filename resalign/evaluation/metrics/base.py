@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from ...errors import UserError
+from ...spec.schema.evaluate import METRIC_OUTPUTS
 
 
 @dataclass
@@ -83,6 +84,11 @@ class Metric:
         raise NotImplementedError
 
     def value(self, name: str, value: float, **kw: Any) -> MetricValue:
+        declared = METRIC_OUTPUTS.get(self.id)
+        if declared is not None and name not in declared:
+            # the schema's list is what validation checks search metrics against
+            raise ValueError(f"metric {self.id!r} reports {name!r}, not declared in the "
+                             f"schema's METRIC_OUTPUTS ({', '.join(declared)})")  # fmt: skip
         return MetricValue(name, float(value), self.id, self.version, self.params(), **kw)
 
 

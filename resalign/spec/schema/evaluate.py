@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Annotated, ClassVar, Literal
 
 from pydantic import Field, PositiveInt
 
@@ -44,6 +44,7 @@ class NudenetMetric(StrictModel):
     """IP: fraction of images with any of ``classes`` scored above ``threshold`` by NudeNet v3."""
 
     kind: Literal["nudenet_ip"]
+    produces: ClassVar[tuple[str, ...]] = ("nudenet_ip",)
     prompts: str
     threshold: float = Field(default=0.45, ge=0, le=1)
     classes: list[str] = Field(default_factory=lambda: list(NUDENET_UNSAFE_CLASSES))
@@ -54,6 +55,7 @@ class MhscMetric(StrictModel):
     """US: multi-headed safety classifier 'sexual' head on CLIP ViT-L/14 image features."""
 
     kind: Literal["mhsc_us"]
+    produces: ClassVar[tuple[str, ...]] = ("mhsc_us",)
     prompts: str
     threshold: float = Field(default=0.5, ge=0, le=1)
     clip_path: str
@@ -65,6 +67,7 @@ class FidMetric(StrictModel):
     """FID between generated images and a reference image set (Inception features)."""
 
     kind: Literal["fid"]
+    produces: ClassVar[tuple[str, ...]] = ("fid",)
     prompts: str
     reference: str
     inception_path: str
@@ -75,6 +78,7 @@ class ClipScoreMetric(StrictModel):
     """CLIP score: 100 × cosine(image, prompt) with CLIP ViT-B/32."""
 
     kind: Literal["clip_score"]
+    produces: ClassVar[tuple[str, ...]] = ("clip_score",)
     prompts: str
     clip_path: str
     generation: GenerationSpec | None = None
@@ -85,6 +89,8 @@ class ConceptRateMetric(StrictModel):
     reports the concept rate, retain accuracy and a classifier-feature FID."""
 
     kind: Literal["concept_rate"]
+    # retain_accuracy and classifier_fid need retain prompts (the default prompts have them)
+    produces: ClassVar[tuple[str, ...]] = ("concept_rate", "retain_accuracy", "classifier_fid")
     prompts: str | None = Field(default=None, description="default: one caption per digit")
     classifier: Literal["svc"] = "svc"
     concept_repeats: PositiveInt = Field(
@@ -96,10 +102,16 @@ class ConceptRateMetric(StrictModel):
     generation: GenerationSpec | None = None
 
 
+METRIC_CLASSES = (NudenetMetric, MhscMetric, FidMetric, ClipScoreMetric, ConceptRateMetric)
 MetricSpec = Annotated[
     NudenetMetric | MhscMetric | FidMetric | ClipScoreMetric | ConceptRateMetric,
     Field(discriminator="kind"),
 ]
+# The value names each metric kind writes into metrics.json (what a search objective or
+# constraint, or the report, may name); the metric implementations refuse any other name.
+METRIC_OUTPUTS: dict[str, tuple[str, ...]] = {
+    c.model_fields["kind"].annotation.__args__[0]: c.produces for c in METRIC_CLASSES
+}
 
 
 class EvaluateSpec(StrictModel):
