@@ -204,3 +204,18 @@ def test_grid_cells_carry_their_set_items_to_the_run_params() -> None:
         assert spec.spec.datasets["harmful"].digits == [4]
         params = curated_params(spec)
         assert params["set.vars.digit"] == "4" and params["set.unlearn.steps"] == "3"
+
+
+def test_a_child_that_sets_a_base_var_keeps_the_base_order(tmp_path: Path) -> None:
+    """vars are read in order and the demo's ``others`` uses ``digit``: a spec extending the
+    demo with ``vars: {digit: 3}`` must keep ``digit`` first (it failed with "'digit' is
+    undefined" while merged keys moved after the base's). Merged mappings keep the base's key
+    order; keys new in the child follow."""
+    child = _write(tmp_path, "d3.yaml", f"extends: {DEMO}\nname: d3\nvars: {{digit: 3}}\n"
+                   "threats: {zz: {data: benign, steps: 2}, poison5_adam_3e-4: {lr: 1.0e-4}}\n")  # fmt: skip
+    r = load_spec(child)
+    assert r.spec.concepts["digit"].label == 3
+    assert r.spec.datasets["harmful"].digits == [3]
+    assert 3 not in r.spec.datasets["retain"].digits and 0 in r.spec.datasets["retain"].digits
+    base = load_spec(DEMO)
+    assert list(r.spec.threats) == [*base.spec.threats, "zz"]

@@ -163,13 +163,17 @@ def _merge(
                 copy_tree(smap, v, (*path, i))
 
     def merge(b: dict[str, Any], c: dict[str, Any], path: PathT) -> dict[str, Any]:
+        # Keys keep the base's order and new keys follow in the child's (as OmegaConf merges):
+        # ``vars`` are read in order, so a child that sets the base's ``digit`` must not move
+        # it after the base's ``others``, which uses it.
         out: dict[str, Any] = {}
-        for k, bv in b.items():
-            if k not in c:
-                out[k] = bv
-                copy_tree(bmap, bv, (*path, k))
-        for k, cv in c.items():
+        for k in [*b, *(k for k in c if k not in b)]:
             p = (*path, k)
+            if k not in c:
+                out[k] = b[k]
+                copy_tree(bmap, b[k], p)
+                continue
+            cv = c[k]
             if cv is RESET:
                 continue
             bv = b.get(k)
