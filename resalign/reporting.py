@@ -15,7 +15,7 @@ from typing import Any
 
 from .errors import UserError
 from .evaluation.report import (
-    ORIGINAL_ROW,
+    CONTROL_ROWS,
     EvalResult,
     is_template,
     results_from_store,
@@ -94,8 +94,9 @@ def grid_results(template_path: str, store_root: Path, sets: Sequence[str] = ())
     evaluate results read from the store. A cell's row is named by the cell id (``<cell
     id>/<row>`` when the cell has several unlearned rows). The ``original`` row is shown once,
     first, when every cell shares its evaluate nodes (same keys); otherwise once per cell as
-    ``<cell id>/original``. Threats are the union over cells. ``sets``: the ``--set`` items
-    the grid ran with (applied to every cell)."""
+    ``<cell id>/original``; the oracle control's row (``controls.oracle``) likewise, after it.
+    Control rows are never a cell's method (nor on the frontier). Threats are the union over
+    cells. ``sets``: the ``--set`` items the grid ran with (applied to every cell)."""
     from .graph.compile import compile_spec
     from .spec.templates import load_template, render_grid
 
@@ -116,22 +117,27 @@ def grid_results(template_path: str, store_root: Path, sets: Sequence[str] = ())
             ) from None
         report_node = graph.of_kind("report")[0] if graph.of_kind("report") else None
         params = report_node.params if report_node is not None else {}
-        original = frozenset(n.key for n in graph.of_kind("evaluate") if n.row == ORIGINAL_ROW)
+        controls = {
+            c: frozenset(n.key for n in graph.of_kind("evaluate") if n.row == c)
+            for c in CONTROL_ROWS
+        }
         unlearned = list(dict.fromkeys(n.row for n in graph.of_kind("unlearn")))
         studies = _searches(rc.spec, graph, Path(store_root))
-        cells.append((rc.cell.id, found, params, original, unlearned, studies))
-    shared = len({c[3] for c in cells}) == 1 and bool(cells[0][3])
+        cells.append((rc.cell.id, found, params, controls, unlearned, studies))
+    # a control row shown once: every cell has it with the same evaluate nodes
+    shared = {c for c in CONTROL_ROWS if len({x[3][c] for x in cells}) == 1 and cells[0][3][c]}
     results: list[EvalResult] = []
-    rows: list[str] = [ORIGINAL_ROW] if shared else []
+    rows: list[str] = [c for c in CONTROL_ROWS if c in shared]
     threats: dict[str, Any] = {}
     groups: dict[str, list[tuple[str, str]]] = {}
     searches: list[dict[str, Any]] = []
     for i, (cid, found, params, _, unlearned, studies) in enumerate(cells):
         own = list(params.get("rows") or dict.fromkeys(x.row for x in found))
-        methods = [r for r in own if r != ORIGINAL_ROW]
+        methods = [r for r in own if r not in CONTROL_ROWS]
         names = {r: cid if len(methods) == 1 else f"{cid}/{r}" for r in methods}
-        if not shared:
-            names[ORIGINAL_ROW] = f"{cid}/{ORIGINAL_ROW}"
+        for c in CONTROL_ROWS:
+            if c not in shared:
+                names[c] = f"{cid}/{c}"
         for r in own:
             if r in names:
                 rows.append(names[r])
@@ -140,14 +146,14 @@ def grid_results(template_path: str, store_root: Path, sets: Sequence[str] = ())
         for res in found:
             if res.row in names:
                 results.append(dataclasses.replace(res, row=names[res.row]))
-            elif shared and i == 0:
+            elif res.row in shared and i == 0:
                 results.append(res)
         for t, meta in (params.get("threats") or {}).items():
             threats.setdefault(t, meta)
         for st in studies:
             if st["row"] in names:
                 searches.append({**st, "row": names[st["row"]]})
-            elif shared and all(x["key"] != st["key"] for x in searches):
+            elif st["row"] in shared and all(x["key"] != st["key"] for x in searches):
                 searches.append(st)
     return GridResults(
         tpl.name, Path(tpl.path), results, rows, threats, groups, len(cells), searches

@@ -25,9 +25,15 @@ def test_frontier_template_cells():
         assert list(rc.spec.spec.threats) == ["poison5_adam_3e-4"]
         g = compile_spec(rc.spec)
         assert g["model"].key == demo["model"].key
-        # 7 attacked models (original, 2 rows x 3 seeds) x 2 attack seeds x 3 segments
-        assert len(g.of_kind("unlearn")) == 6 and len(g.of_kind("attack")) == 7 * 2 * 3
+        # 8 attacked models (original, oracle, 2 rows x 3 seeds) x 2 attack seeds x 3 segments
+        assert len(g.of_kind("unlearn")) == 6 and len(g.of_kind("attack")) == 8 * 2 * 3
+        assert g["report"].params["rows"] == ["original", "oracle", "resalign", "plain"]
     g50 = compile_spec(cells[0].spec)
+    # the oracle control: the same nodes (keys) in both cells, so they run once
+    g100 = compile_spec(cells[1].spec)
+    oracle = [n.name for n in g50 if n.name == "model/oracle" or n.row == "oracle"]
+    assert len(oracle) == 1 + 2 * 3 * 2 + 1
+    assert all(g50[n].key == g100[n].key for n in oracle)
     for name in (
         "unlearn/resalign/seed0",
         "unlearn/plain/seed0",

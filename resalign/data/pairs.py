@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -11,7 +11,16 @@ import torch
 from ..errors import UserError
 from .types import PairSet, dataset_spec, datasets_of
 
-__all__ = ["PairSet", "dataset_spec", "datasets_of", "fit_images", "load_pairs", "mix_pairs"]
+__all__ = [
+    "PairSet",
+    "dataset_spec",
+    "datasets_of",
+    "fit_images",
+    "label_counts",
+    "load_pairs",
+    "mix_pairs",
+    "without_labels",
+]
 
 
 def fit_images(images: torch.Tensor, resolution: int, channels: int) -> torch.Tensor:
@@ -134,3 +143,40 @@ def mix_pairs(base: PairSet, poison: PairSet, ratio: float, seed: int) -> tuple[
             labels[pos] = poison.labels[item]  # type: ignore[index]
     mixed = PairSet(images=images, captions=captions, labels=labels, prior=base.prior)
     return mixed, sorted(p for p, _ in plan)
+
+
+def without_labels(pairs: PairSet, labels: Sequence[int], name: str = "data") -> PairSet:
+    """``pairs`` without every item whose label is in ``labels`` (order kept): the oracle
+    control's pretraining data (a model that never saw the concepts). A :class:`UserError`
+    when the data has no labels, holds no item to remove (the result would be the data
+    itself) or nothing else."""
+    drop = set(labels)
+    if pairs.labels is None:
+        raise UserError(
+            f"dataset {name!r} has no labels, so items labelled {sorted(drop)} cannot be left out",
+            hint="pretrain on a 'digits' dataset, or remove controls.oracle",
+        )
+    keep = [i for i, y in enumerate(pairs.labels) if y not in drop]
+    if len(keep) == len(pairs):
+        raise UserError(
+            f"dataset {name!r} holds no item labelled {sorted(drop)}: without them it is the "
+            "same data, and the oracle would be the original model",
+            hint="pretrain on data that holds the concept, or remove controls.oracle",
+        )
+    if not keep:
+        raise UserError(
+            f"dataset {name!r} holds only items labelled {sorted(drop)}: nothing is left to "
+            "pretrain the oracle on",
+            hint="pretrain on data with other classes too, or remove controls.oracle",
+        )
+    return pairs.subset(keep)
+
+
+def label_counts(pairs: PairSet) -> dict[str, int]:
+    """Items per label (keys as strings, sorted by label; empty without labels)."""
+    if pairs.labels is None:
+        return {}
+    counts: dict[int, int] = {}
+    for y in pairs.labels:
+        counts[y] = counts.get(y, 0) + 1
+    return {str(k): counts[k] for k in sorted(counts)}

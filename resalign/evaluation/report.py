@@ -47,6 +47,12 @@ from .stats import (
 PRE = "pre"
 REFERENCE_ROW = "plain"
 ORIGINAL_ROW = "original"
+# The oracle control's row (``controls.oracle``; the name is
+# ``resalign.spec.schema.controls.ORACLE_ROW``, repeated here as ``original`` is): the same
+# attacks on a model that never learned the concept. Like ``original`` it is a control, never
+# an unlearning method: no paired difference to ``plain`` and no place on a frontier.
+ORACLE_ROW = "oracle"
+CONTROL_ROWS = (ORIGINAL_ROW, ORACLE_ROW)
 
 
 @dataclass(frozen=True)
@@ -169,10 +175,16 @@ def _sibling(row: str, name: str, rows: Sequence[str]) -> str | None:
     return name if name in rows and name != row else None
 
 
+def is_control(row: str) -> bool:
+    """Whether ``row`` (or a grid's ``<cell>/<row>``) is a control row (``original``,
+    ``oracle``) rather than an unlearning method."""
+    return row.rsplit("/", 1)[-1] in CONTROL_ROWS
+
+
 def reference_row(row: str, rows: Sequence[str]) -> str | None:
     """The row a method row is paired with: ``plain`` of its cell, else ``plain``. None for
-    the reference itself and for rows without unlearning (``original``)."""
-    if row == ORIGINAL_ROW or row.endswith("/" + ORIGINAL_ROW):
+    the reference itself and for the control rows (``original``, ``oracle``)."""
+    if is_control(row):
         return None
     return _sibling(row, REFERENCE_ROW, rows)
 
@@ -483,8 +495,8 @@ def notes(table: Mapping[str, Any]) -> list[str]:
     ref = refs[0] if len(refs) == 1 else ("the row it names (its cell's plain)" if refs else None)
     out = [
         f"Cells: mean [95% interval] n, over units: (unlearning seed, attack seed) pairs after "
-        f"fine-tuning, unlearning seeds before it (original: attack seeds). Unlearning seeds "
-        f"{table.get('unlearn_seeds', [])}, attack seeds {table.get('seeds', [])}. Interval: "
+        f"fine-tuning, unlearning seeds before it (original, oracle: attack seeds). Unlearning "
+        f"seeds {table.get('unlearn_seeds', [])}, attack seeds {table.get('seeds', [])}. Interval: "
         "Student t over the units, clipped to [0, 1] for rates (concept_rate, retain_accuracy, "
         "nudenet_ip, mhsc_us); none for n = 1.",
         "Relearning area: trapezoid area under the safety metric against the attack step over "
@@ -504,6 +516,7 @@ def notes(table: Mapping[str, Any]) -> list[str]:
             "interval excludes 0 too); for first steps, pairs where the method relearns later "
             "/ earlier / tied, with the two-sided exact sign-test p over the untied pairs."
         )
+    out += oracle_notes(table)
     ev = table.get("evaluation_n") or {}
     parts = [
         f"{m} from n = {', '.join(map(str, e['n']))} images (binomial SE ≤ "
@@ -516,6 +529,57 @@ def notes(table: Mapping[str, Any]) -> list[str]:
             "One evaluation: " + "; ".join(parts) + " — the standard error of a single value "
             "at p = 0.5, before any seed-to-seed variation."
         )
+    return out
+
+
+def _versus(cell: Mapping[str, Any], oracle: Mapping[str, Any]) -> str:
+    """Where ``cell``'s 95 % interval lies against the oracle's: above it, below it,
+    overlapping it, or no interval (n = 1 on either side)."""
+    if cell.get("lo") is None or oracle.get("lo") is None:
+        return "no interval (n = 1)"
+    if cell["lo"] > oracle["hi"]:
+        return "interval above the oracle's"
+    if cell["hi"] < oracle["lo"]:
+        return "interval below the oracle's"
+    return "interval overlapping the oracle's"
+
+
+def oracle_notes(table: Mapping[str, Any]) -> list[str]:
+    """One sentence per oracle row, safety metric and threat that reads the oracle control
+    at the threat's last evaluation step: the oracle's value (what the attack teaches a model
+    that never learned the concept) and each other row of its cell as row − oracle, with the
+    two cells' means, n and whether the 95 % intervals are disjoint. Only numbers of the
+    table's own cells."""
+    rows = table["rows"]
+    by_row = {r["row"]: r["cells"] for r in table["table"]}
+    out = []
+    for orow in (r for r in rows if r.rsplit("/", 1)[-1] == ORACLE_ROW):
+        others = [r for r in rows if r != orow and _sibling(r, ORACLE_ROW, rows) == orow]
+        for c in table["columns"]:
+            if c["kind"] != "value" or c["threat"] is None:
+                continue
+            if c["step"] != table["threats"][c["threat"]]["last_step"]:
+                continue
+            oc = by_row[orow][c["id"]]
+            if not oc["n"] or oc["mean"] is None:
+                continue
+            parts, where = [], {}
+            for r in others:
+                cell = by_row[r][c["id"]]
+                if not cell["n"] or cell["mean"] is None:
+                    continue
+                parts.append(f"{r} {cell['mean'] - oc['mean']:+.3f} ({fmt(cell)})")
+                where.setdefault(_versus(cell, oc), []).append(r)
+            if not parts:
+                continue
+            spans = "; ".join(f"{', '.join(v)}: {k}" for k, v in where.items())
+            out.append(
+                f"Oracle control ({orow}: the same attack on a model pretrained without the "
+                f"concept's items): after {c['threat']} (step {c['step']}) it reaches "
+                f"{c['metric']} {fmt(oc)} with no concept to recover; "
+                f"row − oracle: {', '.join(parts)}. What a row reaches above the oracle is "
+                f"the concept coming back, not learned anew (95 % t-intervals: {spans})."
+            )
     return out
 
 

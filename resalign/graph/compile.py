@@ -14,7 +14,10 @@ without a resilience term, ``unlearn.resilience`` and ``meta_datasets``).
 
 The row ``original`` (and any row whose method is ``none``) has no unlearn node and no
 ``seed<u>`` segment: ``attack/original/<threat>/seed<a>/step<n>``, ``evaluate/original/pre/step0``;
-its attacks and evaluations start from the model node. Each node's params are exactly the resolved values
+its attacks and evaluations start from the model node. With ``controls.oracle`` a second model
+node ``model/oracle`` (the model's params plus ``exclude_labels``) and a row ``oracle`` after
+``original`` whose nodes start from it, named like ``original``'s (``evaluate/oracle/pre/step0``,
+``attack/oracle/<threat>/seed<a>/step<n>``). Each node's params are exactly the resolved values
 its step reads; dataset and model locations carry a fingerprint (see :mod:`.keys`).
 Departure from the table in the architecture notes: ``model.allow_download`` is left out of
 the model node's key, like ``device``, because it changes where weights come from, not what
@@ -29,9 +32,13 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from ..spec.resolve import ResolvedSpec
+from ..spec.resolve import ORIGINAL_ROW, ResolvedSpec, oracle_labels
+from ..spec.schema.controls import ORACLE_ROW
 from .keys import canonical_json, fingerprint, node_key
 from .nodes import Graph, Node
+
+# The oracle control's model (``controls.oracle``): a second ``model`` node.
+ORACLE_MODEL = "model/oracle"
 
 
 @dataclass(frozen=True)
@@ -125,6 +132,24 @@ class _Compiler:
             params["pretrain_data"] = self.closure([pre.dataset])
         self.add("model", "model", params, {})
 
+    def oracle_model(self) -> None:
+        """The oracle control's model: the model node's params plus ``exclude_labels`` (the
+        concepts' labels, whose pretraining items ``ModelStep`` leaves out), so its key differs
+        from the original's and it is cached like any node. A node of kind ``model`` rather
+        than a new kind: it is built by the same code from the same architecture and
+        pretraining settings, and the original's key stays as it was."""
+        params = {**self.graph.nodes["model"].params, "exclude_labels": oracle_labels(self.spec)}
+        self.add("model", ORACLE_MODEL, params, {})
+
+    def rows(self) -> list[str]:
+        """Report rows in order: ``original``, ``oracle`` when ``controls.oracle`` is on,
+        then the unlearning rows. The oracle is a control, not a row of ``ResolvedSpec.rows``
+        (those are unlearning settings, each paired with ``plain`` in the report)."""
+        rows = list(self.r.rows)
+        if self.spec.controls.oracle:
+            rows.insert(rows.index(ORIGINAL_ROW) + 1, ORACLE_ROW)
+        return rows
+
     def unlearn(self, row: str, seed: int) -> Node:
         u = self.r.rows[row]
         meta = u.resilience.meta
@@ -166,7 +191,10 @@ class _Compiler:
 
     def row(self, row: str) -> list[str]:
         """Every node of one report row; a row that unlearns repeats them per unlearning seed
-        (names gain ``seed<u>`` after the row), a ``method: none`` row has them once."""
+        (names gain ``seed<u>`` after the row), a ``method: none`` row has them once; the
+        oracle control's row is such a row on the oracle model."""
+        if row == ORACLE_ROW and self.spec.controls.oracle:
+            return self.branch(row, None, {"model": ORACLE_MODEL})
         u = self.r.rows[row]
         if u.method == "none":
             return self.branch(row, None, {"model": "model"})
@@ -257,11 +285,14 @@ class _Compiler:
 
     def compile(self) -> Graph:
         self.model()
+        if self.spec.controls.oracle:
+            self.oracle_model()
+        rows = self.rows()
         evals: list[str] = []
-        for row in self.r.rows:
+        for row in rows:
             evals += self.row(row)
         params = {
-            "rows": list(self.r.rows),
+            "rows": rows,
             "unlearn_seeds": {
                 n: list(u.seeds or [u.seed]) for n, u in self.r.rows.items() if u.method != "none"
             },
@@ -304,7 +335,8 @@ def spec_hash(resolved: ResolvedSpec) -> str:
 def compile_spec(resolved: ResolvedSpec) -> Graph:
     """The execution graph of ``resolved``, nodes in topological order.
 
-    Node names: ``model``, ``harvest/<dataset>``, ``unlearn/<row>/seed<u>``,
+    Node names: ``model`` (and ``model/oracle`` with ``controls.oracle``), ``harvest/<dataset>``,
+    ``unlearn/<row>/seed<u>``,
     ``attack/<row>/seed<u>/<threat>/seed<a>/step<n>`` (the attack's segment that ends at
     evaluation step ``n``; ``resume`` dep: the previous segment), ``evaluate/<row>/seed<u>/pre/step0`` (before
     any attack: ``threat`` and ``seed`` None, ``step`` 0),

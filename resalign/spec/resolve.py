@@ -32,6 +32,7 @@ from pydantic import ValidationError
 
 from .errors import Issue, did_you_mean, join_allowed
 from .schema import Spec
+from .schema.controls import ORACLE_ROW
 from .schema.data import HarvestData
 from .schema.unlearn import DistributionSpec, UnlearnSpec
 from .source import PathT, SourceMap, dotted
@@ -523,6 +524,101 @@ def missing_files(spec: Spec, smap: SourceMap) -> list[Issue]:
     return issues
 
 
+# --------------------------------------------------------------------------- controls
+
+
+def dataset_labels(name: str, spec: Spec) -> set[int] | None:
+    """The class labels items of dataset ``name`` can carry (``digits``: its digits; ``mix``:
+    those of base and poison when both carry labels), or None for data without labels."""
+    d = spec.datasets.get(name)
+    if d is None:
+        return None
+    if d.type == "digits":
+        return set(d.digits)
+    if d.type == "mix":
+        base, poison = dataset_labels(d.base, spec), dataset_labels(d.poison, spec)
+        return None if base is None or poison is None else base | poison
+    return None
+
+
+def oracle_labels(spec: Spec) -> list[int]:
+    """The labels the oracle control's pretraining leaves out: every concept's ``label``
+    (sorted, distinct). Only meaningful for a spec that passed :func:`check_controls`."""
+    return sorted({c.label for c in spec.concepts.values() if c.label is not None})
+
+
+def check_controls(spec: Spec, rows: Mapping[str, UnlearnSpec], smap: SourceMap) -> list[Issue]:
+    """``controls.oracle`` can be built: a tiny model pretrained here on labelled data that
+    holds every concept's label, each concept with a ``label``, and no row named ``oracle``."""
+    if not spec.controls.oracle:
+        return []
+    at = ("controls", "oracle")
+    off = "or remove controls.oracle"
+    model = spec.model
+    pre = model.tiny.pretrain if model.tiny is not None else None
+    if model.family != "tiny" or pre is None:
+        why = (
+            f"model.family is '{model.family}': a given checkpoint cannot be pretrained again "
+            "without the concept"
+            if model.family != "tiny"
+            else "model.tiny has no 'pretrain', so there is no pretraining data to remove the "
+            "concept from"
+        )
+        return [
+            smap.issue(
+                at,
+                f"controls.oracle needs a model this spec pretrains (model.family tiny with "
+                f"model.tiny.pretrain): the oracle is that pretraining without the concepts' "
+                f"items; {why}; {off}",
+            )
+        ]
+    issues: list[Issue] = []
+    for name, c in spec.concepts.items():
+        if c.label is None:
+            issues.append(
+                smap.issue(
+                    ("concepts", name),
+                    f"concepts.{name}: controls.oracle removes the concept's items from the "
+                    "pretraining data by their label, and this concept has no 'label'; set "
+                    f"concepts.{name}.label to its class index (digits: the digit) {off}",
+                    at_key=True,
+                )
+            )
+    dp = ("model", "tiny", "pretrain", "dataset")
+    labels = dataset_labels(pre.dataset, spec)
+    if labels is None:
+        kind = spec.datasets[pre.dataset].type
+        issues.append(
+            smap.issue(
+                dp,
+                f"model.tiny.pretrain.dataset: controls.oracle removes the concepts' items by "
+                f"their label, but dataset '{pre.dataset}' (type '{kind}') carries no labels; "
+                f"pretrain on a 'digits' dataset (or a 'mix' of them) {off}",
+            )
+        )
+    else:
+        for name, c in spec.concepts.items():
+            if c.label is not None and c.label not in labels:
+                issues.append(
+                    smap.issue(
+                        dp,
+                        f"model.tiny.pretrain.dataset: dataset '{pre.dataset}' holds no item "
+                        f"labelled {c.label} (concept '{name}'), so the oracle would be the "
+                        f"original model itself; pretrain on data with the concept {off}",
+                    )
+                )
+    if ORACLE_ROW in rows:
+        where = ("baselines", ORACLE_ROW) if ORACLE_ROW in spec.baselines else ("unlearn", "label")
+        issues.append(
+            smap.issue(
+                where,
+                "the row name 'oracle' is the oracle control's (controls.oracle); rename this row",
+                at_key=where[0] == "baselines",
+            )
+        )
+    return issues
+
+
 # --------------------------------------------------------------------------- entry
 
 
@@ -574,6 +670,7 @@ def resolve(
     issues += row_issues
     if spec is None or issues:
         return None, issues
+    issues += check_controls(spec, rows, smap)
     spec = _absolutize(spec, base_dir)
     issues += check_search_metrics(spec, smap)
     if check_files:

@@ -2,7 +2,11 @@
 
 Params (graph): ``model`` (the ``model`` section minus device/allow_download, plus a
 fingerprint of a local checkpoint) and, for ``family: tiny`` with ``pretrain``,
-``pretrain_data`` (the pretraining dataset's spec). Outputs:
+``pretrain_data`` (the pretraining dataset's spec); the oracle control's node
+(``model/oracle``, ``controls.oracle``) also ``exclude_labels``: the pretraining items with
+these labels are left out, everything else (architecture, tokenizer vocabulary, seeds,
+steps) is the original's, so the oracle is the original model as it would be had it never
+seen the concepts. Outputs:
 
 - tiny: ``pipeline/`` (a diffusers ``StableDiffusionPipeline`` folder: built, then pretrained
   on ``pretrain.dataset`` when given), ``model.json``, ``stats.json``; pretraining checkpoints
@@ -80,7 +84,7 @@ class ModelStep(Step):
 
     def _tiny(self, ctx: StepContext, model: Any) -> None:
 
-        from ..data.pairs import load_pairs
+        from ..data.pairs import label_counts, load_pairs, without_labels
         from ..errors import UserError
         from ..models.loading import (
             PIPELINE_DIR,
@@ -101,6 +105,11 @@ class ModelStep(Step):
         # The words of the pretraining captions become single tokens (as in a tokenizer
         # trained on the corpus), so the random text encoder tells the captions apart.
         words = caption_words(pairs.captions) if pairs is not None else ()
+        excluded = ctx.params.get("exclude_labels")
+        if excluded and pairs is not None:
+            # the oracle: the vocabulary above is the full data's (the concept's word is a
+            # token, as in a pretrained CLIP), its images and captions are never trained on
+            pairs = without_labels(pairs, excluded, pre.dataset)
         pipe = build_tiny_pipeline(tiny, model.noise_schedule, pre.seed if pre else 0, words)
         bundle = bundle_from_pipeline(
             pipe, "tiny", model.noise_schedule.model_dump(), device=ctx.device
@@ -184,6 +193,8 @@ class ModelStep(Step):
                 {
                     "pretrain_steps": pre.steps,
                     "pretrain_items": len(pairs),
+                    "pretrain_items_by_label": label_counts(pairs),
+                    "excluded_labels": list(excluded or []),
                     "pretrain_final_loss": result["final_loss"],
                     "pretrain_seconds": time.perf_counter() - started,
                     "resumed_from": resumed,

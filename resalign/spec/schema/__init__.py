@@ -8,6 +8,7 @@ from pydantic import Field
 
 from .base import StrictModel
 from .concepts import ConceptSpec
+from .controls import ControlsSpec
 from .data import DatasetSpec
 from .evaluate import EvaluateSpec
 from .execution import ExecutionSpec
@@ -35,6 +36,7 @@ class Spec(StrictModel):
         description="extra model rows: name → overrides of 'unlearn' (deep-merged)",
     )
     threats: dict[str, ThreatSpec] = Field(default_factory=dict)
+    controls: ControlsSpec = Field(default_factory=ControlsSpec)
     evaluate: EvaluateSpec = Field(default_factory=EvaluateSpec)
     tracking: TrackingSpec = Field(default_factory=TrackingSpec)
     execution: ExecutionSpec = Field(default_factory=ExecutionSpec)
