@@ -265,11 +265,14 @@ def _cap_unlearn(u: dict[str, Any], prof: Profile, top: bool) -> dict[str, Any]:
 
 
 def _cap_threat(t: dict[str, Any], prof: Profile) -> dict[str, Any]:
-    steps = int(t.get("steps", 200))
+    stages = [dict(s) for s in t.get("stages") or []]
+    steps = sum(int(s["steps"]) for s in stages) if stages else int(t.get("steps", 200))
     eval_at = sorted({int(s) for s in t.get("eval_at") or [steps]})
     # As many evaluation points as the real threat (the same evaluate nodes): rescaled to the
     # capped length, or the last len(eval_at) steps where rescaling would merge some.
-    new = min(steps, max(prof.attack_steps, len(eval_at)))
+    new = min(steps, max(prof.attack_steps, len(eval_at), len(stages)))
+    if stages:  # each stage keeps at least one step; the capped steps shared in proportion
+        t["stages"] = _cap_stages(stages, new)
     scaled = sorted({max(1, min(new, round(s * new / steps))) for s in eval_at})
     if len(scaled) < len(eval_at):
         scaled = list(range(new - len(eval_at) + 1, new + 1))
@@ -280,6 +283,19 @@ def _cap_threat(t: dict[str, Any], prof: Profile) -> dict[str, Any]:
     if t.get("warmup_steps"):
         t["warmup_steps"] = min(int(t["warmup_steps"]), new - 1)
     return t
+
+
+def _cap_stages(stages: list[dict[str, Any]], total: int) -> list[dict[str, Any]]:
+    """``stages`` with their steps rescaled to sum to ``total`` (at least one each, at most
+    as many as written): one step each, the rest to the stage furthest below its share."""
+    written = [int(s["steps"]) for s in stages]
+    whole = sum(written)
+    alloc = [1] * len(stages)
+    for _ in range(total - len(stages)):
+        room = [i for i in range(len(stages)) if alloc[i] < written[i]]
+        i = max(room, key=lambda j: written[j] * total / whole - alloc[j])
+        alloc[i] += 1
+    return [{**s, "steps": n} for s, n in zip(stages, alloc)]
 
 
 def _cap_generation(g: dict[str, Any], prof: Profile) -> dict[str, Any]:

@@ -9,6 +9,10 @@ optionally poisoned, image-caption pairs) with ``torch.optim`` and diffusers' sc
   only its tensors change; the base weights stay bit-identical.
 - ``dreambooth``: full-UNet DreamBooth with prior preservation: every step adds
   ``prior_weight`` times the denoising loss on a class-prior batch of the same size.
+- ``embedding``: textual inversion (Pham et al., ICLR 2024): only new token embeddings are
+  trained, the whole model stays bit-identical; the captions say the new token where they
+  said ``embedding.replaces`` (:mod:`resalign.algorithms.embedding_attack`; the UNet is frozen
+  and the conditioning is computed with gradients to the new rows).
 
 The loss is the standard DDPM objective of :mod:`resalign.models.diffusion` (ε- or
 v-prediction per the model's noise scheduler, timesteps uniform over the training schedule),
@@ -17,8 +21,17 @@ Poisoned data arrive already mixed (``resalign.data.pairs.mix_pairs``, the ``mix
 implementation). All randomness (batch order, timesteps, noise)
 comes from one CPU ``torch.Generator`` seeded by the attack seed, so results do not depend on
 the device's RNG and a resumed run continues the exact stream. Every ``checkpoint_every``
-steps the full state (trainable tensors, optimizer, schedule, generator, sampler position,
+steps the full state (trainable tensors, optimizer, schedule, generator, sampler positions,
 grad scaler) is written atomically to ``state_dir``; a rerun resumes from it.
+
+Staged attacks (a threat's ``stages``, e.g. benign data first, then a small harmful set):
+``AttackConfig.stages`` holds each stage's number of steps and ``run_attack`` gets one data
+set per stage. The same loop runs them: one optimizer and one LR schedule over all
+``config.steps``, and the batch sampler switches to the next stage's data at the boundary.
+A stage's sampler is created when the stage begins (its first epoch's permutation is drawn
+from the attack generator at that point), so the first stage of a staged attack is, bitwise,
+a plain attack on the first stage's data stopped at its end (tests/test_attack_stages.py);
+the checkpoint holds every begun stage's sampler state.
 
 Precision is mixed precision (fp32 master weights, autocast compute) where the device supports
 it: fp16 and bf16 on CUDA (fp16 with a gradient scaler), bf16 on CPU. fp16 on CPU (and any
@@ -31,6 +44,7 @@ defaults; here every knob is explicit and recorded.
 
 from __future__ import annotations
 
+import bisect
 import logging
 from collections.abc import Callable, Mapping, Sequence
 from contextlib import AbstractContextManager, nullcontext
@@ -84,6 +98,7 @@ class AttackConfig:
     schedule: str
     warmup_steps: int
     steps: int
+    stages: tuple[int, ...]  # steps of each data stage, summing to ``steps``; (steps,) if plain
     batch_size: int
     grad_accumulation: int
     precision: str
@@ -94,6 +109,11 @@ class AttackConfig:
     lora_targets: tuple[str, ...]
     prior_weight: float
     checkpoint_every: int
+    # algorithm embedding (textual inversion); None for the other algorithms
+    embedding_token: str | None
+    embedding_vectors: int | None
+    embedding_init: str | None
+    embedding_replaces: str | None
 
     @classmethod
     def from_threat(
@@ -113,6 +133,7 @@ class AttackConfig:
             schedule=t.schedule,
             warmup_steps=t.warmup_steps,
             steps=t.steps,
+            stages=tuple(s.steps for s in t.stages) if t.stages else (t.steps,),
             batch_size=t.batch_size,
             grad_accumulation=t.grad_accumulation,
             precision=t.precision,
@@ -123,6 +144,10 @@ class AttackConfig:
             lora_targets=tuple(t.lora.targets),
             prior_weight=float(t.prior_weight),
             checkpoint_every=int(checkpoint_every or t.checkpoint_every),
+            embedding_token=t.embedding.token if t.embedding else None,
+            embedding_vectors=t.embedding.vectors if t.embedding else None,
+            embedding_init=t.embedding.init if t.embedding else None,
+            embedding_replaces=t.embedding.replaces if t.embedding else None,
         )
 
 
@@ -137,9 +162,11 @@ class AttackResult:
     trainable_tensors: int
     resumed_from: int | None = None
     notes: list[str] = field(default_factory=list)
+    # algorithm embedding: the learned token rows (resalign.models.embeddings.LearnedEmbedding)
+    embedding: Any = None
 
     def as_dict(self) -> dict[str, Any]:
-        return {
+        out = {
             "steps": self.steps,
             "precision": self.precision,
             "final_loss": self.losses[-1] if self.losses else None,
@@ -148,21 +175,29 @@ class AttackResult:
             "resumed_from": self.resumed_from,
             "notes": list(self.notes),
         }
+        if self.embedding is not None:
+            out["embedding"] = self.embedding.describe()
+        return out
 
 
 # --------------------------------------------------------------------------- helpers
 
 
 class _Sampler:
-    """Epoch-wise shuffled indices from a CPU generator; its state is checkpointable."""
+    """Epoch-wise shuffled indices from a CPU generator; its state is checkpointable.
 
-    def __init__(self, n: int, generator: torch.Generator):
+    With ``state`` (a :meth:`state_dict`) it continues from there and draws nothing now."""
+
+    def __init__(self, n: int, generator: torch.Generator, state: Mapping[str, Any] | None = None):
         if n <= 0:
             raise UserError("the fine-tuning data set is empty")
         self.n = n
         self.g = generator
-        self.perm = torch.randperm(n, generator=generator)
-        self.pos = 0
+        if state is not None:
+            self.load_state_dict(state)
+        else:
+            self.perm = torch.randperm(n, generator=generator)
+            self.pos = 0
 
     def take(self, k: int) -> torch.Tensor:
         out = []
@@ -278,9 +313,18 @@ StepCallback = Callable[[int, Mapping[str, float]], None]
 CheckpointHook = Callable[[int, torch.nn.Module], None]
 
 
+def stage_ends(config: AttackConfig) -> list[int]:
+    """The step at which each stage of ``config`` ends (its last step), in order."""
+    ends, total = [], 0
+    for n in config.stages:
+        total += int(n)
+        ends.append(total)
+    return ends
+
+
 def run_attack(
     bundle: DenoiserBundle,
-    data: Pairs,
+    data: Pairs | Sequence[Pairs],
     config: AttackConfig,
     *,
     prior: Pairs | None = None,
@@ -293,6 +337,10 @@ def run_attack(
     stop_at: int | None = None,
 ) -> AttackResult:
     """Fine-tune ``bundle.unet`` in place on ``data`` as the attack ``config`` says.
+
+    ``data``: one pair set, or one per stage of ``config.stages`` (in order); stage ``i``
+    runs its steps on ``data[i]`` with the optimizer, schedule and generator of the whole
+    attack (module notes). ``stop_at``, ``eval_at`` and checkpoints may fall in any stage.
 
     ``on_eval(step, unet)`` is called after each step in ``eval_at`` (typically to save a
     merged UNet); ``callback(step, {"loss", "lr"})`` after every optimizer step. With
@@ -308,6 +356,18 @@ def run_attack(
     stop = config.steps if stop_at is None else int(stop_at)
     if not 0 < stop <= config.steps:
         raise ValueError(f"stop_at must be in 1..{config.steps}, not {stop_at}")
+    # one data set (a plain attack) or a sequence of them, one per stage
+    stages: list[Pairs] = [data] if hasattr(data, "captions") else list(data)  # type: ignore[arg-type]
+    ends = stage_ends(config)
+    if len(stages) != len(ends) or ends[-1] != config.steps:
+        raise ValueError(
+            f"the attack has stages of {list(config.stages)} steps (total {config.steps}), "
+            f"but {len(stages)} data set(s) were given or the stages do not sum to the total"
+        )
+    for i, pairs in enumerate(stages):
+        if len(pairs.captions) == 0:
+            where = f" of stage {i + 1}" if len(stages) > 1 else ""
+            raise UserError(f"the fine-tuning data set{where} is empty")
     unet = bundle.unet
     dev = torch.device(device) if device is not None else next(unet.parameters()).device
     precision, note = resolve_precision(config.precision, dev)
@@ -321,16 +381,32 @@ def run_attack(
             hint="set the threat's 'prior' to a dataset name",
         )
 
-    if config.algorithm == "lora":
-        attach_fresh_lora(unet, config)
-    else:
-        for p in unet.parameters():
-            p.requires_grad_(True)
-    named = [(n, p) for n, p in unet.named_parameters() if p.requires_grad]
-    params = [p for _, p in named]
     for module in (getattr(bundle, "text_encoder", None), getattr(bundle, "vae", None)):
         if module is not None:
             module.requires_grad_(False)
+    emb = None  # algorithm embedding: the new token rows (resalign.algorithms.embedding_attack)
+    if config.algorithm == "lora":
+        attach_fresh_lora(unet, config)
+    elif config.algorithm == "embedding":
+        from .embedding_attack import attach_embeddings
+
+        unet.requires_grad_(False)
+        emb = attach_embeddings(
+            bundle,
+            token=str(config.embedding_token),
+            vectors=int(config.embedding_vectors or 1),
+            init=str(config.embedding_init),
+            replaces=str(config.embedding_replaces),
+            captions=[c for pairs in stages for c in pairs.captions],
+        )
+    else:
+        for p in unet.parameters():
+            p.requires_grad_(True)
+    if emb is not None:
+        named = emb.named_parameters()
+    else:
+        named = [(n, p) for n, p in unet.named_parameters() if p.requires_grad]
+    params = [p for _, p in named]
 
     from diffusers.optimization import get_scheduler
 
@@ -343,7 +419,9 @@ def run_attack(
     )
     scaler = torch.amp.GradScaler(dev.type, enabled=(precision == "fp16"))
     gen = torch.Generator().manual_seed(config.seed)
-    sampler = _Sampler(len(data.captions), gen)
+    # one sampler per stage, created when its stage begins (module notes); stage 1's now
+    samplers: list[_Sampler | None] = [_Sampler(len(stages[0].captions), gen)]
+    samplers += [None] * (len(stages) - 1)
     prior_sampler = _Sampler(len(prior.captions), gen) if prior is not None else None
 
     start = 0
@@ -364,7 +442,11 @@ def run_attack(
         lr_sched.load_state_dict(st["lr_scheduler"])
         scaler.load_state_dict(st["scaler"])
         gen.set_state(st["generator"])
-        sampler.load_state_dict(st["sampler"])
+        samplers[0].load_state_dict(st["sampler"])  # type: ignore[union-attr]
+        # later stages begun before the checkpoint (absent in checkpoints of plain attacks)
+        for i, ss in enumerate(st.get("stage_samplers") or (), start=1):
+            if ss is not None:
+                samplers[i] = _Sampler(len(stages[i].captions), gen, state=ss)
         if prior_sampler is not None:
             prior_sampler.load_state_dict(st["prior_sampler"])
         start = resumed_from = int(st["step"])
@@ -372,18 +454,26 @@ def run_attack(
 
     def batch(pairs: Pairs, smp: _Sampler) -> tuple[torch.Tensor, dict[str, Any]]:
         idx = smp.take(config.batch_size)
+        captions = [pairs.captions[i] for i in idx.tolist()]
         with torch.no_grad():
             images = pairs.images[idx].to(dev)
             latents = bundle.encode_images(images).float()
-            cond = bundle.encode_condition([pairs.captions[i] for i in idx.tolist()])
+            if emb is None:
+                cond = bundle.encode_condition(captions)
+        if emb is not None:  # the rewritten captions, with gradients to the new rows
+            cond = emb.condition(captions)
         return latents, cond
 
     unet.train()
     eval_steps = set(eval_at)
     for step in range(start, stop):
+        stage = bisect.bisect_right(ends, step)  # the stage this step (0-based) belongs to
+        sampler = samplers[stage]
+        if sampler is None:  # the stage begins: its data's first permutation is drawn now
+            sampler = samplers[stage] = _Sampler(len(stages[stage].captions), gen)
         total = 0.0
         for _ in range(config.grad_accumulation):
-            latents, cond = batch(data, sampler)
+            latents, cond = batch(stages[stage], sampler)
             if prior_sampler is not None and prior is not None:
                 p_lat, p_cond = batch(prior, prior_sampler)
             with _autocast(precision, dev):
@@ -419,10 +509,12 @@ def run_attack(
                 "lr_scheduler": lr_sched.state_dict(),
                 "scaler": scaler.state_dict(),
                 "generator": gen.get_state(),
-                "sampler": sampler.state_dict(),
+                "sampler": samplers[0].state_dict(),  # type: ignore[union-attr]
                 "prior_sampler": prior_sampler.state_dict() if prior_sampler else None,
                 "losses": torch.tensor(losses, dtype=torch.float64),
             }
+            if len(samplers) > 1:  # a plain attack's checkpoint keeps its former layout
+                state["stage_samplers"] = [s.state_dict() if s else None for s in samplers[1:]]
             if checkpoints is not None:
                 checkpoints.save_checkpoint(state, done)
             else:
@@ -436,4 +528,5 @@ def run_attack(
         trainable_tensors=len(params),
         resumed_from=resumed_from,
         notes=notes,
+        embedding=emb.merge() if emb is not None else None,
     )

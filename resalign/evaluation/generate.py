@@ -19,7 +19,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -109,8 +109,14 @@ def generate_images(
     device: str | None = None,
     grid_size: int = 16,
     progress: Any = None,
+    rewrite: Callable[[str], str] | None = None,
 ) -> list[GeneratedImage]:
-    """Generate and save the evaluation images; returns them in (prompt, image) order."""
+    """Generate and save the evaluation images; returns them in (prompt, image) order.
+
+    ``rewrite`` (an embedding attack's evaluation: its ``replaces`` word → its token) maps
+    each prompt to the text the pipeline is given; the results and ``index.jsonl`` keep the
+    original prompt (metrics read the concept from it), and the index records the rewritten
+    one as ``pipeline_prompt``."""
     import torch
 
     prompts = list(prompts)[: config.limit] if config.limit else list(prompts)
@@ -123,6 +129,7 @@ def generate_images(
     dev = torch.device(device) if device else pipe.unet.device
     size = config.resolution or int(pipe.unet.config.sample_size) * int(pipe.vae_scale_factor)
 
+    fed = [rewrite(p) for p in prompts] if rewrite is not None else prompts
     jobs = [(p, i) for p in range(len(prompts)) for i in range(config.images_per_prompt)]
     images_dir = out / "images"
     images_dir.mkdir(parents=True, exist_ok=True)
@@ -155,7 +162,7 @@ def generate_images(
             latents = torch.randn(shape, generator=generator)
         with torch.no_grad():
             out_images = pipe(
-                prompt=[prompts[p] for p, _ in chunk],
+                prompt=[fed[p] for p, _ in chunk],
                 num_inference_steps=config.steps,
                 guidance_scale=config.guidance,
                 height=size,
@@ -168,17 +175,16 @@ def generate_images(
             path = images_dir / f"p{p:05d}_i{i:02d}.png"
             img.save(path)
             results.append(GeneratedImage(path, prompts[p], p, i, s))
-            index_lines.append(
-                json.dumps(
-                    {
-                        "file_name": path.name,
-                        "prompt": prompts[p],
-                        "prompt_index": p,
-                        "image_index": i,
-                        "seed": s,
-                    }
-                )
-            )
+            entry: dict[str, Any] = {
+                "file_name": path.name,
+                "prompt": prompts[p],
+                "prompt_index": p,
+                "image_index": i,
+                "seed": s,
+            }
+            if rewrite is not None:
+                entry["pipeline_prompt"] = fed[p]
+            index_lines.append(json.dumps(entry))
         if progress is not None:
             progress.advance(len(chunk))
     (images_dir / "index.jsonl").write_text("\n".join(index_lines) + "\n", encoding="utf-8")

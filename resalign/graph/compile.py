@@ -236,7 +236,15 @@ class _Compiler:
         # ``search`` left out: a search trial's threat (search None) has the key of the
         # fixed threat with its values, and a spec without search keeps its keys.
         tparams = t.model_dump(mode="json", exclude={"seeds", "search", "eval_at"})
-        datasets = self.closure([t.data, t.poison.data if t.poison else None, t.prior])
+        if tparams.get("stages") is None:
+            tparams.pop("stages", None)  # a plain threat keeps the key it had before stages
+        if tparams.get("embedding") is None:
+            tparams.pop("embedding", None)  # as for stages: keys from before embedding attacks
+        # every dataset it reads: its data, poison and prior, or each stage's data and poison
+        read = [t.data, t.poison.data if t.poison else None, t.prior]
+        for st in t.stages or ():
+            read += [st.data, st.poison.data if st.poison else None]
+        datasets = self.closure(read)
         for seed in t.seeds:
             deps = {**base, **self.harvest_deps(datasets)}
             prev: str | None = None
@@ -274,9 +282,14 @@ class _Compiler:
     def study_plan(
         self, row: str, useed: int | None, prefix: str, base: dict[str, str], tname: str, t: Any
     ) -> StudyPlan:
-        upstream = self.graph.nodes[base.get("unlearn", "model")].key
+        upstream = self.graph.nodes[base.get("unlearn", base["model"])].key
+        threat = t.model_dump(mode="json")
+        if threat.get("stages") is None:
+            threat.pop("stages", None)  # as in attack_nodes: keys from before stages hold
+        if threat.get("embedding") is None:
+            threat.pop("embedding", None)  # likewise for embedding attacks
         ident = {
-            "threat": t.model_dump(mode="json"),
+            "threat": threat,
             "upstream": upstream,
             "evaluate": self.evaluate_params(0),
         }

@@ -143,6 +143,12 @@ def references(data: Any) -> Iterator[tuple[PathT, Any, str]]:
             yield p, n, "harmful"
         for p, n in _names(_get(t, "prior"), ("threats", tname, "prior")):
             yield p, n, "pairs"
+        for i, stage in _items(_get(t, "stages")):
+            sp = ("threats", tname, "stages", i)
+            for p, n in _names(_get(stage, "data"), (*sp, "data")):
+                yield p, n, "pairs"
+            for p, n in _names(_get(stage, "poison", "data"), (*sp, "poison", "data")):
+                yield p, n, "harmful"
         # datasets an attacker search may choose (issue 16): pairs, never harvested
         for searched in ("data", "poison.data", "prior"):
             sp = ("threats", tname, "search", "space", searched, "choice")
@@ -646,6 +652,18 @@ def _implied_harvests(spec: Spec) -> tuple[Spec, dict[str, str]]:
             t = t.model_copy(
                 update={"poison": t.poison.model_copy(update={"data": harvested(t.poison.data)})}
             )
+        if t.stages and any(s.poison is not None for s in t.stages):
+            stages = [
+                s
+                if s.poison is None
+                else s.model_copy(
+                    update={
+                        "poison": s.poison.model_copy(update={"data": harvested(s.poison.data)})
+                    }
+                )
+                for s in t.stages
+            ]
+            t = t.model_copy(update={"stages": stages})
         threats[n] = t
     for n, d in list(ds.items()):
         if d.type == "mix":

@@ -6,10 +6,18 @@ Params (graph): ``threat`` (the threat block minus seeds, ``eval_at`` and ``sear
 it reads). Inputs: ``model``, ``unlearn`` (absent for the original row), harvests, and
 ``resume``: the segment ending at the previous evaluation step, an ordering dependency that
 is not in the key (:data:`resalign.graph.keys.ORDER_ROLES`).
-Outputs: ``unet/`` (the merged UNet at ``stop``, ``save_pretrained`` layout), ``stats.json``
-(what ran: precision, trainable size, poison positions, loss), ``metrics.jsonl`` (the loss from
-step 1), and, when the attack goes on past ``stop``, ``resume/checkpoint.pt``: the full state
-(trainable tensors, optimizer, schedule, generator, sampler position) at ``stop``.
+Outputs: ``unet/`` (the merged UNet at ``stop``, ``save_pretrained`` layout; an
+``embedding`` attack, which leaves the UNet as the row has it, writes ``embedding/`` instead:
+``learned_embeds.safetensors`` (SDXL also ``learned_embeds_2.safetensors``) and
+``embedding.json``, see :mod:`resalign.models.embeddings`), ``stats.json``
+(what ran: precision, trainable size, data size and poison positions (a staged threat: one of
+each per stage), loss), ``metrics.jsonl`` (the loss from step 1), and, when the attack goes
+on past ``stop``, ``resume/checkpoint.pt``: the full state (trainable tensors, optimizer,
+schedule, generator, sampler positions) at ``stop``.
+
+A staged threat (``stages``) loads each stage's data (and mixes its poison) and hands the
+list to :func:`resalign.algorithms.attack.run_attack`, which switches data at the stage
+boundaries inside its one loop; segments may end in any stage.
 
 Why segments (issue 14): the key of the segment to step ``s`` is the attack's settings and
 ``s``, not the list of evaluation steps, so adding an evaluation step adds one segment (from
@@ -67,19 +75,25 @@ class AttackStep(Step):
             Path(ctx.inputs["model"]), trainable, unet_dir, device=ctx.device, dtype="float32"
         )
         channels = int(bundle.vae.config.in_channels)
-        data = load_pairs(threat["data"], ctx.spec, ctx.inputs, bundle.resolution, channels)
-        poisoned: list[int] = []
-        if threat.get("poison"):
-            harm = load_pairs(
-                threat["poison"]["data"], ctx.spec, ctx.inputs, bundle.resolution, channels
-            )
-            # the mix dataset's implementation, the attack seed as the mix seed
-            data, poisoned = mix_pairs(data, harm, float(threat["poison"]["ratio"]), seed)
+
+        def stage_data(source: dict[str, Any]) -> tuple[Any, list[int]]:
+            """``source['data']``, with its ``poison`` mixed in (the mix dataset's
+            implementation, the attack seed as the mix seed); the poisoned positions."""
+            pairs = load_pairs(source["data"], ctx.spec, ctx.inputs, bundle.resolution, channels)
+            if not source.get("poison"):
+                return pairs, []
+            poison = source["poison"]
+            harm = load_pairs(poison["data"], ctx.spec, ctx.inputs, bundle.resolution, channels)
+            return mix_pairs(pairs, harm, float(poison["ratio"]), seed)
+
+        # a plain threat: one data set; a staged one: one per stage, in order
+        loaded = [stage_data(st) for st in threat.get("stages") or [threat]]
+        stages = [pairs for pairs, _ in loaded]
         prior = None
         if threat.get("prior"):
             prior = load_pairs(threat["prior"], ctx.spec, ctx.inputs, bundle.resolution, channels)
-        elif getattr(data, "prior", None) is not None:
-            prior = data.prior
+        else:
+            prior = next((d.prior for d in stages if getattr(d, "prior", None) is not None), None)
 
         stop = int(ctx.params["stop"])
         if "resume" in ctx.inputs:
@@ -101,11 +115,21 @@ class AttackStep(Step):
                 last_ok[0] = step
 
         def check_weights(step: int) -> None:
+            if config.algorithm == "embedding":  # the trained rows live in the text encoders
+                from ..models.embeddings import text_encoders
+
+                named: Any = [
+                    (f"{name}.{n}", p)
+                    for name, _, enc in text_encoders(bundle)
+                    for n, p in enc.get_input_embeddings().named_parameters()
+                ]
+            else:
+                named = bundle.unet.named_parameters()
             check_finite_weights(
                 ctx,
-                bundle.unet.named_parameters(),
+                named,
                 step,
-                what="UNet",
+                what="token embedding" if config.algorithm == "embedding" else "UNet",
                 setting=DIVERGED,
                 last_checkpoint=last_ok[0],
             )
@@ -123,7 +147,7 @@ class AttackStep(Step):
 
             result = run_attack(
                 bundle,
-                data,
+                stages[0] if len(stages) == 1 else stages,
                 config,
                 prior=prior,
                 callback=callback,
@@ -132,14 +156,23 @@ class AttackStep(Step):
                 stop_at=stop,
             )
         check_weights(stop)
-        save_merged_unet(bundle.unet, Path(ctx.out) / "unet")
+        if result.embedding is not None:
+            from ..models.embeddings import EMBEDDING_DIR
+
+            # the UNet is the row's, unchanged: evaluate reads it from there (row_unet)
+            result.embedding.save(Path(ctx.out) / EMBEDDING_DIR)
+        else:
+            save_merged_unet(bundle.unet, Path(ctx.out) / "unet")
         if stop < config.steps:
             ctx.export_checkpoint()  # the state the next segment continues from
         stats = {
             **result.as_dict(),
             "config": {k: getattr(config, k) for k in config.__dataclass_fields__},
-            "data_items": len(data.captions),
-            "poisoned_positions": poisoned,
+            # a staged attack: one entry per stage
+            "data_items": [len(d.captions) for d in stages]
+            if len(stages) > 1
+            else len(stages[0].captions),
+            "poisoned_positions": [p for _, p in loaded] if len(stages) > 1 else loaded[0][1],
         }
         ctx.log_params({"attack.precision_ran": result.precision})
         (Path(ctx.out) / "stats.json").write_text(json.dumps(stats, indent=2, default=list))

@@ -2,6 +2,11 @@
 
 Params (graph): ``evaluate`` (the section), ``step`` (0 = before any attack), ``datasets``
 (prompt/reference dataset specs), ``concepts``. Inputs: ``model``, ``unlearn``?, ``attack``?.
+An ``embedding`` attack's result (``embedding/``, no ``unet/``) is evaluated on the row's
+UNet with the learned token(s) added to the text encoder(s); each prompt is generated with its
+``replaces`` word replaced by the token(s), while the metrics see the original prompt (which
+names the concept, e.g. the digit word ``concept_rate`` reads); ``images/g<k>/index.jsonl``
+records both, ``generation.json`` the embedding.
 Outputs: ``metrics.json`` (``{name: {"value", "definition", "version", "params", "role",
 "better", "n", ...}}``), ``generation.json``, ``images/g<k>/`` (one folder per distinct
 (prompts, generation settings) group, shared by the metrics that use it) and ``grid.png`` (the
@@ -16,6 +21,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+from ..errors import UserError
 from .base import NonFiniteError, Step, StepContext, first_non_finite, register
 
 
@@ -55,17 +61,35 @@ class EvaluateStep(Step):
         ev = dict(ctx.params["evaluate"])
         step = int(ctx.params.get("step", 0))
         out = Path(ctx.out)
+        embedding = emb_dir = None  # an embedding attack's learned token(s), their folder
         if "attack" in ctx.inputs:
-            unet_dir: Path | None = Path(ctx.inputs["attack"]) / "unet"  # the segment to ``step``
-            trainable = None
+            from ..models.embeddings import LearnedEmbedding, find_embedding
+
+            emb_dir = find_embedding(Path(ctx.inputs["attack"]))
+            if emb_dir is not None:
+                # the row's UNet (the attack left it as it was) and the learned token(s)
+                embedding = LearnedEmbedding.load(emb_dir)
+                unet_dir, trainable = row_unet(ctx.inputs)
+            else:
+                unet_dir = Path(ctx.inputs["attack"]) / "unet"  # the segment to ``step``
+                trainable = None
         else:
             unet_dir, trainable = row_unet(ctx.inputs)
         bundle = load_row(Path(ctx.inputs["model"]), trainable, unet_dir, device=ctx.device)
+        if embedding is not None:
+            embedding.apply(bundle)  # prompts say its token where they said its word (below)
         # A diverged model is never scored (its metrics could look perfect: a NaN UNet
         # generates blank images no classifier recognises the concept in).
-        bad = first_non_finite(bundle.unet.named_parameters())
+        bad = first_non_finite(
+            [
+                *bundle.unet.named_parameters(),
+                *((f"embedding.{n}", r) for n, r in (embedding.rows if embedding else {}).items()),
+            ]
+        )
         if bad is not None:
             source = unet_dir or trainable or ctx.inputs["model"]
+            if bad.startswith("embedding."):
+                source = emb_dir
             raise NonFiniteError(
                 f"the model to evaluate has non-finite weights ({bad!r}, loaded from "
                 f"{source}); it is not scored",
@@ -86,6 +110,16 @@ class EvaluateStep(Step):
             if key not in groups:
                 groups[key] = {"id": f"g{len(groups)}", "gen": gen, "prompts": prompts}
             plan.append((metric, spec, groups[key]))
+        if embedding is not None and not any(
+            embedding.rewrite(p) != p for g in groups.values() for p in g["prompts"]
+        ):
+            raise UserError(
+                f"the embedding attack's word {embedding.replaces!r} (embedding.replaces) is "
+                "in no evaluation prompt, so the learned token would never be used and the "
+                "attack would look harmless",
+                hint="evaluate with prompts that name the concept by that word, or set "
+                "embedding.replaces to the word the prompts use",
+            )
 
         generated: dict[str, list[Any]] = {}
         for g in groups.values():
@@ -100,6 +134,7 @@ class EvaluateStep(Step):
                     out / "images" / g["id"],
                     device=ctx.device,
                     progress=bar,
+                    rewrite=embedding.rewrite if embedding is not None else None,
                 )
             generated[g["id"]] = [
                 EvalImage(i.path, i.prompt, i.prompt_index, i.image_index) for i in imgs
@@ -124,7 +159,11 @@ class EvaluateStep(Step):
         (out / "generation.json").write_text(
             json.dumps(
                 {
-                    g["id"]: {**g["gen"].as_dict(), "prompts": len(g["prompts"])}
+                    g["id"]: {
+                        **g["gen"].as_dict(),
+                        "prompts": len(g["prompts"]),
+                        **({"embedding": embedding.describe()} if embedding is not None else {}),
+                    }
                     for g in groups.values()
                 },
                 indent=2,

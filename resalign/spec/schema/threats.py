@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import re
 from typing import Annotated, Literal
 
-from pydantic import Field, PositiveInt, ValidationError, model_validator
+from pydantic import Field, PositiveInt, ValidationError, field_validator, model_validator
 
 from .base import StrictModel
 from .search import SearchSpec, apply_values
@@ -20,6 +21,16 @@ class PoisonSpec(StrictModel):
     ratio: float = Field(ge=0, le=1)
 
 
+class StageSpec(StrictModel):
+    """One stage of a staged fine-tuning attack: ``steps`` optimizer steps on ``data``
+    (optionally with ``poison.ratio`` of it replaced by ``poison.data``, the attack seed as
+    the mix seed, as a threat's own ``poison``)."""
+
+    data: str
+    steps: PositiveInt
+    poison: PoisonSpec | None = None
+
+
 class ThreatLoraSpec(LoraAttackSpec):
     """The LoRA adapter of a ``lora`` attack: always a fresh one (the attacker has no access
     to the unlearned model's own adapter; ``own`` applies to simulated fine-tunes only)."""
@@ -29,6 +40,55 @@ class ThreatLoraSpec(LoraAttackSpec):
     )
 
 
+_WORD = re.compile(r"\w+")
+
+
+class EmbeddingAttackSpec(StrictModel):
+    """The new token(s) of an ``embedding`` (textual-inversion) attack: ``vectors`` new rows
+    of the text encoder's input embeddings (SDXL: of both encoders) are the only trained
+    weights. The training captions and the evaluation prompts say ``token`` (with ``vectors``
+    > 1: ``token token_v1 ...``) where they said the word ``replaces``
+    (``resalign.models.embeddings``, ``resalign.algorithms.embedding_attack``)."""
+
+    token: str = Field(
+        default="<concept>",
+        description="the placeholder token added to the tokenizer (not a word of its vocabulary)",
+    )
+    replaces: str = Field(
+        description="the word of the training captions and the evaluation prompts that the "
+        "token stands for (e.g. 'zero' for the digits demo)"
+    )
+    init: str | None = Field(
+        default=None,
+        description="a word (one token of the tokenizer) whose embedding initialises the new "
+        "vector(s); default: the replaces word",
+    )
+    vectors: PositiveInt = Field(default=1, le=64, description="number of new vectors")
+
+    @field_validator("token")
+    @classmethod
+    def _token(cls, v: str) -> str:
+        if not v or any(c.isspace() for c in v):
+            raise ValueError(f"token {v!r} must be one non-empty string without spaces")
+        return v
+
+    @field_validator("replaces", "init")
+    @classmethod
+    def _single_word(cls, v: str | None) -> str | None:
+        if v is not None and not _WORD.fullmatch(v):
+            raise ValueError(
+                f"{v!r} is not a single word (letters, digits, _; no spaces or punctuation): "
+                "the embedding stands for one word"
+            )
+        return v
+
+    @model_validator(mode="after")
+    def _init_default(self) -> EmbeddingAttackSpec:
+        if self.init is None:
+            self.init = self.replaces
+        return self
+
+
 class ThreatSpec(StrictModel):
     """A fine-tuning attack. Defaults are the published attack: full UNet, 200 steps, lr 1e-5
     constant, AdamW, effective batch 4, fp16, seed 42. These defaults are the only ones:
@@ -36,12 +96,36 @@ class ThreatSpec(StrictModel):
 
     ``poison`` replaces ``ratio`` of ``data`` by items of ``poison.data``, exactly as a
     ``mix`` dataset does (``resalign.data.pairs.mix_pairs``), with the attack seed as the mix
-    seed."""
+    seed.
 
-    data: str
+    ``stages`` (instead of ``data``/``poison``) makes a staged attack, as in the
+    fine-tuning-attack literature: e.g. ``[{data: benign, steps: 80}, {data: harm, steps:
+    20}]`` fine-tunes on benign data first and then on a small harmful set. Rules, chosen so
+    that one written value never silently contradicts another: ``data`` and ``poison`` are
+    per stage and forbidden on a staged threat (a stage reads exactly what it says); the
+    threat's ``steps`` is the sum of the stages' steps (written or not; a written value that
+    differs is an error); at least two stages (one is a plain threat: write ``data``). All
+    stages share one optimizer, one LR schedule over all ``steps`` (warm-up once, at the
+    start; cosine/linear decay across the boundary: the attacker runs one fine-tuning job
+    that changes data) and the attack seed's one generator; ``eval_at`` may fall in any
+    stage (``resalign.algorithms.attack.run_attack``)."""
+
+    data: str | None = Field(
+        default=None, description="the fine-tuning data set (a plain threat; not with stages)"
+    )
     poison: PoisonSpec | None = None
-    algorithm: Literal["full", "lora", "dreambooth"] = "full"
+    stages: list[StageSpec] | None = Field(
+        default=None,
+        description="a staged attack: [{data, steps, poison?}, ...] run in order with one "
+        "optimizer and one LR schedule; replaces data/poison, steps is their sum",
+    )
+    algorithm: Literal["full", "lora", "dreambooth", "embedding"] = "full"
     lora: ThreatLoraSpec = Field(default_factory=ThreatLoraSpec)
+    embedding: EmbeddingAttackSpec | None = Field(
+        default=None,
+        description="algorithm embedding (textual inversion): the new token(s), their "
+        "initialisation and the word they stand for",
+    )
     prior: str | None = Field(default=None, description="class-prior dataset for dreambooth")
     prior_weight: float = Field(default=1.0, ge=0)
     optimizer: Literal["sgd", "adam", "adamw"] = "adamw"
@@ -67,6 +151,8 @@ class ThreatSpec(StrictModel):
 
     @model_validator(mode="after")
     def _check(self) -> ThreatSpec:
+        self._check_stages()
+        self._check_embedding()
         if self.search is not None:
             self._check_search(self.search)
         late = [s for s in self.eval_at if s > self.steps]
@@ -80,6 +166,48 @@ class ThreatSpec(StrictModel):
         if len(set(self.seeds)) != len(self.seeds):
             raise ValueError(f"seeds has duplicates: {self.seeds}")
         return self
+
+    def _check_stages(self) -> None:
+        """One data source (``data`` or ``stages``); a staged threat's ``steps`` is the sum."""
+        if self.stages is None:
+            if self.data is None:
+                raise ValueError(
+                    "a threat needs 'data' (the fine-tuning data set) or 'stages' (a staged "
+                    "attack: [{data, steps}, ...])"
+                )
+            return
+        if self.data is not None or self.poison is not None:
+            both = " and ".join(k for k in ("data", "poison") if getattr(self, k) is not None)
+            raise ValueError(
+                f"a staged threat reads its data from its stages: remove {both} (write "
+                "each stage's data and poison in its own entry of stages)"
+            )
+        if len(self.stages) < 2:
+            raise ValueError(
+                "stages needs at least two stages; a single stage is a plain threat: write "
+                "its data and steps on the threat instead"
+            )
+        total = sum(s.steps for s in self.stages)
+        if "steps" in self.model_fields_set and self.steps != total:
+            per = " + ".join(str(s.steps) for s in self.stages)
+            raise ValueError(
+                f"steps is {self.steps} but the stages add up to {per} = {total}: a staged "
+                "threat's steps is the sum of its stages' steps; remove steps or make them agree"
+            )
+        self.steps = total
+
+    def _check_embedding(self) -> None:
+        """The ``embedding`` block goes with ``algorithm: embedding`` and only with it."""
+        if self.algorithm == "embedding" and self.embedding is None:
+            raise ValueError(
+                "algorithm embedding trains new token embeddings and needs an embedding "
+                "block naming the word they stand for, e.g. embedding: {replaces: zero}"
+            )
+        if self.algorithm != "embedding" and self.embedding is not None:
+            raise ValueError(
+                f"the embedding block is read by algorithm embedding only, and this threat's "
+                f"algorithm is {self.algorithm}: remove the block or set algorithm: embedding"
+            )
 
     def _check_search(self, search: SearchSpec) -> None:
         if "eval_at" in self.model_fields_set:
