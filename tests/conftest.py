@@ -45,6 +45,8 @@ _FAST_FILES = {
     "test_eval_metrics.py",
     "test_report.py",
     "test_report_bands.py",
+    "test_search.py",
+    "test_oracle_control.py",
 }
 _COST = ("slow", "server", "torchrun", "slurm", "kill", "fuzz")
 
