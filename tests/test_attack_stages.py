@@ -389,4 +389,7 @@ def test_the_ratio_size_template_has_every_ratio_and_size_and_a_staged_threat_pe
         name = next(n for n, t in spec.threats.items() if t.stages)
         seg = g[f"attack/original/{name}/seed1/step{st.steps}"]
         assert {s.data for s in st.stages} <= set(seg.params["datasets"])
+        # and a textual-inversion threat naming the digit's word, the same in every cell
+        (ti,) = [t for t in spec.threats.values() if t.algorithm == "embedding"]
+        assert ti.embedding.replaces == "zero" and ti.lr == tpl.variables["embedding_lr"]
     assert f"{len(prepared[0][1])} nodes per cell" in path.read_text()
