@@ -212,6 +212,13 @@ def test_runtime_errors_are_user_errors():
     # the token must be new
     with pytest.raises(UserError, match="already in the tokenizer"):
         run_attack(Bundle(), _data(), config(embedding={"token": "a"}))
+    # captions the tokenizer would cut (CLIP truncates silently): 3 words + 30 vectors + BOS
+    # and EOS are 35 tokens, over max_length 32; 27 vectors make exactly 32 and pass
+    with pytest.raises(
+        UserError, match="is 35 tokens .* more than the text_encoder tokenizer's 32"
+    ):
+        run_attack(Bundle(), _data(), config(embedding={"vectors": 30}))
+    run_attack(Bundle(), _data(), config(embedding={"vectors": 27}, steps=1))
 
 
 def test_schema_defaults_and_errors():

@@ -45,6 +45,7 @@ from ..errors import UserError
 from ..models.embeddings import (
     LearnedEmbedding,
     add_placeholder_tokens,
+    check_fit,
     placeholder_tokens,
     rewrite_prompt,
     text_encoders,
@@ -152,6 +153,9 @@ def attach_embeddings(
         for name, tok, enc in text_encoders(bundle)
     }
     first = add_placeholder_tokens(bundle, tokens, init_rows)
+    placeholder = " ".join(tokens)
+    check_fit(bundle, [rewrite_prompt(c, replaces, placeholder) for c in captions],
+              what="the training caption")  # fmt: skip
     layers: dict[str, tuple[Any, PlaceholderEmbedding]] = {}
     for name, _, enc in text_encoders(bundle):
         enc.requires_grad_(False)

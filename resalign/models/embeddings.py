@@ -237,6 +237,24 @@ class LearnedEmbedding:
         return add_placeholder_tokens(bundle, self.tokens, self.rows)
 
 
+def check_fit(bundle: Any, texts: Sequence[str], *, what: str) -> None:
+    """Refuse ``texts`` (captions or prompts already rewritten with the placeholder tokens)
+    that the tokenizer(s) would truncate: CLIP cuts at ``model_max_length`` silently, which
+    dropped the last vectors and the end token of "a handwritten digit <concept> ..._v3" on
+    the demo's 8-token model, so the attack trained and was scored on cut text."""
+    for name, tok, _ in text_encoders(bundle):
+        limit = int(tok.model_max_length)
+        for text in dict.fromkeys(texts):
+            n = len(tok(text, truncation=False).input_ids)
+            if n > limit:
+                raise UserError(
+                    f"{what} {text!r} is {n} tokens with the embedding attack's placeholder "
+                    f"token(s), more than the {name} tokenizer's {limit}: it would be cut",
+                    hint="use fewer embedding.vectors, or a model whose text encoder takes "
+                    "longer text (model.tiny.max_length)",
+                )
+
+
 def find_embedding(node_out: Path) -> Path | None:
     """The ``embedding/`` folder of an attack result, if it has one."""
     folder = Path(node_out) / EMBEDDING_DIR

@@ -110,6 +110,11 @@ class EvaluateStep(Step):
             if key not in groups:
                 groups[key] = {"id": f"g{len(groups)}", "gen": gen, "prompts": prompts}
             plan.append((metric, spec, groups[key]))
+        if embedding is not None:
+            from ..models.embeddings import check_fit
+
+            check_fit(bundle, [embedding.rewrite(p) for g in groups.values()
+                               for p in g["prompts"]], what="the evaluation prompt")  # fmt: skip
         if embedding is not None and not any(
             embedding.rewrite(p) != p for g in groups.values() for p in g["prompts"]
         ):
