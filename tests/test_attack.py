@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import logging
-from dataclasses import MISSING, dataclass, fields
+from dataclasses import MISSING, fields
 from typing import Any
 
 import pytest
 import torch
 from pydantic import ValidationError
+from tiny_bundle import Pairs
+from tiny_bundle import tiny_bundle as Bundle
 
 from resalign.algorithms.attack import (
     AttackConfig,
@@ -17,33 +19,6 @@ from resalign.algorithms.attack import (
     save_merged_unet,
 )
 from resalign.errors import UserError
-
-TINY = dict(
-    sample_size=8,
-    block_out_channels=[16, 32],
-    attention_head_dim=8,
-    cross_attention_dim=16,
-    text_hidden_size=16,
-    text_layers=1,
-    max_length=32,
-)
-
-
-@dataclass
-class Pairs:
-    images: torch.Tensor
-    captions: list[str]
-
-
-def Bundle(seed: int = 0) -> Any:
-    """A real ModelBundle of the tiny SD-shaped pipeline (what the attack step loads)."""
-    from resalign.models.loading import bundle_from_pipeline
-    from resalign.models.tiny import build_tiny_pipeline
-    from resalign.spec.schema.model import NoiseScheduleSpec, TinyModelSpec
-
-    noise = NoiseScheduleSpec()
-    pipe = build_tiny_pipeline(TinyModelSpec(**TINY), noise, seed=seed)
-    return bundle_from_pipeline(pipe, "tiny", noise.model_dump())
 
 
 def config(seed: int = 42, **threat: Any) -> AttackConfig:

@@ -17,7 +17,6 @@ a real tiny diffusers UNet. Checked:
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -26,38 +25,14 @@ import torch
 import yaml
 from click.testing import CliRunner
 from pydantic import ValidationError
+from tiny_bundle import Pairs
+from tiny_bundle import tiny_bundle as bundle
 
 from resalign.algorithms.attack import STATE_FILE, AttackConfig, run_attack
 from resalign.cli import cli
 from resalign.spec.schema.threats import ThreatSpec
 
-TINY_MODEL = dict(
-    sample_size=8,
-    block_out_channels=[16, 32],
-    attention_head_dim=8,
-    cross_attention_dim=16,
-    text_hidden_size=16,
-    text_layers=1,
-    max_length=32,
-)
 TINY_SPEC = Path(__file__).resolve().parent / "specs" / "tiny.yaml"
-
-
-@dataclass
-class Pairs:
-    images: torch.Tensor
-    captions: list[str]
-
-
-def bundle(seed: int = 0) -> Any:
-    """A real ModelBundle of the tiny SD-shaped pipeline (what the attack step loads)."""
-    from resalign.models.loading import bundle_from_pipeline
-    from resalign.models.tiny import build_tiny_pipeline
-    from resalign.spec.schema.model import NoiseScheduleSpec, TinyModelSpec
-
-    noise = NoiseScheduleSpec()
-    pipe = build_tiny_pipeline(TinyModelSpec(**TINY_MODEL), noise, seed=seed)
-    return bundle_from_pipeline(pipe, "tiny", noise.model_dump())
 
 
 def pairs(n: int, word: str, seed: int) -> Pairs:

@@ -6,7 +6,6 @@ with the token in the prompts (real tiny SD/SDXL pipelines throughout, no mocks)
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -15,40 +14,19 @@ import torch
 import yaml
 from click.testing import CliRunner
 from pydantic import ValidationError
+from tiny_bundle import Pairs, tiny_bundle
 
 from resalign.algorithms.attack import AttackConfig, denoise_loss, run_attack
 from resalign.errors import UserError
 from resalign.models.embeddings import LearnedEmbedding, rewrite_prompt
 
-TINY = dict(
-    sample_size=8,
-    block_out_channels=[16, 32],
-    attention_head_dim=8,
-    cross_attention_dim=16,
-    text_hidden_size=16,
-    text_layers=1,
-    max_length=32,
-)
 WORDS = ["a", "handwritten", "digit", "zero", "one", "two"]  # single tokens, as after pretraining
 ZEROS = "a handwritten digit zero"
 
 
-@dataclass
-class Pairs:
-    images: torch.Tensor
-    captions: list[str]
-
-
 def Bundle(family: str = "tiny") -> Any:
     """A real ModelBundle of the tiny SD- (or SDXL-) shaped pipeline."""
-    from resalign.models.loading import bundle_from_pipeline
-    from resalign.models.tiny import build_tiny_pipeline, build_tiny_sdxl_pipeline
-    from resalign.spec.schema.model import NoiseScheduleSpec, TinyModelSpec
-
-    noise = NoiseScheduleSpec()
-    build = build_tiny_sdxl_pipeline if family == "sdxl" else build_tiny_pipeline
-    pipe = build(TinyModelSpec(**TINY), noise, seed=0, words=WORDS)
-    return bundle_from_pipeline(pipe, family, noise.model_dump())
+    return tiny_bundle(family=family, words=WORDS)
 
 
 def _data(captions: list[str] | None = None, seed: int = 1) -> Pairs:

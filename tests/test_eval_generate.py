@@ -7,19 +7,11 @@ import json
 import numpy as np
 import pytest
 from PIL import Image
+from tiny_bundle import TINY
 
 from resalign.errors import UserError
 from resalign.evaluation.generate import GenerationConfig, generate_images, image_seed
 
-TINY = dict(
-    sample_size=8,
-    block_out_channels=[16, 32],
-    attention_head_dim=8,
-    cross_attention_dim=16,
-    text_hidden_size=16,
-    text_layers=1,
-    max_length=32,
-)
 PROMPTS = ["a handwritten digit zero", "a handwritten digit one", "a handwritten digit two"]
 
 
