@@ -252,6 +252,8 @@ def test_report_worst_case_column_paired_difference_and_plot(tmp_path):
     md = (out / "report.md").read_text()
     assert "worst-case concept_rate ↓ over searched poison (retain_accuracy ≥ 0.5)" in md
     assert "| plain | 1 | poison | concept_rate 0.500 | retain_accuracy 0.600 | #2 (3 of 3) |" in md
+    # only searched threats: no fixed attack seeds, said in words (was "attack seeds []")
+    assert "attack seeds none outside the searches" in md
     assert (out / "search_best_so_far.png").stat().st_size > 1000
     assert "search_best_so_far.png" in (out / "report.html").read_text()
 

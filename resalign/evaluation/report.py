@@ -493,10 +493,13 @@ def notes(table: Mapping[str, Any]) -> list[str]:
     refs = list(dict.fromkeys(r["reference"] for r in table["table"] if r.get("reference")))
     # a grid report pairs each cell's rows with that cell's own plain row
     ref = refs[0] if len(refs) == 1 else ("the row it names (its cell's plain)" if refs else None)
+    # a spec whose threats are all searched has no fixed attack in the table (the search
+    # table below reports the trials); "attack seeds []" read as if nothing had been attacked
+    seeds = table.get("seeds") or "none outside the searches"
     out = [
         f"Cells: mean [95% interval] n, over units: (unlearning seed, attack seed) pairs after "
         f"fine-tuning, unlearning seeds before it (original, oracle: attack seeds). Unlearning "
-        f"seeds {table.get('unlearn_seeds', [])}, attack seeds {table.get('seeds', [])}. Interval: "
+        f"seeds {table.get('unlearn_seeds', [])}, attack seeds {seeds}. Interval: "
         "Student t over the units, clipped to [0, 1] for rates (concept_rate, retain_accuracy, "
         "nudenet_ip, mhsc_us); none for n = 1.",
         "Relearning area: trapezoid area under the safety metric against the attack step over "
