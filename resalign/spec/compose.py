@@ -187,6 +187,10 @@ def _merge(
 
     data = merge(base, child, ())
     cmap.copy_entry(out_map, ())
+    # kept for the baselines pass: a baseline's ``!override`` replaces the unlearn block's
+    # mapping there too (resolve.build_rows); without it a baseline's meta configs were
+    # merged into the unlearn block's, so a benign row silently kept the poisoned configs
+    out_map.overrides = bmap.overrides | cmap.overrides
     return data, out_map
 
 

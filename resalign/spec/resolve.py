@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import copy
 import math
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Set
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -285,12 +285,17 @@ def check_search_metrics(spec: Spec, smap: SourceMap) -> list[Issue]:
 # --------------------------------------------------------------------------- rows
 
 
-def deep_merge(base: Mapping[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
-    """``over`` merged into ``base``: mappings merge key by key, anything else replaces."""
+def deep_merge(
+    base: Mapping[str, Any], over: Mapping[str, Any], replace: Set[PathT] = frozenset()
+) -> dict[str, Any]:
+    """``over`` merged into ``base``: mappings merge key by key, anything else replaces, and
+    so does a mapping at a path of ``replace`` (relative to ``over``: its ``!override``
+    tags)."""
     out = copy.deepcopy(dict(base))
     for k, v in over.items():
-        if isinstance(v, Mapping) and isinstance(out.get(k), Mapping):
-            out[k] = deep_merge(out[k], v)
+        if isinstance(v, Mapping) and isinstance(out.get(k), Mapping) and (k,) not in replace:
+            inner = {p[1:] for p in replace if len(p) > 1 and p[0] == k}
+            out[k] = deep_merge(out[k], v, inner)
         else:
             out[k] = copy.deepcopy(v)
     return out
@@ -430,7 +435,8 @@ def build_rows(
                 )
             )
             continue
-        merged = deep_merge(raw_unlearn, over)
+        tagged = {p[2:] for p in smap.overrides if p[:2] == ("baselines", name) and p[2:]}
+        merged = deep_merge(raw_unlearn, over, tagged)
         merged.pop("label", None)
         try:
             u = UnlearnSpec.model_validate(merged)
