@@ -9,6 +9,7 @@ step registry imports, does not import the graph back).
 from __future__ import annotations
 
 import dataclasses
+import json
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -55,6 +56,7 @@ def report_for_spec(
         out,
         rows=params.get("rows"),
         threats=params.get("threats"),
+        resurgence=params.get("resurgence"),
         title=f"resalign report: {graph.spec_name}",
         all_steps=all_steps,
         searches=_searches(resolved, graph, Path(store_root)),
@@ -87,6 +89,8 @@ class GridResults:
     cells: int
     # attacker searches (issue 16), rows renamed as the results' rows
     searches: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+    # the template's report.resurgence (the first cell's; cells that differ are an error)
+    resurgence: dict[str, Any] | None = None
 
 
 def grid_results(template_path: str, store_root: Path, sets: Sequence[str] = ()) -> GridResults:
@@ -131,6 +135,14 @@ def grid_results(template_path: str, store_root: Path, sets: Sequence[str] = ())
     threats: dict[str, Any] = {}
     groups: dict[str, list[tuple[str, str]]] = {}
     searches: list[dict[str, Any]] = []
+    res_specs = {json.dumps(x[2].get("resurgence"), sort_keys=True) for x in cells}
+    if len(res_specs) > 1:
+        raise UserError(
+            f"grid {tpl.name!r}: its cells set different report.resurgence blocks, and the "
+            "grid's one table has one resurgence threshold",
+            where=str(tpl.path),
+            hint="write report.resurgence in the template's body once, outside the matrix",
+        )
     for i, (cid, found, params, _, unlearned, studies) in enumerate(cells):
         own = list(params.get("rows") or dict.fromkeys(x.row for x in found))
         methods = [r for r in own if r not in CONTROL_ROWS]
@@ -156,8 +168,9 @@ def grid_results(template_path: str, store_root: Path, sets: Sequence[str] = ())
             elif st["row"] in shared and all(x["key"] != st["key"] for x in searches):
                 searches.append(st)
     return GridResults(
-        tpl.name, Path(tpl.path), results, rows, threats, groups, len(cells), searches
-    )
+        tpl.name, Path(tpl.path), results, rows, threats, groups, len(cells), searches,
+        cells[0][2].get("resurgence") if cells else None,
+    )  # fmt: skip
 
 
 def report_for_grid(
@@ -180,6 +193,7 @@ def report_for_grid(
         out,
         rows=g.rows,
         threats=g.threats or None,
+        resurgence=g.resurgence,
         title=f"resalign report: grid {g.name} ({g.cells} cells)",
         all_steps=all_steps,
         searches=g.searches,

@@ -45,6 +45,7 @@ _FAST_FILES = {
     "test_eval_metrics.py",
     "test_report.py",
     "test_report_bands.py",
+    "test_report_resurgence.py",
     "test_search.py",
     "test_oracle_control.py",
 }

@@ -75,6 +75,34 @@ def test_override_replaces_and_reset_removes(tmp_path: Path) -> None:
     assert r.rows["plain"].optimizer.lr != 1e-4  # replaced, so the schema default
 
 
+def test_override_in_a_baseline_replaces_the_unlearn_blocks_mapping(tmp_path: Path) -> None:
+    """A baseline is deep-merged into the unlearn block; its ``!override`` replaces the
+    mapping there (its meta configs were merged into the unlearn block's before: a 'benign'
+    row silently kept the poisoned configs), in a child spec and in a spec without extends."""
+    meta = (
+        "  resilience:\n    meta:\n      samples_per_step: 1\n      data: [retain]\n"
+        "      configs:\n"
+        "        a: {algorithm: full, optimizer: adam, lr: 1.0e-4, steps: 2, data: retain}\n"
+    )
+    base = BASE.replace("  method: plain\n", "  method: resalign\n" + meta)
+    over = (
+        "baselines:\n  other:\n    resilience:\n      meta:\n        configs: !override\n"
+        "          b: {algorithm: full, optimizer: sgd, lr: 1.0e-3, steps: 3, data: harmful}\n"
+        "  merged:\n    resilience:\n      meta:\n        configs:\n"
+        "          b: {algorithm: full, optimizer: sgd, lr: 1.0e-3, steps: 3, data: harmful}\n"
+    )
+    _write(tmp_path, "base.yaml", base)
+    child = _write(tmp_path, "child.yaml", "extends: base.yaml\n" + over)
+    alone = _write(
+        tmp_path, "alone.yaml", base.replace("baselines:\n  ga: {method: gradient_ascent}\n", over)
+    )
+    for path in (child, alone):
+        r = load_spec(path)
+        assert list(r.rows["resalign"].resilience.meta.configs) == ["a"]
+        assert list(r.rows["other"].resilience.meta.configs) == ["b"]
+        assert list(r.rows["merged"].resilience.meta.configs) == ["a", "b"]
+
+
 def test_errors_point_at_the_file_that_wrote_the_value(tmp_path: Path) -> None:
     _write(tmp_path, "base.yaml", BASE.replace("steps: 4", "steps: -4"))
     child = _write(tmp_path, "child.yaml", "extends: base.yaml\nunlearn:\n  steps: 0\n")

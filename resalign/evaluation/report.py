@@ -31,6 +31,7 @@ from typing import Any, NamedTuple
 from ..atomic import atomic_open
 from ..atomic import atomic_write_text as atomic_text
 from ..errors import UserError
+from .resurgence import plot_areas, resurgence_markdown, resurgence_note, resurgence_table
 from .stats import (
     RATE_METRICS,
     Unit,
@@ -235,10 +236,12 @@ def build_table(
     rows: Sequence[str] | None = None,
     threats: Mapping[str, Mapping[str, Any]] | None = None,
     all_steps: bool = False,
+    resurgence: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """The table as JSON-able data: columns, one entry per row with its cells and its paired
-    differences to the reference row, the metric definitions, the per-step curves and the
-    evaluation sizes. ``all_steps``: a post-fine-tuning column for every evaluation step of
+    differences to the reference row, the metric definitions, the per-step curves, the
+    evaluation sizes and the resurgence shares (``resurgence``: the spec's
+    ``report.resurgence``, :mod:`.resurgence`; default: ½ × the original's pre-FT value). ``all_steps``: a post-fine-tuning column for every evaluation step of
     each threat (id ``metric/threat@step``), not only the last (id ``metric/threat``).
     Relearning columns: ``metric/threat/area`` and ``metric/threat/first``."""
     rows = list(rows) if rows else list(dict.fromkeys(r.row for r in results))
@@ -280,10 +283,17 @@ def build_table(
     for m in utility:
         columns.append({"id": f"{m}/pre", "kind": "value", "metric": m, "threat": None, "step": 0})
 
-    def threshold(row: str, metric: str) -> float | None:
+    def threshold(row: str, metric: str, fraction: float = 0.5) -> float | None:
         orig = row if row.split("/")[-1] == ORIGINAL_ROW else _sibling(row, ORIGINAL_ROW, rows)
         vals = list(idx.get(orig, metric, None, 0).values()) if orig else []
-        return 0.5 * sum(vals) / len(vals) if vals else None
+        return fraction * sum(vals) / len(vals) if vals else None
+
+    res_spec = dict(resurgence or {})
+
+    def resurgence_threshold(row: str, metric: str) -> float | None:
+        if res_spec.get("threshold") is not None:
+            return float(res_spec["threshold"])
+        return threshold(row, metric, float(res_spec.get("relative", 0.5)))
 
     relearn: dict[tuple[str, str, str], tuple[dict, dict]] = {}
     for row in rows:
@@ -323,6 +333,16 @@ def build_table(
             entry["diff"] = diffs
         table_rows.append(entry)
 
+    resurged = resurgence_table(
+        idx.get,
+        rows,
+        safety,
+        {t: steps_of[t] for t in threats},
+        resurgence_threshold,
+        lambda row, m, t: relearn[(row, m, t)][0],
+        lambda row: reference_row(row, rows),
+    )
+
     curves = {}
     for m in safety:
         for t in threats:
@@ -343,6 +363,7 @@ def build_table(
         "metrics": info,
         "curves": curves,
         "evaluation_n": evaluation_sizes(results),
+        "resurgence": resurged,
         "ci": "two-sided 95% Student-t interval of the mean over units (unlearning seed x "
         "attack seed), clipped to [0, 1] for rates; paired differences: t-interval of the "
         "per-unit differences, clipped to [-1, 1] for rates",
@@ -696,6 +717,7 @@ def write_report(
     title: str = "resalign report",
     all_steps: bool = False,
     searches: Sequence[Mapping[str, Any]] = (),
+    resurgence: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Write table.json, report.md, report.html, ip_vs_steps.png and grids.png to ``out``.
     ``searches``: attacker searches (``resalign.engine.search.StudyRecord.as_dict``), shown
@@ -705,13 +727,14 @@ def write_report(
         raise UserError("no evaluation results to report", hint="add metrics to 'evaluate'")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    table = build_table(results, rows, threats, all_steps=all_steps)
+    table = build_table(results, rows, threats, all_steps=all_steps, resurgence=resurgence)
     has_search_plot = False
     if searches:
         add_worst_case(table, searches)
         has_search_plot = plot_best_so_far(searches, out / "search_best_so_far.png")
     has_plot = plot_curves(table, out / "ip_vs_steps.png")
     has_grids = image_grids(results, table, out / "grids.png")
+    has_res_plot = plot_areas(table["resurgence"], out / "resurgence_areas.png")
     table["seeds"] = sorted({r.seed for r in results if r.seed is not None})
     table["unlearn_seeds"] = sorted({r.unlearn_seed for r in results if r.unlearn_seed is not None})
     atomic_text(out / "table.json", json.dumps(table, indent=2, default=str))
@@ -719,6 +742,11 @@ def write_report(
     md = [f"# {title}", "", markdown_table(table), ""]
     for line in notes(table):
         md += [line, ""]
+    if table["resurgence"]:
+        md += ["## Resurgence: how many unlearned models come back", ""]
+        md += [resurgence_markdown(table["resurgence"]), "", resurgence_note(), ""]
+        if has_res_plot:
+            md += ["![resurgence](resurgence_areas.png)", ""]
     if has_plot:
         md += ["## Metric vs fine-tuning steps", "", "![curves](ip_vs_steps.png)", ""]
     if has_grids:
@@ -731,6 +759,14 @@ def write_report(
     md += ["## Metric definitions", "", _definitions_md(table), ""]
     atomic_text(out / "report.md", "\n".join(md))
     page = _html(table, title, has_plot, has_grids)
+    if table["resurgence"]:
+        section = (
+            "<h2>Resurgence: how many unlearned models come back</h2>"
+            f"<pre>{html.escape(resurgence_markdown(table['resurgence']))}</pre>"
+            f"<p>{html.escape(resurgence_note())}</p>"
+            + ("<img src='resurgence_areas.png'>" if has_res_plot else "")
+        )
+        page = page.replace("<h2>Metric definitions</h2>", section + "<h2>Metric definitions</h2>")
     if searches:
         section = (
             "<h2>Attacker search: worst case per row</h2>"

@@ -216,3 +216,73 @@ def mean_gap_over_common_range(
     d = [p - q for p, q in zip(interpolate(*a, at), interpolate(*b, at))]
     area = sum((x1 - x0) * (d0 + d1) / 2 for x0, x1, d0, d1 in zip(at, at[1:], d, d[1:]))
     return area / (hi - lo), (lo, hi)
+
+
+# ----------------------------------------------------------------------------- proportions
+
+
+def clopper_pearson(k: int, n: int, level: float = 0.95) -> tuple[float, float] | None:
+    """The exact (Clopper–Pearson) two-sided interval of a binomial proportion k/n: the
+    beta quantiles, 0 and 1 at the ends. Never outside [0, 1]; None for n = 0."""
+    if n <= 0:
+        return None
+    if not 0 <= k <= n:
+        raise ValueError(f"k = {k} is not within 0..{n}")
+    from scipy import stats
+
+    a = (1 - level) / 2
+    lo = 0.0 if k == 0 else float(stats.beta.ppf(a, k, n - k + 1))
+    hi = 1.0 if k == n else float(stats.beta.ppf(1 - a, k + 1, n - k))
+    return lo, hi
+
+
+def proportion(flags: Sequence[bool], level: float = 0.95) -> dict[str, Any]:
+    """``{"k", "n", "share", "lo", "hi"}``: how many of ``flags`` are true, with the exact
+    binomial interval of the share (None for n = 0)."""
+    n, k = len(flags), sum(bool(f) for f in flags)
+    ci = clopper_pearson(k, n, level)
+    return {
+        "k": k,
+        "n": n,
+        "share": k / n if n else None,
+        "lo": ci[0] if ci else None,
+        "hi": ci[1] if ci else None,
+    }
+
+
+def exact_mcnemar(a: Mapping[Any, bool], b: Mapping[Any, bool], level: float = 0.95) -> dict:
+    """The paired comparison of two proportions over the keys both have (here: unlearning
+    seeds, one unlearned model each per row): ``a_only`` (true for a, false for b) and
+    ``b_only`` are the discordant pairs; ``p`` the two-sided exact McNemar p-value (the
+    binomial test of a_only among the m = a_only + b_only discordant pairs at 1/2; 1.0 when
+    m = 0); ``diff`` = (a_only − b_only)/n, the difference of the two shares; ``lo``/``hi``
+    its interval conditional on m (the Clopper–Pearson interval of a_only/m mapped through
+    diff = (2π − 1)·m/n; [0, 0] when m = 0, i.e. no evidence either way and no spread)."""
+    keys = [k for k in a if k in b]
+    n = len(keys)
+    a_only = sum(1 for k in keys if a[k] and not b[k])
+    b_only = sum(1 for k in keys if b[k] and not a[k])
+    m = a_only + b_only
+    out: dict[str, Any] = {
+        "n": n,
+        "a_only": a_only,
+        "b_only": b_only,
+        "both": sum(1 for k in keys if a[k] and b[k]),
+        "neither": sum(1 for k in keys if not a[k] and not b[k]),
+        "diff": (a_only - b_only) / n if n else None,
+        "p": 1.0,
+        "lo": None,
+        "hi": None,
+        "keys": keys,
+    }
+    if not n:
+        return out
+    if m:
+        from scipy import stats
+
+        out["p"] = float(stats.binomtest(a_only, m, 0.5).pvalue)
+        lo, hi = clopper_pearson(a_only, m, level) or (0.0, 1.0)
+        out["lo"], out["hi"] = (2 * lo - 1) * m / n, (2 * hi - 1) * m / n
+    else:
+        out["lo"] = out["hi"] = 0.0
+    return out

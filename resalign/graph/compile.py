@@ -314,6 +314,7 @@ class _Compiler:
                 for n, t in self.spec.threats.items()
                 if t.search is None  # searched threats: reported from their studies
             },
+            "resurgence": self.spec.report.resurgence.model_dump(mode="json"),
         }
         self.add("report", "report", params, {e: e for e in evals})
         return self.graph

@@ -1,6 +1,7 @@
 """The ``report`` step: the paper-shaped table, curves and grids from every evaluate node.
 
-Params (graph): ``rows``, ``threats`` (``{name: {seeds, eval_at, steps}}``). Inputs: one role
+Params (graph): ``rows``, ``threats`` (``{name: {seeds, eval_at, steps}}``), ``resurgence``
+(the spec's ``report.resurgence``). Inputs: one role
 per evaluate node (role = node name). Outputs: ``report.md``, ``report.html``,
 ``ip_vs_steps.png``, ``grids.png``, ``table.json``; each is also logged as an artifact. The
 relearning summaries (area under the safety metric over each attack, first relearn step, and
@@ -31,12 +32,20 @@ class ReportStep(Step):
             Path(ctx.out),
             rows=ctx.params.get("rows"),
             threats=ctx.params.get("threats"),
+            resurgence=ctx.params.get("resurgence"),
             title=f"resalign report: {getattr(spec, 'name', 'spec')}",
         )
         summary = table_metrics(table)
         if summary:
             ctx.log_metrics(summary)
-        for name in ("report.md", "report.html", "table.json", "ip_vs_steps.png", "grids.png"):
+        for name in (
+            "report.md",
+            "report.html",
+            "table.json",
+            "ip_vs_steps.png",
+            "grids.png",
+            "resurgence_areas.png",
+        ):
             path = Path(ctx.out) / name
             if path.is_file():
                 ctx.log_artifact(path, "report")

@@ -13,6 +13,7 @@ from .data import DatasetSpec
 from .evaluate import EvaluateSpec
 from .execution import ExecutionSpec
 from .model import ModelSpec
+from .report import ReportSpec
 from .threats import ThreatSpec
 from .tracking import TrackingSpec
 from .unlearn import UnlearnSpec
@@ -38,6 +39,7 @@ class Spec(StrictModel):
     threats: dict[str, ThreatSpec] = Field(default_factory=dict)
     controls: ControlsSpec = Field(default_factory=ControlsSpec)
     evaluate: EvaluateSpec = Field(default_factory=EvaluateSpec)
+    report: ReportSpec = Field(default_factory=ReportSpec)
     tracking: TrackingSpec = Field(default_factory=TrackingSpec)
     execution: ExecutionSpec = Field(default_factory=ExecutionSpec)
 
