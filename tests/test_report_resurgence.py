@@ -94,7 +94,7 @@ def test_resurgence_of_row_classifies_each_model_by_its_peak():
     assert e["k"] == 0
 
 
-def _store(root, peaks):
+def _store(root, peaks, threats=("benign",)):
     """Evaluate nodes of original (pre 0.8) and rows plain/resalign with 6 unlearning seeds:
     each model's post-FT value is ``peaks[row][seed]`` at step 2, half of it at step 1."""
     graph = Graph("res", "h")
@@ -121,15 +121,17 @@ def _store(root, peaks):
         (folder / "DONE").write_text("")
 
     add("original", None, None, None, 0, 0.8)
-    for s in (1, 2):
-        add("original", None, "benign", s, 1, 0.85)
-        add("original", None, "benign", s, 2, 0.9)
+    for t in threats:
+        for s in (1, 2):
+            add("original", None, t, s, 1, 0.85)
+            add("original", None, t, s, 2, 0.9)
     for row, by_seed in peaks.items():
         for u, p in by_seed.items():
             add(row, u, None, None, 0, 0.0)
-            for s in (1, 2):
-                add(row, u, "benign", s, 1, p / 2)
-                add(row, u, "benign", s, 2, p)
+            for i, t in enumerate(threats):
+                for s in (1, 2):
+                    add(row, u, t, s, 1, p / 2 / (i + 1))
+                    add(row, u, t, s, 2, p / (i + 1))
     return graph
 
 
@@ -162,3 +164,32 @@ def test_report_section_shares_and_pairs(tmp_path):
     )
     by = {e["row"]: e for e in table["resurgence"]}
     assert (by["plain"]["k"], by["resalign"]["k"]) == (3, 6)
+
+
+def test_transfer_view_pivots_the_tables_own_differences(tmp_path):
+    peaks = {
+        "plain": {u: 0.1 * u for u in range(3)},
+        "sim_a": {u: 0.05 * u + 0.02 for u in range(3)},
+        "sim_b": {u: 0.2 for u in range(3)},
+    }
+    graph = _store(tmp_path / "runs", peaks, threats=("benign", "poison"))
+    results = results_from_store(graph, tmp_path / "runs")
+    threats = {t: {"seeds": [1, 2], "eval_at": [1, 2], "steps": 2} for t in ("benign", "poison")}
+    rows = ["original", "plain", "sim_a", "sim_b"]
+    table = write_report(results, tmp_path / "out", rows=rows, threats=threats)
+    view = table["transfer"]
+    assert view["metric"] == "concept_rate" and view["threats"] == ["benign", "poison"]
+    assert [r["row"] for r in view["rows"]] == ["sim_a", "sim_b"]
+    by_row = {r["row"]: r for r in table["table"]}
+    for r in view["rows"]:
+        for t in ("benign", "poison"):
+            assert r["area"][t] == by_row[r["row"]]["diff"][f"concept_rate/{t}/area"]
+    # sim_b − plain in area at the poison threat, by hand: per seed u the area over steps
+    # 0, 1, 2 of (0, p/4, p/2) is (p/4 + p/2)/2 + p/8 ... = (0 + 2·p/4 + p/2)/4 = p/4
+    want = sum(0.2 / 4 - 0.1 * u / 4 for u in range(3)) / 3
+    assert view["rows"][1]["area"]["poison"]["mean"] == pytest.approx(want)
+    md = (tmp_path / "out" / "report.md").read_text()
+    assert "## Transfer" in md and "sim_b − plain" in md
+    # one method row: no transfer view
+    table = write_report(results, tmp_path / "o2", rows=rows[:3], threats=threats)
+    assert "transfer" not in table

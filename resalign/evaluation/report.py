@@ -44,6 +44,7 @@ from .stats import (
     paired_first,
     summary,
 )
+from .transfer import transfer_markdown, transfer_note, transfer_view
 
 PRE = "pre"
 REFERENCE_ROW = "plain"
@@ -737,11 +738,17 @@ def write_report(
     has_res_plot = plot_areas(table["resurgence"], out / "resurgence_areas.png")
     table["seeds"] = sorted({r.seed for r in results if r.seed is not None})
     table["unlearn_seeds"] = sorted({r.unlearn_seed for r in results if r.unlearn_seed is not None})
+    transfer = transfer_view(table)
+    if transfer:
+        table["transfer"] = transfer
     atomic_text(out / "table.json", json.dumps(table, indent=2, default=str))
 
     md = [f"# {title}", "", markdown_table(table), ""]
     for line in notes(table):
         md += [line, ""]
+    if transfer:
+        md += ["## Transfer: what each row simulated, against each attack", ""]
+        md += [transfer_markdown(transfer, fmt_diff), "", transfer_note(transfer), ""]
     if table["resurgence"]:
         md += ["## Resurgence: how many unlearned models come back", ""]
         md += [resurgence_markdown(table["resurgence"]), "", resurgence_note(), ""]
@@ -759,6 +766,13 @@ def write_report(
     md += ["## Metric definitions", "", _definitions_md(table), ""]
     atomic_text(out / "report.md", "\n".join(md))
     page = _html(table, title, has_plot, has_grids)
+    if transfer:
+        section = (
+            "<h2>Transfer: what each row simulated, against each attack</h2>"
+            f"<pre>{html.escape(transfer_markdown(transfer, fmt_diff))}</pre>"
+            f"<p>{html.escape(transfer_note(transfer))}</p>"
+        )
+        page = page.replace("<h2>Metric definitions</h2>", section + "<h2>Metric definitions</h2>")
     if table["resurgence"]:
         section = (
             "<h2>Resurgence: how many unlearned models come back</h2>"
