@@ -1,6 +1,7 @@
 """The ``report`` step: the paper-shaped table, curves and grids from every evaluate node.
 
-Params (graph): ``rows``, ``threats`` (``{name: {seeds, eval_at, steps}}``). Inputs: one role
+Params (graph): ``rows``, ``threats`` (``{name: {seeds, eval_at, steps}}``, plus ``radii``
+for an ``algorithm: perturb`` threat, whose step k is its k-th radius). Inputs: one role
 per evaluate node (role = node name). Outputs: ``report.md``, ``report.html``,
 ``ip_vs_steps.png``, ``grids.png``, ``table.json``; each is also logged as an artifact. The
 relearning summaries (area under the safety metric over each attack, first relearn step, and
