@@ -265,6 +265,8 @@ def _cap_unlearn(u: dict[str, Any], prof: Profile, top: bool) -> dict[str, Any]:
 
 
 def _cap_threat(t: dict[str, Any], prof: Profile) -> dict[str, Any]:
+    if t.get("algorithm") == "perturb":
+        return t  # no steps to cap: one cheap node per radius, the real graph's nodes
     stages = [dict(s) for s in t.get("stages") or []]
     steps = sum(int(s["steps"]) for s in stages) if stages else int(t.get("steps", 200))
     eval_at = sorted({int(s) for s in t.get("eval_at") or [steps]})

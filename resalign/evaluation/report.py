@@ -15,6 +15,11 @@ aggregates over units (unlearning seed × attack seed; see :mod:`.stats`): mean,
 interval (Student t, clipped to [0, 1] for rates) and n. Below each method row, its paired
 difference to the row named ``plain`` (``<cell>/plain`` in a grid report): same unlearning
 seed and attack seed.
+
+A perturbation threat (``algorithm: perturb``; its meta carries ``radii``) has steps 1..K,
+step k its k-th radius: its columns carry ``radius`` and say "radius r", its curves have
+``x: "radius"`` and points with ``radius``, and its area and first columns are over the
+radius (step 0 = radius 0, the pre-FT value; :func:`radius_map`).
 """
 
 from __future__ import annotations
@@ -204,6 +209,22 @@ class _Index:
         return self.data.get((row, metric, threat, step), {})
 
 
+def radius_map(meta: Mapping[str, Any]) -> dict[int, float]:
+    """Step → radius of a perturb threat (its meta has ``radii``; step k is the k-th radius,
+    step 0 radius 0, the unperturbed row); empty for any other threat."""
+    radii = meta.get("radii")
+    if not radii:
+        return {}
+    return {0: 0.0, **{k: float(r) for k, r in enumerate(radii, start=1)}}
+
+
+def at_text(c: Mapping[str, Any]) -> str:
+    """Where a column's value sits on its threat: ``radius r`` (perturb) or ``step n``."""
+    if c.get("radius") is not None:
+        return f"radius {c['radius']:g}"
+    return f"step {c['step']}"
+
+
 def relearning(
     idx: _Index,
     row: str,
@@ -211,10 +232,12 @@ def relearning(
     threat: str,
     steps: Sequence[int],
     threshold: float | None,
+    xs: Sequence[float] | None = None,
 ) -> tuple[dict[Unit, float], dict[Unit, int | None]]:
     """Per unit (unlearning seed, attack seed) of ``row``: the area under ``metric`` over the
     attack (step 0 = that unlearning seed's pre-fine-tuning value) and the first step above
-    ``threshold`` (see :mod:`.stats`). Units missing a step are left out."""
+    ``threshold`` (see :mod:`.stats`). Units missing a step are left out. ``xs``: the
+    position of each step on the x axis (a perturb threat's radii), default the steps."""
     pre = idx.get(row, metric, None, 0)
     post = [idx.get(row, metric, threat, s) for s in steps]
     areas: dict[Unit, float] = {}
@@ -225,7 +248,8 @@ def relearning(
         useed, _ = unit
         if (useed, None) not in pre or any(unit not in p for p in post):
             continue
-        pts = [(0, pre[(useed, None)])] + [(s, p[unit]) for s, p in zip(steps, post)]
+        at = steps if xs is None else xs
+        pts = [(0, pre[(useed, None)])] + [(x, p[unit]) for x, p in zip(at, post)]
         areas[unit] = area_under(pts)
         if threshold is not None:
             firsts[unit] = first_exceeding(pts, threshold)
@@ -258,6 +282,11 @@ def build_table(
     last_step = {}
     for t, meta in threats.items():
         last_step[t] = max(meta.get("eval_at") or steps_of[t] or [0])
+    # a perturb threat (meta ``radii``): step k is its k-th radius, and x is the radius
+    radius_of = {t: radius_map(meta) for t, meta in threats.items()}
+
+    def at_x(t: str, steps: Sequence[int]) -> list[float] | None:
+        return [radius_of[t][s] for s in steps] if radius_of[t] else None
 
     columns: list[dict[str, Any]] = []
     for m in safety:
@@ -268,19 +297,23 @@ def build_table(
                 shown = sorted(set(steps_of[t]) | {last_step[t]})
             for s in shown:
                 cid = f"{m}/{t}" if s == last_step[t] else f"{m}/{t}@{s}"
-                columns.append({"id": cid, "kind": "value", "metric": m, "threat": t, "step": s})
+                col = {"id": cid, "kind": "value", "metric": m, "threat": t, "step": s}
+                if radius_of[t]:
+                    col["radius"] = radius_of[t].get(s)
+                columns.append(col)
     for m in safety:
         for t in threats:
             for kind in ("area", "first"):
-                columns.append(
-                    {
-                        "id": f"{m}/{t}/{kind}",
-                        "kind": kind,
-                        "metric": m,
-                        "threat": t,
-                        "step": last_step[t],
-                    }
-                )
+                col = {
+                    "id": f"{m}/{t}/{kind}",
+                    "kind": kind,
+                    "metric": m,
+                    "threat": t,
+                    "step": last_step[t],
+                }
+                if radius_of[t]:
+                    col["radius"] = radius_of[t].get(last_step[t])
+                columns.append(col)
     for m in utility:
         columns.append({"id": f"{m}/pre", "kind": "value", "metric": m, "threat": None, "step": 0})
 
@@ -300,7 +333,9 @@ def build_table(
     for row in rows:
         for m in safety:
             for t in threats:
-                relearn[(row, m, t)] = relearning(idx, row, m, t, steps_of[t], threshold(row, m))
+                relearn[(row, m, t)] = relearning(
+                    idx, row, m, t, steps_of[t], threshold(row, m), at_x(t, steps_of[t])
+                )
 
     def unit_values(row: str, c: Mapping[str, Any]) -> dict[Unit, Any]:
         if c["kind"] == "area":
@@ -316,7 +351,7 @@ def build_table(
         for c in columns:
             vals = unit_values(row, c)
             if c["kind"] == "first":
-                cell = first_step_summary(list(vals.values()), c["step"])
+                cell = first_step_summary(list(vals.values()), c.get("radius", c["step"]))
                 cell["threshold"] = threshold(row, c["metric"])
             else:
                 cell = summary(list(vals.values()), bounds_of(c["metric"]))
@@ -354,8 +389,12 @@ def build_table(
                     vals = list(idx.get(row, m, threat, step).values())
                     if vals:
                         pts.append({"step": step, **summary(vals, bounds_of(m))})
+                        if radius_of[t]:
+                            pts[-1]["radius"] = radius_of[t].get(step, 0.0)
                 per_row[row] = pts
             curves[f"{m}/{t}"] = {"metric": m, "threat": t, "rows": per_row}
+            if radius_of[t]:
+                curves[f"{m}/{t}"]["x"] = "radius"
     return {
         "rows": rows,
         "threats": {t: {"last_step": last_step[t], **dict(threats[t])} for t in threats},
@@ -481,11 +520,17 @@ def column_title(c: Mapping[str, Any], info: Mapping[str, Any]) -> str:
     kind = c.get("kind", "value")
     if kind == "worst":
         return f"worst-case {c['metric']} {arrow} over searched {c['threat']} ({c['bound']})"
+    if kind == "area" and c.get("radius") is not None:
+        return (
+            f"relearning area of {c['metric']} {arrow} over radius, {c['threat']} "
+            f"(0–{c['radius']:g})"
+        )
     if kind == "area":
         return f"relearning area of {c['metric']} {arrow} over {c['threat']} (0–{c['step']})"
     if kind == "first":
-        return f"first step {c['metric']} > ½·original pre-FT, {c['threat']}"
-    when = "pre-FT" if c["threat"] is None else f"after {c['threat']} (step {c['step']})"
+        what = "radius" if c.get("radius") is not None else "step"
+        return f"first {what} {c['metric']} > ½·original pre-FT, {c['threat']}"
+    when = "pre-FT" if c["threat"] is None else f"after {c['threat']} ({at_text(c)})"
     return f"{c['metric']} {arrow} {when}".replace("  ", " ")
 
 
@@ -531,6 +576,17 @@ def notes(table: Mapping[str, Any]) -> list[str]:
         "('> last' when that median never relearned within the attack), with the number of "
         "units that relearned.",
     ]
+    perturbed = [t for t, meta in table["threats"].items() if meta.get("radii")]
+    if perturbed:
+        out.append(
+            f"Perturbation threats ({', '.join(perturbed)}): no fine-tuning; the row's weights "
+            "moved along a seeded direction by radius r relative to their norm "
+            "(‖θ'−θ‖ = r·‖θ‖, per tensor; resalign.algorithms.perturb), one evaluation per "
+            "radius. Their columns and curves are against the radius, not a step: the "
+            "relearning area is the area over radius [0, largest radius] (radius 0: the "
+            "pre-FT value) divided by the largest radius, and the first column gives the "
+            "first radius above half the original's pre-FT value."
+        )
     if ref:
         out.append(
             f"Δ rows: paired difference to {ref} (same unlearning seed and attack seed; pre-FT: "
@@ -600,7 +656,7 @@ def oracle_notes(table: Mapping[str, Any]) -> list[str]:
             spans = "; ".join(f"{', '.join(v)}: {k}" for k, v in where.items())
             out.append(
                 f"Oracle control ({orow}: the same attack on a model pretrained without the "
-                f"concept's items): after {c['threat']} (step {c['step']}) it reaches "
+                f"concept's items): after {c['threat']} ({at_text(c)}) it reaches "
                 f"{c['metric']} {fmt(oc)} with no concept to recover; "
                 f"row − oracle: {', '.join(parts)}. What a row reaches above the oracle is "
                 f"the concept coming back, not learned anew (95 % t-intervals: {spans})."
@@ -643,14 +699,18 @@ def plot_curves(table: Mapping[str, Any], path: Path) -> bool:
         for row, pts in cur["rows"].items():
             if not pts:
                 continue
-            xs = [p["step"] for p in pts]
+            xs = [p.get("radius", p["step"]) for p in pts]
             ys = [p["mean"] for p in pts]
             (line,) = ax.plot(xs, ys, marker="o", label=row)
             lo, hi = band_limits(cur["metric"], pts)
             if any(p["ci95"] for p in pts):
                 ax.fill_between(xs, lo, hi, color=line.get_color(), alpha=0.15)
-        ax.set_title(f"{cur['metric']} after fine-tuning: {cur['threat']}")
-        ax.set_xlabel("fine-tuning steps")
+        by_radius = cur.get("x") == "radius"
+        ax.set_title(
+            f"{cur['metric']} after {'perturbation' if by_radius else 'fine-tuning'}: "
+            f"{cur['threat']}"
+        )
+        ax.set_xlabel("radius r (‖θ'−θ‖ = r·‖θ‖)" if by_radius else "fine-tuning steps")
         ax.set_ylabel(cur["metric"])
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
@@ -686,7 +746,9 @@ def image_grids(results: Sequence[EvalResult], table: Mapping[str, Any], path: P
     canvas = Image.new("RGB", (label_w + cell * len(cols), label_h + cell * len(rows)), "white")
     draw = ImageDraw.Draw(canvas)
     for j, (t, s) in enumerate(cols):
-        draw.text((label_w + j * cell + 4, 3), "pre-FT" if t is None else f"{t} @{s}", fill="black")
+        r = radius_map(table["threats"][t]).get(s) if t is not None else None
+        at = f"r={r:g}" if r is not None else f"@{s}"
+        draw.text((label_w + j * cell + 4, 3), "pre-FT" if t is None else f"{t} {at}", fill="black")
     for i, row in enumerate(rows):
         draw.text((4, label_h + i * cell + cell // 2), row, fill="black")
         for j, (t, _) in enumerate(cols):

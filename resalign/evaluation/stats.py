@@ -124,11 +124,14 @@ def area_under(points: Sequence[tuple[int, float]]) -> float:
     return area / points[-1][0]
 
 
-def first_exceeding(points: Sequence[tuple[int, float]], threshold: float) -> int | None:
-    """The first step whose value exceeds ``threshold``; None when none does (censored)."""
+def first_exceeding(
+    points: Sequence[tuple[int | float, float]], threshold: float
+) -> int | float | None:
+    """The first step (or x position: a perturb threat's radius) whose value exceeds
+    ``threshold``, as given; None when none does (censored)."""
     for step, v in points:
         if v > threshold:
-            return int(step)
+            return step
     return None
 
 

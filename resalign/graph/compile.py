@@ -232,6 +232,8 @@ class _Compiler:
     ) -> list[str]:
         """The attack nodes of threat ``t`` (named ``tname`` in node names), one per attack
         seed, and their evaluations; returns the evaluate node names."""
+        if t.algorithm == "perturb":
+            return self.perturb_nodes(prefix, loc, base, tname, t)
         evals: list[str] = []
         # ``search`` left out: a search trial's threat (search None) has the key of the
         # fixed threat with its values, and a spec without search keeps its keys.
@@ -240,6 +242,7 @@ class _Compiler:
             tparams.pop("stages", None)  # a plain threat keeps the key it had before stages
         if tparams.get("embedding") is None:
             tparams.pop("embedding", None)  # as for stages: keys from before embedding attacks
+        tparams.pop("perturb", None)  # None here (perturb_nodes): keys from before it
         # every dataset it reads: its data, poison and prior, or each stage's data and poison
         read = [t.data, t.poison.data if t.poison else None, t.prior]
         for st in t.stages or ():
@@ -279,6 +282,48 @@ class _Compiler:
                 )
         return evals
 
+    def perturb_nodes(
+        self, prefix: str, loc: dict[str, Any], base: dict[str, str], tname: str, t: Any
+    ) -> list[str]:
+        """The nodes of an ``algorithm: perturb`` threat: per attack seed, one attack node per
+        radius (``.../step<k>`` for the ``k``-th radius, as eval_at's steps; no ``resume``:
+        each radius starts from the row) and its evaluation. The attack's params are what it
+        reads: ``threat`` (algorithm, the perturb block without ``radii``, data), ``radius``,
+        ``seed`` and the specs of its data, so adding a radius at the end adds nodes and
+        changes no key."""
+        assert t.perturb is not None  # the schema's rule for algorithm perturb
+        block = t.perturb.model_dump(mode="json", exclude={"radii"})
+        tparams = {"algorithm": t.algorithm, "perturb": block, "data": t.data}
+        datasets = self.closure([t.data])
+        evals: list[str] = []
+        for seed in t.seeds:
+            deps = {**base, **self.harvest_deps(datasets)}
+            for step, radius in enumerate(t.perturb.radii, start=1):
+                params = {"threat": tparams, "seed": seed, "radius": radius, "datasets": datasets}
+                at = self.add(
+                    "attack",
+                    f"attack/{prefix}/{tname}/seed{seed}/step{step}",
+                    params,
+                    dict(deps),
+                    threat=tname,
+                    seed=seed,
+                    step=step,
+                    **loc,
+                )
+                evals.append(
+                    self.add(
+                        "evaluate",
+                        f"evaluate/{prefix}/{tname}/seed{seed}/step{step}",
+                        self.evaluate_params(step),
+                        {**base, "attack": at.name},
+                        threat=tname,
+                        seed=seed,
+                        step=step,
+                        **loc,
+                    ).name
+                )
+        return evals
+
     def study_plan(
         self, row: str, useed: int | None, prefix: str, base: dict[str, str], tname: str, t: Any
     ) -> StudyPlan:
@@ -288,6 +333,7 @@ class _Compiler:
             threat.pop("stages", None)  # as in attack_nodes: keys from before stages hold
         if threat.get("embedding") is None:
             threat.pop("embedding", None)  # likewise for embedding attacks
+        threat.pop("perturb", None)  # None: a perturb threat cannot be searched
         ident = {
             "threat": threat,
             "upstream": upstream,
@@ -310,7 +356,13 @@ class _Compiler:
                 n: list(u.seeds or [u.seed]) for n, u in self.r.rows.items() if u.method != "none"
             },
             "threats": {
-                n: {"seeds": t.seeds, "eval_at": t.eval_at, "steps": t.steps}
+                n: {
+                    "seeds": t.seeds,
+                    "eval_at": t.eval_at,
+                    "steps": t.steps,
+                    # a perturb threat's step k is its k-th radius (the report plots radii)
+                    **({"radii": t.perturb.radii} if t.perturb is not None else {}),
+                }
                 for n, t in self.spec.threats.items()
                 if t.search is None  # searched threats: reported from their studies
             },
@@ -327,6 +379,9 @@ def spec_hash(resolved: ResolvedSpec) -> str:
         mode="json", exclude={"tracking": True, "execution": True, "model": {"device"}}
     )
     data["rows"] = {n: u.model_dump(mode="json") for n, u in resolved.rows.items()}
+    for t in data.get("threats", {}).values():
+        if t.get("perturb") is None:
+            t.pop("perturb", None)  # the hash of a spec without perturb threats stays as it was
 
     def strip(obj: Any) -> Any:
         if isinstance(obj, dict):
@@ -352,7 +407,8 @@ def compile_spec(resolved: ResolvedSpec) -> Graph:
     Node names: ``model`` (and ``model/oracle`` with ``controls.oracle``), ``harvest/<dataset>``,
     ``unlearn/<row>/seed<u>``,
     ``attack/<row>/seed<u>/<threat>/seed<a>/step<n>`` (the attack's segment that ends at
-    evaluation step ``n``; ``resume`` dep: the previous segment), ``evaluate/<row>/seed<u>/pre/step0`` (before
+    evaluation step ``n``; ``resume`` dep: the previous segment; for ``algorithm: perturb``
+    the ``n``-th radius, no ``resume``), ``evaluate/<row>/seed<u>/pre/step0`` (before
     any attack: ``threat`` and ``seed`` None, ``step`` 0),
     ``evaluate/<row>/seed<u>/<threat>/seed<a>/step<n>`` (``u`` an unlearning seed of the
     row, ``a`` an attack seed of the threat; rows without unlearning have no ``seed<u>``

@@ -19,6 +19,10 @@ A staged threat (``stages``) loads each stage's data (and mixes its poison) and 
 list to :func:`resalign.algorithms.attack.run_attack`, which switches data at the stage
 boundaries inside its one loop; segments may end in any stage.
 
+An ``algorithm: perturb`` threat (the neighbourhood probe) is no fine-tuning: one node per
+radius (params ``radius`` instead of ``stop``; :meth:`AttackStep.run_perturb`), the row's UNet
+moved by that radius and saved as ``unet/``; no ``resume``, no checkpoints.
+
 Why segments (issue 14): the key of the segment to step ``s`` is the attack's settings and
 ``s``, not the list of evaluation steps, so adding an evaluation step adds one segment (from
 the nearest earlier one, whose saved state it continues bitwise) and one evaluation, and
@@ -62,6 +66,9 @@ class AttackStep(Step):
     key_exclude = ("threat.checkpoint_every",)
 
     def run(self, ctx: StepContext) -> None:
+        if ctx.params["threat"].get("algorithm") == "perturb":
+            self.run_perturb(ctx)
+            return
         from ..algorithms.attack import AttackConfig, run_attack
         from ..data.pairs import load_pairs, mix_pairs
         from ..models.loading import load_row
@@ -175,4 +182,50 @@ class AttackStep(Step):
             "poisoned_positions": [p for _, p in loaded] if len(stages) > 1 else loaded[0][1],
         }
         ctx.log_params({"attack.precision_ran": result.precision})
+        (Path(ctx.out) / "stats.json").write_text(json.dumps(stats, indent=2, default=list))
+
+    def run_perturb(self, ctx: StepContext) -> None:
+        """One radius of an ``algorithm: perturb`` threat (params ``threat``: algorithm,
+        ``perturb`` without ``radii``, ``data``; ``radius``; ``seed``; ``datasets``): the row's
+        UNet moved by ``radius`` (:mod:`resalign.algorithms.perturb`), saved as ``unet/``
+        like an attack segment's, with ``stats.json`` (the norms, the move's length). No
+        training, no checkpoints, no resume: each radius is independent."""
+        from ..algorithms.perturb import PerturbConfig, run_perturb
+        from ..data.pairs import load_pairs
+        from ..models.loading import load_row
+        from ..models.saving import save_merged_unet
+
+        threat = dict(ctx.params["threat"])
+        config = PerturbConfig.from_threat(
+            threat, float(ctx.params["radius"]), int(ctx.params["seed"])
+        )
+        unet_dir, trainable = row_unet(ctx.inputs)
+        bundle = load_row(
+            Path(ctx.inputs["model"]), trainable, unet_dir, device=ctx.device, dtype="float32"
+        )
+        data = None
+        if config.direction == "gradient":
+            channels = int(bundle.vae.config.in_channels)
+            data = load_pairs(threat["data"], ctx.spec, ctx.inputs, bundle.resolution, channels)
+        with ctx.progress(1, f"perturb {ctx.node.name}") as bar:
+            result = run_perturb(
+                bundle, config, data=data, device=ctx.device, progress=lambda: bar.advance(1)
+            )
+        check_finite_weights(
+            ctx,
+            bundle.unet.named_parameters(),
+            1,
+            what="UNet",
+            setting="lower threats.<threat>.perturb.radii",
+            last_checkpoint=None,
+        )
+        ctx.log_metrics(
+            {"perturb/distance": result.distance, "perturb/weight_norm": result.weight_norm},
+            step=1,
+        )
+        save_merged_unet(bundle.unet, Path(ctx.out) / "unet")
+        stats = {**result.as_dict(), "config": {k: getattr(config, k) for k in
+                 config.__dataclass_fields__}}  # fmt: skip
+        if data is not None:
+            stats["data_items"] = len(data.captions)
         (Path(ctx.out) / "stats.json").write_text(json.dumps(stats, indent=2, default=list))

@@ -1,7 +1,8 @@
 """The ``report`` step: the paper-shaped table, curves and grids from every evaluate node.
 
-Params (graph): ``rows``, ``threats`` (``{name: {seeds, eval_at, steps}}``), ``resurgence``
-(the spec's ``report.resurgence``). Inputs: one role
+Params (graph): ``rows``, ``threats`` (``{name: {seeds, eval_at, steps}}``, plus ``radii``
+for an ``algorithm: perturb`` threat, whose step k is its k-th radius), ``resurgence`` (the
+spec's ``report.resurgence``). Inputs: one role
 per evaluate node (role = node name). Outputs: ``report.md``, ``report.html``,
 ``ip_vs_steps.png``, ``grids.png``, ``table.json``; each is also logged as an artifact. The
 relearning summaries (area under the safety metric over each attack, first relearn step, and

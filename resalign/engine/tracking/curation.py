@@ -79,6 +79,7 @@ CURATED = [
 
 
 _THREAT_KEYS = ["algorithm", "data", "optimizer", "lr", "steps", "batch_size", "seeds", "eval_at"]
+_PERTURB_KEYS = ["algorithm", "data", "perturb", "seeds"]
 
 
 def _spec_dict(spec: Any) -> dict[str, Any]:
@@ -111,7 +112,9 @@ def curated_params(spec: Any) -> dict[str, str]:
                 if k in cfg:
                     out[f"meta.{name}.{k}"] = json.dumps(cfg[k])
     for tname, t in (d.get("threats") or {}).items():
-        for k in _THREAT_KEYS:
+        # a perturb threat reads no optimizer, lr or steps: its block instead
+        keys = _PERTURB_KEYS if t.get("algorithm") == "perturb" else _THREAT_KEYS
+        for k in keys:
             if k in t:
                 v = t[k]
                 out[f"threat.{tname}.{k}"] = v if isinstance(v, str) else json.dumps(v)

@@ -89,6 +89,76 @@ class EmbeddingAttackSpec(StrictModel):
         return self
 
 
+class PerturbSpec(StrictModel):
+    """The neighbourhood probe of an ``algorithm: perturb`` threat: no data (except for
+    ``direction: gradient``), no optimizer, no training. Each radius ``r`` of ``radii`` is
+    one attack node that moves every perturbed tensor θᵢ (every UNet parameter, or those of
+    the modules ``targets`` names) to θᵢ + r·‖θᵢ‖·dᵢ/‖dᵢ‖; the tensors are disjoint blocks,
+    so the whole move has length exactly r·‖θ‖ (θ the perturbed set). ``d`` is a Gaussian
+    drawn from the attack seed (``random``), or minus the gradient of the benign denoising
+    loss on ``batches`` batches of ``batch_size`` items of the threat's ``data`` drawn by the
+    attack seed (``gradient``: a normalised descent step on benign data, the first move of a
+    benign fine-tune). Why per tensor (``resalign.algorithms.perturb``)."""
+
+    radii: list[PositiveFloat] = Field(
+        min_length=1,
+        description="relative radii r (the move is r times the perturbed weights' norm), "
+        "strictly increasing; one attack node and one evaluation each, as eval_at's steps",
+    )
+    direction: Literal["random", "gradient"] = Field(
+        default="random",
+        description="random: a Gaussian direction drawn from the attack seed; gradient: "
+        "minus the benign loss's gradient on the threat's data",
+    )
+    targets: list[str] | None = Field(
+        default=None,
+        description="module name suffixes whose parameters are perturbed (e.g. [to_q, to_k, "
+        "to_v, to_out.0]); default: every UNet parameter, the full fine-tune's set",
+    )
+    batches: PositiveInt | None = Field(
+        default=None, description="direction gradient: number of batches the gradient "
+        "averages (default 1)"
+    )  # fmt: skip
+    batch_size: PositiveInt | None = Field(
+        default=None, description="direction gradient: items per batch (default 16)"
+    )
+
+    @field_validator("radii")
+    @classmethod
+    def _increasing(cls, v: list[float]) -> list[float]:
+        if any(b <= a for a, b in zip(v, v[1:])):
+            raise ValueError(
+                f"radii {v} must be strictly increasing (step k of the threat is its k-th "
+                "radius; adding one at the end keeps the others' node keys)"
+            )
+        return v
+
+    @field_validator("targets")
+    @classmethod
+    def _targets(cls, v: list[str] | None) -> list[str] | None:
+        if v is not None and (not v or any(not t for t in v)):
+            raise ValueError("targets must name at least one module (or be left out)")
+        return v
+
+    @model_validator(mode="after")
+    def _gradient_fields(self) -> PerturbSpec:
+        if self.direction == "gradient":
+            self.batches = 1 if self.batches is None else self.batches
+            self.batch_size = 16 if self.batch_size is None else self.batch_size
+        else:
+            written = [k for k in ("batches", "batch_size") if getattr(self, k) is not None]
+            if written:
+                raise ValueError(
+                    f"{' and '.join(written)} {'is' if len(written) == 1 else 'are'} read by "
+                    "direction gradient only: remove it or set direction: gradient"
+                )
+        return self
+
+
+# A perturb threat reads these fields of the threat and no other (ThreatSpec._check_perturb).
+PERTURB_READS = ("algorithm", "perturb", "seeds", "data")
+
+
 class ThreatSpec(StrictModel):
     """A fine-tuning attack. Defaults are the published attack: full UNet, 200 steps, lr 1e-5
     constant, AdamW, effective batch 4, fp16, seed 42. These defaults are the only ones:
@@ -108,7 +178,15 @@ class ThreatSpec(StrictModel):
     stages share one optimizer, one LR schedule over all ``steps`` (warm-up once, at the
     start; cosine/linear decay across the boundary: the attacker runs one fine-tuning job
     that changes data) and the attack seed's one generator; ``eval_at`` may fall in any
-    stage (``resalign.algorithms.attack.run_attack``)."""
+    stage (``resalign.algorithms.attack.run_attack``).
+
+    ``algorithm: perturb`` (with a ``perturb`` block, :class:`PerturbSpec`) is no
+    fine-tuning: it moves the row's weights by given relative radii and trains nothing. Rule:
+    it reads ``algorithm``, ``perturb``, ``seeds`` and, for ``direction: gradient`` only,
+    ``data``; every other field must be left out (an error names each one written with a
+    value other than its default), and ``data`` is required with ``gradient`` and an error
+    with ``random``. Its ``steps`` is the number of radii and ``eval_at`` is ``1..K``: step
+    ``k`` of a perturb threat (node names ``.../step<k>``) is its ``k``-th radius."""
 
     data: str | None = Field(
         default=None, description="the fine-tuning data set (a plain threat; not with stages)"
@@ -119,12 +197,16 @@ class ThreatSpec(StrictModel):
         description="a staged attack: [{data, steps, poison?}, ...] run in order with one "
         "optimizer and one LR schedule; replaces data/poison, steps is their sum",
     )
-    algorithm: Literal["full", "lora", "dreambooth", "embedding"] = "full"
+    algorithm: Literal["full", "lora", "dreambooth", "embedding", "perturb"] = "full"
     lora: ThreatLoraSpec = Field(default_factory=ThreatLoraSpec)
     embedding: EmbeddingAttackSpec | None = Field(
         default=None,
         description="algorithm embedding (textual inversion): the new token(s), their "
         "initialisation and the word they stand for",
+    )
+    perturb: PerturbSpec | None = Field(
+        default=None,
+        description="algorithm perturb (the neighbourhood probe): radii, direction, targets",
     )
     prior: str | None = Field(default=None, description="class-prior dataset for dreambooth")
     prior_weight: float = Field(default=1.0, ge=0)
@@ -151,6 +233,9 @@ class ThreatSpec(StrictModel):
 
     @model_validator(mode="after")
     def _check(self) -> ThreatSpec:
+        if self.algorithm == "perturb" or self.perturb is not None:
+            self._check_perturb()
+            return self
         self._check_stages()
         self._check_embedding()
         if self.search is not None:
@@ -208,6 +293,55 @@ class ThreatSpec(StrictModel):
                 f"the embedding block is read by algorithm embedding only, and this threat's "
                 f"algorithm is {self.algorithm}: remove the block or set algorithm: embedding"
             )
+
+    def _check_perturb(self) -> None:
+        """The rule of ``algorithm: perturb`` (class notes): only what it reads is written."""
+        p = self.perturb
+        if self.algorithm != "perturb":
+            raise ValueError(
+                f"the perturb block is read by algorithm perturb only, and this threat's "
+                f"algorithm is {self.algorithm}: remove the block or set algorithm: perturb"
+            )
+        if p is None:
+            raise ValueError(
+                "algorithm perturb moves the weights by given relative radii and needs a "
+                "perturb block, e.g. perturb: {radii: [0.01, 0.05, 0.1]}"
+            )
+        k = len(p.radii)
+        # steps and eval_at are derived (K and 1..K): written with other values is an error
+        unread = [
+            f
+            for f, info in type(self).model_fields.items()
+            if f not in (*PERTURB_READS, "steps", "eval_at")
+            and getattr(self, f) != info.get_default(call_default_factory=True)
+        ]
+        if "steps" in self.model_fields_set and self.steps != k:
+            unread.append("steps")
+        if "eval_at" in self.model_fields_set and self.eval_at != list(range(1, k + 1)):
+            unread.append("eval_at")
+        if unread:
+            many = len(unread) > 1
+            names = ", ".join(unread[:-1]) + " and " + unread[-1] if many else unread[0]
+            raise ValueError(
+                f"{names} {'are' if many else 'is'} not read by algorithm perturb (it trains "
+                "nothing; its evaluation points are perturb.radii): remove "
+                f"{'them' if many else 'it'}; a perturb threat reads algorithm, perturb, "
+                "seeds and (with perturb.direction gradient) data"
+            )
+        if p.direction == "random" and self.data is not None:
+            raise ValueError(
+                "data is not read by a random perturbation: remove it, or set "
+                "perturb.direction: gradient to step along the benign loss's gradient on it"
+            )
+        if p.direction == "gradient" and self.data is None:
+            raise ValueError(
+                "perturb.direction gradient steps along the gradient of the denoising loss on "
+                "the threat's data: add data (a benign data set)"
+            )
+        if len(set(self.seeds)) != len(self.seeds):
+            raise ValueError(f"seeds has duplicates: {self.seeds}")
+        self.steps = k
+        self.eval_at = list(range(1, k + 1))
 
     def _check_search(self, search: SearchSpec) -> None:
         if "eval_at" in self.model_fields_set:
