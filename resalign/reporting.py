@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import UserError
+from .evaluation.predictors import predictors_from_probes, probe_results_from_store
 from .evaluation.report import (
     CONTROL_ROWS,
     EvalResult,
@@ -48,6 +49,7 @@ def report_for_spec(
     resolved = load_spec(spec_path, sets=sets)
     graph = compile_spec(resolved)
     results = results_from_store(graph, Path(store_root), spec_path, _complete(store_root))
+    probes = probe_results_from_store(graph, Path(store_root), spec_path, _complete(store_root))
     report_node = graph.of_kind("report")[0] if graph.of_kind("report") else None
     params = report_node.params if report_node is not None else {}
     out = Path(out) if out else Path(store_root) / "reports" / graph.spec_name
@@ -60,6 +62,7 @@ def report_for_spec(
         title=f"resalign report: {graph.spec_name}",
         all_steps=all_steps,
         searches=_searches(resolved, graph, Path(store_root)),
+        predictors=predictors_from_probes(probes),
     )
     return out
 

@@ -48,6 +48,8 @@ _FAST_FILES = {
     "test_report_resurgence.py",
     "test_search.py",
     "test_oracle_control.py",
+    "test_predictors.py",
+    "test_probes.py",
 }
 _COST = ("slow", "server", "torchrun", "slurm", "kill", "fuzz")
 

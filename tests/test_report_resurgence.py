@@ -193,3 +193,27 @@ def test_transfer_view_pivots_the_tables_own_differences(tmp_path):
     # one method row: no transfer view
     table = write_report(results, tmp_path / "o2", rows=rows[:3], threats=threats)
     assert "transfer" not in table
+
+
+def test_the_perturbation_probe_is_a_predictor_of_the_other_threats_resurgence(tmp_path):
+    """A perturb threat's value at each radius (mean over directions) is tested against
+    resurgence under the other threats, never its own."""
+    peaks = {"plain": {u: (0.6 if u in (1, 3, 4) else 0.0) for u in range(6)}}
+    graph = _store(tmp_path / "runs", peaks, threats=("benign", "probe"))
+    results = results_from_store(graph, tmp_path / "runs")
+    threats = {
+        "benign": {"seeds": [1, 2], "eval_at": [1, 2], "steps": 2},
+        "probe": {"seeds": [1, 2], "eval_at": [1, 2], "steps": 2, "radii": [0.05, 0.1]},
+    }
+    table = write_report(results, tmp_path / "out", rows=["original", "plain"], threats=threats)
+    entries = table["predictors"]["entries"]
+    named = [e for e in entries if e["predictor"].startswith("concept_rate at radius")]
+    assert {e["predictor"] for e in named} == {
+        "concept_rate at radius 0.05 (probe)",
+        "concept_rate at radius 0.1 (probe)",
+    }
+    assert {e["threat"] for e in named} == {"benign"}
+    # the probe's value at radius 0.1 (step 2) is each model's peak / 2: it separates the
+    # resurged models (peak 0.6) from the others (0) perfectly
+    e = next(e for e in named if e["predictor"] == "concept_rate at radius 0.1 (probe)")
+    assert e["n"] == 6 and e["auc"] == pytest.approx(1.0)

@@ -36,6 +36,7 @@ from typing import Any, NamedTuple
 from ..atomic import atomic_open
 from ..atomic import atomic_write_text as atomic_text
 from ..errors import UserError
+from .predictors import perturb_predictors, predictor_section
 from .resurgence import plot_areas, resurgence_markdown, resurgence_note, resurgence_table
 from .stats import (
     RATE_METRICS,
@@ -781,11 +782,14 @@ def write_report(
     all_steps: bool = False,
     searches: Sequence[Mapping[str, Any]] = (),
     resurgence: Mapping[str, Any] | None = None,
+    predictors: Sequence[Any] = (),
 ) -> dict[str, Any]:
     """Write table.json, report.md, report.html, ip_vs_steps.png and grids.png to ``out``.
     ``searches``: attacker searches (``resalign.engine.search.StudyRecord.as_dict``), shown
     as worst-case columns (:func:`add_worst_case`), a section per study and
-    ``search_best_so_far.png``."""
+    ``search_best_so_far.png``. ``predictors``: properties per model
+    (:class:`resalign.evaluation.predictors.Predictor`) tested against resurgence, a section
+    and ``predictors.png`` (:func:`resalign.evaluation.predictors.predictor_section`)."""
     if not results:
         raise UserError("no evaluation results to report", hint="add metrics to 'evaluate'")
     out = Path(out)
@@ -798,6 +802,11 @@ def write_report(
     has_plot = plot_curves(table, out / "ip_vs_steps.png")
     has_grids = image_grids(results, table, out / "grids.png")
     has_res_plot = plot_areas(table["resurgence"], out / "resurgence_areas.png")
+    pred_md = pred_html = ""
+    safety = [m for m, i in table["metrics"].items() if i.get("role", "safety") == "safety"]
+    predictors = [*predictors, *perturb_predictors(results, table["threats"], safety)]
+    if predictors:
+        pred_md, pred_html = predictor_section(table, predictors, out, CONTROL_ROWS)
     table["seeds"] = sorted({r.seed for r in results if r.seed is not None})
     table["unlearn_seeds"] = sorted({r.unlearn_seed for r in results if r.unlearn_seed is not None})
     transfer = transfer_view(table)
@@ -816,6 +825,8 @@ def write_report(
         md += [resurgence_markdown(table["resurgence"]), "", resurgence_note(), ""]
         if has_res_plot:
             md += ["![resurgence](resurgence_areas.png)", ""]
+    if pred_md:
+        md += [pred_md]
     if has_plot:
         md += ["## Metric vs fine-tuning steps", "", "![curves](ip_vs_steps.png)", ""]
     if has_grids:
@@ -843,6 +854,10 @@ def write_report(
             + ("<img src='resurgence_areas.png'>" if has_res_plot else "")
         )
         page = page.replace("<h2>Metric definitions</h2>", section + "<h2>Metric definitions</h2>")
+    if pred_html:
+        page = page.replace(
+            "<h2>Metric definitions</h2>", pred_html + "<h2>Metric definitions</h2>"
+        )
     if searches:
         section = (
             "<h2>Attacker search: worst case per row</h2>"

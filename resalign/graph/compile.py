@@ -64,6 +64,9 @@ class StudyPlan:
         return f"{self.threat}:trial{k}"
 
 
+# Attack algorithms whose segments save a UNet (``unet/``), which a segment probe reads.
+_UNET_ATTACKS = ("full", "lora", "dreambooth")
+
 _DATASET_REFS = {
     "harvest": ("prompts",),
     "mix": ("base", "poison"),
@@ -350,6 +353,7 @@ class _Compiler:
         evals: list[str] = []
         for row in rows:
             evals += self.row(row)
+        probes = self.probes() if self.spec.probes is not None else []
         params = {
             "rows": rows,
             "unlearn_seeds": {
@@ -368,8 +372,57 @@ class _Compiler:
             },
             "resurgence": self.spec.report.resurgence.model_dump(mode="json"),
         }
-        self.add("report", "report", params, {e: e for e in evals})
+        self.add("report", "report", params, {e: e for e in evals} | {p: p for p in probes})
         return self.graph
+
+    def probe_params(self, quantities: Sequence[str]) -> dict[str, Any]:
+        """A probe node's params: its quantities and exactly the settings they read."""
+        pr = self.spec.probes
+        assert pr is not None
+        params: dict[str, Any] = {"quantities": list(quantities)}
+        if any(q != "weight_distance" for q in quantities):
+            params.update(
+                data=pr.data,
+                datasets=self.closure([pr.data]),
+                batch_size=pr.batch_size,
+                seed=pr.seed,
+            )
+        if "lambda_max" in quantities:
+            params.update(power_iterations=pr.power_iterations, power_tol=pr.power_tol)
+        if "hessian_trace" in quantities:
+            params["hutchinson_samples"] = pr.hutchinson_samples
+        return params
+
+    def probes(self) -> list[str]:
+        """The ``probes`` block's nodes, added after every other node but the report:
+        ``probe/<prefix>/pre`` beside each pre-attack evaluation (its model), and with
+        ``probes.along_attack`` ``probe/<prefix>/<threat>/seed<a>/step<n>`` after each attack
+        segment whose result is a UNet (not ``embedding``, which leaves it unchanged).
+        Search trials get none. Returns their names."""
+        pr = self.spec.probes
+        assert pr is not None
+        out: list[str] = []
+        pre = self.probe_params(pr.quantities)
+        along = self.probe_params(pr.along_attack) if pr.along_attack else None
+        data = self.closure([pr.data])
+        for n in list(self.graph):
+            base = {r: d for r, d in n.deps.items() if r in ("model", "unlearn")}
+            loc = {"row": n.row, "unlearn_seed": n.unlearn_seed}
+            if n.kind == "evaluate" and n.threat is None:
+                params, name = pre, "probe/" + n.name[len("evaluate/") : -len("/step0")]
+            elif (
+                n.kind == "attack"
+                and along is not None
+                and n.params["threat"].get("algorithm") in _UNET_ATTACKS
+            ):
+                params, name = along, "probe/" + n.name[len("attack/") :]
+                base["attack"] = n.name
+                loc.update(threat=n.threat, seed=n.seed, step=n.step)
+            else:
+                continue
+            deps = {**base, **self.harvest_deps(data if "datasets" in params else {})}
+            out.append(self.add("probe", name, params, deps, **loc).name)
+        return out
 
 
 def spec_hash(resolved: ResolvedSpec) -> str:
@@ -382,6 +435,8 @@ def spec_hash(resolved: ResolvedSpec) -> str:
     for t in data.get("threats", {}).values():
         if t.get("perturb") is None:
             t.pop("perturb", None)  # the hash of a spec without perturb threats stays as it was
+    if data.get("probes") is None:
+        data.pop("probes", None)  # a spec without probes keeps the hash it had before them
 
     def strip(obj: Any) -> Any:
         if isinstance(obj, dict):

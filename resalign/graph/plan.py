@@ -54,7 +54,9 @@ def render_plan(graph: Graph, status: Mapping[str, str] | None = None) -> str:
         parent = _parent(node)
         extra = [d for d in node.deps.values() if parent is None or d not in above(parent)]
         if node.kind == "report":
-            text += f"  (needs {len(node.deps)} evaluate nodes)"
+            probes = sum(1 for d in node.deps.values() if graph[d].kind == "probe")
+            text += f"  (needs {len(node.deps) - probes} evaluate nodes"
+            text += f" and {probes} probe nodes)" if probes else ")"
         elif extra:
             text += f"  (needs {', '.join(extra)})"
         lines.append(text)

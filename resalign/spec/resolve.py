@@ -179,6 +179,8 @@ def references(data: Any) -> Iterator[tuple[PathT, Any, str]]:
         _get(data, "model", "tiny", "pretrain", "dataset"), ("model", "tiny", "pretrain", "dataset")
     ):
         yield p, n, "pairs"
+    for p, n in _names(_get(data, "probes", "data"), ("probes", "data")):
+        yield p, n, "pairs"
 
 
 _USE_TEXT = {

@@ -6,7 +6,7 @@ registry, so ``plan`` and ``run`` must see the same set). Each module is torch-f
 
 from __future__ import annotations
 
-from . import attack, evaluate, harvest, model, report, unlearn  # noqa: F401  (registration)
+from . import attack, evaluate, harvest, model, probe, report, unlearn  # noqa: F401  (registration)
 from .base import STEPS, Step, StepContext, register
 
 __all__ = ["STEPS", "Step", "StepContext", "register"]

@@ -13,6 +13,7 @@ from .data import DatasetSpec
 from .evaluate import EvaluateSpec
 from .execution import ExecutionSpec
 from .model import ModelSpec
+from .probes import ProbesSpec
 from .report import ReportSpec
 from .threats import ThreatSpec
 from .tracking import TrackingSpec
@@ -40,6 +41,11 @@ class Spec(StrictModel):
     controls: ControlsSpec = Field(default_factory=ControlsSpec)
     evaluate: EvaluateSpec = Field(default_factory=EvaluateSpec)
     report: ReportSpec = Field(default_factory=ReportSpec)
+    probes: ProbesSpec | None = Field(
+        default=None,
+        description="diagnostics per model row that might predict resurgence (probe nodes "
+        "and the report's predictor table); absent: none",
+    )
     tracking: TrackingSpec = Field(default_factory=TrackingSpec)
     execution: ExecutionSpec = Field(default_factory=ExecutionSpec)
 
