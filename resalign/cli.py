@@ -539,7 +539,8 @@ def grid(template: str, list_: bool, render_dir: str | None, run_: bool, cells: 
 @cli.command(context_settings={"ignore_unknown_options": True, "help_option_names": []})
 @click.argument("args", nargs=-1, type=click.UNPROCESSED)
 def bench(args: tuple[str, ...]) -> None:
-    """Benchmarks: `bench hypergrad` (Moreau vs unrolled memory/time, HVP cost) and
+    """Benchmarks: `bench hypergrad` (Moreau vs unrolled memory/time, HVP cost), `bench
+    hypercheck` (the applied hypergradient against the true total derivative) and
     `bench sd --arch sd14|sdxl` (one outer step of the published configuration per memory
     lever, SD architecture with random weights). `bench NAME --help` lists their options."""
     if args[:1] in (("-h",), ("--help",)):

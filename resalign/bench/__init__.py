@@ -8,9 +8,15 @@ import sys
 def main(argv: list[str] | None = None) -> int:
     """Dispatch ``argv[0]`` to a benchmark's own ``main``."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or argv[0] not in ("hypergrad", "sd"):
-        print("usage: python -m resalign.bench {hypergrad,sd} [options]", file=sys.stderr)
+    if not argv or argv[0] not in ("hypergrad", "hypercheck", "sd"):
+        print(
+            "usage: python -m resalign.bench {hypergrad,hypercheck,sd} [options]", file=sys.stderr
+        )
         return 2
+    if argv[0] == "hypercheck":
+        from . import hypercheck
+
+        return hypercheck.main(argv[1:])
     if argv[0] == "sd":
         from . import sd
 
