@@ -173,6 +173,17 @@ def test_power_iteration_matches_dense_eigensolve():
         assert n < 200
 
 
+def test_power_iteration_magnitude_when_the_top_pair_has_opposite_signs():
+    """Eigenvalues +4 and −4 at the top (an indefinite fine-tuning Hessian): the iterate
+    mixes both eigenvectors for ever, so its Rayleigh quotient hovers near 0 and stops
+    changing; the estimate of |λ|max, which γ auto divides by, must still be 4 (it was the
+    Rayleigh quotient, which gave γ many times too large: issue 26's end-to-end check saw
+    λ_max 0.02-0.03 on the toy LoRA problem and a hypergradient 8-42x the true norm)."""
+    h, _, hvp, like = dense_problem([-4.0, 0.3, 1.0, 2.0, 4.0], seed=14)
+    lam, _ = power_iteration(hvp, like, iterations=50, tol=1e-3)
+    assert abs(abs(lam) - 4.0) < 1e-2, lam
+
+
 def test_gamma_auto_solves_where_gamma_one_diverges():
     """λ_max = 40: with γ = 1 the published solve must halve its step 4 times to pass the
     divergence test, and its 5 iterations then leave a residual above half of ‖b‖; γ = auto takes

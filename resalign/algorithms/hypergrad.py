@@ -269,29 +269,34 @@ def power_iteration(
 ) -> tuple[float, int]:
     """Estimate the eigenvalue of largest magnitude of H by power iteration on HVPs.
 
-    Starts from a random unit vector (on ``generator``), iterates v ← Hv/‖Hv‖ and returns the
-    Rayleigh quotient vᵀHv of the last iterate (signed: an indefinite H can have its largest
-    magnitude at a negative eigenvalue) with the number of HVPs spent. It stops when the
-    estimate changes by less than ``tol`` (relative). The damped Richardson iteration of
-    :func:`richardson_solve` converges iff every eigenvalue λ of H satisfies
-    |1 − η(1 + γλ)| < 1, so γ·|λ|max is the number that decides whether a γ is usable.
+    Starts from a random unit vector (on ``generator``) and iterates v ← Hv/‖Hv‖. The
+    magnitude is ‖Hv‖ of the unit iterate, the sign that of its Rayleigh quotient vᵀHv
+    (an indefinite H can have its largest magnitude at a negative eigenvalue); returns
+    (estimate, HVPs spent). It stops when the magnitude changes by less than ``tol``
+    (relative). Why ‖Hv‖, not vᵀHv: when the top two eigenvalues are ±λ (or close in
+    magnitude and opposite in sign) the iterate keeps mixing both eigenvectors, its Rayleigh
+    quotient stalls near 0 and passes the stopping test, while ‖Hv‖ → |λ| from below
+    (measured: toy LoRA fine-tuning Hessian, Rayleigh 0.02-0.03, a γ auto 3-5x too large).
+    The damped Richardson iteration of :func:`richardson_solve` converges iff every
+    eigenvalue λ of H satisfies |1 − η(1 + γλ)| < 1, so γ·|λ|max is the number that decides
+    whether a γ is usable.
     """
     g = generator if generator is not None else torch.Generator().manual_seed(0)
     v = [torch.randn(t.shape, generator=g, dtype=t.dtype).to(t.device) for t in like]
     n = tensors_norm(v)
     v = [t / n for t in v]
-    est, prev = 0.0, None
+    rq, mag, prev = 0.0, 0.0, None
     for k in range(1, iterations + 1):
         hv = [h.detach() for h in hvp(v)]
-        est = float(_dot(v, hv))
-        hn = tensors_norm(hv)
-        if hn == 0.0 or not math.isfinite(hn):
-            return est, k
-        v = [t / hn for t in hv]
-        if prev is not None and abs(est - prev) <= tol * abs(est):
-            return est, k
-        prev = est
-    return est, iterations
+        rq = float(_dot(v, hv))
+        mag = tensors_norm(hv)
+        if mag == 0.0 or not math.isfinite(mag):
+            return rq, k
+        v = [t / mag for t in hv]
+        if prev is not None and abs(mag - prev) <= tol * mag:
+            return math.copysign(mag, rq), k
+        prev = mag
+    return math.copysign(mag, rq), iterations
 
 
 def moreau_hypergradient(
