@@ -288,6 +288,9 @@ class _Compiler:
             threat.pop("stages", None)  # as in attack_nodes: keys from before stages hold
         if threat.get("embedding") is None:
             threat.pop("embedding", None)  # likewise for embedding attacks
+        for f, empty in (("report_at", []), ("pruner", None)):
+            if threat["search"].get(f) == empty:
+                threat["search"].pop(f, None)  # and for studies from before pruning
         ident = {
             "threat": threat,
             "upstream": upstream,
