@@ -46,6 +46,7 @@ _FAST_FILES = {
     "test_report.py",
     "test_report_bands.py",
     "test_search.py",
+    "test_estimate.py",
     "test_oracle_control.py",
 }
 _COST = ("slow", "server", "torchrun", "slurm", "kill", "fuzz")
