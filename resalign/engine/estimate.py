@@ -126,10 +126,13 @@ def history(store: Store) -> list[Recorded]:
     models: dict[str, Any] = {}  # model folder -> its model section
 
     def model_of(folder: str | None) -> Any:
+        # the model node by its key in this store (a store that was moved or copied, such as
+        # the cost records scripts/gpu_check.sh keeps), else at the recorded path
         if not folder:
             return None
         if folder not in models:
-            nj = _read(Path(folder) / "node.json") or {}
+            here = store.node_dir("model", Path(folder).name) / "node.json"
+            nj = _read(here) or _read(Path(folder) / "node.json") or {}
             models[folder] = (nj.get("params") or {}).get("model")
         return models[folder]
 
