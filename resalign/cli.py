@@ -121,19 +121,27 @@ def validate(specs: tuple[str, ...], check_files: bool) -> None:
 @click.option(
     "--force", "force", multiple=True, help="Show NODE as forced ('all', a kind, name or glob)."
 )
+@click.option(
+    "--estimate",
+    is_flag=True,
+    help="Predict the time of the nodes to run from the store's recorded nodes of each kind.",
+)
 @_CHECK_FILES
 @_SET
-def plan(spec: str, mermaid: bool, store: str, force: tuple[str, ...], check_files: bool) -> None:
+def plan(spec: str, mermaid: bool, store: str, force: tuple[str, ...], check_files: bool,
+         estimate: bool) -> None:  # fmt: skip
     """Show the execution graph of SPEC: every node with its kind, name and content key, and
     whether it is cached or will run and why (new, parameter changed, upstream changed,
-    forced)."""
+    forced). --estimate adds what the nodes to run will take, per kind and in total, scaled
+    from the cost the store's finished nodes recorded (resalign.engine.estimate)."""
     from .engine.runner import plan_status
     from .graph.compile import compile_spec
     from .graph.plan import render_mermaid, render_plan
 
     resolved = _load(spec, check_files)
     graph = compile_spec(resolved)
-    status = {name: st.describe() for name, st in plan_status(graph, store, force).items()}
+    states = plan_status(graph, store, force)
+    status = {name: st.describe() for name, st in states.items()}
     status.update(_changed_params(graph, store, status))
     click.echo(render_mermaid(graph, status) if mermaid else render_plan(graph, status))
     if not mermaid:
@@ -141,10 +149,37 @@ def plan(spec: str, mermaid: bool, store: str, force: tuple[str, ...], check_fil
 
         for sp in search_plans(resolved):  # issue 16: trials are asked at run time
             s = resolved.spec.threats[sp.threat].search
+            pruned = f", pruned ({s.pruner.kind}) at {s.report_at}" if s.pruner is not None else ""
             click.echo(
                 f"search {sp.name}  {sp.key[:12]}  {s.trials} trials ({s.sampler}, seed "
-                f"{s.seed}), each an attack per seed + its evaluation after the graph above"
+                f"{s.seed}{pruned}), each an attack per seed + its evaluation after the graph "
+                "above"
             )
+    if estimate:
+        click.echo(_estimate_text(resolved, graph, [n for n, st in states.items()
+                                                     if st.state == "run"], store))  # fmt: skip
+
+
+def _estimate_text(resolved: Any, graph: Any, to_run: list[str], store: str) -> str:
+    """The estimate lines of ``plan --estimate``: per kind, the total, each search."""
+    from .engine.estimate import duration, estimate, history, render, search_estimates
+    from .engine.store import Store
+
+    recorded = history(Store(store))
+    est = estimate(graph, to_run, recorded)
+    lines = [render(est, title=f"estimate for {graph.spec_name}")]
+    for plan, trials, one in search_estimates(resolved, graph, recorded):
+        name = plan.name
+        if one.without_history:
+            lines.append(f"search {name}: {trials} trials; no recorded attack/evaluate node "
+                         "in the store: no estimate")  # fmt: skip
+            continue
+        lines.append(
+            f"search {name}: {trials} trials x {duration(one.seconds)} [{duration(one.low)}, "
+            f"{duration(one.high)}] per trial (the middle of every searched range, to its "
+            f"last step) = {duration(trials * one.seconds)}; with a pruner at most that"
+        )
+    return "\n".join(lines)
 
 
 def _changed_params(graph: Any, store: str, status: dict[str, str]) -> dict[str, str]:
@@ -444,6 +479,11 @@ def verify(store: str, fix: bool) -> None:
     help="Render and validate every cell to DIR/<cell id>.yaml.",
 )
 @click.option("--run", "run_", is_flag=True, help="Validate every cell, then run them.")
+@click.option(
+    "--estimate",
+    is_flag=True,
+    help="With --list: each cell's predicted time and the grid's, from the store's records.",
+)
 @click.option("--cell", "cells", multiple=True, help="With --run: only this cell id (repeat).")
 @click.option(
     "--executor",
@@ -488,7 +528,8 @@ def verify(store: str, fix: bool) -> None:
     help="slurm: submitit backend (local/debug run the job path on this machine).",
 )
 @_SET
-def grid(template: str, list_: bool, render_dir: str | None, run_: bool, cells: tuple[str, ...],
+def grid(template: str, list_: bool, render_dir: str | None, run_: bool, estimate: bool,
+         cells: tuple[str, ...],
          executor: str, workers: int, store: str, tracking_uri: str | None, no_tracking: bool,
          device: str | None, partition: str | None, gpus: int, time_min: int,
          array_parallelism: int, slurm_folder: str | None, slurm_cluster: str) -> None:  # fmt: skip
@@ -507,10 +548,14 @@ def grid(template: str, list_: bool, render_dir: str | None, run_: bool, cells: 
         for p in write_rendered(rendered, render_dir):
             click.echo(f"wrote {p}")
         return
+    if estimate and (run_ or render_dir is not None):
+        raise UserError("--estimate goes with --list (the default action)", where="--estimate")
     if not run_:
-        from .engine.grid import list_table
+        from .engine.grid import estimate_table, list_table
 
         click.echo(list_table(load_template(template)))
+        if estimate:
+            click.echo(estimate_table(template, store, sets=_sets()))
         return
     from .engine.executors import make_executor
     from .engine.grid import run_grid

@@ -11,8 +11,12 @@
 #
 #   scripts/gpu_check.sh [OUT_DIR]       (default: docs/bench)
 #
-# Writes OUT_DIR/gpu_check.json (per-node seconds, exit codes, the failing nodes' errors),
-# OUT_DIR/gpu_check_rehearsal.log, OUT_DIR/gpu_check_bench_sd14.json and .txt (the table).
+# Writes OUT_DIR/gpu_check.json (per-node seconds and per-node cost: wall, CPU, peak RSS and
+# CUDA peak memory from each node's DONE manifest; exit codes, the failing nodes' errors),
+# OUT_DIR/gpu_check_rehearsal.log, OUT_DIR/gpu_check_bench_sd14.json and .txt (the table), and
+# OUT_DIR/gpu_check_costs/<kind>/<key>/{node.json,DONE}: the cost records alone, a store the
+# estimator reads (`resalign plan specs/sd14_sexual.yaml --estimate --store
+# OUT_DIR/gpu_check_costs`), so the first accelerator run also calibrates the estimator.
 # GPU_CHECK_CPU=1 runs the same path CPU-sized (toy rehearsal, tiny bench) to check the script
 # itself on a machine without an accelerator; then the default OUT_DIR is ./gpu-check-cpu.
 set -uo pipefail
@@ -66,7 +70,7 @@ tail -n 12 "$OUT_DIR/gpu_check_bench_sd14.txt"
 
 "$PY" - "$OUT_DIR" "$PROFILE" "$DEVICE" "$REHEARSE_RC" "$BENCH_RC" "$((t1 - t0))" \
     "$((t2 - t1))" "$STORE/runs/rehearsal" <<'PYEOF'
-import json, re, sys
+import json, re, shutil, sys
 from pathlib import Path
 
 out, profile, device, rc_r, rc_b, sec_r, sec_b, store = sys.argv[1:]
@@ -78,6 +82,31 @@ for stats in Path(store).glob("unlearn/*/stats.json"):
     name = json.loads((stats.parent / "node.json").read_text())["name"]
     peak[name] = json.loads(stats.read_text())
 report = next(Path(store).glob("report/*/report.md"), None)
+costs = {}  # node name -> the cost its DONE manifest records (resalign.engine.cost)
+keep = Path(out) / "gpu_check_costs"
+shutil.rmtree(keep, ignore_errors=True)
+for done in sorted(Path(store).glob("*/*/DONE")):
+    node = done.parent / "node.json"
+    if not node.is_file():
+        continue
+    name = json.loads(node.read_text())["name"]
+    costs[name] = json.loads(done.read_text()).get("cost")
+    dst = keep / done.parent.parent.name / done.parent.name
+    dst.mkdir(parents=True, exist_ok=True)
+    shutil.copy2(node, dst / "node.json")
+    shutil.copy2(done, dst / "DONE")
+by_kind = {}
+for name, c in costs.items():
+    if not c:
+        continue
+    k = by_kind.setdefault(name.split("/")[0], {"nodes": 0, "wall_s": 0.0, "cpu_s": 0.0,
+                                                "peak_rss_mb": 0.0, "cuda_peak_mb": None})
+    k["nodes"] += 1
+    k["wall_s"] = round(k["wall_s"] + c["wall_s"], 3)
+    k["cpu_s"] = round(k["cpu_s"] + c["cpu_s"], 3)
+    k["peak_rss_mb"] = max(k["peak_rss_mb"], c.get("peak_rss_mb") or 0.0)
+    if c.get("cuda_peak_mb") is not None:
+        k["cuda_peak_mb"] = max(k["cuda_peak_mb"] or 0.0, c["cuda_peak_mb"])
 summary = {
     "what": "scripts/gpu_check.sh: rehearsal of specs/sd14_sexual.yaml at profile "
     f"{profile} on {device}, then `resalign bench sd`",
@@ -87,6 +116,9 @@ summary = {
         "timed_out": int(rc_r) == 124,
         "seconds": int(sec_r),
         "node_seconds": nodes,
+        "node_cost": costs,
+        "cost_by_kind": by_kind,
+        "cost_records": "gpu_check_costs",
         "failed": failed,
         "unlearn_stats": peak,
         "report_title": report.read_text().splitlines()[0] if report else None,
@@ -95,7 +127,8 @@ summary = {
               "json": "gpu_check_bench_sd14.json"},
 }
 (Path(out) / "gpu_check.json").write_text(json.dumps(summary, indent=2) + "\n")
-print(json.dumps({k: v for k, v in summary["rehearsal"].items() if k != "node_seconds"}))
+print(json.dumps({k: v for k, v in summary["rehearsal"].items()
+                  if k not in ("node_seconds", "node_cost")}))
 PYEOF
 echo "wrote $OUT_DIR/gpu_check.json (rehearsal exit $REHEARSE_RC, bench exit $BENCH_RC)"
 [ "$REHEARSE_RC" -eq 0 ] && [ "$BENCH_RC" -eq 0 ]

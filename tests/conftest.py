@@ -47,6 +47,7 @@ _FAST_FILES = {
     "test_report_bands.py",
     "test_report_resurgence.py",
     "test_search.py",
+    "test_estimate.py",
     "test_oracle_control.py",
     "test_predictors.py",
     "test_probes.py",

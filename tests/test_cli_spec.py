@@ -124,9 +124,11 @@ print("HEAVY=" + ",".join(heavy), file=sys.stderr)
         ["--help"],
         ["validate", "specs/sd14_sexual.yaml"],
         ["plan", "specs/sd14_sexual.yaml"],
+        ["plan", "specs/digits_demo.yaml", "--estimate", "--store", "tests/specs"],
+        ["grid", "templates/attack_search_digits.yaml.j2", "--list", "--estimate"],
         ["schema"],
     ],
-    ids=["help", "validate", "plan", "schema"],
+    ids=["help", "validate", "plan", "plan-estimate", "grid-estimate", "schema"],
 )
 def test_light_commands_import_no_heavy_library(args: list[str]) -> None:
     env = {**os.environ, "PYTHONPATH": str(ROOT)}

@@ -42,6 +42,31 @@ def test_tiny_spec_runs_end_to_end_then_is_cached(tmp_path):
     assert [m.step for m in hist] == [1, 2]
     assert [m.value for m in hist] == [r["hypergrad_norm"] for r in local]
 
+    # every node's DONE records what it cost, and its MLflow run has it as cost.* metrics
+    import json
+    import re
+
+    printed = {m[1]: float(m[2]) for m in re.finditer(r"^done (\S+) \(([0-9.]+)s\)", res.output,
+                                                      re.M)}  # fmt: skip
+    for n in graph:
+        cost = json.loads((st.node_dir(n.kind, n.key) / "DONE").read_text())["cost"]
+        assert (
+            cost["device"] == "cpu" and cost["rss_scope"] == "node" and "cuda_peak_mb" not in cost
+        )
+        # the step's wall time is within what the runner measured around the whole node
+        assert 0 < cost["wall_s"] <= printed[n.name] + 0.05, (n.name, cost, printed[n.name])
+        assert cost["cpu_s"] >= 0 and cost["peak_rss_mb"] > 50  # torch alone is > 50 MiB
+        run = runs[n.name].info.run_id
+        assert c.get_metric_history(run, "cost.wall_s")[0].value == cost["wall_s"]
+    # plan --estimate: the nodes a longer unlearning and attack would run, from these records
+    est = CliRunner().invoke(cli, ["plan", str(SPEC), "--store", str(store), "--estimate",
+                                   "--set", "threats.benign.steps=4"])  # fmt: skip
+    assert est.exit_code == 0, est.output
+    assert re.search(r"^  attack: 3 to run, .* from 3 recorded", est.output, re.M), est.output
+    assert re.search(r"^  evaluate: 3 to run, ", est.output, re.M), est.output
+    assert re.search(r"^estimate for tiny: .* of node time", est.output, re.M), est.output
+    assert "no estimate" not in est.output
+
     plan = CliRunner().invoke(cli, ["plan", str(SPEC), "--store", str(store)])
     assert plan.exit_code == 0 and plan.output.count("[cached]") == len(graph)
     again = CliRunner().invoke(cli, ["run", str(SPEC), "--store", str(store)])

@@ -79,6 +79,37 @@ def _write(tmp_path: Path, search_yaml: str, name: str = "s") -> Path:
             "search.objective.metric: no metric in evaluate.metrics writes 'nudenet_ip'",
             7,
         ),
+        (
+            "space: {lr: {log_uniform: [1.0e-4, 1.0e-2]}}\npruner: {kind: median}\n"
+            "constraint: {metric: retain_accuracy, min: 0.5}",
+            "search.pruner needs rungs to prune at: add report_at",
+            5,
+        ),
+        (
+            "space: {lr: {log_uniform: [1.0e-4, 1.0e-2]}}\nreport_at: [0.5, 1]\n"
+            "constraint: {metric: retain_accuracy, min: 0.5}",
+            "search.report_at mixes steps and fractions",
+            5,
+        ),
+        (
+            "space: {lr: {log_uniform: [1.0e-4, 1.0e-2]}}\nreport_at: [0.5, 1.0]\n"
+            "constraint: {metric: retain_accuracy, min: 0.5}",
+            "fractions must lie strictly between 0 and 1",
+            5,
+        ),
+        (
+            "space: {lr: {log_uniform: [1.0e-4, 1.0e-2]}}\nreport_at: [1]\n"
+            "pruner: {kind: median, reduction_factor: 3}\n"
+            "constraint: {metric: retain_accuracy, min: 0.5}",
+            "pruner kind median does not read reduction_factor",
+            8,
+        ),
+        (
+            "space: {lr: {log_uniform: [1.0e-4, 1.0e-2]}}\nreport_at: [1]\n"
+            "pruner: {kind: hyperband}\nconstraint: {metric: retain_accuracy, min: 0.5}",
+            "successive_halving",
+            8,
+        ),
     ],
 )
 def test_search_block_errors_name_file_line_and_exit_2(tmp_path, search, message, line):
@@ -128,6 +159,77 @@ def test_trial_nodes_have_the_fixed_threats_keys(tmp_path):
         )
     # the trial graph holds the upstream nodes it reads, unchanged
     assert tg["unlearn/plain/seed0"].key == graph["unlearn/plain/seed0"].key
+
+
+@pytest.mark.parametrize(
+    "report_at, steps, want",
+    [
+        ([], 40, [(40, 40)]),
+        ([0.25, 0.5], 40, [(10, 250), (20, 500), (40, 1000)]),
+        ([0.5, 0.25], 3, [(1, 250), (2, 500), (3, 1000)]),  # sorted; 0.75 -> 1 step
+        ([0.1, 0.2], 4, [(1, 100), (4, 1000)]),  # both round to step 1 (kept once)
+        ([25, 50], 40, [(25, 25), (40, 40)]),  # a step past the trial's last is dropped
+        ([40], 40, [(40, 40)]),
+    ],
+)
+def test_rungs_of_a_trial(report_at, steps, want):
+    from resalign.spec.schema.search import SearchSpec
+
+    s = SearchSpec.model_validate(
+        {"space": {"lr": {"log_uniform": [1e-4, 1e-2]}}, "report_at": report_at,
+         "constraint": {"metric": "retain_accuracy", "min": 0.5}}
+    )  # fmt: skip
+    assert s.rungs(steps) == want
+
+
+def test_pruned_trials_last_segment_keeps_the_unsplit_key(tmp_path):
+    """With report_at the trial's attack is split at its rungs; the segment that ends at the
+    last step has the key the unsplit trial had (a cache hit either way), and a study without
+    pruner keeps the study key it had before pruning existed (no report_at/pruner in it)."""
+    from resalign.graph.compile import compile_spec, search_plans, trial_graph
+    from resalign.spec import load_spec
+
+    plain = load_spec(SPEC)
+    p = tmp_path / "pruned.yaml"
+    p.write_text(
+        f"extends: {SPEC}\nname: pruned\nthreats:\n  poison:\n    steps: 4\n    search:\n"
+        "      report_at: [0.5]\n      pruner: {kind: successive_halving}\n"
+    )
+    pruned = load_spec(p)
+    unsplit = tmp_path / "unsplit.yaml"
+    unsplit.write_text(f"extends: {SPEC}\nname: unsplit\nthreats:\n  poison:\n    steps: 4\n")
+    values = {"lr": 0.002, "poison.ratio": 0.2}
+    graphs = {}
+    for name, r in (("pruned", pruned), ("unsplit", load_spec(unsplit))):
+        g = compile_spec(r)
+        plan = search_plans(r)[0]
+        t = r.spec.threats["poison"].trial(values)
+        rungs = r.spec.threats["poison"].search.rungs(t.steps)
+        t = t.model_copy(update={"eval_at": [a for a, _ in rungs]})
+        graphs[name] = trial_graph(r, g, [(plan, 0, t)])
+    a, b = graphs["pruned"], graphs["unsplit"]
+    last = "attack/original/poison:trial0/seed1/step4"
+    assert a[last].key == b[last].key and a[last].deps["resume"].endswith("step2")
+    assert "attack/original/poison:trial0/seed1/step2" not in b.nodes
+    ev = "evaluate/original/poison:trial0/seed1/step4"
+    assert a[ev].key == b[ev].key
+    # the study key holds the search block: pruning makes another study, none keeps the old
+    import hashlib
+
+    from resalign.graph.keys import canonical_json
+
+    threat = plain.spec.threats["poison"].model_dump(mode="json")
+    for f in ("stages", "embedding"):
+        threat.pop(f)
+    for f in ("report_at", "pruner"):
+        threat["search"].pop(f)
+    plan = search_plans(plain)[0]
+    from resalign.graph.compile import _Compiler
+
+    ident = {"threat": threat, "upstream": compile_spec(plain)["model"].key,
+             "evaluate": _Compiler(plain).evaluate_params(0)}  # fmt: skip
+    assert plan.key == hashlib.sha256(canonical_json(ident).encode()).hexdigest()
+    assert search_plans(pruned)[0].key != plan.key
 
 
 def _objective(p):

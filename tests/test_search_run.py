@@ -11,6 +11,7 @@ import json
 import os
 import re
 import signal
+import statistics
 import subprocess
 import sys
 import time
@@ -171,3 +172,76 @@ def test_a_diverging_trial_is_told_failed_and_the_search_goes_on(tmp_path):
     assert rep.exit_code == 0, rep.output
     md = (store / "reports" / "tiny_diverge" / "report.md").read_text()
     assert "1/2, 1 diverged" in md
+
+
+@pytest.mark.slow
+def test_pruned_trials_stop_at_their_rung_and_replay_from_the_cache(tmp_path):
+    """search.pruner (issue 25): 4 trials of a 4-step attack, evaluated at step 2 and 4, the
+    median pruner after 1 trial. A trial below the median of the finished trials' values at
+    step 2 stops there (checked against the rule computed here from the stored rung values):
+    its last segment never runs, it is PRUNED in the Optuna study, counted in the report and
+    never the worst case. A second invocation runs nothing and prunes the same trials."""
+    import optuna
+    from click.testing import CliRunner
+
+    from resalign.cli import cli
+    from resalign.engine.search import study_records
+    from resalign.graph.compile import compile_spec
+    from resalign.spec import load_spec
+
+    spec = tmp_path / "prune.yaml"
+    spec.write_text(
+        f"extends: {SPEC}\nname: tiny_prune\nbaselines: !reset\n"
+        "unlearn: {method: none}\n"  # the original row alone
+        "threats:\n  poison:\n    steps: 4\n    search:\n      trials: 4\n"
+        "      report_at: [0.5]\n      pruner: {kind: median, startup_trials: 1}\n"
+        # classifier_fid varies between trials at this toy size (concept_rate is 0 for all)
+        "      objective: {metric: classifier_fid}\n"
+        "      space: !override\n        lr: {log_uniform: [1.0e-4, 1.0e-1]}\n"
+    )
+    store = tmp_path / "runs"
+    args = ["run", str(spec), "--store", str(store), "--no-tracking"]
+    res = CliRunner().invoke(cli, args)
+    assert res.exit_code == 0, res.output
+    resolved = load_spec(spec)
+    (rec, *_) = study_records(resolved, compile_spec(resolved), store)
+    assert len(rec.trials) == 4
+    # the rule, by hand: after 1 finished trial, a trial is pruned at step 2 when its value
+    # there is below the median of the finished trials' values at step 2
+    done_at2: list[float] = []
+    expect = []
+    for t in rec.trials:
+        v = t.rungs[0]["objective"] if t.rungs else None
+        assert t.rungs[0]["step"] == 2
+        pruned = len(done_at2) >= 1 and v < statistics.median(done_at2)
+        expect.append(2 if pruned else None)
+        if not pruned:
+            done_at2.append(v)
+    assert [t.pruned_at for t in rec.trials] == expect
+    assert any(expect), "no trial was pruned: the test exercises nothing"
+    pruned = [t for t in rec.trials if t.pruned_at is not None]
+    attacks = {p.parent.name for p in (store / "attack").glob("*/DONE")}
+    graph_of = compile_spec(resolved)
+    for t in pruned:
+        # stopped at step 2: its step-2 segment ran, the segment to step 4 did not
+        assert t.objective == t.rungs[0]["objective"] and len(t.attack_keys) == 1
+        assert t.attack_keys[0] in attacks
+        assert rec.best().number != t.number
+    n_attacks = len(attacks)
+    assert n_attacks == 2 * 4 - len(pruned)
+    db = store / "search" / f"{rec.plan.key}.db"
+    study = optuna.load_study(study_name=rec.plan.name, storage=f"sqlite:///{db}")
+    states = [t.state.name for t in study.trials]
+    assert states == ["PRUNED" if e else "COMPLETE" for e in expect]
+    saved = json.loads((store / "search" / f"{rec.plan.key}.json").read_text())
+    assert saved["pruned"] == len(pruned) and saved["pruner"]["kind"] == "median"
+
+    again = CliRunner().invoke(cli, args)
+    assert again.exit_code == 0, again.output
+    assert not re.findall(r"^done (attack|evaluate)/", again.output, re.M)  # all cached
+    (rec2, *_) = study_records(resolved, graph_of, store)
+    assert [t.pruned_at for t in rec2.trials] == expect
+    rep = CliRunner().invoke(cli, ["report", str(spec), "--store", str(store)])
+    assert rep.exit_code == 0, rep.output
+    md = (store / "reports" / "tiny_prune" / "report.md").read_text()
+    assert f"{len(pruned)} pruned" in md

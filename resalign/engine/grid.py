@@ -96,6 +96,59 @@ def list_table(tpl: GridTemplate) -> str:
     return "\n".join(lines + [f"{len(rows)} cells in grid {tpl.name!r}"])
 
 
+def estimate_table(template: str | Path, store_root: str | Path, sets: Sequence[str] = ()) -> str:
+    """``grid --list --estimate``: per cell, its nodes to run and their predicted time
+    (:mod:`.estimate`), then the grid's total, where a node that several cells share (same
+    key) counts once."""
+    from .estimate import duration, estimate, history, search_estimates
+    from .plan import plan_status
+    from .store import Store
+
+    store = Store(store_root)
+    recorded = history(store)
+    tpl, prepared = prepare(template, sets=sets)
+    lines, seen = [], {}
+    trials_s = [0.0, 0.0, 0.0]
+    without = 0
+    for rc, graph in prepared:
+        to_run = [n for n, st in plan_status(graph, store).items() if st.state == "run"]
+        est = estimate(graph, to_run, recorded)
+        searches = search_estimates(rc.spec, graph, recorded)
+        extra = ""
+        for plan, trials, one in searches:
+            if one.without_history:
+                without += 1
+                continue
+            key = f"search:{plan.key}"  # a study shared by cells (same key) counts once
+            if key not in seen:
+                seen[key] = True
+                for i, v in enumerate((one.seconds, one.low, one.high)):
+                    trials_s[i] += trials * v
+        if searches:
+            known = [(t, o) for _, t, o in searches if not o.without_history]
+            tot = sum(t * o.seconds for t, o in known)
+            extra = f"; searches {duration(tot)} ({len(known)} of {len(searches)} estimated)"
+        for name in to_run:
+            seen.setdefault(graph[name].key, est.per_node[name])
+        note = f", {est.without_history} without history" if est.without_history else ""
+        lines.append(
+            f"{rc.cell.id}: {len(to_run)} node(s) to run, {duration(est.seconds)} "
+            f"[{duration(est.low)}, {duration(est.high)}]{note}{extra}"
+        )
+    nodes = [v for k, v in seen.items() if not k.startswith("search:")]
+    known = [v for v in nodes if v is not None]
+    total = [sum(v[i] for v in known) + trials_s[i] for i in range(3)]
+    lines.append(
+        f"grid {tpl.name!r}: {len(nodes)} distinct node(s) to run, {duration(total[0])} "
+        f"[{duration(total[1])}, {duration(total[2])}] of node time (serial; shared nodes "
+        "once; searches: trials x one trial at the middle of every range)"
+        + (f", not counting {len(nodes) - len(known)} node(s) without history"
+           if len(known) < len(nodes) else "")
+        + (f" and {without} search(es) without history" if without else "")
+    )  # fmt: skip
+    return "\n".join(lines)
+
+
 def _cell_spec(rc: RenderedCell) -> Any:
     """The cell's resolved spec, its run named by the cell id; a ResolvedSpec, as `resalign
     run` passes, so that the ``--set`` items it was loaded with reach the run's params."""

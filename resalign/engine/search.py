@@ -25,6 +25,16 @@ How a study runs and resumes:
   ``resalign.search.trial`` and ``resalign.search.param.<name>``.
 - TPE is Optuna's constrained TPE (the utility bound as ``constraints_func``); random and grid
   ignore the bound when sampling. The objective is the mean over the threat's attack seeds.
+- Pruning (issue 25; ``search.report_at`` and ``search.pruner``): a trial is evaluated at
+  rungs before its last step (``SearchSpec.rungs``: its attack is split into segments there,
+  exactly as a fixed threat's ``eval_at`` splits it, so the last segment keeps the key of an
+  unsplit trial). Rung by rung, the live trials of a round run side by side; each reports its
+  value to Optuna (``trial.report``: the objective, ``-inf`` outside the utility bound) and a
+  trial the pruner stops is told ``PRUNED`` and run no further. Its segments and evaluations
+  are ordinary cached nodes, and the pruners are deterministic, so re-creating the study from
+  the store prunes the same trials at the same rungs. A pruned trial is recorded
+  (``TrialRecord.pruned_at``), counted in the report, and never the worst case (it did not
+  run the attack it was asked). Without ``report_at`` a trial is one segment, as before.
 """
 
 from __future__ import annotations
@@ -59,6 +69,15 @@ class TrialRecord:
     feasible: bool
     attack_keys: list[str] = field(default_factory=list)
     failed: str | None = None  # why the trial failed (its attack diverged); objective NaN
+    # the attack step at which the pruner stopped it (objective and utility are those there)
+    pruned_at: int | None = None
+    # every rung before the last step: {"step", "objective", "utility"} (search.report_at)
+    rungs: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def finished(self) -> bool:
+        """Ran to its last step: neither diverged nor pruned (only such trials count)."""
+        return self.failed is None and self.pruned_at is None and not math.isnan(self.objective)
 
     def as_dict(self) -> dict[str, Any]:
         d = dict(self.__dict__)
@@ -83,7 +102,7 @@ class StudyRecord:
     def best(self) -> TrialRecord | None:
         """The worst case: the highest objective among trials within the bound (the first
         such trial on ties)."""
-        ok = [t for t in self.trials if t.feasible and not math.isnan(t.objective)]
+        ok = [t for t in self.trials if t.feasible and t.finished]
         return max(ok, key=lambda t: (t.objective, -t.number)) if ok else None
 
     def best_so_far(self) -> list[float | None]:
@@ -91,7 +110,7 @@ class StudyRecord:
         out: list[float | None] = []
         best: float | None = None
         for t in self.trials:
-            if t.feasible and not math.isnan(t.objective):
+            if t.feasible and t.finished:
                 best = t.objective if best is None else max(best, t.objective)
             out.append(best)
         return out
@@ -111,7 +130,10 @@ class StudyRecord:
             "seed": self.search["seed"],
             "budget": self.budget,
             "done": len(self.trials),
-            "feasible": sum(t.feasible for t in self.trials),
+            "feasible": sum(t.feasible and t.finished for t in self.trials),
+            "pruned": sum(t.pruned_at is not None for t in self.trials),
+            "pruner": self.search.get("pruner"),
+            "report_at": self.search.get("report_at") or [],
             "best": None if best is None else best.as_dict(),
             "best_so_far": self.best_so_far(),
             "failed": sum(t.failed is not None for t in self.trials),
@@ -179,6 +201,21 @@ def make_sampler(search: Mapping[str, Any]) -> Any:
         return optuna.samplers.TPESampler(seed=seed, constraints_func=constraints)
 
 
+def make_pruner(search: Mapping[str, Any]) -> Any:
+    """The pruner of a ``search`` block (``NopPruner`` without one)."""
+    optuna = _optuna()
+    p = search.get("pruner")
+    if p is None:
+        return optuna.pruners.NopPruner()
+    if p["kind"] == "median":
+        return optuna.pruners.MedianPruner(
+            n_startup_trials=int(p["startup_trials"]), n_warmup_steps=int(p["warmup_steps"])
+        )
+    return optuna.pruners.SuccessiveHalvingPruner(
+        min_resource=p["min_resource"] or "auto", reduction_factor=int(p["reduction_factor"])
+    )
+
+
 def _open_study(plan: StudyPlan, search: Mapping[str, Any], store: Store | None) -> Any:
     """A new study for ``plan``: in ``<store>/search/<key>.db`` (any earlier copy of it
     replaced: the store's nodes are the record), or in memory when ``store`` is None."""
@@ -196,6 +233,7 @@ def _open_study(plan: StudyPlan, search: Mapping[str, Any], store: Store | None)
         study_name=plan.name,
         storage=storage,
         sampler=make_sampler(search),
+        pruner=make_pruner(search),
         direction="maximize",
     )
 
@@ -215,13 +253,13 @@ def _metric(metrics: Mapping[str, Any], name: str, where: Path) -> float:
 
 
 def _trial_result(
-    tg: Graph, plan: StudyPlan, k: int, search: Mapping[str, Any], store: Store
+    tg: Graph, plan: StudyPlan, k: int, search: Mapping[str, Any], store: Store, step: int
 ) -> tuple[float, float, list[str]] | None:
-    """(objective, utility, attack keys) of trial ``k`` from the store, None when any of its
-    evaluations is not there yet."""
+    """(objective, utility, attack keys) of trial ``k`` at attack step ``step`` from the
+    store, None when any of its evaluations there is not there yet."""
     tname = plan.trial_threat(k)
     evals = [n for n in tg.of_kind("evaluate") if n.threat == tname and n.row == plan.row
-             and n.unlearn_seed == plan.unlearn_seed]  # fmt: skip
+             and n.unlearn_seed == plan.unlearn_seed and n.step == step]  # fmt: skip
     objs, utils = [], []
     for n in evals:
         folder = store.node_dir(n.kind, n.key)
@@ -269,14 +307,29 @@ def _trial_failure(tg: Graph, plan: StudyPlan, k: int, store: Store) -> str | No
 
 
 def _results(
-    tg: Graph, recs: Sequence[tuple[int, StudyRecord]], k: int, store: Store
+    tg: Graph, recs: Sequence[tuple[int, StudyRecord, int]], k: int, store: Store
 ) -> dict[int, Any]:
-    """Per study index: why trial ``k`` failed (str), its (objective, utility, attack keys),
-    or None when it is not in the store yet."""
+    """Per study index: why trial ``k`` failed (str), its (objective, utility, attack keys)
+    at the given attack step, or None when that is not in the store yet."""
     out: dict[int, Any] = {}
-    for i, rec in recs:
+    for i, rec, step in recs:
         why = _trial_failure(tg, rec.plan, k, store)
-        out[i] = why if why is not None else _trial_result(tg, rec.plan, k, rec.search, store)
+        out[i] = why if why is not None else _trial_result(tg, rec.plan, k, rec.search, store, step)
+    return out
+
+
+def _upto(tg: Graph, trials: Sequence[tuple[StudyPlan, int, int]]) -> Graph:
+    """The part of a trial graph that evaluates each (study, trial, attack step): the
+    upstream nodes, the trial's attack segments up to that step and its evaluations there."""
+    want = {(p.row, p.unlearn_seed, p.trial_threat(k)): step for p, k, step in trials}
+    out = Graph(spec_name=tg.spec_name, spec_hash=tg.spec_hash)
+    for name, n in tg.nodes.items():
+        if n.kind not in ("attack", "evaluate"):
+            out.nodes[name] = n
+            continue
+        step = want.get((n.row, n.unlearn_seed, n.threat))
+        if step is not None and (n.step <= step if n.kind == "attack" else n.step == step):
+            out.nodes[name] = n
     return out
 
 
@@ -286,7 +339,16 @@ def _violation(constraint: Mapping[str, Any], value: float) -> float:
     return value - float(constraint["max"])
 
 
-RoundRunner = Callable[[Graph, int, list[tuple[StudyPlan, int, dict[str, Any]]]], None]
+# (trial graph part, trial number, [(study, trial number, sampled values, rung note)])
+RoundRunner = Callable[[Graph, int, list[tuple[StudyPlan, int, dict[str, Any], str]]], None]
+
+
+def _rung_note(step: int, rungs: Sequence[tuple[int, int]]) -> str:
+    """`` (to step s, rung r/n)`` for a trial evaluated at rungs; empty without them."""
+    if len(rungs) == 1:
+        return ""
+    r = [a for a, _ in rungs].index(step)
+    return f" (to step {step}, rung {r + 1}/{len(rungs)})"
 
 
 def replay(
@@ -312,6 +374,8 @@ def replay(
         records.append(StudyRecord(plan, search))
         studies.append(_open_study(plan, search, store if write else None))
     dists = [distributions(r.search) for r in records]
+    specs = [threats[p.threat].search for p in plans]
+    optuna = _optuna()
     active = list(range(len(plans)))
     k = 0
     while active:
@@ -323,31 +387,63 @@ def replay(
             trial = studies[i].ask(dists[i])
             values = dict(trial.params)
             threat = threats[records[i].plan.threat].trial(values)
-            asked.append((i, trial, values, threat))
-        tg = trial_graph(resolved, graph, [(records[i].plan, k, t) for i, _, _, t in asked])
-        found = _results(tg, [(i, records[i]) for i, *_ in asked], k, store)
-        if run_round is not None and any(v is None for v in found.values()):
-            run_round(tg, k, [(records[i].plan, k, v) for i, _, v, _ in asked])
-            found = _results(tg, [(i, records[i]) for i, *_ in asked], k, store)
-        for i, trial, values, _ in asked:
-            res = found[i]
-            if isinstance(res, str):  # diverged: told to the sampler as failed
-                studies[i].tell(trial, state=_optuna().trial.TrialState.FAIL)
-                nan = math.nan
-                records[i].trials.append(TrialRecord(k, values, nan, nan, False, [], res))
-                continue
-            if res is None:
-                if run_round is not None:
-                    raise RuntimeError(f"{records[i].plan.name}: trial {k} did not complete")
-                active.remove(i)  # report view: this study stops at its first missing trial
-                continue
-            obj, util, keys = res
-            c = records[i].search["constraint"]
-            viol = _violation(c, util)
-            trial.set_user_attr(USER_ATTR_CONSTRAINT, viol)
-            trial.set_user_attr("utility", util)
-            studies[i].tell(trial, obj)
-            records[i].trials.append(TrialRecord(k, values, obj, util, viol <= 0, keys))
+            # the rungs: the trial's evaluation steps (its last step alone without report_at)
+            rungs = specs[i].rungs(threat.steps)
+            threat = threat.model_copy(update={"eval_at": [a for a, _ in rungs]})
+            asked.append((i, trial, values, threat, rungs))
+        tg = trial_graph(resolved, graph, [(records[i].plan, k, t) for i, _, _, t, _ in asked])
+        seen: dict[int, list[dict[str, Any]]] = {i: [] for i, *_ in asked}
+        live = list(asked)
+        r = 0
+        while live:
+            # rung r of every trial still running, side by side (one run_graph call)
+            at = {i: rungs[r] for i, *_, rungs in live}
+            part = _upto(tg, [(records[i].plan, k, at[i][0]) for i, *_ in live])
+            want = [(i, records[i], at[i][0]) for i, *_ in live]
+            found = _results(part, want, k, store)
+            if run_round is not None and any(v is None for v in found.values()):
+                run_round(part, k, [(records[i].plan, k, v, _rung_note(at[i][0], rg))
+                                    for i, _, v, _, rg in live])  # fmt: skip
+                found = _results(part, want, k, store)
+            going = []
+            for entry in live:
+                i, trial, values, _, rungs = entry
+                res, (step, pstep) = found[i], at[i]
+                if isinstance(res, str):  # diverged: told to the sampler as failed
+                    studies[i].tell(trial, state=optuna.trial.TrialState.FAIL)
+                    nan = math.nan
+                    rec = TrialRecord(k, values, nan, nan, False, [], res, rungs=seen[i])
+                    records[i].trials.append(rec)
+                    continue
+                if res is None:
+                    if run_round is not None:
+                        raise RuntimeError(f"{records[i].plan.name}: trial {k} did not complete")
+                    active.remove(i)  # report view: this study stops at its first missing trial
+                    continue
+                obj, util, keys = res
+                viol = _violation(records[i].search["constraint"], util)
+                trial.set_user_attr(USER_ATTR_CONSTRAINT, viol)
+                trial.set_user_attr("utility", util)
+                if len(rungs) > 1:
+                    # what the pruner compares: the objective where the bound holds, else
+                    # -inf (an attack that broke the model competes last; see PrunerSpec)
+                    trial.report(obj if viol <= 0 else -math.inf, pstep)
+                if r < len(rungs) - 1:
+                    seen[i].append({"step": step, "objective": obj, "utility": util})
+                    if trial.should_prune():
+                        studies[i].tell(trial, state=optuna.trial.TrialState.PRUNED)
+                        records[i].trials.append(
+                            TrialRecord(k, values, obj, util, viol <= 0, keys, None, step, seen[i])
+                        )
+                    else:
+                        going.append(entry)
+                    continue
+                studies[i].tell(trial, obj)
+                records[i].trials.append(
+                    TrialRecord(k, values, obj, util, viol <= 0, keys, rungs=seen[i])
+                )
+            live = going
+            r += 1
         if write:
             for i, *_ in asked:
                 _write_json(store, records[i])
@@ -394,10 +490,12 @@ def run_searches(
 
     ui = ui or ProgressUI()
 
-    def run_round(tg: Graph, k: int, trials: list[tuple[StudyPlan, int, dict[str, Any]]]) -> None:
-        for plan, _, values in trials:
+    def run_round(
+        tg: Graph, k: int, trials: list[tuple[StudyPlan, int, dict[str, Any], str]]
+    ) -> None:
+        for plan, _, values, note in trials:
             shown = ", ".join(f"{n}={_short(v)}" for n, v in values.items())
-            ui.line(f"search {plan.name}: trial {k}: {shown}")
+            ui.line(f"search {plan.name}: trial {k}: {shown}{note}")
         store = Store(store_root)
         while True:
             # a trial that diverged (recorded) is not run again; its evaluations neither
@@ -435,17 +533,22 @@ def run_searches(
         c = rec.search["constraint"]
         bound = f"{c['metric']} {'>=' if c.get('min') is not None else '<='} "
         bound += str(c["min"] if c.get("min") is not None else c["max"])
+        pruned = sum(t.pruned_at is not None for t in rec.trials)
+        pruned_note = f", {pruned} pruned" if pruned else ""
         if best is None:
             failed = sum(t.failed is not None for t in rec.trials)
+            notes = (f"{failed} diverged" if failed else "") + (
+                (", " if failed else "") + f"{pruned} pruned" if pruned else ""
+            )
             ui.line(
                 f"search {rec.plan.name}: no trial of {len(rec.trials)} kept {bound}"
-                + (f" ({failed} diverged)" if failed else "")
+                + (f" ({notes})" if notes else "")
             )
         else:
             ui.line(
                 f"search {rec.plan.name}: worst case {rec.search['objective']['metric']} "
                 f"{best.objective:.3f} at trial {best.number} of {len(rec.trials)} "
-                f"({bound}: {best.utility:.3f})"
+                f"({bound}: {best.utility:.3f}{pruned_note})"
             )
     return records
 
@@ -454,10 +557,10 @@ def run_searches(
 DIVERGED = "NonFiniteError"
 
 
-def drop_failed(tg: Graph, trials: Sequence[tuple[StudyPlan, int, Any]], store: Store) -> Graph:
+def drop_failed(tg: Graph, trials: Sequence[tuple[Any, ...]], store: Store) -> Graph:
     """``tg`` without the nodes of trials that have a recorded failure (their attack and
     evaluation nodes); every other node kept, in order."""
-    gone = {n.name for plan, k, _ in trials if _trial_failure(tg, plan, k, store)
+    gone = {n.name for plan, k, *_ in trials if _trial_failure(tg, plan, k, store)
             for n in _trial_nodes(tg, plan, k)}  # fmt: skip
     if not gone:
         return tg
@@ -474,7 +577,7 @@ def _tag_trial_runs(
     uri: str,
     round_run_id: str,
     tg: Graph,
-    trials: list[tuple[StudyPlan, int, dict[str, Any]]],
+    trials: list[tuple[StudyPlan, int, dict[str, Any], str]],
     ui: Any,
 ) -> None:
     """Tag the attack runs this round created with their study, trial and sampled values."""
@@ -487,7 +590,7 @@ def _tag_trial_runs(
             [exp], filter_string=f"tags.mlflow.parentRunId = '{round_run_id}'"
         )
         by_name = {r.data.tags.get("resalign.node.name"): r.info.run_id for r in runs}
-        for plan, k, values in trials:
+        for plan, k, values, _ in trials:
             tname = plan.trial_threat(k)
             for n in tg.of_kind("attack"):
                 if n.threat != tname or n.row != plan.row or n.name not in by_name:

@@ -22,6 +22,11 @@ manifest was written (then records the new mtime if the hash still matches, so e
 file is hashed once); ``resalign verify`` hashes everything. An in-place edit that restores
 size and mtime is found by ``verify`` only. ``DONE`` files of older versions (``ok``) carry no
 manifest and are trusted as before.
+
+The manifest may carry an optional ``cost`` mapping (what the node took: ``wall_s``,
+``cpu_s``, ``peak_rss_mb``, ``rss_scope``, ``cuda_peak_mb``, ``device``, ``threads``,
+``load1``; written by the engine, see :mod:`.cost`); readers that do not know it ignore it,
+and manifests without it (older nodes) are complete all the same.
 """
 
 from __future__ import annotations
@@ -210,16 +215,21 @@ class Store:
         d.mkdir()
         return d
 
-    def commit(self, staging: Path, kind: str, key: str) -> Path:
+    def commit(
+        self, staging: Path, kind: str, key: str, cost: Mapping[str, Any] | None = None
+    ) -> Path:
         """Make ``staging`` the complete result of ``key``: fsync all, write the ``DONE``
-        manifest (sizes, sha256), rename.
+        manifest (sizes, sha256; ``cost``, what the node took, when given), rename.
 
         An existing result (a forced re-run, a damaged node) is moved aside first and deleted
         after the new one is in place, so at every moment the final path holds a complete
         result or none.
         """
         fsync_tree(staging)
-        atomic_write_json(staging / DONE, build_manifest(staging))
+        manifest = build_manifest(staging)
+        if cost is not None:
+            manifest["cost"] = dict(cost)
+        atomic_write_json(staging / DONE, manifest)
         final = self.node_dir(kind, key)
         swap_dir(staging, final)
         return final

@@ -25,6 +25,7 @@ from ..errors import UserError
 from ..graph.keys import step_version
 from ..graph.nodes import Node
 from ..steps.base import STEPS
+from .cost import CostMeter
 from .executors.base import NodeResult, NodeTask
 from .progress import ProgressUI
 from .store import WRITE_ERRNOS, Store, atomic_write_json, atomic_write_text, free_bytes, tree_bytes
@@ -109,10 +110,11 @@ def _execute_here(
         ui=ui,
     )
     step = STEPS[node.kind]()
+    meter = CostMeter(ctx.device)
     try:
         step.run(ctx)
         ctx.close()
-        commit(store, node, staging, ctx.metrics_path, logger)
+        commit(store, node, staging, ctx.metrics_path, logger, meter.read())
     except BaseException as e:
         try:
             ctx.close()
@@ -145,12 +147,20 @@ def _execute_here(
     )
 
 
-def commit(store: Store, node: Node, staging: Path, metrics: Path, logger: Any) -> None:
-    """Copy the metrics history into ``staging`` and commit it as ``node``'s result."""
+def commit(
+    store: Store,
+    node: Node,
+    staging: Path,
+    metrics: Path,
+    logger: Any,
+    cost: dict[str, Any] | None = None,
+) -> None:
+    """Copy the metrics history into ``staging`` and commit it as ``node``'s result, with
+    what it cost (:mod:`.cost`) in its ``DONE`` manifest."""
     atomic_write_text(
         staging / "metrics.jsonl", metrics.read_text(encoding="utf-8") if metrics.exists() else ""
     )
-    final = store.commit(staging, node.kind, node.key)
+    final = store.commit(staging, node.kind, node.key, cost=cost)
     store.discard_state(node.kind, node.key)
     if logger is not None:
         logger.finish("FINISHED", final / "metrics.jsonl", final)
@@ -269,6 +279,7 @@ def _execute_ranks(
         for r in records:
             ui.step_line(node.name, r.get("step"), {k: v for k, v in r.items() if k != "step"})
 
+    meter = CostMeter(device, children=True)
     try:
         out = run_ranks(task, staging, on_poll=show_steps)
     except BaseException:
@@ -291,7 +302,7 @@ def _execute_ranks(
             seconds=time.perf_counter() - t0,
             log_seconds=out.log_seconds + (logger.log_seconds if logger else 0.0),
         )
-    commit(store, node, staging, metrics, logger)
+    commit(store, node, staging, metrics, logger, meter.read())
     shutil.rmtree(launch_dir(store.root, node.kind, node.key), ignore_errors=True)
     return NodeResult(
         node.name,

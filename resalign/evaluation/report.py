@@ -979,6 +979,7 @@ def search_markdown(table: Mapping[str, Any]) -> str:
             f"{s['feasible']}/{s['done']}"
             + (f" (budget {s['budget']})" if s["done"] < s["budget"] else "")
             + (f", {s['failed']} diverged" if s.get("failed") else "")
+            + (f", {s['pruned']} pruned" if s.get("pruned") else "")
         )
         lines.append(
             f"| {s['row']} | {useed} | {s['threat']} | {worst} | {util} | {found} | {settings} "
@@ -996,7 +997,9 @@ def search_note(table: Mapping[str, Any]) -> str:
         "The worst-case column aggregates over unlearning seeds (one study each) with the paired difference "
         "to the reference row. search_best_so_far.png: the best value within the bound after "
         "each trial (dots: every trial; hollow: outside the bound; crosses at 0: diverged, "
-        "told to the sampler as failed)."
+        "told to the sampler as failed; hollow triangles: pruned, at the value where the "
+        "pruner stopped them). A pruned trial (search.pruner) stopped at an intermediate "
+        "rung and never counts as the worst case; 'within bound' counts finished trials."
     )
 
 
@@ -1025,6 +1028,10 @@ def plot_best_so_far(searches: Sequence[Mapping[str, Any]], path: Path) -> bool:
             for tr, x in zip(s["trials"], xs):
                 if tr["objective"] is None:  # diverged: a cross on the axis
                     ax.plot(x, 0, "x", ms=5, color=line.get_color(), clip_on=False)
+                    continue
+                if tr.get("pruned_at") is not None:  # its value where the pruner stopped it
+                    ax.plot(x, tr["objective"], "v", ms=4, color=line.get_color(),
+                            mfc="none", alpha=0.5)  # fmt: skip
                     continue
                 ax.plot(x, tr["objective"], "o", ms=4, color=line.get_color(),
                         mfc=line.get_color() if tr["feasible"] else "none", alpha=0.7)  # fmt: skip

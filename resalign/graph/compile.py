@@ -337,6 +337,9 @@ class _Compiler:
         if threat.get("embedding") is None:
             threat.pop("embedding", None)  # likewise for embedding attacks
         threat.pop("perturb", None)  # None: a perturb threat cannot be searched
+        for f, empty in (("report_at", []), ("pruner", None)):
+            if threat["search"].get(f) == empty:
+                threat["search"].pop(f, None)  # and for studies from before pruning
         ident = {
             "threat": threat,
             "upstream": upstream,

@@ -63,6 +63,25 @@ def log_node_artifacts(client: Any, run_id: str, root: Path, *, log_models: bool
     return skipped
 
 
+def log_node_cost(client: Any, run_id: str, node_dir: Path) -> None:
+    """The node's cost from its ``DONE`` manifest (resalign.engine.cost) as ``cost.<field>``
+    metrics of its run, once, with the artifacts (so ``resalign sync`` logs it too)."""
+    import time
+
+    from mlflow.entities import Metric
+
+    from ..store import DONE, read_manifest
+
+    cost = (read_manifest(node_dir / DONE) or {}).get("cost")
+    if not isinstance(cost, dict):
+        return
+    now = int(time.time() * 1000)
+    metrics = [Metric(f"cost.{k}", float(v), now, 0) for k, v in sorted(cost.items())
+               if isinstance(v, int | float) and not isinstance(v, bool)]  # fmt: skip
+    if metrics:
+        _log_batch_chunked(client, run_id, metrics=metrics)
+
+
 def _sync_node_static(client: Any, rec: NodeRecord, node_dir: Path | None) -> None:
     """Params, tags, artifacts and status of a node's run (all idempotent in MLflow)."""
     if not rec.params_synced:
@@ -72,6 +91,7 @@ def _sync_node_static(client: Any, rec: NodeRecord, node_dir: Path | None) -> No
         rec.params_synced = True
     if not rec.artifacts_synced and node_dir is not None and Path(node_dir).is_dir():
         log_node_artifacts(client, rec.run_id, Path(node_dir), log_models=rec.log_models)
+        log_node_cost(client, rec.run_id, Path(node_dir))
         rec.artifacts_synced = True
     elif node_dir is None and rec.status in ("FAILED", "KILLED"):
         rec.artifacts_synced = True  # a failed node has no complete outputs to upload

@@ -122,6 +122,44 @@ class ConstraintSpec(StrictModel):
         return (self.min - value) if self.min is not None else (value - self.max)  # type: ignore[operator]
 
 
+class PrunerSpec(StrictModel):
+    """Stop a trial early (issue 25): at each rung of ``search.report_at`` the trial reports
+    its value (the objective, mean over attack seeds; ``-inf`` where the attacked model breaks
+    the utility bound there, so an attack that already broke the model competes last) and
+    the pruner decides whether it goes on. ``median`` (Optuna's ``MedianPruner``): stop a
+    trial below the median of the earlier trials at the same rung, after
+    ``startup_trials`` trials and from attack step ``warmup_steps`` on;
+    ``successive_halving`` (``SuccessiveHalvingPruner``, Hyperband's inner loop): keep the
+    top ``1/reduction_factor`` at each rung from ``min_resource`` on. Both are deterministic:
+    a re-created study prunes the same trials."""
+
+    kind: Literal["median", "successive_halving"]
+    startup_trials: int = Field(default=5, ge=0, description="median: trials never pruned")
+    warmup_steps: int = Field(
+        default=0, ge=0, description="median: no pruning before this rung step"
+    )
+    min_resource: PositiveInt | None = Field(
+        default=None, description="successive_halving: the first rung's step (None: Optuna's auto)"
+    )
+    reduction_factor: int = Field(
+        default=4, ge=2, description="successive_halving: keep 1/reduction_factor per rung"
+    )
+
+    @model_validator(mode="after")
+    def _fields_of_kind(self) -> PrunerSpec:
+        own = {
+            "median": {"startup_trials", "warmup_steps"},
+            "successive_halving": {"min_resource", "reduction_factor"},
+        }[self.kind]
+        other = sorted(f for f in self.model_fields_set if f != "kind" and f not in own)
+        if other:
+            raise ValueError(
+                f"pruner kind {self.kind} does not read {', '.join(other)} (it reads "
+                f"{', '.join(sorted(own))})"
+            )
+        return self
+
+
 class SearchSpec(StrictModel):
     """Search the threat's hyperparameters instead of fixing them: ``trials`` attacks per
     model row (and unlearning seed), drawn by ``sampler`` seeded with ``seed``; the values
@@ -136,6 +174,17 @@ class SearchSpec(StrictModel):
     objective: ObjectiveSpec = Field(default_factory=ObjectiveSpec)
     constraint: ConstraintSpec | None = Field(
         default=None, description="utility bound of the attacked model (required)"
+    )
+    report_at: list[int | float] = Field(
+        default_factory=list,
+        description="rungs at which each trial is evaluated before its last step: fractions "
+        "in (0, 1) of the trial's steps (e.g. [0.25, 0.5]) or attack steps (e.g. [25, 50]); "
+        "needed by pruner",
+    )
+    pruner: PrunerSpec | None = Field(
+        default=None,
+        description="stop weak trials at the report_at rungs: {kind: median} or {kind: "
+        "successive_halving} (resalign.engine.search)",
     )
 
     @model_validator(mode="after")
@@ -163,6 +212,7 @@ class SearchSpec(StrictModel):
                 "retain_accuracy, min: 0.7} or {metric: classifier_fid, max: 5.0}: the worst "
                 "case counts only attacks that keep the model useful"
             )
+        self._check_rungs()
         if self.sampler == "grid":
             cont = [k for k, p in self.space.items() if p.grid() is None]
             if cont:
@@ -179,6 +229,48 @@ class SearchSpec(StrictModel):
                     f"trials <= {size}"
                 )
         return self
+
+    def _check_rungs(self) -> None:
+        """``report_at`` is all fractions in (0, 1) or all positive integer steps."""
+        at = self.report_at
+        ints = [v for v in at if isinstance(v, int) and not isinstance(v, bool)]
+        if ints and len(ints) != len(at):
+            raise ValueError(
+                f"search.report_at mixes steps and fractions ({at}): write fractions of the "
+                "trial's steps (e.g. [0.25, 0.5]) or attack steps (e.g. [25, 50])"
+            )
+        if ints and min(ints) < 1:
+            raise ValueError(f"search.report_at steps must be >= 1 (got {at})")
+        if not ints and any(not 0 < v < 1 for v in at):
+            raise ValueError(
+                f"search.report_at fractions must lie strictly between 0 and 1 (got {at}); "
+                "the last step is always evaluated"
+            )
+        if len(set(at)) != len(at):
+            raise ValueError(f"search.report_at has duplicates: {at}")
+        if self.pruner is not None and not at:
+            raise ValueError(
+                "search.pruner needs rungs to prune at: add report_at, e.g. report_at: "
+                "[0.25, 0.5] (fractions of the trial's steps) or [25, 50] (steps)"
+            )
+
+    def rungs(self, steps: int) -> list[tuple[int, int]]:
+        """The evaluation points of a trial of ``steps`` attack steps, in order, ending with
+        the last step: ``(attack step, Optuna step)``. The Optuna step is what the pruner
+        compares across trials: for fractions the fraction in thousandths (trials of
+        different lengths meet at the same share of their budget), for steps the step. A
+        rung at or past the last step is dropped; fractions that round to one step count
+        once."""
+        out: list[tuple[int, int]] = []
+        fractions = self.report_at and not isinstance(self.report_at[0], int)
+        for v in sorted(self.report_at):
+            at, pstep = (
+                (max(1, round(v * steps)), min(round(v * 1000), 999)) if fractions else (v, v)
+            )
+            if at < steps and all(at != a for a, _ in out):
+                out.append((int(at), int(pstep)))
+        out.append((steps, 1000 if fractions else steps))
+        return out
 
 
 def apply_values(threat: dict[str, Any], values: dict[str, Any]) -> dict[str, Any]:

@@ -346,7 +346,8 @@ class ThreatSpec(StrictModel):
     def _check_search(self, search: SearchSpec) -> None:
         if "eval_at" in self.model_fields_set:
             raise ValueError(
-                "a searched threat evaluates each trial at its last step: remove eval_at"
+                "a searched threat evaluates each trial at its last step: remove eval_at "
+                "(search.report_at adds evaluations before it, e.g. report_at: [0.25, 0.5])"
             )
         if self.poison is None and any(k.startswith("poison.") for k in search.space):
             raise ValueError("search.space has poison.* but the threat has no poison block")

@@ -1,0 +1,120 @@
+"""The cost estimator (issue 25, resalign.engine.estimate): the per-kind linear fit against
+numpy's least squares and hand computation, the work numbers of the demo's nodes, history
+read back from real DONE manifests, and the no-history message."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from resalign.engine.estimate import Recorded, estimate, fit, history, render, work
+from resalign.engine.store import Store
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _pts(ws, ts, kind="attack"):
+    return [Recorded(kind, "tiny", float(w), float(t), 100.0) for w, t in zip(ws, ts)]
+
+
+def test_fit_is_least_squares_with_its_ratio_range():
+    ws = [10, 20, 40, 80]
+    ts = [4.1, 5.9, 10.2, 17.8]
+    f = fit(_pts(ws, ts))
+    b, a = np.polyfit(ws, ts, 1)
+    assert f.a == pytest.approx(a) and f.b == pytest.approx(b)
+    ratios = [t / (a + b * w) for w, t in zip(ws, ts)]
+    p, lo, hi = f.predict(60)
+    assert p == pytest.approx(a + b * 60)
+    assert lo == pytest.approx(p * min(ratios)) and hi == pytest.approx(p * max(ratios))
+    exact = fit(_pts([1, 2, 3], [3.5, 4.0, 4.5]))
+    assert (exact.a, exact.b) == pytest.approx((3.0, 0.5)) and exact.predict(5)[0] == 5.5
+    assert exact.lo == pytest.approx(1) and exact.hi == pytest.approx(1)
+
+
+def test_fit_falls_back_to_the_origin_or_a_proportional_scale():
+    # a negative intercept: through the origin, b = sum(w t) / sum(w^2)
+    ws, ts = [10, 20, 30], [1.0, 5.0, 9.0]
+    f = fit(_pts(ws, ts))
+    assert f.a == 0 and f.b == pytest.approx(sum(w * t for w, t in zip(ws, ts)) / 1400)
+    # one recorded work value: wall proportional to work
+    one = fit(_pts([50, 50], [10.0, 14.0]))
+    assert one.a == 0 and one.predict(100)[0] == pytest.approx(24.0)
+    assert one.predict(100)[1:] == pytest.approx((20.0, 28.0))
+    # more work, less time (noise): the mean
+    flat = fit(_pts([10, 20], [6.0, 4.0]))
+    assert flat.predict(1000)[0] == pytest.approx(5.0)
+
+
+def _demo():
+    from resalign.graph.compile import compile_spec
+    from resalign.spec import load_spec
+
+    return compile_spec(load_spec(ROOT / "specs" / "digits_demo.yaml"))
+
+
+def test_work_of_the_demos_nodes():
+    g = _demo()
+    seg = g["attack/plain/seed0/poison5_adam_3e-4/seed1/step50"]
+    assert work("attack", seg.params, prev_stop=25) == 25 * 16 * 4
+    first = g["attack/plain/seed0/poison5_adam_3e-4/seed1/step25"]
+    assert work("attack", first.params) == 25 * 16 * 4
+    assert work("model", g["model"].params) == 1000 * 64
+    # ResAlign: 50 outer steps x (1 + J (1) x (mean of 10 and 20 inner steps + K 5))
+    assert work("unlearn", g["unlearn/resalign/seed0"].params) == 50 * (1 + 1 * (15 + 5))
+    assert work("unlearn", g["unlearn/plain/seed0"].params) == 50
+    assert work("evaluate", g["evaluate/plain/seed0/pre/step0"].params) == 30 * 15
+
+
+def test_estimate_scales_recorded_nodes_and_says_when_a_kind_has_none():
+    from resalign.engine.estimate import model_size, node_work
+
+    g = _demo()
+    size = model_size(g["model"].params["model"])
+    assert size == 8 * 8 * (16 * 16 + 32 * 32) * 1
+    # recorded attacks: wall = 2 s + 1e-6 s per unit of work
+    rec = [
+        Recorded("attack", "tiny", w * size, 2 + 1e-6 * w * size, 900.0) for w in (400, 800, 1600)
+    ]
+    names = [n.name for n in g.of_kind("attack")] + ["unlearn/plain/seed0"]
+    est = estimate(g, names, rec)
+    want = sum(2 + 1e-6 * node_work(g, g[n])[1] for n in names[:-1])
+    (att, un) = est.kinds
+    assert att.kind == "attack" and att.nodes == 18 and att.seconds == pytest.approx(want)
+    assert att.low == pytest.approx(want) and att.high == pytest.approx(want)
+    assert un.kind == "unlearn" and un.seconds is None and est.without_history == 1
+    text = render(est, title="estimate for digits_demo")
+    assert "unlearn: 1 to run; no recorded unlearn node in the store: no estimate" in text
+    assert "not counting 1 node(s) without history" in text
+    assert "peak RSS up to 900 MiB" in text
+
+
+def test_history_reads_the_cost_from_done_manifests(tmp_path):
+    """Nodes committed by the store with a cost are read back (their work from node.json,
+    the model size from their model input's node.json); a DONE without a cost is skipped."""
+    g = _demo()
+    st = Store(tmp_path)
+
+    def commit(node, cost, inputs):
+        staging = st.new_staging(node.kind, node.key)
+        (staging / "node.json").write_text(json.dumps(
+            {"kind": node.kind, "name": node.name, "key": node.key, "params": node.params,
+             "deps": dict(node.deps), "inputs": inputs}))  # fmt: skip
+        return st.commit(staging, node.kind, node.key, cost=cost)
+
+    model = commit(g["model"], {"wall_s": 172.0, "cpu_s": 170.0, "peak_rss_mb": 600.0}, {})
+    seg = g["attack/plain/seed0/poison5_adam_3e-4/seed1/step50"]
+    commit(seg, {"wall_s": 9.5, "cpu_s": 9.0, "peak_rss_mb": 700.0}, {"model": str(model)})
+    commit(g["attack/plain/seed0/poison5_adam_3e-4/seed1/step25"], None, {"model": str(model)})
+    done = json.loads((st.node_dir(seg.kind, seg.key) / "DONE").read_text())
+    assert done["cost"]["wall_s"] == 9.5 and seg.name.endswith("step50")
+    assert st.check(seg.kind, seg.key) is None  # the cost field leaves the manifest valid
+    got = sorted(history(st), key=lambda r: r.kind)
+    size = 8 * 8 * (16 * 16 + 32 * 32)
+    assert [(r.kind, r.work, r.wall_s) for r in got] == [
+        ("attack", 25 * 16 * 4 * size, 9.5),
+        ("model", 64000 * size, 172.0),
+    ]
