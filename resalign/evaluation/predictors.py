@@ -41,6 +41,7 @@ from typing import Any
 
 from ..atomic import atomic_open
 from ..errors import UserError
+from .store_read import completed_folders
 
 ModelId = tuple[str, "int | None"]  # (row, unlearning seed; None for a control row)
 POOLED = "pooled"
@@ -109,24 +110,7 @@ def probe_results_from_store(
     """Results of every probe node of ``graph`` from ``store_root``, like
     :func:`resalign.evaluation.report.results_from_store` for evaluate nodes (``complete``:
     the store's completeness test); a missing one is a :class:`UserError` naming them."""
-    found, missing = {}, []
-    for node in graph.of_kind("probe"):
-        folder = Path(store_root) / "probe" / node.key
-        done = complete("probe", node.key) if complete else (folder / "DONE").is_file()
-        if done and (folder / PROBE_FILE).is_file():
-            found[node.name] = folder
-        else:
-            missing.append(node.name)
-    if missing:
-        shown = ", ".join(missing[:6]) + (
-            f" and {len(missing) - 6} more" if len(missing) > 6 else ""
-        )
-        raise UserError(
-            f"{len(missing)} of {len(missing) + len(found)} probe results are missing from "
-            f"{store_root}: {shown}",
-            hint=f"run `resalign run {spec_path}` first (it computes only what is missing), "
-            "or pass --store with the folder the runs were written to",
-        )
+    found = completed_folders(graph, store_root, "probe", PROBE_FILE, "probe", spec_path, complete)
     return probe_results_from_dirs(found)
 
 

@@ -50,6 +50,7 @@ from .stats import (
     paired_first,
     summary,
 )
+from .store_read import completed_folders
 from .transfer import transfer_markdown, transfer_note, transfer_view
 
 PRE = "pre"
@@ -138,24 +139,9 @@ def results_from_store(
     damaged result is reported as missing, never read); default: a ``DONE`` marker exists.
     A node without a completed result is a :class:`UserError` naming every missing node.
     """
-    found, missing = {}, []
-    for node in graph.of_kind("evaluate"):
-        folder = Path(store_root) / "evaluate" / node.key
-        done = complete("evaluate", node.key) if complete else (folder / "DONE").is_file()
-        if done and (folder / "metrics.json").is_file():
-            found[node.name] = folder
-        else:
-            missing.append(node.name)
-    if missing:
-        shown = ", ".join(missing[:6]) + (
-            f" and {len(missing) - 6} more" if len(missing) > 6 else ""
-        )
-        raise UserError(
-            f"{len(missing)} of {len(missing) + len(found)} evaluation results are missing "
-            f"from {store_root}: {shown}",
-            hint=f"run `resalign run {spec_path}` first (it computes only what is missing), "
-            "or pass --store with the folder the runs were written to",
-        )
+    found = completed_folders(
+        graph, store_root, "evaluate", "metrics.json", "evaluation", spec_path, complete
+    )
     return results_from_dirs(found)
 
 

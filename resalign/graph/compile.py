@@ -271,19 +271,31 @@ class _Compiler:
                     **loc,
                 )
                 prev = at.name
-                evals.append(
-                    self.add(
-                        "evaluate",
-                        f"evaluate/{prefix}/{tname}/seed{seed}/step{step}",
-                        self.evaluate_params(step),
-                        {**base, "attack": at.name},
-                        threat=tname,
-                        seed=seed,
-                        step=step,
-                        **loc,
-                    ).name
-                )
+                evals.append(self.evaluation(prefix, loc, base, tname, seed, step, at.name))
         return evals
+
+    def evaluation(
+        self,
+        prefix: str,
+        loc: dict[str, Any],
+        base: dict[str, str],
+        tname: str,
+        seed: int,
+        step: int,
+        attack: str,
+    ) -> str:
+        """The evaluate node of the attack node ``attack`` (threat ``tname``, attack seed,
+        step); returns its name."""
+        return self.add(
+            "evaluate",
+            f"evaluate/{prefix}/{tname}/seed{seed}/step{step}",
+            self.evaluate_params(step),
+            {**base, "attack": attack},
+            threat=tname,
+            seed=seed,
+            step=step,
+            **loc,
+        ).name
 
     def perturb_nodes(
         self, prefix: str, loc: dict[str, Any], base: dict[str, str], tname: str, t: Any
@@ -313,18 +325,7 @@ class _Compiler:
                     step=step,
                     **loc,
                 )
-                evals.append(
-                    self.add(
-                        "evaluate",
-                        f"evaluate/{prefix}/{tname}/seed{seed}/step{step}",
-                        self.evaluate_params(step),
-                        {**base, "attack": at.name},
-                        threat=tname,
-                        seed=seed,
-                        step=step,
-                        **loc,
-                    ).name
-                )
+                evals.append(self.evaluation(prefix, loc, base, tname, seed, step, at.name))
         return evals
 
     def study_plan(
