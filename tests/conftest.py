@@ -47,6 +47,7 @@ _FAST_FILES = {
     "test_report_bands.py",
     "test_search.py",
     "test_oracle_control.py",
+    "test_tracking_describe.py",
 }
 _COST = ("slow", "server", "torchrun", "slurm", "kill", "fuzz")
 
