@@ -22,6 +22,7 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 # Whole files by what they cost.
 _FILE_MARKERS = {
     "test_engine_mlflow_server.py": ("server",),
+    "test_mlflow_browser.py": ("server",),
     "test_engine_torchrun.py": ("torchrun",),
     "test_distributed.py": ("torchrun",),
     "test_slurm.py": ("slurm",),

@@ -111,7 +111,10 @@ def test_resalign_ui_lands_on_the_runs_table_with_rows_side_by_side(tmp_path, br
         assert url.startswith(f"{ui.url}/#/experiments/{exp}/runs?workflowType=machine_learning")
         # the assistant panel (open on first load) takes a third of the window
         browser.get(f"{ui.url}/health")
-        browser.execute_script("localStorage.setItem('mlflow.assistant.panelOpen_v1', 'false')")
+        browser.execute_script(
+            "localStorage.setItem('mlflow.assistant.panelOpen_v1', 'false');"
+            "localStorage.setItem('mlflow.assistant.fab.autoOpenedOnFirstLoad_v1', 'true')"
+        )
         browser.set_window_size(1400, 700)
         browser.get(url)
 
