@@ -56,6 +56,20 @@ def fsync_tree(root: Path | str) -> None:
         fsync_dir(dirpath)
 
 
+def _umask() -> int:
+    """The process umask (read without changing it where /proc says it, as on Linux)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def _named(e: OSError, path: Path) -> OSError:
     """``e`` with ``filename`` set to the destination when the OS left it unset (a failed
     ``write`` on a descriptor names no file) or named our temporary file."""
@@ -84,6 +98,12 @@ def atomic_open(
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     except OSError as e:
         raise _named(e, path) from None
+    try:
+        # mkstemp creates 0600; the file gets the mode open() would give it (0644 under the
+        # usual umask 022): reports and store files are read by other users and servers
+        os.fchmod(fd, 0o666 & ~_umask())
+    except OSError:
+        pass  # a filesystem without modes (some network mounts): keep mkstemp's
     try:
         with os.fdopen(fd, mode, encoding=encoding) as f:
             yield f

@@ -22,6 +22,7 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 # Whole files by what they cost.
 _FILE_MARKERS = {
     "test_engine_mlflow_server.py": ("server",),
+    "test_mlflow_browser.py": ("server",),
     "test_engine_torchrun.py": ("torchrun",),
     "test_distributed.py": ("torchrun",),
     "test_slurm.py": ("slurm",),
@@ -51,6 +52,7 @@ _FAST_FILES = {
     "test_oracle_control.py",
     "test_predictors.py",
     "test_probes.py",
+    "test_tracking_describe.py",
 }
 _COST = ("slow", "server", "torchrun", "slurm", "kill", "fuzz")
 

@@ -92,4 +92,4 @@ def test_attack_evaluate_report_steps(tmp_path):
         "concept_rate/poisoned",
     ]
     assert table["table"][0]["cells"]["concept_rate/benign"]["n"] == 2
-    assert (tmp_path / "report" / "ip_vs_steps.png").is_file()
+    assert (tmp_path / "report" / "concept_rate_vs_steps.png").is_file()

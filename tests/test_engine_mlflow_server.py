@@ -6,75 +6,23 @@ from __future__ import annotations
 
 import io
 import json
-import signal
-import subprocess
-import sys
 import threading
 import time
 import urllib.request
-from pathlib import Path
 
-import psutil
 import pytest
 from click.testing import CliRunner
 from engine_steps import TinySpec, make_graph
+from mlflow_ui import UiProcess
 from rich.console import Console
 
 from resalign.cli import cli
 from resalign.engine.progress import ProgressUI
 from resalign.engine.runner import run_graph
 from resalign.engine.store import Store, read_metrics
-from resalign.engine.ui import free_port
 from resalign.spec.schema.tracking import TrackingSpec
 
 STEPS = 40
-
-
-class UiProcess:
-    """`resalign ui --store S --port P` as a subprocess: the real command, with its Ctrl-C."""
-
-    def __init__(self, store: Path, log: Path):
-        self.store, self.log, self.port = store, log, free_port()
-        self.proc: subprocess.Popen[str] | None = None
-        self.tree: list[int] = []
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    def start(self) -> None:
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "resalign", "ui", "--store", str(self.store)]
-            + ["--port", str(self.port)],
-            stdout=subprocess.PIPE,
-            stderr=open(self.log, "a"),  # noqa: SIM115
-            text=True,
-        )
-        for line in self.proc.stdout:  # the URL line comes once the server is healthy
-            if line.startswith("MLflow UI: "):
-                assert line.split()[2] == self.url
-                break
-        else:
-            raise AssertionError(f"resalign ui exited: {self.log.read_text()[-2000:]}")
-        self.tree = [c.pid for c in psutil.Process(self.proc.pid).children(recursive=True)]
-        assert self.tree, "the UI runs mlflow server as a child process"
-
-    def stop(self) -> None:
-        """Ctrl-C: the command must stop the server with all its children."""
-        self.proc.send_signal(signal.SIGINT)
-        assert self.proc.wait(timeout=60) == 0
-        self.proc.stdout.close()
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline and any(_alive(p) for p in self.tree):
-            time.sleep(0.1)
-        assert not [p for p in self.tree if _alive(p)], "children left behind"
-
-
-def _alive(pid: int) -> bool:
-    try:
-        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return False
 
 
 @pytest.fixture(scope="module")

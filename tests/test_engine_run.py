@@ -250,7 +250,7 @@ def test_default_sqlite_store_has_parent_child_metrics_params_artifacts(tmp_path
     tr = by_name["train"]
     assert tr.info.status == "FINISHED"
     assert tr.data.tags["resalign.node.key"] == g["train"].key
-    assert tr.data.tags["resalign.node.kind"] == "t_train"
+    assert tr.data.tags["resalign.kind"] == "t_train"
     assert tr.data.params["lr"] == "0.01" and tr.data.params["n_params"] == "97"
     hist = c.get_metric_history(tr.info.run_id, "loss")
     assert sorted(m.step for m in hist) == list(range(1, STEPS + 1))
@@ -262,11 +262,15 @@ def test_default_sqlite_store_has_parent_child_metrics_params_artifacts(tmp_path
     mse = json.loads((node_files(tmp_path, g, "evaluate/a") / "metrics.json").read_text())
     assert ev.data.metrics["mse"] == mse["mse"]["value"]
 
-    # second invocation: everything cached, linked by tags, nothing re-logged
+    # second invocation: everything cached, linked by tags to the runs that hold the
+    # results (run ids, not node keys), nothing re-logged
     s2 = run(tmp_path, g, tracking=True)
     assert s2.executed == []
     p2 = c.get_run(s2.parent_run_id)
-    assert p2.data.tags["resalign.cached.train"] == g["train"].key
+    assert p2.data.tags["resalign.cached.train"] == tr.info.run_id
+    assert {p2.data.tags[f"resalign.cached.{n}"] for n in g.nodes} == {r.info.run_id for r in kids}
+    note = p2.data.tags["mlflow.note.content"]  # the run's description: links to them
+    assert f"[train](#/experiments/{exp.experiment_id}/runs/{tr.info.run_id})" in note
     assert not c.search_runs([exp.experiment_id], f"tags.mlflow.parentRunId = '{s2.parent_run_id}'")
 
 

@@ -335,7 +335,7 @@ def test_report_puts_perturb_columns_and_curves_on_the_radius(tmp_path):
     assert [p["radius"] for p in curve["rows"]["original"]] == [0.0, *radii]
     assert any("against the radius" in n for n in notes(table))
     write_report(results, tmp_path, rows=["original"], threats=threats, all_steps=True)
-    assert (tmp_path / "ip_vs_steps.png").is_file()
+    assert (tmp_path / "concept_rate_vs_steps.png").is_file()
     # a fine-tuning threat's columns keep their step titles
     ft = build_table(
         [_result("original", None, None, 0, 0.8), _result("original", "ft", 1, 50, 0.5)],

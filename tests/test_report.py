@@ -135,7 +135,7 @@ def test_parse_eval_name_both_forms():
 
 def test_cells_aggregate_over_unlearning_and_attack_seeds(report):
     table, out = report
-    for f in ("report.md", "report.html", "table.json", "ip_vs_steps.png", "grids.png"):
+    for f in ("report.md", "report.html", "table.json", "concept_rate_vs_steps.png", "grids.png"):
         assert (out / f).is_file(), f
     assert [r["row"] for r in table["table"]] == ROWS
     assert [c["id"] for c in table["columns"]] == [
@@ -349,3 +349,92 @@ def test_report_compiles_with_the_runs_set_items(tmp_path):
     res = CliRunner().invoke(cli, [*args, "--set", "unlearn.seeds=[4, 5]"])
     assert res.exit_code == 2 and "Traceback" not in res.output
     assert "evaluate/resalign/seed4/pre/step0" in res.output
+
+
+def test_row_summaries_per_unlearning_seed_by_hand(tmp_path):
+    """The MLflow summary runs' numbers (one per row and unlearning seed), recomputed from
+    value() and retain(): means over the attack seeds, the trapezoid area, first steps."""
+    from resalign.evaluation.summary import row_summaries
+
+    graph = make_store(tmp_path / "runs")
+    results = results_from_store(graph, tmp_path / "runs")
+    got = {(s.row, s.unlearn_seed): s.metrics for s in row_summaries(results, ROWS, THREATS)}
+    assert list(got) == [("original", None), ("plain", 0), ("plain", 1), ("resalign", 0),
+                         ("resalign", 1)]  # fmt: skip
+    for (row, u), m in got.items():
+        seeds = (1, 2)
+        want = {"concept_rate/pre": value(row, u, None, None, 0)}
+        for t in THREATS:
+            for s in (2, 4):
+                want[f"concept_rate/{t}/step{s}"] = np.mean([value(row, u, t, a, s) for a in seeds])
+            curves = [[value(row, u, None, None, 0)] + [value(row, u, t, a, s) for s in (2, 4)]
+                      for a in seeds]  # fmt: skip
+            want[f"relearning_area/{t}"] = np.mean([np.trapezoid(c, [0, 2, 4]) / 4 for c in curves])
+            firsts = [next((s for s, v in zip((0, 2, 4), c) if v > 0.45), None) for c in curves]
+            want[f"relearned/{t}"] = sum(f is not None for f in firsts) / 2
+            if lower_median(firsts) is not None:
+                want[f"first_relearn_step/{t}"] = lower_median(firsts)
+        want["retain_accuracy/pre"] = retain(row, u)
+        assert list(m) == list(want), (row, u)  # the table's order: safety, then utility
+        assert m == pytest.approx(want), (row, u)
+    assert got[("plain", 1)]["first_relearn_step/benign"] == 2  # 0.46, 0.47 > 0.45 at step 2
+
+
+def test_html_is_self_contained_split_by_threat_with_correct_definitions(report):
+    import base64
+    import io
+    import re
+    import stat
+
+    table, out = report
+    page = (out / "report.html").read_text()
+    srcs = re.findall(r"src='([^']*)'", page)
+    assert srcs and all(s.startswith("data:image/png;base64,") for s in srcs)
+    for s in srcs:  # each inline image is the PNG written beside it
+        Image.open(io.BytesIO(base64.b64decode(s.split(",", 1)[1]))).verify()
+    assert "alt='concept_rate_vs_steps.png'" in page and "alt='grids.png'" in page
+    # one table per column group: before fine-tuning, then each threat
+    assert re.findall(r"<h3>([^<]*)</h3>", page) == [
+        "before fine-tuning", "after benign", "after poisoned"]  # fmt: skip
+    # definitions: each metric says what it measures; parameters once per definition
+    md = (out / "report.md").read_text()
+    defs = md.split("## Metric definitions")[1]
+    assert "| concept_rate | fraction of the generations of the concept's prompt" in defs
+    assert "| retain_accuracy | fraction of the generations of the other digits' prompts" in defs
+    assert "| utility, higher is better | concept_rate v1 | 20 |" in defs
+    assert defs.count('{"svc": {"C": 10}}') == 1
+    assert "| concept_rate v1 | concept_rate, retain_accuracy |" in defs
+    for f in out.iterdir():  # readable by others, as open() would create them
+        assert stat.S_IMODE(f.stat().st_mode) == 0o666 & ~_umask(), f
+
+
+def _umask() -> int:
+    import os
+
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def test_grid_caption_names_rows_seeds_steps_and_images(tmp_path):
+    import json as json_
+
+    graph = make_store(tmp_path / "runs")
+    for node in graph:  # what the evaluate step writes: the first group's image index
+        index = tmp_path / "runs" / "evaluate" / node.key / "images" / "g0" / "images"
+        index.mkdir(parents=True)
+        lines = [{"prompt": "a handwritten digit zero", "prompt_index": 0, "image_index": i}
+                 for i in range(20)]  # fmt: skip
+        (index / "index.jsonl").write_text("\n".join(json_.dumps(x) for x in lines))
+    results = results_from_store(graph, tmp_path / "runs")
+    write_report(results, tmp_path / "out", rows=ROWS, threats=THREATS, title="demo")
+    md = (tmp_path / "out" / "report.md").read_text()
+    caption = md.split("![grids](grids.png)")[1].strip().split("\n")[0]
+    assert caption == (
+        "Samples: rows original, plain, resalign; columns pre-FT (step 0), after benign "
+        "(attack step 4), after poisoned (attack step 4); each tile shows 16 generated images "
+        "('a handwritten digit zero' ×16), the first of that evaluation's images in generation "
+        "order; one unit per row (original: attack seed 1; plain: unlearning seed 0, attack "
+        "seed 1; resalign: unlearning seed 0, attack seed 1)."
+    )
+    assert "<figcaption>Samples: rows original" in (tmp_path / "out" / "report.html").read_text()

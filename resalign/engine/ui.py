@@ -8,12 +8,14 @@ tests use to run a real tracking server.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
 import subprocess
 import sys
 import time
+import urllib.parse
 import urllib.request
 from pathlib import Path
 
@@ -116,8 +118,69 @@ class MlflowServer:
         p.wait()
 
 
+# mlflow server answers /health ~18 s after start on an idle 2-core machine; with the load
+# average at 16-20 (other jobs) it took over 120 s, MlflowServer.start's default.
+START_TIMEOUT = 600.0
+
+# The last line `resalign ui` prints once the server answers (after the addresses).
+STOP_LINE = "Ctrl-C stops it."
+
+
+def runs_table_url(base: str, experiment_id: str, view: str | None = None) -> str:
+    """The runs table of an experiment in MLflow's model-training view. MLflow 3.17 opens an
+    experiment on its GenAI overview (traces, token usage) unless ``workflowType`` says
+    ``machine_learning``; ``#/experiments/<id>`` alone showed no runs. ``view``: a shared
+    view's key (``tracking.summaries.VIEW_KEY``: the summary metrics as columns)."""
+    url = f"{base}/#/experiments/{experiment_id}/runs?workflowType=machine_learning"
+    return url + (f"&viewStateShareKey={view}" if view else "")
+
+
+def compare_url(base: str, experiment_id: str, run_ids: list[str]) -> str:
+    """MLflow's compare view of ``run_ids`` (params and metrics side by side)."""
+    runs = urllib.parse.quote(json.dumps(run_ids, separators=(",", ":")))
+    exps = urllib.parse.quote(json.dumps([experiment_id], separators=(",", ":")))
+    return f"{base}/#/compare-runs?runs={runs}&experiments={exps}&workflowType=machine_learning"
+
+
+def landing_urls(base: str) -> list[str]:
+    """What ``resalign ui`` prints, most recently active experiment first: per experiment
+    with runs, its runs table (model-training view; the summary runs, one per report row and
+    unlearning seed, are its top-level rows), and the compare view of the last report's
+    summary runs. Falls back to the experiment list when the store has no runs yet."""
+    from .tracking import _client
+    from .tracking.summaries import VIEW_KEY, VIEW_TAG
+
+    client = _client(base)
+    lines = []
+    exps = [
+        e
+        for e in client.search_experiments(order_by=["last_update_time DESC"])
+        if client.search_runs([e.experiment_id], max_results=1)
+    ]
+    for e in exps:
+        view = VIEW_KEY if VIEW_TAG in e.tags else None
+        lines.append(f"{e.name}: {runs_table_url(base, e.experiment_id, view)}")
+        last = client.search_runs(
+            [e.experiment_id],
+            "tags.`resalign.kind` = 'summary'",
+            order_by=["attributes.start_time DESC"],
+            max_results=1,
+        )
+        if last:
+            inv = last[0].data.tags.get("resalign.invocation")
+            rows = client.search_runs(
+                [e.experiment_id],
+                f"tags.`resalign.kind` = 'summary' and tags.`resalign.invocation` = '{inv}'",
+                order_by=["attributes.start_time ASC"],
+            )
+            ids = [r.info.run_id for r in rows]
+            lines.append(f"  compare its rows: {compare_url(base, e.experiment_id, ids)}")
+    return lines or [f"{base}/#/experiments?workflowType=machine_learning"]
+
+
 def serve_ui(store_root: Path | str = "runs", *, port: int = 5000) -> None:
-    """Serve the project's MLflow store until Ctrl-C; prints the URL."""
+    """Serve the project's MLflow store until Ctrl-C; prints the runs-table URL of each
+    experiment (:func:`landing_urls`)."""
     root = Path(store_root).resolve()
     root.mkdir(parents=True, exist_ok=True)
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
@@ -148,8 +211,15 @@ def serve_ui(store_root: Path | str = "runs", *, port: int = 5000) -> None:
     signal.signal(signal.SIGINT, interrupt)
     signal.signal(signal.SIGTERM, interrupt)
     try:
-        server.start()
-        print(f"MLflow UI: {server.url}  (Ctrl-C to stop)", flush=True)
+        server.start(timeout=START_TIMEOUT)
+        print(f"MLflow UI at {server.url}", flush=True)
+        try:
+            urls = landing_urls(server.url)
+        except Exception as e:  # the UI serves anyway; only the addresses are missing
+            urls = [f"{server.url}/#/experiments?workflowType=machine_learning  ({e})"]
+        for line in urls:
+            print(f"  {line}", flush=True)
+        print(STOP_LINE, flush=True)
         while server.proc is not None and server.proc.poll() is None:
             time.sleep(0.5)
         if server.proc is not None:

@@ -4,7 +4,7 @@ Input: the ``metrics.json`` of every evaluate node (``{name: {"value", "definiti
 "version", "params", "role", "better", "n", ...}}``), located either through the compiled
 graph and the store (:func:`results_from_store`, used by :mod:`resalign.reporting`) or
 through the report step's inputs (:func:`results_from_dirs`). Output (``out``):
-``table.json``, ``report.md``, ``report.html``, ``ip_vs_steps.png`` and ``grids.png``.
+``table.json``, ``report.md``, ``report.html``, ``<metric>_vs_steps.png`` and ``grids.png``.
 
 The table has one line per row (``original`` first, then each method) and, for each safety
 metric, a pre-fine-tuning column, one post-fine-tuning column per threat (at the threat's
@@ -665,11 +665,16 @@ def band_limits(metric: str, pts: Sequence[Mapping[str, Any]]) -> tuple[list[flo
     return lo, hi
 
 
-def plot_curves(table: Mapping[str, Any], path: Path) -> bool:
+def curve_file(metric: str) -> str:
+    """The file :func:`write_report` plots ``metric`` against the attack steps into."""
+    return re.sub(r"[^A-Za-z0-9_.-]", "_", metric) + "_vs_steps.png"
+
+
+def plot_curves(table: Mapping[str, Any], path: Path, metric: str | None = None) -> bool:
     """Metric vs fine-tuning steps: one panel per (safety metric, threat), one line per row
-    with a 95% CI band where there are several seeds. Returns False when there is nothing to
-    plot (no threats)."""
-    curves = table["curves"]
+    with a 95% CI band where there are several seeds; ``metric``: that metric's panels only.
+    Returns False when there is nothing to plot (no threats)."""
+    curves = {k: c for k, c in table["curves"].items() if metric in (None, c["metric"])}
     if not curves:
         return False
     import matplotlib
@@ -710,15 +715,44 @@ def plot_curves(table: Mapping[str, Any], path: Path) -> bool:
     return True
 
 
-def image_grids(results: Sequence[EvalResult], table: Mapping[str, Any], path: Path) -> bool:
+# The evaluate step's grid.png: the first GRID_IMAGES images of its first prompt group, in
+# generation order (resalign.evaluation.generate.generate_images, grid_size).
+GRID_IMAGES = 16
+
+
+def _tile_prompts(folder: Path) -> list[str]:
+    """The prompts of the images an evaluation's ``grid.png`` shows (from its first group's
+    ``index.jsonl``; empty when it is not there)."""
+    groups = sorted(p for p in (folder / "images").glob("g*") if p.is_dir())
+    index = groups[0] / "images" / "index.jsonl" if groups else None
+    if index is None or not index.is_file():
+        return []
+    lines = [ln for ln in index.read_text("utf-8").splitlines() if ln.strip()]
+    return [json.loads(ln).get("prompt", "") for ln in lines[:GRID_IMAGES]]
+
+
+def _prompts_text(prompts: Sequence[str]) -> str:
+    counts = dict.fromkeys(prompts, 0)
+    for p in prompts:
+        counts[p] += 1
+    if len(counts) <= 3:
+        return ", ".join(f"'{p}' ×{k}" for p, k in counts.items())
+    first, last = list(counts)[0], list(counts)[-1]
+    return f"{len(counts)} prompts, '{first}' … '{last}'"
+
+
+def image_grids(results: Sequence[EvalResult], table: Mapping[str, Any], path: Path) -> str | None:
     """Before/after sample grids: one line per row, columns pre-FT then each threat's last
-    step (first unlearning seed, first attack seed). Returns False when no grid images exist."""
+    step, each tile an evaluation's ``grid.png`` (the row's first unlearning seed and first
+    attack seed). Returns the caption (what each row, column and tile is: the row and its
+    seeds, the step, the number of images and their prompts), or None when no grid images
+    exist."""
     from PIL import Image, ImageDraw
 
     threats = list(table["threats"])
     cols = [(None, 0)] + [(t, table["threats"][t]["last_step"]) for t in threats]
-    cell, label_h, label_w = 192, 18, 110
-    grid_of: dict[tuple[str, str | None], Path] = {}
+    cell, label_h, label_w = 192, 18, 150
+    grid_of: dict[tuple[str, str | None], EvalResult] = {}
 
     def first_unit(r: EvalResult) -> tuple:
         return (r.unlearn_seed is None, r.unlearn_seed or 0, r.seed is None, r.seed or 0)
@@ -726,35 +760,87 @@ def image_grids(results: Sequence[EvalResult], table: Mapping[str, Any], path: P
     for r in sorted(results, key=first_unit):
         g = r.folder / "grid.png"
         if g.is_file() and any(r.threat == t and r.step == s for t, s in cols):
-            grid_of.setdefault((r.row, r.threat), g)
+            grid_of.setdefault((r.row, r.threat), r)
     if not grid_of:
-        return False
+        return None
     rows = table["rows"]
     canvas = Image.new("RGB", (label_w + cell * len(cols), label_h + cell * len(rows)), "white")
     draw = ImageDraw.Draw(canvas)
     for j, (t, s) in enumerate(cols):
-        r = radius_map(table["threats"][t]).get(s) if t is not None else None
-        at = f"r={r:g}" if r is not None else f"@{s}"
-        draw.text((label_w + j * cell + 4, 3), "pre-FT" if t is None else f"{t} {at}", fill="black")
+        rad = radius_map(table["threats"][t]).get(s) if t is not None else None
+        at = f"radius {rad:g}" if rad is not None else f"step {s}"
+        head = "pre-FT (step 0)" if t is None else f"{t} {at}"
+        draw.text((label_w + j * cell + 4, 3), head, fill="black")
+    seeds_of: dict[str, str] = {}
+    shown: list[EvalResult] = []
     for i, row in enumerate(rows):
-        draw.text((4, label_h + i * cell + cell // 2), row, fill="black")
         for j, (t, _) in enumerate(cols):
-            g = grid_of.get((row, t))
-            if g is not None:
-                tile = Image.open(g).convert("RGB").resize((cell - 4, cell - 4), Image.NEAREST)
-                canvas.paste(tile, (label_w + j * cell + 2, label_h + i * cell + 2))
+            r = grid_of.get((row, t))
+            if r is None:
+                continue
+            shown.append(r)
+            if r.threat is not None or row not in seeds_of:
+                useed = "" if r.unlearn_seed is None else f"unlearning seed {r.unlearn_seed}"
+                aseed = "" if r.seed is None else f"attack seed {r.seed}"
+                seeds_of[row] = ", ".join(x for x in (useed, aseed) if x)
+            tile = Image.open(r.folder / "grid.png").convert("RGB")
+            tile = tile.resize((cell - 4, cell - 4), Image.NEAREST)
+            canvas.paste(tile, (label_w + j * cell + 2, label_h + i * cell + 2))
+        label = row if not seeds_of.get(row) else f"{row}\n{seeds_of[row]}".replace(", ", "\n")
+        draw.multiline_text((4, label_h + i * cell + cell // 2 - 12), label, fill="black")
     canvas.save(path)
-    return True
+    prompts = next((p for p in (_tile_prompts(r.folder) for r in shown) if p), [])
+    when = ", ".join(
+        "pre-FT (step 0)" if t is None else f"after {t} (attack step {s})" for t, s in cols
+    )
+    seeds = "; ".join(f"{row}: {s}" for row, s in seeds_of.items() if s)
+    tiles = (
+        f"each tile shows {len(prompts)} generated images ({_prompts_text(prompts)})"
+        if prompts
+        else f"each tile shows up to {GRID_IMAGES} generated images"
+    )
+    return (
+        f"Samples: rows {', '.join(rows)}; columns {when}; {tiles}, the first of that "
+        f"evaluation's images in generation order; one unit per row ({seeds or 'no seeds'})."
+    )
 
 
 # ----------------------------------------------------------------------------- writing
 
 
-def _definitions_md(table: Mapping[str, Any]) -> str:
-    lines = ["| metric | definition | version | parameters |", "|---|---|---|---|"]
+def _definition_rows(table: Mapping[str, Any]) -> list[tuple[str, str, str, str, str]]:
+    """(metric, what it measures, role, computed by, images) per reported metric; the
+    description is the metric kind's own (``spec.schema.evaluate.METRIC_DESCRIPTIONS``): one
+    definition (a judge) may report several metrics, each measuring something else."""
+    from ..spec.schema.evaluate import METRIC_DESCRIPTIONS
+
+    ev = table.get("evaluation_n") or {}
+    out = []
     for name, i in table["metrics"].items():
+        what = (METRIC_DESCRIPTIONS.get(str(i.get("definition"))) or {}).get(name, "")
+        role = f"{i.get('role') or 'safety'}, {i.get('better') or 'lower'} is better"
+        by = f"{i.get('definition')} v{i.get('version')}"
+        n = ", ".join(map(str, (ev.get(name) or {}).get("n", []))) or "–"
+        out.append((name, what, role, by, n))
+    return out
+
+
+def _definition_params(table: Mapping[str, Any]) -> list[tuple[str, str, str]]:
+    """(definition and version, the metrics it reports, its parameters) once per definition."""
+    seen: dict[str, tuple[list[str], str]] = {}
+    for name, i in table["metrics"].items():
+        by = f"{i.get('definition')} v{i.get('version')}"
         params = json.dumps(i.get("params"), sort_keys=True, default=str)
-        lines.append(f"| {name} | {i.get('definition')} | {i.get('version')} | `{params}` |")
+        seen.setdefault(by, ([], params))[0].append(name)
+    return [(by, ", ".join(names), params) for by, (names, params) in seen.items()]
+
+
+def _definitions_md(table: Mapping[str, Any]) -> str:
+    lines = ["| metric | measures | role | computed by | images per evaluation |",
+             "|---|---|---|---|---|"]  # fmt: skip
+    lines += [f"| {' | '.join(r)} |" for r in _definition_rows(table)]
+    lines += ["", "| definition | reports | parameters |", "|---|---|---|"]
+    lines += [f"| {by} | {names} | `{params}` |" for by, names, params in _definition_params(table)]
     return "\n".join(lines)
 
 
@@ -770,12 +856,18 @@ def write_report(
     resurgence: Mapping[str, Any] | None = None,
     predictors: Sequence[Any] = (),
 ) -> dict[str, Any]:
-    """Write table.json, report.md, report.html, ip_vs_steps.png and grids.png to ``out``.
-    ``searches``: attacker searches (``resalign.engine.search.StudyRecord.as_dict``), shown
-    as worst-case columns (:func:`add_worst_case`), a section per study and
-    ``search_best_so_far.png``. ``predictors``: properties per model
+    """Write table.json, report.md, report.html, ``<metric>_vs_steps.png`` (one per safety
+    metric, :func:`curve_file`) and grids.png to ``out``. report.html is self-contained (its
+    images inline as data: URIs), so it renders wherever it is opened, MLflow's artifact
+    viewer included (which shows an HTML artifact from a blob: URL, where relative image paths
+    resolve to nothing). ``searches``: attacker searches
+    (``resalign.engine.search.StudyRecord.as_dict``), shown as worst-case columns
+    (:func:`add_worst_case`), a section per study and ``search_best_so_far.png``.
+    ``resurgence``: the spec's ``report.resurgence`` (:mod:`.resurgence`, a section and
+    ``resurgence_areas.png``). ``predictors``: properties per model
     (:class:`resalign.evaluation.predictors.Predictor`) tested against resurgence, a section
-    and ``predictors.png`` (:func:`resalign.evaluation.predictors.predictor_section`)."""
+    and ``predictors.png`` (:func:`resalign.evaluation.predictors.predictor_section`); a
+    perturbation threat's values at each radius are added to them."""
     if not results:
         raise UserError("no evaluation results to report", hint="add metrics to 'evaluate'")
     out = Path(out)
@@ -785,8 +877,9 @@ def write_report(
     if searches:
         add_worst_case(table, searches)
         has_search_plot = plot_best_so_far(searches, out / "search_best_so_far.png")
-    has_plot = plot_curves(table, out / "ip_vs_steps.png")
-    has_grids = image_grids(results, table, out / "grids.png")
+    metrics = list(dict.fromkeys(c["metric"] for c in table["curves"].values()))
+    plots = [(m, curve_file(m)) for m in metrics if plot_curves(table, out / curve_file(m), m)]
+    grids = image_grids(results, table, out / "grids.png")
     has_res_plot = plot_areas(table["resurgence"], out / "resurgence_areas.png")
     pred_md = pred_html = ""
     safety = [m for m, i in table["metrics"].items() if i.get("role", "safety") == "safety"]
@@ -813,10 +906,10 @@ def write_report(
             md += ["![resurgence](resurgence_areas.png)", ""]
     if pred_md:
         md += [pred_md]
-    if has_plot:
-        md += ["## Metric vs fine-tuning steps", "", "![curves](ip_vs_steps.png)", ""]
-    if has_grids:
-        md += ["## Samples before / after fine-tuning", "", "![grids](grids.png)", ""]
+    for m, f in plots:
+        md += [f"## {m} vs fine-tuning steps", "", f"![{m} vs fine-tuning steps]({f})", ""]
+    if grids:
+        md += ["## Samples before / after fine-tuning", "", "![grids](grids.png)", "", grids, ""]
     if searches:
         md += ["## Attacker search: worst case per row", "", search_markdown(table), ""]
         md += [search_note(table), ""]
@@ -824,7 +917,7 @@ def write_report(
             md += ["![best so far](search_best_so_far.png)", ""]
     md += ["## Metric definitions", "", _definitions_md(table), ""]
     atomic_text(out / "report.md", "\n".join(md))
-    page = _html(table, title, has_plot, has_grids)
+    page = _html(table, title, out, plots, grids)
     if transfer:
         section = (
             "<h2>Transfer: what each row simulated, against each attack</h2>"
@@ -837,10 +930,12 @@ def write_report(
             "<h2>Resurgence: how many unlearned models come back</h2>"
             f"<pre>{html.escape(resurgence_markdown(table['resurgence']))}</pre>"
             f"<p>{html.escape(resurgence_note())}</p>"
-            + ("<img src='resurgence_areas.png'>" if has_res_plot else "")
+            + (_img(out / "resurgence_areas.png") if has_res_plot else "")
         )
         page = page.replace("<h2>Metric definitions</h2>", section + "<h2>Metric definitions</h2>")
     if pred_html:
+        # self-contained as the rest of the page (MLflow's viewer resolves no relative path)
+        pred_html = pred_html.replace("<img src='predictors.png'>", _img(out / "predictors.png"))
         page = page.replace(
             "<h2>Metric definitions</h2>", pred_html + "<h2>Metric definitions</h2>"
         )
@@ -849,41 +944,86 @@ def write_report(
             "<h2>Attacker search: worst case per row</h2>"
             f"<pre>{html.escape(search_markdown(table))}</pre>"
             f"<p>{html.escape(search_note(table))}</p>"
-            + ("<img src='search_best_so_far.png'>" if has_search_plot else "")
+            + (_img(out / "search_best_so_far.png") if has_search_plot else "")
         )
         page = page.replace("<h2>Metric definitions</h2>", section + "<h2>Metric definitions</h2>")
     atomic_text(out / "report.html", page)
     return table
 
 
-def _html(table: Mapping[str, Any], title: str, plot: bool, grids: bool) -> str:
+def _img(path: Path) -> str:
+    """An <img> with the PNG inline (a data: URI) and its file name as alt text."""
+    import base64
+
+    data = base64.b64encode(Path(path).read_bytes()).decode("ascii")
+    return f"<img alt='{html.escape(path.name)}' src='data:image/png;base64,{data}'>"
+
+
+def column_groups(table: Mapping[str, Any]) -> list[tuple[str, list[int]]]:
+    """The table's columns by threat, for pages too narrow for all of them side by side:
+    ("before fine-tuning", the pre-FT columns), then (threat, its columns) per threat."""
+    groups: dict[str | None, list[int]] = {}
+    for i, c in enumerate(table["columns"]):
+        groups.setdefault(c.get("threat"), []).append(i)
+    return [("before fine-tuning" if t is None else f"after {t}", ix) for t, ix in groups.items()]
+
+
+_CSS = (
+    "body{font-family:sans-serif;margin:2em;max-width:1400px}"
+    "table{border-collapse:collapse;margin-bottom:1em;max-width:100%}"
+    "td,th{border:1px solid #ccc;padding:4px 8px;vertical-align:top;overflow-wrap:anywhere}"
+    "td{font-size:90%}th{text-align:left}img{max-width:100%;height:auto}"
+    "figcaption{font-size:90%;color:#333}"
+)
+
+
+def _html(
+    table: Mapping[str, Any],
+    title: str,
+    out: Path,
+    plots: Sequence[tuple[str, str]],
+    grids: str | None,
+) -> str:
+    """The page: the table as one table per column group (:func:`column_groups`; the
+    9-column table of the demo ran off a 1000-px window), the notes, the figures inline."""
     e = html.escape
     cols = table["columns"]
-    head = "".join(f"<th>{e(column_title(c, table['metrics']))}</th>" for c in cols)
-    body = []
-    for label, cells in _display_rows(table):
-        tds = "".join(f"<td>{e(c)}</td>" for c in cells)
-        body.append(f"<tr><th>{e(label)}</th>{tds}</tr>")
+    lines = _display_rows(table)
+    tables = []
+    for name, ix in column_groups(table):
+        head = "".join(f"<th>{e(column_title(cols[i], table['metrics']))}</th>" for i in ix)
+        body = "".join(
+            f"<tr><th>{e(label)}</th>{''.join(f'<td>{e(cells[i])}</td>' for i in ix)}</tr>"
+            for label, cells in lines
+        )
+        tables.append(f"<h3>{e(name)}</h3><table><tr><th>model</th>{head}</tr>{body}</table>")
     defs = "".join(
-        f"<tr><td>{e(n)}</td><td>{e(str(i.get('definition')))}</td><td>{e(str(i.get('version')))}"
-        f"</td><td><code>{e(json.dumps(i.get('params'), sort_keys=True, default=str))}</code></td></tr>"
-        for n, i in table["metrics"].items()
+        "<tr>" + "".join(f"<td>{e(x)}</td>" for x in r) + "</tr>" for r in _definition_rows(table)
+    )
+    params = "".join(
+        f"<tr><td>{e(by)}</td><td>{e(names)}</td><td><code>{e(p)}</code></td></tr>"
+        for by, names, p in _definition_params(table)
     )
     parts = [
         "<!doctype html><html><head><meta charset='utf-8'>",
-        f"<title>{e(title)}</title><style>body{{font-family:sans-serif;margin:2em}}"
-        "table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:4px 8px}"
-        "</style></head><body>",
-        f"<h1>{e(title)}</h1><table><tr><th>model</th>{head}</tr>{''.join(body)}</table>",
+        f"<meta name='viewport' content='width=device-width'><title>{e(title)}</title>"
+        f"<style>{_CSS}</style></head><body>",
+        f"<h1>{e(title)}</h1>",
+        *tables,
         *(f"<p>{e(line)}</p>" for line in notes(table)),
     ]
-    if plot:
-        parts.append("<h2>Metric vs fine-tuning steps</h2><img src='ip_vs_steps.png'>")
+    for m, f in plots:
+        parts.append(f"<h2>{e(m)} vs fine-tuning steps</h2>{_img(out / f)}")
     if grids:
-        parts.append("<h2>Samples before / after fine-tuning</h2><img src='grids.png'>")
+        parts.append(
+            "<h2>Samples before / after fine-tuning</h2>"
+            f"<figure>{_img(out / 'grids.png')}<figcaption>{e(grids)}</figcaption></figure>"
+        )
     parts.append(
-        f"<h2>Metric definitions</h2><table><tr><th>metric</th><th>definition</th>"
-        f"<th>version</th><th>parameters</th></tr>{defs}</table></body></html>"
+        "<h2>Metric definitions</h2><table><tr><th>metric</th><th>measures</th><th>role</th>"
+        f"<th>computed by</th><th>images per evaluation</th></tr>{defs}</table>"
+        "<table><tr><th>definition</th><th>reports</th><th>parameters</th></tr>"
+        f"{params}</table></body></html>"
     )
     return "\n".join(parts)
 
@@ -1050,6 +1190,8 @@ __all__ = [
     "add_worst_case",
     "band_limits",
     "build_table",
+    "column_groups",
+    "curve_file",
     "fmt",
     "is_template",
     "mean_ci",

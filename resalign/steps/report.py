@@ -2,13 +2,12 @@
 
 Params (graph): ``rows``, ``threats`` (``{name: {seeds, eval_at, steps}}``, plus ``radii``
 for an ``algorithm: perturb`` threat, whose step k is its k-th radius), ``resurgence`` (the
-spec's ``report.resurgence``). Inputs: one role
-per evaluate node and one per probe node (role = node name; probes: the predictor table,
-:mod:`resalign.evaluation.predictors`). Outputs: ``report.md``, ``report.html``,
-``ip_vs_steps.png``, ``grids.png``, ``table.json``; each is also logged as an artifact. The
-relearning summaries (area under the safety metric over each attack, first relearn step, and
-their paired differences to ``plain``) are logged as MLflow metrics
-(:func:`resalign.evaluation.report.table_metrics`).
+spec's ``report.resurgence``). Inputs: one role per evaluate node and one per probe node (role
+= node name; probes: the predictor table, :mod:`resalign.evaluation.predictors`). Outputs:
+``report.md``, ``report.html`` (self-contained), ``<metric>_vs_steps.png``, ``grids.png``,
+``resurgence_areas.png``, ``predictors.png``, ``table.json``, with a column for every
+evaluated attack step (as ``resalign report --all-steps``); the node's run holds them once.
+The numbers go to MLflow as the driver's summary runs (``resalign.engine.tracking.summaries``).
 """
 
 from __future__ import annotations
@@ -25,13 +24,15 @@ class ReportStep(Step):
 
     def run(self, ctx: StepContext) -> None:
         from ..evaluation.predictors import predictors_from_probes, probe_results_from_dirs
-        from ..evaluation.report import results_from_dirs, table_metrics, write_report
+        from ..evaluation.report import results_from_dirs, write_report
 
         evals = {role: Path(p) for role, p in ctx.inputs.items() if role.startswith("evaluate/")}
         results = results_from_dirs(evals)
         probes = {role: Path(p) for role, p in ctx.inputs.items() if role.startswith("probe/")}
         spec = getattr(ctx.spec, "spec", ctx.spec)
-        table = write_report(
+        # every evaluated step, as `resalign report --all-steps` (what `make demo` prints
+        # and writes to runs/reports/) shows it: the report run's page is that same report
+        write_report(
             results,
             Path(ctx.out),
             rows=ctx.params.get("rows"),
@@ -39,19 +40,10 @@ class ReportStep(Step):
             resurgence=ctx.params.get("resurgence"),
             predictors=predictors_from_probes(probe_results_from_dirs(probes)),
             title=f"resalign report: {getattr(spec, 'name', 'spec')}",
+            all_steps=True,
         )
-        summary = table_metrics(table)
-        if summary:
-            ctx.log_metrics(summary)
-        for name in (
-            "report.md",
-            "report.html",
-            "table.json",
-            "ip_vs_steps.png",
-            "grids.png",
-            "resurgence_areas.png",
-            "predictors.png",
-        ):
-            path = Path(ctx.out) / name
-            if path.is_file():
-                ctx.log_artifact(path, "report")
+        # No metrics on this run: the numbers are on the summary runs, one per row and
+        # unlearning seed under short keys (resalign.engine.tracking.summaries); 22 long
+        # keys here (relearn_area_diff.concept_rate.<threat>.resalign.hi) drew one bar each.
+        # The files are in the node's folder, which is uploaded to its run as it is: no
+        # ctx.log_artifact copies (they were stored twice, under artifacts/report/ too).

@@ -32,6 +32,8 @@ from .base import Step, StepContext, check_finite_stats, check_finite_weights, r
 # Methods whose objective has the resilience term (read unlearn.resilience): the others'
 # keys leave that block out.
 RESILIENCE_METHODS = frozenset({"resalign"})
+# Per-step counts that are also logged as running totals (``<name>_total``).
+TOTALS = ("retries", "fallbacks")
 HISTORY = "steps.jsonl"
 # What to change when unlearning diverges (the NonFiniteError hint).
 DIVERGED = (
@@ -144,10 +146,19 @@ class UnlearnStep(Step):
         main = distributed.current().is_main
         last_ckpt: list[int | None] = [None]
 
+        # running totals of the safeguards' counts (the per-step values say only what the
+        # last step did); recomputed from the history on resume
+        totals = dict.fromkeys(TOTALS, 0.0)
+
         def on_step(stats: dict[str, Any]) -> None:
             k = int(stats["step"])
+            metrics = numeric(stats)
+            for name in TOTALS:
+                if name in metrics:
+                    totals[name] += metrics[name]
+                    metrics[f"{name}_total"] = totals[name]
             if main:
-                ctx.log_metrics(numeric(stats), step=k)
+                ctx.log_metrics(metrics, step=k)
             history.append(stats)
             check_finite_stats(ctx, stats, k, setting=DIVERGED, last_checkpoint=last_ckpt[0])
 
@@ -168,6 +179,8 @@ class UnlearnStep(Step):
             saved, last_ckpt[0] = ck
             method.load_state_dict(saved["method"])
             history.extend(json.loads(x) for x in saved["history"][: method.step_count])
+            for name in TOTALS:
+                totals[name] = sum(float(h.get(name, 0.0)) for h in history)
         every = int(ctx.checkpoint_every or un.checkpoint_every)
 
         with ctx.progress(total=un.steps, description=f"unlearn {un.method}") as bar:
@@ -208,6 +221,7 @@ class UnlearnStep(Step):
             "retain_pairs": 0 if retain is None else len(retain),
             "pools": {n: len(p) for n, p in pools.items()},
             "final": {k: v for k, v in history[-1].items() if "." not in k} if history else {},
+            **{f"{name}_total": totals[name] for name in TOTALS if any(name in h for h in history)},
             "seconds": time.time() - started,
             # not part of the key: the result is the same (to float rounding) for any count
             "processes": distributed.current().world_size,

@@ -93,24 +93,64 @@ def _spec_dict(spec: Any) -> dict[str, Any]:
     return {}
 
 
-def curated_params(spec: Any) -> dict[str, str]:
-    """A flat view of the parameters that matter when comparing runs (parent run params)."""
-    d = _spec_dict(spec)
+def _get(d: Any, path: str) -> Any:
+    for part in path.split("."):
+        d = d.get(part) if isinstance(d, Mapping) else None
+    return d
+
+
+def _unlearn_params(u: Mapping[str, Any], prefix: str) -> dict[str, str]:
+    """The curated ``unlearn.*`` values of one unlearn block under ``prefix``, by the content
+    key's rule: a method without a resilience term has no ``resilience`` values."""
+    from ...graph.keys import key_params
+
+    kept = key_params("unlearn", {"unlearn": dict(u)})["unlearn"]
     out: dict[str, str] = {}
     for path in CURATED:
-        cur: Any = d
-        for part in path.split("."):
-            cur = cur.get(part) if isinstance(cur, Mapping) else None
-        if cur is None:
+        if not path.startswith("unlearn."):
             continue
-        out[path] = cur if isinstance(cur, str) else json.dumps(cur, sort_keys=True)
-    configs = (((d.get("unlearn") or {}).get("resilience") or {}).get("meta") or {}).get("configs")
+        cur = _get(kept, path[len("unlearn.") :])
+        if cur is not None:
+            out[prefix + path[len("unlearn.") :]] = (
+                cur if isinstance(cur, str) else json.dumps(cur, sort_keys=True)
+            )
+    configs = _get(kept, "resilience.meta.configs")
     if configs:
-        out["unlearn.resilience.meta.configs"] = json.dumps(sorted(configs))
+        out[prefix + "resilience.meta.configs"] = json.dumps(sorted(configs))
         for name, cfg in configs.items():
             for k in ("algorithm", "optimizer", "lr", "steps"):
                 if k in cfg:
-                    out[f"meta.{name}.{k}"] = json.dumps(cfg[k])
+                    out[f"{prefix}meta.{name}.{k}"] = json.dumps(cfg[k])
+    return out
+
+
+def curated_params(spec: Any) -> dict[str, str]:
+    """A flat view of the parameters that matter when comparing runs (parent run params).
+
+    With the resolved rows (a ResolvedSpec), every row is listed: ``row.<label>.method`` and,
+    for rows that unlearn, the curated unlearn values as ``row.<label>.<path>`` (the
+    ``unlearn`` block alone would say ``unlearn.method=resalign`` of an invocation that also
+    ran ``plain``); without them, the ``unlearn`` block as ``unlearn.<path>``."""
+    d = _spec_dict(spec)
+    out: dict[str, str] = {}
+    for path in CURATED:
+        if path.startswith("unlearn."):
+            continue
+        if path == "model.trainable.rank" and _get(d, "model.trainable.kind") != "lora":
+            continue  # a LoRA field; the selection is not LoRA
+        cur = _get(d, path)
+        if cur is None:
+            continue
+        out[path] = cur if isinstance(cur, str) else json.dumps(cur, sort_keys=True)
+    rows = getattr(spec, "rows", None)
+    if isinstance(rows, Mapping) and rows:
+        for label, u in rows.items():
+            ud = u.model_dump(mode="json") if hasattr(u, "model_dump") else dict(u)
+            out[f"row.{label}.method"] = str(ud.get("method"))
+            if ud.get("method") not in (None, "none"):
+                out.update(_unlearn_params(ud, f"row.{label}."))
+    elif isinstance(d.get("unlearn"), Mapping):
+        out.update(_unlearn_params(d["unlearn"], "unlearn."))
     for tname, t in (d.get("threats") or {}).items():
         # a perturb threat reads no optimizer, lr or steps: its block instead
         keys = _PERTURB_KEYS if t.get("algorithm") == "perturb" else _THREAT_KEYS

@@ -19,6 +19,7 @@ from .records import (
     load_node_record,
     records_to_metrics,
     save_node_record,
+    used_params,
 )
 from .uris import _client
 
@@ -29,6 +30,40 @@ FLUSH_SECONDS = 5.0
 
 
 FLUSH_LINES = 500
+
+
+def _node_system_metrics_class() -> type:
+    from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+    class NodeSystemMetrics(SystemMetricsMonitor):
+        """MLflow's monitor logs a sample every ``sampling_interval`` (10 s) and drops what it
+        collected when stopped earlier, so nodes shorter than 10 s (most evaluations, the
+        report) had no system metrics at all. Stopped before it logged anything, this one
+        logs one sample at step 0 taken at the stop (CPU utilisation: the mean since the
+        node started, psutil's cpu_percent since its previous call): every node run has
+        system metrics."""
+
+        def finish(self) -> None:
+            if self._process is None:
+                return
+            self._shutdown_event.set()
+            self._process.join()
+            self._process = None
+            try:
+                if self._logging_step == 0:
+                    for monitor in self.monitors:
+                        monitor.clear_metrics()  # the sample taken at the start
+                    self.collect_metrics()
+                    self.publish_metrics(self.aggregate_metrics())
+                self.mlflow_logger.flush()
+            except Exception as e:  # the run ended meanwhile, the server went away
+                log.warning("logging system metrics: %s", e)
+
+    return NodeSystemMetrics
+
+
+def _NodeSystemMetrics(run_id: str, tracking_uri: str) -> Any:  # noqa: N802
+    return _node_system_metrics_class()(run_id, tracking_uri=tracking_uri)
 
 
 class NodeLogger:
@@ -66,12 +101,10 @@ class NodeLogger:
         if self.offline or not self.handle.system_metrics:
             return
         try:
-            from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
-
             # its per-node start/stop INFO lines would drown the progress output
             logging.getLogger("mlflow.system_metrics").setLevel(logging.WARNING)
 
-            self._monitor = SystemMetricsMonitor(self.rec.run_id, tracking_uri=self.handle.uri)
+            self._monitor = _NodeSystemMetrics(self.rec.run_id, tracking_uri=self.handle.uri)
             self._monitor.start()
         except Exception as e:  # psutil missing and the like: not worth failing a run
             log.warning("system metrics unavailable: %s", e)
@@ -110,8 +143,12 @@ class NodeLogger:
         try:
             records, new_offset = _read_tail(self.metrics_path, self.rec.metrics_offset)
             if records:
-                metrics = records_to_metrics(records, int(time.time() * 1000))
-                _log_batch_chunked(self._client, self.rec.run_id, metrics=metrics)
+                metrics = records_to_metrics(records, int(time.time() * 1000), self.rec.params)
+                used = used_params(records, self.rec.params)  # the lr used, where constant
+                self.rec.params.update(used)
+                _log_batch_chunked(
+                    self._client, self.rec.run_id, metrics=metrics, params=_params_entities(used)
+                )
                 self.rec.metrics_offset = new_offset
                 save_node_record(self.record_path, self.rec)
         except Exception as e:

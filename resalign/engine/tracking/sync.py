@@ -20,6 +20,7 @@ from .records import (
     load_node_record,
     records_to_metrics,
     save_node_record,
+    used_params,
 )
 from .tracker import _sync_invocation
 from .uris import _client, check_reachable
@@ -90,6 +91,8 @@ def sync(store_root: Path, *, uri: str | None = None) -> SyncReport:
         s = inv["synced"]
         parent_done = s["params"] and s["artifacts"] and (s["cached"] or not inv["cached"])
         parent_done = parent_done and (s["status"] or not inv.get("status"))
+        summaries = (inv.get("summaries") or {}).get("runs", [])
+        parent_done = parent_done and all(x.get("logged") for x in summaries)
         if not pending and parent_done:
             continue
         try:
@@ -107,14 +110,22 @@ def sync(store_root: Path, *, uri: str | None = None) -> SyncReport:
                 # nothing: a killed attempt keeps what it had uploaded, and gets no artifacts.
                 metrics_path, node_dir = Path(os.devnull), None
             if rec.run_id is None:
-                run = client.create_run(inv["experiment_id"], run_name=rec.name, tags=rec.tags)
+                run = client.create_run(
+                    inv["experiment_id"],
+                    run_name=rec.tags.get("mlflow.runName", rec.name),
+                    tags=rec.tags,
+                )
                 rec.run_id = run.info.run_id
                 rec.params_synced = False
                 report.runs_created += 1
                 save_node_record(path, rec)
             records, new_offset = _read_tail(metrics_path, rec.metrics_offset)
             if records:
-                metrics = records_to_metrics(records, int(time.time() * 1000))
+                used = used_params(records, rec.params)
+                if used:  # logged with the other params by _sync_node_static below
+                    rec.params.update(used)
+                    rec.params_synced = False
+                metrics = records_to_metrics(records, int(time.time() * 1000), rec.params)
                 # A crash between log_batch and the record update may have sent some already.
                 have = _existing_points(client, rec.run_id, {m.key for m in metrics})
                 metrics = [m for m in metrics if (m.key, m.step) not in have]

@@ -11,8 +11,10 @@ from typing import Any
 
 from ... import __version__
 from ...errors import UserError
+from ...graph.svg import render_svg
 from ..store import atomic_write_json
-from .curation import _spec_dict, curated_params, flatten, git_commit, mermaid
+from .curation import _spec_dict, curated_params, git_commit, mermaid
+from .describe import node_params, node_tags, row_methods, run_name, varying_fields
 from .records import (
     NodeRecord,
     TrackingHandle,
@@ -22,6 +24,7 @@ from .records import (
     _tags,
     save_node_record,
 )
+from .summaries import NOT_TRACKED, describe_summaries, finished_runs, sync_summaries
 from .uris import _client, _is_http, artifact_location, check_reachable, setup_lock
 
 log = logging.getLogger(__name__)
@@ -59,6 +62,7 @@ class Tracker:
         self.nest_under = nest_under
         self.extra_tags = dict(extra_tags or {})
         self.extra_params = dict(extra_params or {})
+        self._finished: dict[tuple[str, str], str] | None = None
 
     # called before any compute: every problem with the server surfaces here as a UserError
     def start(self, spec: Any, graph: Any, *, command: str | None = None) -> None:
@@ -99,6 +103,9 @@ class Tracker:
             ) from None
         self.parent_run_id = run.info.run_id
         self.experiment_id = exp_id
+        self._graph = graph
+        self._methods = row_methods(graph)
+        self._varying = varying_fields(graph)
         self.inv_dir = self.store_root / "tracking" / self.parent_run_id
         (self.inv_dir / "nodes").mkdir(parents=True, exist_ok=True)
         self._write_parent_artifacts(spec, graph)
@@ -127,6 +134,8 @@ class Tracker:
             art / "resolved_spec.yaml", yaml.safe_dump(_spec_dict(spec), sort_keys=False)
         )
         atomic_write_text(art / "graph.mmd", mermaid(graph))
+        # the same graph drawn, for MLflow's artifact viewer (it renders no Mermaid)
+        atomic_write_text(art / "graph.svg", render_svg(graph))
         rows = getattr(spec, "rows", None)
         if isinstance(rows, Mapping) and rows:
             dumped = {k: v.model_dump(mode="json") if hasattr(v, "model_dump") else v
@@ -162,12 +171,12 @@ class Tracker:
             self._base_tags,
             **{
                 "mlflow.parentRunId": self.parent_run_id,
-                "mlflow.runName": node.name,
+                "mlflow.runName": run_name(node, self._varying),
                 "resalign.node.name": node.name,
-                "resalign.node.kind": node.kind,
                 "resalign.node.key": node.key,
                 # where the results (models included) are in the local store
                 "resalign.node.dir": str(self.store_root / node.kind / node.key),
+                **node_tags(node, self._methods),
             },
         )
         tags = {k: v for k, v in tags.items() if v is not None}
@@ -175,14 +184,16 @@ class Tracker:
             name=node.name,
             kind=node.kind,
             key=node.key,
-            params=flatten(node.params),
+            params=node_params(node),
             tags=tags,
             log_models=self.log_models,
         )
         path = _node_record_path(self.inv_dir, node.kind, node.key)
 
         def create() -> None:
-            run = self._client.create_run(self.experiment_id, run_name=node.name, tags=tags)
+            run = self._client.create_run(
+                self.experiment_id, run_name=tags["mlflow.runName"], tags=tags
+            )
             rec.run_id = run.info.run_id
             _log_batch_chunked(self._client, rec.run_id, params=_params_entities(rec.params))
             rec.params_synced = True
@@ -191,14 +202,35 @@ class Tracker:
         save_node_record(path, rec)
         return TrackingHandle(self.uri, self.parent_run_id, str(path), self.system_metrics)
 
+    @property
+    def methods(self) -> dict[str, str]:
+        return self._methods
+
+    def finished_runs(self) -> dict[tuple[str, str], str]:
+        """(kind, key) → the run holding that result (:func:`.summaries.finished_runs`),
+        read once per invocation."""
+        if self._finished is None:
+            self._finished = finished_runs(self.store_root, self.uri)
+        return self._finished
+
     def cached(self, node: Any) -> None:
-        """A cached node is linked to this invocation by a tag, not re-logged."""
-        self._inv["cached"][node.name] = node.key
+        """A cached node is linked to this invocation by a tag naming the run that holds its
+        result (:mod:`.summaries`), not re-logged."""
+        self._inv["cached"][node.name] = self.finished_runs().get(
+            (node.kind, node.key), NOT_TRACKED
+        )
         self._inv["synced"]["cached"] = False
         self._save_inv()
 
     def finish(self, status: str) -> None:
         self._inv["status"] = status
+        try:  # local work only: what sync creates later if the server is away now
+            summ = describe_summaries(self, self._graph)
+        except Exception as e:  # a report that cannot be summarised must not fail the run
+            log.warning("no MLflow summary runs: %s", e)
+            summ = None
+        if summ is not None:
+            self._inv["summaries"] = summ
         self._save_inv()
 
         def fin() -> None:
@@ -224,6 +256,8 @@ def _sync_invocation(client: Any, inv_dir: Path, inv: dict[str, Any], *, final: 
             tags=_tags({f"resalign.cached.{k}": v for k, v in inv["cached"].items()}),
         )
         s["cached"] = True
+    if final:
+        sync_summaries(client, inv_dir, inv)
     if final and inv.get("status") and not s["status"]:
         client.set_terminated(run_id, status=inv["status"])
         s["status"] = True
