@@ -409,9 +409,11 @@ def sync(store: str, tracking_uri: str | None) -> None:
 @click.option("--fix", is_flag=True, help="Remove the damaged nodes and the orphans found.")
 def verify(store: str, fix: bool) -> None:
     """Check every node of the store against its DONE manifest (size and sha256 of each
-    file) and list orphans (staging leftovers, locks and state no live process owns).
+    file) and against what its upstream nodes held when it read them, and list orphans
+    (staging leftovers, locks and state no live process owns).
 
-    A damaged node is never used: `run` recomputes it. Exits 1 when problems remain (without
+    A damaged node is never used: `run` recomputes it. --fix also removes every node
+    derived from a damaged one (it may have read the damage). Exits 1 when problems remain (without
     --fix), 0 otherwise."""
     from pathlib import Path
 
@@ -422,13 +424,24 @@ def verify(store: str, fix: bool) -> None:
             f"no store at {store}", where="--store", hint="pass the folder runs were written to"
         )
     rep = verify_store(store, fix=fix, echo=click.echo)
-    legacy = f", {rep.legacy} without a manifest (older DONE, not checkable)" if rep.legacy else ""
+    derived = f", {len(rep.derived)} derived from them" if rep.derived else ""
     click.echo(
-        f"{rep.checked} node(s) checked{legacy}: {len(rep.damaged)} damaged, "
-        f"{len(rep.orphans)} orphan(s)" + (f"; removed {len(rep.removed)}" if fix else "")
+        f"{rep.checked} node(s) checked: {len(rep.damaged)} damaged{derived}, "
+        f"{len(rep.orphans)} orphan(s)"
+        + (
+            f"; removed {len(rep.removed)}: {len(rep.damaged)} damaged node(s), "
+            f"{len(rep.derived)} derived from them, {len(rep.orphans)} orphan(s)"
+            if fix and rep.removed
+            else "; removed nothing"
+            if fix
+            else ""
+        )
     )
     if not rep.clean and not fix:
-        click.echo("run `resalign verify --fix` to remove them (damaged nodes run again)")
+        click.echo(
+            "run `resalign verify --fix` to remove them (damaged nodes and the nodes derived "
+            "from them run again)"
+        )
         sys.exit(1)
 
 

@@ -14,7 +14,7 @@ import yaml
 from click.testing import CliRunner
 
 from resalign.cli import cli
-from resalign.engine.store import Store
+from resalign.engine.store import Store, atomic_write_json, build_manifest
 
 TINY = Path(__file__).resolve().parent / "specs" / "tiny.yaml"
 
@@ -105,8 +105,8 @@ def test_unlearning_and_attack_that_diverge_fail_and_a_nan_model_is_not_evaluate
     kinds = done_kinds(store)
     assert kinds.get("unlearn") == 1 and "attack" not in kinds and "evaluate" not in kinds
 
-    # A stored model with a NaN weight (as saved before these checks existed: a DONE
-    # without a manifest) is refused by the evaluation that reads it.
+    # A stored model with a NaN weight (as saved before these checks existed, its manifest
+    # matching) is refused by the evaluation that reads it.
     un = next(d for k, _key, d in Store(store).node_dirs() if k == "unlearn")
     (weights,) = (un / "unet").glob("*.safetensors")
     tensors = load_file(str(weights))
@@ -114,7 +114,8 @@ def test_unlearning_and_attack_that_diverge_fail_and_a_nan_model_is_not_evaluate
     tensors[name] = tensors[name].clone()
     tensors[name].view(-1)[0] = float("nan")
     save_file(tensors, str(weights))
-    (un / "DONE").write_text("ok\n")
+    (un / "DONE").unlink()
+    atomic_write_json(un / "DONE", build_manifest(un))
     assert torch.isnan(load_file(str(weights))[name]).any()
 
     def no_threats(d):

@@ -30,6 +30,7 @@ from .plan import (  # noqa: F401  (plan_status, NodeStatus: re-exported for cal
     index_entry,
     load_steps,
     plan_status,
+    recheck_reads,
 )
 from .progress import ProgressUI
 from .store import Store
@@ -146,7 +147,7 @@ def run_graph(
     if getattr(executor, "in_process", False) and hasattr(executor, "ui"):
         executor.ui = ui
     load_steps()
-    status = plan_status(graph, store, force)
+    status = recheck_reads(graph, store, plan_status(graph, store, force))
     missing = sorted({n.kind for n in graph} - set(STEPS))
     if missing:
         raise UserError(f"no step registered for node kind(s) {', '.join(missing)}")
