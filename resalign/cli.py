@@ -357,6 +357,16 @@ def report(spec: str, out: str | None, store: str, all_steps: bool, frontier: bo
         store = str(rehearsal_store(store))
 
     target = Path(out) if out else None
+    if target is None:
+        from .engine.store import writable
+
+        if Path(store).is_dir() and not writable(Path(store)):
+            raise UserError(
+                f"cannot write {Path(store) / 'reports'}: the store is read-only (the report "
+                "goes into it by default)",
+                where="--out",
+                hint="pass --out DIR to write the report elsewhere; it reads the store only",
+            )
     if is_template(spec):
         folder = report_for_grid(
             spec, Path(store), target, all_steps=all_steps, frontier=frontier, threat=threat,

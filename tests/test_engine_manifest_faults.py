@@ -21,6 +21,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 from engine_steps import TinySpec, make_graph
+from fake_store import TINY, fake_store
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from rich.console import Console
@@ -30,25 +31,6 @@ from resalign.engine.plan import plan_status
 from resalign.engine.progress import ProgressUI
 from resalign.engine.runner import run_graph
 from resalign.engine.store import DONE, Store, check_files, parse_manifest
-
-TINY = Path(__file__).resolve().parent / "specs" / "tiny.yaml"
-
-
-def fake_store(root: Path) -> tuple[Store, object]:
-    """Every node of tiny.yaml's graph committed with a small stand-in output and the
-    provenance of its inputs, as the worker commits them."""
-    from resalign.graph.compile import compile_spec
-    from resalign.spec import load_spec
-
-    graph = compile_spec(load_spec(str(TINY)))
-    store = Store(root)
-    for n in graph:
-        staging = store.new_staging(n.kind, n.key)
-        inputs = {r: str(store.node_dir(graph[d].kind, graph[d].key)) for r, d in n.deps.items()}
-        (staging / "node.json").write_text(json.dumps({"name": n.name, "inputs": inputs}))
-        (staging / "out.bin").write_bytes(n.key.encode() * 8)
-        store.commit(staging, n.kind, n.key, {"inputs": store.inputs_record(inputs)})
-    return store, graph
 
 
 @pytest.fixture(scope="module")

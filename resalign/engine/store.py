@@ -69,6 +69,7 @@ from ..atomic import (  # noqa: F401  (re-exported: the engine's modules import 
     fsync_tree,
     swap_dir,
 )
+from .signals import deferred
 
 DONE = "DONE"
 # Top-level folders of the store that hold no node results.
@@ -401,10 +402,11 @@ class Store:
         after the new one is in place, so at every moment the final path holds a complete
         result or none.
         """
-        fsync_tree(staging)
-        atomic_write_json(staging / DONE, build_manifest(staging, extra))
-        final = self.node_dir(kind, key)
-        swap_dir(staging, final)
+        with deferred():  # a stop signal waits for the rename (engine/signals.py)
+            fsync_tree(staging)
+            atomic_write_json(staging / DONE, build_manifest(staging, extra))
+            final = self.node_dir(kind, key)
+            swap_dir(staging, final)
         return final
 
     def discard_state(self, kind: str, key: str) -> None:

@@ -99,6 +99,8 @@ def execute_task(task: NodeTask, ui: ProgressUI | None = None) -> NodeResult:
                 return _execute_ranks(task, store, staging, state, ui, t0, provenance)
             return _execute_here(task, store, staging, state, ui, t0, provenance)
     except KeyboardInterrupt:
+        if staging is not None:  # stopped before the step took charge of its staging folder
+            shutil.rmtree(staging, ignore_errors=True)
         raise
     except Exception as e:  # the engine's own writes (lock, staging, commit) failed
         if staging is not None:
