@@ -77,6 +77,18 @@ def _load_plain(path: str) -> Any:
     return load_spec(path, check_files=True)
 
 
+_STRICT = click.option(
+    "--strict",
+    is_flag=True,
+    help="Make the warnings about step or trial counts above their sanity bound "
+    "(resalign/graph/sanity.py) an error (exit 2).",
+)
+
+
+def _warn(line: str) -> None:
+    click.echo(line, err=True)
+
+
 _CHECK_FILES = click.option(
     "--check-files",
     is_flag=True,
@@ -89,19 +101,23 @@ _CHECK_FILES = click.option(
 @cli.command()
 @click.argument("specs", nargs=-1, required=True, type=click.Path(dir_okay=False))
 @_CHECK_FILES
+@_STRICT
 @_SET
-def validate(specs: tuple[str, ...], check_files: bool) -> None:
+def validate(specs: tuple[str, ...], check_files: bool, strict: bool) -> None:
     """Check SPEC files: schema, references, meta-learning, and compile each to its graph.
 
     Prints `ok <file>: N nodes` per valid spec and every problem of the others (file:line:col,
     the text, the allowed values, a suggestion); exits 2 if any spec is invalid.
     """
     from .graph.compile import compile_spec
+    from .graph.sanity import check_sanity
 
     failed = 0
     for path in specs:
         try:
-            graph = compile_spec(_load(path, check_files))
+            resolved = _load(path, check_files)
+            graph = compile_spec(resolved)
+            check_sanity(resolved, graph, strict=strict, warn=_warn)
         except UserError as err:
             failed += 1
             click.echo(err.render(), err=True)
@@ -122,17 +138,21 @@ def validate(specs: tuple[str, ...], check_files: bool) -> None:
     "--force", "force", multiple=True, help="Show NODE as forced ('all', a kind, name or glob)."
 )
 @_CHECK_FILES
+@_STRICT
 @_SET
-def plan(spec: str, mermaid: bool, store: str, force: tuple[str, ...], check_files: bool) -> None:
+def plan(spec: str, mermaid: bool, store: str, force: tuple[str, ...], check_files: bool,
+         strict: bool) -> None:  # fmt: skip
     """Show the execution graph of SPEC: every node with its kind, name and content key, and
     whether it is cached or will run and why (new, parameter changed, upstream changed,
     forced)."""
     from .engine.runner import plan_status
     from .graph.compile import compile_spec
     from .graph.plan import render_mermaid, render_plan
+    from .graph.sanity import check_sanity
 
     resolved = _load(spec, check_files)
     graph = compile_spec(resolved)
+    check_sanity(resolved, graph, strict=strict, warn=_warn)
     status = {name: st.describe() for name, st in plan_status(graph, store, force).items()}
     status.update(_changed_params(graph, store, status))
     click.echo(render_mermaid(graph, status) if mermaid else render_plan(graph, status))
@@ -242,10 +262,11 @@ def schema(output: str | None) -> None:
 @click.option("--rehearse-profile", type=click.Choice(["toy", "full"]), default="toy",
               show_default=True, help="With --rehearse: toy (CPU) or full (published model "
               "widths, 64x64 latents: for an accelerator).")  # fmt: skip
+@_STRICT
 def run(spec: str, force: tuple[str, ...], store: str, tracking_uri: str | None,
         no_tracking: bool, device: str | None, checkpoint_every: int | None, workers: int,
         nproc_per_node: int | None, verbose: bool, rehearse: bool,
-        rehearse_profile: str) -> None:  # fmt: skip
+        rehearse_profile: str, strict: bool) -> None:  # fmt: skip
     """Run SPEC's graph: cached nodes are reused, interrupted nodes resume from their last
     checkpoint, everything is logged to MLflow. If a node fails, the last line printed is
     the command that resumes."""
@@ -266,6 +287,9 @@ def run(spec: str, force: tuple[str, ...], store: str, tracking_uri: str | None,
     # A rehearsal spec is written with the --set items already applied.
     resolved = _load(spec, True) if not rehearse else _load_plain(spec)
     graph = compile_spec(resolved)
+    from .graph.sanity import check_sanity
+
+    check_sanity(resolved, graph, strict=strict, warn=_warn)
     # The resume command: this invocation with its options but without --force (the runner
     # re-adds the forced nodes that had not started).
     command = ["resalign", "run", command_spec]

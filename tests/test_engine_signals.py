@@ -145,3 +145,24 @@ def test_runs_left_running_by_kill9_are_ended_failed_by_the_next_run_or_sync(tmp
                        capture_output=True, text=True, env=ENV, timeout=120)  # fmt: skip
     assert r.returncode == 0, r.stdout + r.stderr
     ended_failed_tagged(left)
+
+
+@pytest.mark.slow
+def test_sigterm_to_the_driver_stops_its_worker_processes_too(tmp_path):
+    """``--workers 2``: ``kill PID`` reaches the driver only; it passes the stop on, and the
+    node running in a worker process ends as under Ctrl-C."""
+    root = tmp_path / "runs"
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    proc = engine_run(root, uri, "--steps", "400", "--sleep", "0.05", "--workers", "2")
+    try:
+        wait_for_steps(proc, root, "t_train", 3)
+        os.kill(proc.pid, signal.SIGTERM)
+        out, _ = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 143, out
+    assert "interrupted (SIGTERM); to resume, run:" in out
+    assert not list((root / "locks").glob("*")) and not list(root.rglob(".tmp-*")), out
+    runs = {name: status for name, status, _ in statuses(uri, "resalign").values()}
+    assert runs["train"] == "KILLED" and runs["engine-test"] == "KILLED", runs
