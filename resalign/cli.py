@@ -188,7 +188,12 @@ def _changed_params(graph: Any, store: str, status: dict[str, str]) -> dict[str,
             node_json = Path(st.node_dir(n.kind, prev["key"])) / "node.json"
             if not node_json.is_file():
                 continue
-            old = json.loads(node_json.read_text(encoding="utf-8")).get("params") or {}
+            try:  # a damaged node.json explains nothing; plan goes on
+                old = json.loads(node_json.read_bytes()).get("params") or {}
+            except (OSError, ValueError, RecursionError, AttributeError):
+                continue
+        if not isinstance(old, dict):
+            continue
         changes = param_changes(n.kind, old, n.params)
         if changes:
             resumes = ", resumes from checkpoint" if "resumes" in status[n.name] else ""

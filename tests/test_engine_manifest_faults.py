@@ -301,3 +301,13 @@ def test_verify_finds_a_node_computed_from_other_upstream_content(tmp_path):
     assert r.exit_code == 0 and "derived from them" in r.output, r.output
     assert store.is_complete(dn.kind, dn.key)
     assert not any(store.has_done(n.kind, n.key) for n in g if n.name != "data")
+
+
+def test_a_forced_rerun_of_an_upstream_leaves_the_chain_intact(tmp_path):
+    """CPU results are bitwise: re-running the trained model with --force leaves what its
+    readers recorded of it true, so verify finds nothing to remove."""
+    g = make_graph(steps=2, ckpt=1, attack_lrs={"a": 0.01}, attack_steps=1)
+    run(tmp_path, g)
+    assert run(tmp_path, g, force=["train"]).executed == ["train"]
+    r = CliRunner().invoke(cli, ["verify", "--store", str(tmp_path)])
+    assert r.exit_code == 0 and "0 damaged, 0 orphan(s)" in r.output, r.output

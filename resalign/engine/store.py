@@ -33,7 +33,8 @@ reader::
                                                   required: every file of the folder but DONE
     "inputs": {"<kind>/<key>": "<64 hex>"}        optional (provenance): for each upstream
               node read, :func:`files_digest` of its files (their sha256, as checked when the
-              node started; absent in nodes committed before provenance existed)
+              node started; records no step reads left out; absent in nodes committed
+              before provenance existed)
     "cost":   {"<name>": number | string | bool | null}
                                                   optional: what the node cost (runner)
 
@@ -245,10 +246,21 @@ def read_manifest(done: Path) -> dict[str, Any] | None:
         return None
 
 
+# Top-level records of a node that no step reads from an upstream node (the engine's own,
+# and the steps' summaries): left out of :func:`files_digest`, so a forced re-run that only
+# changes a timing in ``stats.json`` does not make every node computed from it look stale.
+UNREAD_RECORDS = frozenset(
+    {"node.json", "metrics.jsonl", "params.json", "stats.json", "steps.jsonl", "README.txt"}
+)
+
+
 def files_digest(files: Mapping[str, Any]) -> str:
-    """One sha256 over a manifest's ``files`` (each path with its sha256): what a node's
-    ``inputs`` records of an upstream node, so any change to any of its files shows."""
-    pairs = sorted((rel, str(want["sha256"])) for rel, want in files.items())
+    """One sha256 over a manifest's ``files`` (each path with its sha256, but for
+    :data:`UNREAD_RECORDS`): what a node's ``inputs`` records of an upstream node, so a change
+    to any file a step may read shows."""
+    pairs = sorted(
+        (rel, str(want["sha256"])) for rel, want in files.items() if rel not in UNREAD_RECORDS
+    )
     return hashlib.sha256(json.dumps(pairs, separators=(",", ":")).encode()).hexdigest()
 
 
@@ -463,9 +475,11 @@ class Store:
             idx = read_json(self.index_path(spec_name), {})
         except (ValueError, OSError, RecursionError):
             return {}
-        return (
-            {k: v for k, v in idx.items() if isinstance(v, dict)} if isinstance(idx, dict) else {}
-        )
+        if not isinstance(idx, dict):
+            return {}
+        return {
+            k: v for k, v in idx.items() if isinstance(v, dict) and isinstance(v.get("key"), str)
+        }
 
     def update_index(self, spec_name: str, entries: Mapping[str, Any]) -> None:
         # Two invocations of one spec may finish together: read-modify-write under a lock so
