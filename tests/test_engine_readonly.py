@@ -95,7 +95,10 @@ def test_what_must_write_to_a_read_only_store_fails_with_exit_2_naming_the_path(
     assert f"cannot write {root / 'mlflow.db'}: the store is read-only" in r.output
     r = invoke(["run", str(TINY), "--store", str(root), "--no-tracking", "--force", "report"])
     assert r.exit_code == 2, r.output
-    assert f"cannot write {root}: the store is read-only and 1 node(s) must be written" in r.output
+    assert (
+        f"cannot write {root}: read-only (its mode has no write bit); 1 node(s) must be "
+        "written to the store (report: to run (forced)); nothing was run" in r.output
+    )
     r = invoke(["report", str(TINY), "--store", str(root)])
     assert r.exit_code == 2 and f"cannot write {root / 'reports'}" in r.output, r.output
     assert snapshot(root) == before

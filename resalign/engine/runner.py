@@ -36,7 +36,7 @@ from .plan import (  # noqa: F401  (plan_status, NodeStatus: re-exported for cal
 from .progress import ProgressUI
 from .signals import exit_code as signal_exit_code
 from .signals import stopping_on_signals
-from .store import Store, writable
+from .store import Store, unwritable_reason
 
 P = ParamSpec("P")
 
@@ -179,11 +179,12 @@ def run_graph(
     tracker = None
     summary = RunSummary()
     to_run = [n for n in graph if status[n.name].state == "run"]
-    read_only = not writable(store.root)
+    why = unwritable_reason(store.root)
+    read_only = why is not None
     if read_only and to_run:
         raise UserError(
-            f"cannot write {store.root}: the store is read-only and {len(to_run)} node(s) "
-            f"must be written to it ({to_run[0].name}: {status[to_run[0].name].describe()}"
+            f"cannot write {store.root}: {why}; {len(to_run)} node(s) must be written to the "
+            f"store ({to_run[0].name}: {status[to_run[0].name].describe()}"
             f"{', ...' if len(to_run) > 1 else ''}); nothing was run",
             where="--store",
             hint="make the store writable (chmod -R u+w), or pass --store with a writable "

@@ -276,15 +276,28 @@ class Damage:
         return shown + (f"; and {more} more" if more > 0 else "")
 
 
-def writable(path: Path) -> bool:
-    """Whether ``path`` (a store folder) may be written: the OS allows it and its mode has
-    a write bit. The mode counts too because root may write anything: a store its owner
-    made read-only (``chmod -R a-w``) is left alone by every user."""
+def unwritable_reason(path: Path) -> str | None:
+    """Why ``path`` (a store folder) may not be written, None when it may: a read-only
+    filesystem, a mode without a write bit, or the OS's refusal. The mode counts too because
+    root may write anything: a store its owner made read-only (``chmod -R a-w``) is left
+    alone by every user."""
     try:
         st = os.stat(path)
-    except OSError:
-        return False
-    return os.access(path, os.W_OK) and bool(st.st_mode & 0o222)
+        ro_fs = bool(os.statvfs(path).f_flag & os.ST_RDONLY)
+    except OSError as e:
+        return e.strerror or str(e)
+    if ro_fs:
+        return "Read-only file system"
+    if not st.st_mode & 0o222:
+        return "read-only (its mode has no write bit)"
+    if not os.access(path, os.W_OK):
+        return "Permission denied"
+    return None
+
+
+def writable(path: Path) -> bool:
+    """Whether ``path`` may be written (:func:`unwritable_reason`)."""
+    return unwritable_reason(path) is None
 
 
 def check_files(
