@@ -128,6 +128,15 @@ def _stops_on_signals(fn: Callable[P, RunSummary]) -> Callable[P, RunSummary]:
                 if e.interrupted:
                     e.exit_code = signal_exit_code(caught)
                 raise
+            except KeyboardInterrupt as e:  # outside the node loop (its startup, its cleanup)
+                opts: dict[str, Any] = dict(kwargs)
+                cmd = resume_command(opts.get("command"), opts.get("force") or ())
+                ui = opts.get("ui") or ProgressUI()
+                ui.line(f"interrupted ({e.args[0] if e.args else 'SIGINT'}); to resume, run:")
+                ui.line(cmd)
+                failed = RunFailed(["interrupted"], cmd, interrupted=True)
+                failed.exit_code = signal_exit_code(caught)
+                raise failed from None
 
     return wrapper
 
