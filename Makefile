@@ -9,7 +9,7 @@ WORKERS ?= 2
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-fast lint format setup clean
+.PHONY: demo test test-fast fuzz lint format setup clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -37,6 +37,11 @@ test: $(STAMP)
 test-fast: $(STAMP)
 	$(BIN)/ruff check resalign tests
 	$(BIN)/python -m pytest -q -m fast tests
+
+# The long random fuzz run of the spec language, recorded in docs/fuzz.md.
+FUZZ_EXAMPLES ?= 1000
+fuzz: $(STAMP)
+	PYTHON=$(BIN)/python scripts/fuzz_specs.sh $(FUZZ_EXAMPLES)
 
 format: $(STAMP)
 	$(BIN)/ruff format resalign tests

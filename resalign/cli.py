@@ -77,6 +77,18 @@ def _load_plain(path: str) -> Any:
     return load_spec(path, check_files=True)
 
 
+_STRICT = click.option(
+    "--strict",
+    is_flag=True,
+    help="Make the warnings about step or trial counts above their sanity bound "
+    "(resalign/graph/sanity.py) an error (exit 2).",
+)
+
+
+def _warn(line: str) -> None:
+    click.echo(line, err=True)
+
+
 _CHECK_FILES = click.option(
     "--check-files",
     is_flag=True,
@@ -89,19 +101,23 @@ _CHECK_FILES = click.option(
 @cli.command()
 @click.argument("specs", nargs=-1, required=True, type=click.Path(dir_okay=False))
 @_CHECK_FILES
+@_STRICT
 @_SET
-def validate(specs: tuple[str, ...], check_files: bool) -> None:
+def validate(specs: tuple[str, ...], check_files: bool, strict: bool) -> None:
     """Check SPEC files: schema, references, meta-learning, and compile each to its graph.
 
     Prints `ok <file>: N nodes` per valid spec and every problem of the others (file:line:col,
     the text, the allowed values, a suggestion); exits 2 if any spec is invalid.
     """
     from .graph.compile import compile_spec
+    from .graph.sanity import check_sanity
 
     failed = 0
     for path in specs:
         try:
-            graph = compile_spec(_load(path, check_files))
+            resolved = _load(path, check_files)
+            graph = compile_spec(resolved)
+            check_sanity(resolved, graph, strict=strict, warn=_warn)
         except UserError as err:
             failed += 1
             click.echo(err.render(), err=True)
@@ -127,9 +143,10 @@ def validate(specs: tuple[str, ...], check_files: bool) -> None:
     help="Predict the time of the nodes to run from the store's recorded nodes of each kind.",
 )
 @_CHECK_FILES
+@_STRICT
 @_SET
 def plan(spec: str, mermaid: bool, store: str, force: tuple[str, ...], check_files: bool,
-         estimate: bool) -> None:  # fmt: skip
+         estimate: bool, strict: bool) -> None:  # fmt: skip
     """Show the execution graph of SPEC: every node with its kind, name and content key, and
     whether it is cached or will run and why (new, parameter changed, upstream changed,
     forced). --estimate adds what the nodes to run will take, per kind and in total, scaled
@@ -137,9 +154,11 @@ def plan(spec: str, mermaid: bool, store: str, force: tuple[str, ...], check_fil
     from .engine.runner import plan_status
     from .graph.compile import compile_spec
     from .graph.plan import render_mermaid, render_plan
+    from .graph.sanity import check_sanity
 
     resolved = _load(spec, check_files)
     graph = compile_spec(resolved)
+    check_sanity(resolved, graph, strict=strict, warn=_warn)
     states = plan_status(graph, store, force)
     status = {name: st.describe() for name, st in states.items()}
     status.update(_changed_params(graph, store, status))
@@ -203,7 +222,12 @@ def _changed_params(graph: Any, store: str, status: dict[str, str]) -> dict[str,
             node_json = Path(st.node_dir(n.kind, prev["key"])) / "node.json"
             if not node_json.is_file():
                 continue
-            old = json.loads(node_json.read_text(encoding="utf-8")).get("params") or {}
+            try:  # a damaged node.json explains nothing; plan goes on
+                old = json.loads(node_json.read_bytes()).get("params") or {}
+            except (OSError, ValueError, RecursionError, AttributeError):
+                continue
+        if not isinstance(old, dict):
+            continue
         changes = param_changes(n.kind, old, n.params)
         if changes:
             resumes = ", resumes from checkpoint" if "resumes" in status[n.name] else ""
@@ -277,10 +301,11 @@ def schema(output: str | None) -> None:
 @click.option("--rehearse-profile", type=click.Choice(["toy", "full"]), default="toy",
               show_default=True, help="With --rehearse: toy (CPU) or full (published model "
               "widths, 64x64 latents: for an accelerator).")  # fmt: skip
+@_STRICT
 def run(spec: str, force: tuple[str, ...], store: str, tracking_uri: str | None,
         no_tracking: bool, device: str | None, checkpoint_every: int | None, workers: int,
         nproc_per_node: int | None, verbose: bool, rehearse: bool,
-        rehearse_profile: str) -> None:  # fmt: skip
+        rehearse_profile: str, strict: bool) -> None:  # fmt: skip
     """Run SPEC's graph: cached nodes are reused, interrupted nodes resume from their last
     checkpoint, everything is logged to MLflow. If a node fails, the last line printed is
     the command that resumes."""
@@ -301,6 +326,9 @@ def run(spec: str, force: tuple[str, ...], store: str, tracking_uri: str | None,
     # A rehearsal spec is written with the --set items already applied.
     resolved = _load(spec, True) if not rehearse else _load_plain(spec)
     graph = compile_spec(resolved)
+    from .graph.sanity import check_sanity
+
+    check_sanity(resolved, graph, strict=strict, warn=_warn)
     # The resume command: this invocation with its options but without --force (the runner
     # re-adds the forced nodes that had not started).
     command = ["resalign", "run", command_spec]
@@ -392,6 +420,16 @@ def report(spec: str, out: str | None, store: str, all_steps: bool, frontier: bo
         store = str(rehearsal_store(store))
 
     target = Path(out) if out else None
+    if target is None:
+        from .engine.store import writable
+
+        if Path(store).is_dir() and not writable(Path(store)):
+            raise UserError(
+                f"cannot write {Path(store) / 'reports'}: the store is read-only (the report "
+                "goes into it by default)",
+                where="--out",
+                hint="pass --out DIR to write the report elsewhere; it reads the store only",
+            )
     if is_template(spec):
         folder = report_for_grid(
             spec, Path(store), target, all_steps=all_steps, frontier=frontier, threat=threat,
@@ -444,9 +482,11 @@ def sync(store: str, tracking_uri: str | None) -> None:
 @click.option("--fix", is_flag=True, help="Remove the damaged nodes and the orphans found.")
 def verify(store: str, fix: bool) -> None:
     """Check every node of the store against its DONE manifest (size and sha256 of each
-    file) and list orphans (staging leftovers, locks and state no live process owns).
+    file) and against what its upstream nodes held when it read them, and list orphans
+    (staging leftovers, locks and state no live process owns).
 
-    A damaged node is never used: `run` recomputes it. Exits 1 when problems remain (without
+    A damaged node is never used: `run` recomputes it. --fix also removes every node
+    derived from a damaged one (it may have read the damage). Exits 1 when problems remain (without
     --fix), 0 otherwise."""
     from pathlib import Path
 
@@ -457,13 +497,24 @@ def verify(store: str, fix: bool) -> None:
             f"no store at {store}", where="--store", hint="pass the folder runs were written to"
         )
     rep = verify_store(store, fix=fix, echo=click.echo)
-    legacy = f", {rep.legacy} without a manifest (older DONE, not checkable)" if rep.legacy else ""
+    derived = f", {len(rep.derived)} derived from them" if rep.derived else ""
     click.echo(
-        f"{rep.checked} node(s) checked{legacy}: {len(rep.damaged)} damaged, "
-        f"{len(rep.orphans)} orphan(s)" + (f"; removed {len(rep.removed)}" if fix else "")
+        f"{rep.checked} node(s) checked: {len(rep.damaged)} damaged{derived}, "
+        f"{len(rep.orphans)} orphan(s)"
+        + (
+            f"; removed {len(rep.removed)}: {len(rep.damaged)} damaged node(s), "
+            f"{len(rep.derived)} derived from them, {len(rep.orphans)} orphan(s)"
+            if fix and rep.removed
+            else "; removed nothing"
+            if fix
+            else ""
+        )
     )
     if not rep.clean and not fix:
-        click.echo("run `resalign verify --fix` to remove them (damaged nodes run again)")
+        click.echo(
+            "run `resalign verify --fix` to remove them (damaged nodes and the nodes derived "
+            "from them run again)"
+        )
         sys.exit(1)
 
 

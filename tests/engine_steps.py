@@ -220,6 +220,7 @@ def main(argv: list[str] | None = None) -> int:
     """Run the test graph (used by the tests' subprocesses)."""
     from resalign.engine.progress import ProgressUI
     from resalign.engine.runner import RunFailed, run_graph
+    from resalign.errors import UserError
 
     ap = argparse.ArgumentParser()
     ap.add_argument("--root", required=True)
@@ -259,6 +260,9 @@ def main(argv: list[str] | None = None) -> int:
             command=[sys.executable, __file__, *(argv or sys.argv[1:])],
         )
     except RunFailed as e:
+        return e.exit_code
+    except UserError as e:  # as `resalign run` renders it (cli._Group)
+        print(e.render(), file=sys.stderr)
         return e.exit_code
     return 0
 

@@ -81,7 +81,10 @@ def mlflow_vs_store(store: Path) -> list[str]:
 
 
 def start(root: Path, *args: str) -> subprocess.Popen[str]:
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(HERE))
+    # this checkout's code (an installed resalign may be another checkout)
+    env = dict(
+        os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join([str(HERE), str(HERE.parent)])
+    )
     return subprocess.Popen(
         [sys.executable, str(HERE / "engine_steps.py"), "--root", str(root), *args],
         stdout=subprocess.PIPE,

@@ -14,7 +14,7 @@ import yaml
 from click.testing import CliRunner
 
 from resalign.cli import cli
-from resalign.engine.store import Store
+from resalign.engine.store import Store, atomic_write_json, build_manifest
 
 TINY = Path(__file__).resolve().parent / "specs" / "tiny.yaml"
 
@@ -105,8 +105,8 @@ def test_unlearning_and_attack_that_diverge_fail_and_a_nan_model_is_not_evaluate
     kinds = done_kinds(store)
     assert kinds.get("unlearn") == 1 and "attack" not in kinds and "evaluate" not in kinds
 
-    # A stored model with a NaN weight (as saved before these checks existed: a DONE
-    # without a manifest) is refused by the evaluation that reads it.
+    # A stored model with a NaN weight (as saved before these checks existed, its manifest
+    # matching) is refused by the evaluation that reads it.
     un = next(d for k, _key, d in Store(store).node_dirs() if k == "unlearn")
     (weights,) = (un / "unet").glob("*.safetensors")
     tensors = load_file(str(weights))
@@ -114,7 +114,8 @@ def test_unlearning_and_attack_that_diverge_fail_and_a_nan_model_is_not_evaluate
     tensors[name] = tensors[name].clone()
     tensors[name].view(-1)[0] = float("nan")
     save_file(tensors, str(weights))
-    (un / "DONE").write_text("ok\n")
+    (un / "DONE").unlink()
+    atomic_write_json(un / "DONE", build_manifest(un))
     assert torch.isnan(load_file(str(weights))[name]).any()
 
     def no_threats(d):
@@ -131,3 +132,36 @@ def test_unlearning_and_attack_that_diverge_fail_and_a_nan_model_is_not_evaluate
     assert not [d for k, _key, d in Store(store).node_dirs() if k == "evaluate" and "resalign"
                 in (d / "node.json").read_text()]  # fmt: skip
     assert "report" not in done_kinds(store)
+
+
+@pytest.mark.slow
+def test_an_attack_stops_at_the_first_non_finite_weight_naming_its_step(tmp_path, monkeypatch):
+    """A weight turned inf by the attack's first update (injected with an optimizer hook, as
+    an inf learning rate did before specs refused it): the loss only shows it at step 2, the
+    run names step 1 (issue 24: it said "loss is nan at step 2")."""
+    import torch
+
+    import resalign.algorithms.attack as attack
+
+    real = attack.make_optimizer
+
+    def poisoned(params, config):
+        opt = real(params, config)
+
+        def after_step(optimizer, args, kwargs):
+            if len(optimizer.state) and not getattr(optimizer, "_poisoned", False):
+                optimizer._poisoned = True
+                with torch.no_grad():
+                    optimizer.param_groups[0]["params"][0].view(-1)[0] = float("inf")
+
+        opt.register_step_post_hook(after_step)
+        return opt
+
+    monkeypatch.setattr(attack, "make_optimizer", poisoned)
+    r = run(spec(tmp_path, lambda d: d.pop("baselines")), tmp_path / "runs")
+    assert r.exit_code == 2, r.output
+    assert re.search(
+        r"FAILED attack/\S+: UNet weight '[^']+' is not finite at step 1: the run diverged",
+        r.output,
+    ), r.output
+    assert "attack" not in done_kinds(tmp_path / "runs")

@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 import pytest
-from engine_steps import TinySpec, expected_payload, make_graph
+from engine_steps import TinySpec, expected_payload, key_of, make_graph
 from rich.console import Console
 
 from resalign.engine.progress import ProgressUI
@@ -136,7 +136,8 @@ def test_kill9_at_random_step_then_rerun_is_bitwise_identical(tmp_path, referenc
     assert [h[0] for h in hist] == list(range(1, STEPS + 1))
     assert hist == reference["metrics"]
 
-    # MLflow: the resumed attempt's run has the whole history once; sync closes the killed one
+    # MLflow: the resumed attempt's run has the whole history once; the run closed the
+    # killed one (FAILED, tagged why: its driver died without ending it), sync has no more
     from mlflow.tracking import MlflowClient
 
     from resalign.engine.tracking import sync
@@ -151,8 +152,10 @@ def test_kill9_at_random_step_then_rerun_is_bitwise_identical(tmp_path, referenc
     rep = sync(tmp_path)
     assert rep.unreachable == []
     old = next(r for r in runs if r.info.run_id != new.info.run_id)
-    assert c.get_run(old.info.run_id).info.status == "KILLED"
-    assert c.get_run(old.data.tags["mlflow.parentRunId"]).info.status == "KILLED"
+    for run_id in (old.info.run_id, old.data.tags["mlflow.parentRunId"]):
+        closed = c.get_run(run_id)
+        assert closed.info.status == "FAILED"
+        assert "died without ending it" in closed.data.tags["resalign.end_reason"]
 
 
 def test_failure_prints_resume_command_last_and_resume_is_exact(tmp_path, reference, monkeypatch):
@@ -300,3 +303,25 @@ def test_resume_point_is_inferred_when_a_step_does_not_declare_it(tmp_path):
     ctx.log_metrics({"loss": 1.5}, step=1)  # a fresh start drops everything
     ctx.close()
     assert [(r["step"], r["loss"]) for r in read_metrics(state / "metrics.jsonl")] == [(1, 1.5)]
+
+
+def test_failure_summary_separates_upstream_failed_from_not_started(tmp_path, monkeypatch):
+    """After a failure, nodes whose upstream failed are "not run (upstream failed)"; nodes
+    that only waited their turn are "not started (run stopped after a failure)" (issue 24:
+    both were called "upstream failed")."""
+    from resalign.graph.nodes import Node
+
+    g = make_graph(steps=4, ckpt=2, attack_lrs={"a": 0.01}, attack_steps=2)
+    params = {"n": 16, "dim": 4, "seed": 9}  # an independent branch, ordered after train
+    g.nodes["data2"] = Node(kind="t_data", name="data2", params=params, deps={},
+                            key=key_of("t_data", params, []))  # fmt: skip
+    buf = io.StringIO()
+    monkeypatch.setenv("ENGINE_TEST_FAIL", "train:2")
+    with pytest.raises(RunFailed):
+        run(tmp_path, g, ui=ProgressUI(enabled=False, console=Console(file=buf, width=300)))
+    out = buf.getvalue()
+    assert "FAILED train: RuntimeError: injected failure at step 2" in out
+    up = next(x for x in out.splitlines() if x.startswith("not run (upstream failed): "))
+    assert sorted(up.split(": ", 1)[1].split(", ")) == [
+        "attack/a", "evaluate/a", "evaluate/pre"]  # fmt: skip
+    assert "not started (run stopped after a failure): data2" in out

@@ -146,11 +146,13 @@ def test_verify_reports_damage_and_orphans_and_fix_removes_them(tmp_path):
         assert f"state/t_train/{tn.key}: resume state" in r.output
         assert f"t_train-{tn.key}.lock: lock file no live process holds" in r.output
         assert "t_eval-0123456789abcdef" not in r.output
-        assert "1 damaged, 4 orphan(s)" in r.output
+        ev = g["evaluate/a"]  # read the damaged weights: derived from them
+        assert f"derived  t_eval/{ev.key}: computed from damaged t_attack/{an.key}" in r.output
+        assert "1 damaged, 1 derived from them, 4 orphan(s)" in r.output
 
         r = CliRunner().invoke(cli, ["verify", "--store", str(tmp_path), "--fix"])
         assert r.exit_code == 0, r.output
-        assert "removed 5" in r.output
+        assert "removed 6: 1 damaged node(s), 1 derived from them, 4 orphan(s)" in r.output
         assert held.exists()
     finally:
         f.close()
@@ -160,6 +162,8 @@ def test_verify_reports_damage_and_orphans_and_fix_removes_them(tmp_path):
     assert not (tmp_path / "t_train" / f".{tn.key}.cafe0001.old").exists()
     out = io.StringIO()
     summary = run(tmp_path, g, Console(file=out, width=300))
-    assert summary.executed == ["attack/a"]  # recomputed; its evaluation's key is unchanged
+    # both recomputed (same keys); the other branch (evaluate/pre) kept
+    assert summary.executed == ["attack/a", "evaluate/a"]
+    assert "evaluate/pre" in summary.cached
     r = CliRunner().invoke(cli, ["verify", "--store", str(tmp_path)])
     assert r.exit_code == 0, r.output

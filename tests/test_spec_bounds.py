@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 import time
@@ -147,3 +148,47 @@ def test_rendered_cells_are_bounded(tmp_path: Path) -> None:
     p.write_text(TEMPLATE + "model: " + "[" * 200 + "]" * 200 + "\n")
     with pytest.raises(UserError, match="deeper than"):
         render_grid(p)
+
+
+TINY = Path(__file__).resolve().parent / "specs" / "tiny.yaml"
+
+
+@pytest.mark.parametrize(
+    "where,literal",
+    [("threats.benign.lr", ".inf"), ("unlearn.optimizer.lr", ".inf"),
+     ("unlearn.resilience.beta", "-.inf"), ("threats.benign.lr", ".nan")],
+)  # fmt: skip
+def test_non_finite_numbers_are_refused_where_a_bound_is(where: str, literal: str) -> None:
+    """``lr: .inf`` passed ``gt=0`` and failed only in the run (issue 24)."""
+    res = CliRunner().invoke(cli, ["validate", str(TINY), "--set", f"{where}={literal}"])
+    assert res.exit_code == 2, res.output
+    assert f"{where}: input should be a finite number" in res.output
+    assert "Traceback" not in res.output
+
+
+def test_step_and_trial_counts_above_the_sanity_bound_warn_and_strict_refuses() -> None:
+    big = ["--set", "unlearn.steps=1000000000000"]
+    for cmd in (["validate", str(TINY)], ["plan", str(TINY), "--store", "/nonexistent"]):
+        res = CliRunner().invoke(cli, cmd + big)
+        assert res.exit_code == 0, res.output
+        assert re.search(
+            r"warning: .*unlearn\.steps = 1,000,000,000,000 is above the sanity bound of "
+            r"1,000,000 steps; the run has an estimated 13 node\(s\)",
+            res.output,
+        ), res.output
+        res = CliRunner().invoke(cli, [*cmd, "--strict", *big])
+        assert res.exit_code == 2, res.output
+        assert "unlearn.steps = 1,000,000,000,000 is above the sanity bound" in res.output
+    res = CliRunner().invoke(cli, ["validate", str(TINY), "--strict"])
+    assert res.exit_code == 0 and "warning" not in res.output, res.output
+    # trials: the estimate counts what the searches add (2 rows x 50,000 trials x an attack
+    # and an evaluation for its one attack seed, plus the graph's 5 nodes)
+    search = TINY.with_name("tiny_search.yaml")
+    args = ["validate", str(search), "--set", "threats.poison.search.trials=50000"]
+    res = CliRunner().invoke(cli, args)
+    assert res.exit_code == 0, res.output
+    assert (
+        "threats.poison.search.trials = 50,000 is above the sanity bound of 10,000 trials; "
+        "the run has an estimated 200,005 node(s)" in res.output
+    )
+    assert CliRunner().invoke(cli, [*args, "--strict"]).exit_code == 2

@@ -18,7 +18,7 @@ from typing import Any
 
 from ..errors import UserError
 from ..graph.nodes import Graph, Node
-from .store import Store
+from .store import REHASH_BELOW, Store
 
 NEW = "new"
 PARAMS = "parameter changed"
@@ -124,6 +124,38 @@ def plan_status(
         else:
             reason = UPSTREAM
         out[n.name] = NodeStatus(n.name, n.kind, n.key, "run", reason, resumes)
+    return out
+
+
+def recheck_reads(
+    graph: Graph,
+    store: Store,
+    status: dict[str, NodeStatus],
+    *,
+    below: int = REHASH_BELOW,
+) -> dict[str, NodeStatus]:
+    """``status`` with every cached node that a node to run reads re-hashed (its files
+    smaller than ``below`` bytes, :func:`.store.check_files`); one whose content no longer
+    matches its manifest is damaged and runs first, and so are the cached nodes it reads.
+
+    ``plan_status`` compares sizes and mtimes; this catches a file changed behind both (bit
+    rot, a copy that kept them) before a node reads it and commits a result computed from
+    it under the right key. Cached nodes nothing reads are not hashed: an all-cached run
+    reads no file contents."""
+    out = dict(status)
+    checked: set[str] = set()
+    for n in reversed(list(graph)):  # a node's readers come after it: they are seen first
+        if out[n.name].state != "run":
+            continue
+        for dep in n.deps.values():
+            d = graph[dep]
+            if dep in checked or out[dep].state != "cached":
+                continue
+            checked.add(dep)
+            damage = store.check(d.kind, d.key, rehash_below=below)
+            if damage is not None:
+                out[dep] = NodeStatus(dep, d.kind, d.key, "run", f"{DAMAGED}: {damage}",
+                                      store.has_state(d.kind, d.key))  # fmt: skip
     return out
 
 

@@ -11,13 +11,14 @@ is the exact command that resumes it.
 
 from __future__ import annotations
 
+import functools
 import shlex
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, wait
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ParamSpec
 
 from ..errors import UserError
 from ..graph.nodes import Graph, Node
@@ -30,9 +31,14 @@ from .plan import (  # noqa: F401  (plan_status, NodeStatus: re-exported for cal
     index_entry,
     load_steps,
     plan_status,
+    recheck_reads,
 )
 from .progress import ProgressUI
-from .store import Store
+from .signals import exit_code as signal_exit_code
+from .signals import stopping_on_signals
+from .store import Store, unwritable_reason
+
+P = ParamSpec("P")
 
 
 class RunFailed(Exception):
@@ -109,6 +115,33 @@ def resume_command(command: Sequence[str] | None, pending_forced: Iterable[str])
     return shlex.join(cmd)
 
 
+def _stops_on_signals(fn: Callable[P, RunSummary]) -> Callable[P, RunSummary]:
+    """SIGTERM and SIGHUP stop ``fn`` as Ctrl-C does (:mod:`.signals`); the run exits with
+    128 + the signal's number."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: P.args, **kwargs: P.kwargs) -> RunSummary:
+        with stopping_on_signals() as caught:
+            try:
+                return fn(*args, **kwargs)
+            except RunFailed as e:
+                if e.interrupted:
+                    e.exit_code = signal_exit_code(caught)
+                raise
+            except KeyboardInterrupt as e:  # outside the node loop (its startup, its cleanup)
+                opts: dict[str, Any] = dict(kwargs)
+                cmd = resume_command(opts.get("command"), opts.get("force") or ())
+                ui = opts.get("ui") or ProgressUI()
+                ui.line(f"interrupted ({e.args[0] if e.args else 'SIGINT'}); to resume, run:")
+                ui.line(cmd)
+                failed = RunFailed(["interrupted"], cmd, interrupted=True)
+                failed.exit_code = signal_exit_code(caught)
+                raise failed from None
+
+    return wrapper
+
+
+@_stops_on_signals
 def run_graph(
     graph: Graph,
     spec: Any,
@@ -146,7 +179,7 @@ def run_graph(
     if getattr(executor, "in_process", False) and hasattr(executor, "ui"):
         executor.ui = ui
     load_steps()
-    status = plan_status(graph, store, force)
+    status = recheck_reads(graph, store, plan_status(graph, store, force))
     missing = sorted({n.kind for n in graph} - set(STEPS))
     if missing:
         raise UserError(f"no step registered for node kind(s) {', '.join(missing)}")
@@ -154,10 +187,30 @@ def run_graph(
     tspec = getattr(plain, "tracking", None)
     tracker = None
     summary = RunSummary()
+    to_run = [n for n in graph if status[n.name].state == "run"]
+    why = unwritable_reason(store.root)
+    read_only = why is not None
+    if read_only and to_run:
+        raise UserError(
+            f"cannot write {store.root}: {why}; {len(to_run)} node(s) must be written to the "
+            f"store ({to_run[0].name}: {status[to_run[0].name].describe()}"
+            f"{', ...' if len(to_run) > 1 else ''}); nothing was run",
+            where="--store",
+            hint="make the store writable (chmod -R u+w), or pass --store with a writable "
+            "folder; `resalign plan` shows what would run",
+        )
     if tracking and (tspec is None or getattr(tspec, "enabled", True)):
-        from .tracking import Tracker, resolve_tracking_uri
+        from .tracking import Tracker, _sqlite_path, close_dead_runs, resolve_tracking_uri
 
         uri = resolve_tracking_uri(tracking_uri, getattr(tspec, "uri", None), store.root)
+        db = _sqlite_path(uri)
+        if read_only and db is not None and db.is_relative_to(store.root):
+            raise UserError(
+                f"cannot write {db}: the store is read-only and MLflow logs to it; nothing was run",
+                where="--tracking-uri",
+                hint="pass --tracking-uri with a database or server elsewhere (e.g. "
+                "sqlite:////tmp/mlflow.db), or --no-tracking",
+            )
         tracker = Tracker(
             uri,
             store.root,
@@ -168,18 +221,26 @@ def run_graph(
             nest_under=parent_run_id,
             extra_tags=run_tags,
             extra_params=run_params,
+            # a run that executes nothing writes nothing to the store (a read-only one)
+            local_records=bool(to_run),
         )
         # Before any compute: an unreachable server is a UserError here.
         tracker.start(spec, graph, command=shlex.join(command) if command else None)
         summary.parent_run_id = tracker.parent_run_id
         summary.tracking_uri = uri
+        try:  # runs that a killed driver left RUNNING (kill -9, out of memory)
+            closed = close_dead_runs(store.root, uri)
+        except Exception as e:  # never worth failing a run for
+            closed = 0
+            ui.line(f"could not close the MLflow runs of dead invocations: {e}")
+        if closed:
+            ui.line(f"ended {closed} MLflow run(s) left RUNNING by a killed invocation (FAILED)")
     if device is None:
         device = getattr(getattr(plain, "model", None), "device", "auto") or "auto"
     if nproc_per_node is None:
         nproc_per_node = getattr(getattr(plain, "execution", None), "nproc_per_node", 1) or 1
 
     t_start = time.perf_counter()
-    to_run = [n for n in graph if status[n.name].state == "run"]
     for n in graph:
         if status[n.name].state == "cached":
             summary.cached.append(n.name)
@@ -191,12 +252,15 @@ def run_graph(
     )
     done = {n.name for n in graph if status[n.name].state == "cached"}
     failed: dict[str, NodeResult] = {}
-    skipped: list[str] = []
+    skipped: list[str] = []  # an upstream node failed
+    not_started: list[str] = []  # ready or waiting when the run stopped after a failure
     started: set[str] = set()
     running: dict[Future[NodeResult], Node] = {}
     interrupted = False
     index_updates: dict[str, Any] = {n: index_entry(graph[n]) for n in done}
     pending = critical_path_order(graph, to_run)
+    stopped_by = "SIGINT"
+    crashed = True  # an exception other than an interrupt: the MLflow run ends FAILED
     try:
         with ui.session(), ui.bar(len(to_run), "nodes") as nodes_bar:
             while pending or running:
@@ -221,7 +285,7 @@ def run_graph(
                         break
                 if not running:
                     if failed:
-                        skipped += [n.name for n in pending]
+                        not_started += [n.name for n in pending]
                         pending = []
                     continue
                 finished, _ = wait(list(running), return_when=FIRST_COMPLETED)
@@ -245,9 +309,14 @@ def run_graph(
                         nodes_bar.advance()
                     else:
                         failed[n.name] = res
-    except KeyboardInterrupt:
-        interrupted = True
+        crashed = False
+    except KeyboardInterrupt as e:
+        interrupted, crashed = True, False
+        stopped_by = str(e.args[0]) if e.args else stopped_by  # SIGTERM / SIGHUP (.signals)
+        executor.interrupt()
     finally:
+        if crashed and tracker is not None:
+            tracker.finish("FAILED")
         executor.shutdown()
         if index_updates:
             try:
@@ -264,9 +333,13 @@ def run_graph(
             ui.line(f"FAILED {name}: {res.error}")
         if skipped:
             ui.line(f"not run (upstream failed): {', '.join(skipped)}")
+        if not_started:
+            ui.line(f"not started (run stopped after a failure): {', '.join(not_started)}")
         pending_forced = {n for n in graph.nodes if status[n].reason == FORCED and n not in started}
         cmd = resume_command(command, pending_forced)
-        ui.line("interrupted; to resume, run:" if interrupted else "to resume, run:")
+        ui.line(
+            f"interrupted ({stopped_by}); to resume, run:" if interrupted else "to resume, run:"
+        )
         ui.line(cmd)
         user_only = bool(failed) and all(r.user_error for r in failed.values())
         raise RunFailed(list(failed) or ["interrupted"], cmd, interrupted, user_only, failed)

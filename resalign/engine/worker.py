@@ -28,7 +28,16 @@ from ..steps.base import STEPS
 from .cost import CostMeter
 from .executors.base import NodeResult, NodeTask
 from .progress import ProgressUI
-from .store import WRITE_ERRNOS, Store, atomic_write_json, atomic_write_text, free_bytes, tree_bytes
+from .store import (
+    REHASH_BELOW,
+    WRITE_ERRNOS,
+    ManifestError,
+    Store,
+    atomic_write_json,
+    atomic_write_text,
+    free_bytes,
+    tree_bytes,
+)
 
 
 def resolve_device(device: str) -> str:
@@ -48,7 +57,13 @@ def execute_task(task: NodeTask, ui: ProgressUI | None = None) -> NodeResult:
     staging: Path | None = None
     try:
         with store.lock(node.kind, node.key, on_wait=lambda: ui.line(f"waiting for {node.name}")):
-            if store.is_complete(node.kind, node.key) and not task.fresh:
+            # done meanwhile by another invocation (re-hashed like an upstream: a node the
+            # driver found damaged behind its size and mtime is not "done")
+            if (
+                not task.fresh
+                and store.has_done(node.kind, node.key)
+                and store.check(node.kind, node.key, rehash_below=REHASH_BELOW) is None
+            ):
                 if task.tracking is not None:
                     from .tracking import NodeLogger
 
@@ -56,6 +71,14 @@ def execute_task(task: NodeTask, ui: ProgressUI | None = None) -> NodeResult:
                         store.node_dir(node.kind, node.key)
                     )
                 return NodeResult(node.name, True, already_done=True)
+            try:  # what it reads, as it is now (the manifest's provenance, store.py)
+                provenance = {"inputs": store.inputs_record(task.inputs)}
+            except ManifestError as e:
+                err = UserError(
+                    f"{e}; {node.name} did not run",
+                    hint="run the same command again: the damaged node is recomputed first",
+                )
+                return NodeResult(node.name, False, error=err.render(), user_error=True)
             if task.fresh:
                 store.discard_state(node.kind, node.key)
             staging = store.new_staging(node.kind, node.key)
@@ -74,9 +97,11 @@ def execute_task(task: NodeTask, ui: ProgressUI | None = None) -> NodeResult:
             state = store.state_dir(node.kind, node.key)
             state.mkdir(parents=True, exist_ok=True)
             if task.nproc_per_node > 1:
-                return _execute_ranks(task, store, staging, state, ui, t0)
-            return _execute_here(task, store, staging, state, ui, t0)
+                return _execute_ranks(task, store, staging, state, ui, t0, provenance)
+            return _execute_here(task, store, staging, state, ui, t0, provenance)
     except KeyboardInterrupt:
+        if staging is not None:  # stopped before the step took charge of its staging folder
+            shutil.rmtree(staging, ignore_errors=True)
         raise
     except Exception as e:  # the engine's own writes (lock, staging, commit) failed
         if staging is not None:
@@ -89,7 +114,13 @@ def execute_task(task: NodeTask, ui: ProgressUI | None = None) -> NodeResult:
 
 
 def _execute_here(
-    task: NodeTask, store: Store, staging: Path, state: Path, ui: ProgressUI, t0: float
+    task: NodeTask,
+    store: Store,
+    staging: Path,
+    state: Path,
+    ui: ProgressUI,
+    t0: float,
+    extra: dict[str, Any] | None = None,
 ) -> NodeResult:
     from .context import NodeContext
     from .tracking import NodeLogger
@@ -114,7 +145,9 @@ def _execute_here(
     try:
         step.run(ctx)
         ctx.close()
-        commit(store, node, staging, ctx.metrics_path, logger, meter.read())
+        commit(
+            store, node, staging, ctx.metrics_path, logger, {**(extra or {}), "cost": meter.read()}
+        )
     except BaseException as e:
         try:
             ctx.close()
@@ -153,14 +186,14 @@ def commit(
     staging: Path,
     metrics: Path,
     logger: Any,
-    cost: dict[str, Any] | None = None,
+    extra: dict[str, Any] | None = None,
 ) -> None:
     """Copy the metrics history into ``staging`` and commit it as ``node``'s result, with
-    what it cost (:mod:`.cost`) in its ``DONE`` manifest."""
+    the optional manifest keys in ``extra`` (see :mod:`.store`)."""
     atomic_write_text(
         staging / "metrics.jsonl", metrics.read_text(encoding="utf-8") if metrics.exists() else ""
     )
-    final = store.commit(staging, node.kind, node.key, cost=cost)
+    final = store.commit(staging, node.kind, node.key, extra)
     store.discard_state(node.kind, node.key)
     if logger is not None:
         logger.finish("FINISHED", final / "metrics.jsonl", final)
@@ -241,7 +274,13 @@ def write_failure(
 
 
 def _execute_ranks(
-    task: NodeTask, store: Store, staging: Path, state: Path, ui: ProgressUI, t0: float
+    task: NodeTask,
+    store: Store,
+    staging: Path,
+    state: Path,
+    ui: ProgressUI,
+    t0: float,
+    extra: dict[str, Any] | None = None,
 ) -> NodeResult:
     """The node on ``task.nproc_per_node`` torchrun ranks (see :mod:`.launch`), called with
     the node's lock held. Rank 0 writes the outputs into ``staging``; this process commits."""
@@ -302,7 +341,7 @@ def _execute_ranks(
             seconds=time.perf_counter() - t0,
             log_seconds=out.log_seconds + (logger.log_seconds if logger else 0.0),
         )
-    commit(store, node, staging, metrics, logger, meter.read())
+    commit(store, node, staging, metrics, logger, {**(extra or {}), "cost": meter.read()})
     shutil.rmtree(launch_dir(store.root, node.kind, node.key), ignore_errors=True)
     return NodeResult(
         node.name,

@@ -148,8 +148,9 @@ class AttackStep(Step):
                 check_finite_stats(
                     ctx, m, step, setting=DIVERGED, last_checkpoint=last_ok[0], terms=["loss"]
                 )
-                if step % config.checkpoint_every == 0 or step == stop:
-                    check_weights(step)
+                # every step: the first non-finite weight names its step, before a later
+                # loss turns NaN (an inf lr made them inf at step 1, the loss NaN at 2)
+                check_weights(step)
                 bar.advance(1)
 
             result = run_attack(

@@ -166,9 +166,9 @@ class ModelStep(Step):
                         ctx, {"pretrain loss": loss}, step, setting=DIVERGED,
                         last_checkpoint=last_ok[0], terms=["pretrain loss"],
                     )  # fmt: skip
-                    if step % every == 0 and step < pre.steps:
-                        # pretrain_unet saves its resume checkpoint right after this call
-                        check_weights(step)
+                    # every step, so the first non-finite weight names its step (and
+                    # pretrain_unet's resume checkpoint, saved right after, is finite)
+                    check_weights(step)
                     window.append(loss)
                     if step % log_every == 0 or step == pre.steps:
                         ctx.log_metrics({"pretrain/loss": sum(window) / len(window)}, step=step)

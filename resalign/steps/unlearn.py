@@ -189,8 +189,10 @@ class UnlearnStep(Step):
             while method.step_count < un.steps:
                 method.step()
                 bar.advance(1)
+                # every step: the first non-finite weight names its step (the loss only
+                # shows it a step later)
+                check_weights(method.step_count)
                 if method.step_count % every == 0 and method.step_count < un.steps:
-                    check_weights(method.step_count)
                     # history as JSON lines: torch.load(weights_only=True) reads strings
                     ctx.save_checkpoint(
                         {

@@ -69,5 +69,9 @@ class Executor(ABC):
     @abstractmethod
     def submit(self, task: NodeTask) -> Future[NodeResult]: ...
 
+    def interrupt(self) -> None:  # noqa: B027 - optional hook
+        """The run was stopped (Ctrl-C, SIGTERM, SIGHUP): make running tasks stop at once,
+        as a Ctrl-C would stop them (called before :meth:`shutdown`)."""
+
     def shutdown(self) -> None:  # noqa: B027 - optional hook
         """Release workers; called once by the driver at the end."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import multiprocessing
 import os
 from concurrent.futures import Future, ProcessPoolExecutor
@@ -40,6 +41,17 @@ class LocalExecutor(Executor):
             )
         return self._pool.submit(execute_task, task)
 
+    def interrupt(self) -> None:
+        """SIGINT to each worker process (a SIGTERM sent to the driver alone, as
+        ``kill PID`` does, would otherwise leave them running their nodes to the end):
+        each stops its node as Ctrl-C does, and :meth:`shutdown` then returns."""
+        import signal
+
+        # ProcessPoolExecutor has no public list of its processes
+        for proc in list(getattr(self._pool, "_processes", {}).values()):
+            with contextlib.suppress(OSError):
+                os.kill(proc.pid, signal.SIGINT)
+
     def shutdown(self) -> None:
         if self._pool is not None:
             self._pool.shutdown(wait=True, cancel_futures=True)
@@ -49,7 +61,11 @@ class LocalExecutor(Executor):
 def _share_cores(workers: int) -> None:
     """Give each worker its share of the cores: torch defaults every process to all of them,
     and N such processes on a small CPU run several times slower than N single-threaded ones
-    (measured: ~10x on 2 cores). An explicit ``OMP_NUM_THREADS`` wins."""
+    (measured: ~10x on 2 cores). An explicit ``OMP_NUM_THREADS`` wins. And stop its node
+    on SIGTERM and SIGHUP as on Ctrl-C (a scheduler signals every process of the job)."""
+    from ..signals import stop_like_ctrl_c
+
+    stop_like_ctrl_c()
     if os.environ.get("OMP_NUM_THREADS"):
         return
     import torch

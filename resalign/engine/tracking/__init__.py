@@ -53,7 +53,14 @@ from .records import (  # noqa: F401
     records_to_metrics,
     save_node_record,
 )
-from .sync import SyncReport, _driver_dead, _existing_points, _node_source, sync  # noqa: F401
+from .sync import (  # noqa: F401
+    SyncReport,
+    _driver_dead,
+    _existing_points,
+    _node_source,
+    close_dead_runs,
+    sync,
+)
 from .tracker import Tracker, _sync_invocation  # noqa: F401
 from .uris import (  # noqa: F401
     LOCKED_RETRIES,

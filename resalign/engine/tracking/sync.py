@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..store import Store, atomic_write_json, read_json
+from ..store import Store, atomic_write_json, read_json, writable
 from .artifacts import _sync_node_static
 from .records import (
     NodeRecord,
@@ -22,7 +22,7 @@ from .records import (
     save_node_record,
     used_params,
 )
-from .tracker import _sync_invocation
+from .tracker import END_REASON, _sync_invocation
 from .uris import _client, check_reachable
 
 
@@ -62,18 +62,44 @@ def _node_source(store_root: Path, rec: NodeRecord) -> tuple[Path, Path | None]:
 def sync(store_root: Path, *, uri: str | None = None) -> SyncReport:
     """Upload to MLflow whatever the local records say the server missed (idempotent).
 
-    ``uri`` restricts the sync to invocations logged to that tracking URI.
-    """
+    ``uri`` restricts the sync to invocations logged to that tracking URI. Runs left RUNNING
+    by a driver that died (kill -9, out of memory) are ended FAILED, tagged why
+    (:data:`.tracker.END_REASON`)."""
+    return _sync(Path(store_root), uri=uri, dead_only=False)
+
+
+def close_dead_runs(store_root: Path, uri: str) -> int:
+    """End the runs at ``uri`` that a driver which died left RUNNING (FAILED, tagged why),
+    uploading what their records say is missing; the number of invocations closed. Called
+    by each ``run`` that logs to ``uri``; a read-only store is left alone."""
+    if not writable(Path(store_root) / "tracking"):
+        return 0
+    return _sync(Path(store_root), uri=uri, dead_only=True).invocations
+
+
+def _sync(store_root: Path, *, uri: str | None, dead_only: bool) -> SyncReport:
     store_root = Path(store_root).resolve()
     report = SyncReport()
     for inv_path in sorted((store_root / "tracking").glob("*/invocation.json")):
         inv_dir = inv_path.parent
-        inv = read_json(inv_path)
-        if not inv or (uri and inv["uri"] != uri):
+        try:
+            inv = read_json(inv_path)
+        except ValueError:
+            continue  # a damaged record: nothing to go on
+        if not isinstance(inv, dict) or (uri and inv.get("uri") != uri):
             continue
         store = Store(store_root)
-        if inv.get("status") is None and _driver_dead(inv):
-            inv["status"] = "KILLED"  # the invocation was killed before it could say so
+        dead = inv.get("status") is None and _driver_dead(inv)
+        if dead_only and not dead:
+            continue
+        reason = None
+        if dead:
+            # the invocation was killed before it could say so
+            reason = (
+                f"its driver (pid {inv.get('pid')} on {inv.get('host')}) died without ending "
+                "it (SIGKILL, out of memory, a crash); closed by a later resalign process"
+            )
+            inv["status"], inv["end_reason"] = "FAILED", reason
         recs = [(p, load_node_record(p)) for p in sorted((inv_dir / "nodes").glob("*.json"))]
         pending = []
         for p, r in recs:
@@ -82,7 +108,12 @@ def sync(store_root: Path, *, uri: str | None = None) -> SyncReport:
             if r.status is None:
                 if store.is_locked(r.kind, r.key):
                     continue  # being executed right now: its own logger is in charge
-                r.status = "KILLED"  # an attempt killed mid-node; a later one has the rest
+                if reason is not None:
+                    r.status = "FAILED"
+                    r.tags[END_REASON] = reason
+                    r.params_synced = False  # to send the tag
+                else:
+                    r.status = "KILLED"  # an attempt killed mid-node; a later one has the rest
             behind = r.status == "FINISHED" and r.metrics_offset < _size(
                 _node_source(store_root, r)[0]
             )
@@ -105,7 +136,7 @@ def sync(store_root: Path, *, uri: str | None = None) -> SyncReport:
         report.invocations += 1
         for path, rec in pending:
             metrics_path, node_dir = _node_source(store_root, rec)
-            if rec.status == "KILLED":
+            if rec.status == "KILLED" or END_REASON in rec.tags:
                 # Byte offsets into a file that a later attempt truncated and continued mean
                 # nothing: a killed attempt keeps what it had uploaded, and gets no artifacts.
                 metrics_path, node_dir = Path(os.devnull), None

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import shutil
 import socket
+import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -12,7 +15,7 @@ from typing import Any
 from ... import __version__
 from ...errors import UserError
 from ...graph.svg import render_svg
-from ..store import atomic_write_json
+from ..store import atomic_write_json, writable
 from .curation import _spec_dict, curated_params, git_commit, mermaid
 from .describe import node_params, node_tags, row_methods, run_name, varying_fields
 from .records import (
@@ -22,12 +25,16 @@ from .records import (
     _node_record_path,
     _params_entities,
     _tags,
+    load_node_record,
     save_node_record,
 )
 from .summaries import NOT_TRACKED, describe_summaries, finished_runs, sync_summaries
 from .uris import _client, _is_http, artifact_location, check_reachable, setup_lock
 
 log = logging.getLogger(__name__)
+
+# The tag a run closed by another process gets: why it was closed (see sync.close_dead_runs).
+END_REASON = "resalign.end_reason"
 
 
 class Tracker:
@@ -45,9 +52,14 @@ class Tracker:
         nest_under: str | None = None,
         extra_tags: Mapping[str, str] | None = None,
         extra_params: Mapping[str, str] | None = None,
+        local_records: bool = True,
     ):
         """``nest_under``: an existing run (e.g. a grid's) the invocation's run is a child
-        of; ``extra_tags`` / ``extra_params`` are added to the invocation's run only."""
+        of; ``extra_tags`` / ``extra_params`` are added to the invocation's run only.
+        ``local_records=False`` (a run that executes nothing): the invocation's records go
+        to a temporary folder, not ``STORE/tracking/<id>``, so a read-only store is never
+        written; they are copied into the store only if MLflow failed mid-way (for
+        ``resalign sync``) and the store is writable."""
         self.uri = uri
         self.store_root = Path(store_root).resolve()
         self.log_models = log_models
@@ -63,6 +75,7 @@ class Tracker:
         self.extra_tags = dict(extra_tags or {})
         self.extra_params = dict(extra_params or {})
         self._finished: dict[tuple[str, str], str] | None = None
+        self.local_records = local_records
 
     # called before any compute: every problem with the server surfaces here as a UserError
     def start(self, spec: Any, graph: Any, *, command: str | None = None) -> None:
@@ -106,9 +119,21 @@ class Tracker:
         self._graph = graph
         self._methods = row_methods(graph)
         self._varying = varying_fields(graph)
-        self.inv_dir = self.store_root / "tracking" / self.parent_run_id
-        (self.inv_dir / "nodes").mkdir(parents=True, exist_ok=True)
-        self._write_parent_artifacts(spec, graph)
+        records = self.store_root / "tracking"
+        if not self.local_records:
+            records = Path(tempfile.mkdtemp(prefix="resalign-tracking-"))
+        self.inv_dir = records / self.parent_run_id
+        try:
+            (self.inv_dir / "nodes").mkdir(parents=True, exist_ok=True)
+            self._write_parent_artifacts(spec, graph)
+        except OSError as e:  # a read-only or full store: the run just created must not stay open
+            with contextlib.suppress(Exception):
+                self._client.set_terminated(self.parent_run_id, status="FAILED")
+            raise UserError(
+                f"cannot write {e.filename or self.inv_dir}: {e.strerror or e}; nothing was run",
+                where="--store",
+                hint="make the store writable, or pass --store with a writable folder",
+            ) from None
         self._inv = {
             "uri": self.uri,
             "experiment_id": exp_id,
@@ -223,6 +248,8 @@ class Tracker:
         self._save_inv()
 
     def finish(self, status: str) -> None:
+        if self._inv.get("status") is not None:
+            return  # ended already (a crash handler, then the normal path)
         self._inv["status"] = status
         try:  # local work only: what sync creates later if the server is away now
             summ = describe_summaries(self, self._graph)
@@ -234,10 +261,29 @@ class Tracker:
         self._save_inv()
 
         def fin() -> None:
+            if status != "FINISHED":
+                self._end_open_children(status)
             _sync_invocation(self._client, self.inv_dir, self._inv, final=True)
             self._save_inv()
 
         self._try(fin, "ending the parent run")
+        if not self.local_records and self.inv_dir is not None:
+            tmp = self.inv_dir.parent
+            if self.offline and writable(self.store_root):
+                shutil.copytree(self.inv_dir, self.store_root / "tracking" / self.inv_dir.name)
+            shutil.rmtree(tmp, ignore_errors=True)
+
+    def _end_open_children(self, status: str) -> None:
+        """End as ``status`` the node runs still open: nodes stopped before their own
+        logger could end them (an interrupt while a node was starting)."""
+        for path in sorted((self.inv_dir / "nodes").glob("*.json")):
+            rec = load_node_record(path)
+            if rec is None or rec.status is not None or rec.run_id is None:
+                continue
+            rec.status = status
+            self._client.set_terminated(rec.run_id, status=status)
+            rec.status_synced = True
+            save_node_record(path, rec)
 
 
 def _sync_invocation(client: Any, inv_dir: Path, inv: dict[str, Any], *, final: bool) -> None:
@@ -259,5 +305,7 @@ def _sync_invocation(client: Any, inv_dir: Path, inv: dict[str, Any], *, final: 
     if final:
         sync_summaries(client, inv_dir, inv)
     if final and inv.get("status") and not s["status"]:
+        if inv.get("end_reason"):  # closed by another process (sync.close_dead_runs)
+            client.set_tag(run_id, END_REASON, inv["end_reason"])
         client.set_terminated(run_id, status=inv["status"])
         s["status"] = True

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from ...errors import UserError
+from ..signals import deferred
 
 
 def _client_env_defaults() -> None:
@@ -113,7 +114,8 @@ def _locked(e: BaseException) -> bool:
 
 
 class _RetryingClient:
-    """An ``MlflowClient`` whose calls are retried while SQLite says it is locked."""
+    """An ``MlflowClient`` whose calls are retried while SQLite says it is locked, and that
+    a stop signal does not interrupt mid-call (:func:`..signals.deferred`)."""
 
     def __init__(self, client: Any):
         self._client = client
@@ -126,7 +128,8 @@ class _RetryingClient:
         def call(*args: Any, **kwargs: Any) -> Any:
             for attempt in range(LOCKED_RETRIES + 1):
                 try:
-                    return attr(*args, **kwargs)
+                    with deferred():  # a stop signal waits for the call (engine/signals.py)
+                        return attr(*args, **kwargs)
                 except Exception as e:
                     if not _locked(e) or attempt == LOCKED_RETRIES:
                         raise
@@ -141,7 +144,7 @@ def _client(uri: str) -> Any:
     from mlflow.tracking import MlflowClient
 
     if _sqlite_path(uri) is None:
-        return MlflowClient(tracking_uri=uri)
+        return _RetryingClient(MlflowClient(tracking_uri=uri))  # retries only SQLite's locks
     with setup_lock(uri):
         client = _RetryingClient(MlflowClient(tracking_uri=uri))
         # the first query creates (or migrates) the database: under the lock

@@ -6,6 +6,10 @@ from pydantic import BaseModel, ConfigDict
 
 
 class StrictModel(BaseModel):
-    """A spec section. ``extra="forbid"`` so a misspelt key never silently runs a default."""
+    """A spec section. ``extra="forbid"`` so a misspelt key never silently runs a default;
+    ``allow_inf_nan=False``: no spec number is meaningful as ``.inf`` or ``.nan`` (a bound
+    like ``gt=0`` refuses NaN but lets ``lr: .inf`` through, to fail only in the run)."""
 
-    model_config = ConfigDict(extra="forbid", validate_default=True, populate_by_name=False)
+    model_config = ConfigDict(
+        extra="forbid", validate_default=True, populate_by_name=False, allow_inf_nan=False
+    )
