@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from resalign.engine.store import Store, read_metrics
+from resalign.engine.store import DONE, Store, read_manifest, read_metrics
 
 HERE = Path(__file__).resolve().parent
 BAD = re.compile(r"database is locked|Traceback|continuing locally|resalign sync")
@@ -64,6 +64,10 @@ def mlflow_vs_store(store: Path) -> list[str]:
             for k, v in rec.items()
             if k != "step"
         }
+        # and what the node cost, from its DONE manifest, as the tracker logs it (step 0)
+        cost = (read_manifest(d / DONE) or {}).get("cost") or {}
+        want |= {(f"cost.{k}", 0, float(v)) for k, v in cost.items()
+                 if isinstance(v, int | float) and not isinstance(v, bool)}  # fmt: skip
         points += len(want)
         mine = by_key.get(key, [])
         if len(mine) != 1:

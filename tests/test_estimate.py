@@ -103,7 +103,7 @@ def test_history_reads_the_cost_from_done_manifests(tmp_path):
         (staging / "node.json").write_text(json.dumps(
             {"kind": node.kind, "name": node.name, "key": node.key, "params": node.params,
              "deps": dict(node.deps), "inputs": inputs}))  # fmt: skip
-        return st.commit(staging, node.kind, node.key, cost=cost)
+        return st.commit(staging, node.kind, node.key, None if cost is None else {"cost": cost})
 
     model = commit(g["model"], {"wall_s": 172.0, "cpu_s": 170.0, "peak_rss_mb": 600.0}, {})
     seg = g["attack/plain/seed0/poison5_adam_3e-4/seed1/step50"]

@@ -219,7 +219,7 @@ def test_pruned_trials_last_segment_keeps_the_unsplit_key(tmp_path):
     from resalign.graph.keys import canonical_json
 
     threat = plain.spec.threats["poison"].model_dump(mode="json")
-    for f in ("stages", "embedding"):
+    for f in ("stages", "embedding", "perturb"):
         threat.pop(f)
     for f in ("report_at", "pruner"):
         threat["search"].pop(f)

@@ -974,6 +974,9 @@ _CSS = (
     "td,th{border:1px solid #ccc;padding:4px 8px;vertical-align:top;overflow-wrap:anywhere}"
     "td{font-size:90%}th{text-align:left}img{max-width:100%;height:auto}"
     "figcaption{font-size:90%;color:#333}"
+    # the resurgence, transfer and search sections are markdown tables in <pre>: wrapped, so
+    # the page still fits a 1000-px window (tests/test_mlflow_browser.py)
+    "pre{white-space:pre-wrap;overflow-wrap:anywhere;font-size:85%}"
 )
 
 
