@@ -157,6 +157,13 @@ def test_generation_needs_a_flow_sampler(folder: Path, tmp_path: Path) -> None:
     assert again[0].path.read_bytes() == images[0].path.read_bytes()  # per-image seeds
 
 
+def test_textual_inversion_is_refused_for_sd3(folder: Path) -> None:
+    from resalign.models.embeddings import text_encoders
+
+    with pytest.raises(UserError, match="not built for SD3"):
+        text_encoders(_bundle(folder))
+
+
 def test_math_attention_makes_joint_attention_twice_differentiable(folder: Path) -> None:
     b = _bundle(folder)
     nb = _batch(b, 1)
