@@ -14,7 +14,7 @@ from resalign.spec.schema.evaluate import NUDENET_UNSAFE_CLASSES
 
 
 def test_registry_has_every_metric_with_a_version():
-    assert set(METRICS) == {"nudenet_ip", "mhsc_us", "fid", "clip_score", "concept_rate"}
+    assert set(METRICS) == {"nudenet_ip", "mhsc_us", "q16", "fid", "clip_score", "concept_rate"}
     assert all(cls.version for cls in METRICS.values())
     with pytest.raises(UserError, match="unknown metric"):
         get_metric("nsfw")
