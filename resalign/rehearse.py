@@ -6,12 +6,13 @@ the graph's shape (the same nodes, step kinds, rows, threats, LoRA targets, Drea
 harvest, metrics and report) and replaces only what a CPU cannot afford or a fresh clone does
 not hold:
 
-- **Model.** ``family: sd`` / ``sdxl`` become a random-weight pipeline of the same family and
-  layout, saved as a diffusers folder: the same UNet block types, cross-attention and LoRA
-  target module names, a CLIP text encoder (two and the added size/pooled conditioning for
-  SDXL), a CLIP tokenizer (byte-level, built offline) and an ``AutoencoderKL``, tiny in width
-  and resolution (``toy``) or at the published widths with 64×64 latents (``full``, for
-  ``scripts/gpu_check.sh``). ``family: tiny`` is kept, its pretraining capped.
+- **Model.** ``family: sd`` / ``sdxl`` / ``sd3`` become a random-weight pipeline of the same
+  family and layout, saved as a diffusers folder: the same UNet (SD3: MM-DiT transformer)
+  block types, attention and LoRA target module names, a CLIP text encoder (two and the added
+  size/pooled conditioning for SDXL; CLIP-L, CLIP-G and T5 for SD 3.5), CLIP tokenizers
+  (byte-level, built offline; T5's a Unigram one) and an ``AutoencoderKL``, tiny in width and
+  resolution (``toy``) or, for SD v1.x, at the published widths with 64×64 latents (``full``,
+  for ``scripts/gpu_check.sh``). ``family: tiny`` is kept, its pretraining capped.
 - **Data.** A dataset whose file or folder exists is used as it is (shipped prompt lists
   included), capped by ``limit``; a missing one is replaced by stand-in items of its declared
   type: a prompt list of neutral prompts, or an image folder of synthesised images with
@@ -24,9 +25,9 @@ not hold:
   of them are drawn every outer step, so LoRA, DreamBooth (with its prior) and full
   fine-tuning each run; the full profile keeps the published J and every configuration.
 - **Metric weights.** A missing weight file is replaced by random weights of the same
-  architecture: FID's Inception-v3 (full size), a small CLIP for ``mhsc_us``/``clip_score``
-  with the published embedding width (768 for ViT-L/14, 512 for ViT-B/32) and a random
-  safety head. NudeNet's detector ships with its package and is the real one.
+  architecture: FID's Inception-v3 (full size), a small CLIP for ``mhsc_us``/``q16``/
+  ``clip_score`` with the published embedding width (768 for ViT-L/14, 512 for ViT-B/32), a
+  random safety head and a random Q16 probe. NudeNet's detector ships with its package and is the real one.
 
 Everything is marked as a rehearsal: the store folder, the spec name and MLflow experiment
 (suffix ``.rehearsal``, so the report is titled ``resalign report: <name>.rehearsal``), the
@@ -312,6 +313,8 @@ _WEIGHTS = {
     ("fid", "inception_path"): ("inception_random.pth", "inception"),
     ("mhsc_us", "clip_path"): ("clip_vitl14_random", "clip768"),
     ("mhsc_us", "head_path"): ("mhsc_head_random.pt", "head"),
+    ("q16", "clip_path"): ("clip_vitl14_random", "clip768"),
+    ("q16", "probe_path"): ("q16_probe_random.pt", "q16"),
     ("clip_score", "clip_path"): ("clip_vitb32_random", "clip512"),
 }
 
@@ -440,6 +443,9 @@ def build_weights(path: Path, what: str) -> None:
                 torch.nn.Linear(384, 1),
             )
             state = head.state_dict()
+        elif what == "q16":
+            # Q16's probe: two prompt embeddings in CLIP ViT-L/14's 768-d space
+            state = torch.randn(2, 768)
         else:
             raise ValueError(what)
     torch.save(state, path)
@@ -521,8 +527,9 @@ _TOY_TEXT: dict[str, Any] = {
 
 
 def build_pipeline(family: str, scale: str, folder: Path, pretrained: str = "") -> None:
-    """Save a random-weight pipeline of ``family`` (``sd`` or ``sdxl``) at ``scale`` (``toy``
-    or ``full``) as a diffusers folder. Deterministic (seed 0).
+    """Save a random-weight pipeline of ``family`` (``sd``, ``sdxl`` or ``sd3``) at ``scale``
+    (``toy`` or ``full``; ``full`` for ``sd`` only) as a diffusers folder. Deterministic
+    (seed 0).
 
     SD v1.x: SD v1.4's UNet block layout (``resalign.models.sd_arch``), CLIP text encoder,
     byte-level CLIP tokenizer (77 tokens), 4-block ``AutoencoderKL`` (8× down), PNDM
@@ -533,6 +540,8 @@ def build_pipeline(family: str, scale: str, folder: Path, pretrained: str = "") 
     """
     if family == "sdxl":
         return _build_sdxl(scale, folder)
+    if family == "sd3":
+        return _build_sd3(scale, folder)
     if family != "sd":
         raise ValueError(f"no rehearsal model for family {family!r}")
     if any(k in pretrained.lower() for k in ("stable-diffusion-2", "sd2", "sd-2")):
@@ -542,10 +551,11 @@ def build_pipeline(family: str, scale: str, folder: Path, pretrained: str = "") 
             hint="rehearse an SD v1.x or SDXL spec",
         )
     import torch
-    from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
+    from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
     from .models import sd_arch
+    from .models.pipelines import assemble_pipeline
     from .models.tiny import sampling_scheduler_from_spec, write_byte_tokenizer
     from .spec.schema.model import NoiseScheduleSpec
 
@@ -576,15 +586,13 @@ def build_pipeline(family: str, scale: str, folder: Path, pretrained: str = "") 
         )
         unet = UNet2DConditionModel(**unet_cfg)
         vae = AutoencoderKL(**vae_cfg)
-    pipe = StableDiffusionPipeline(
+    pipe = assemble_pipeline(
+        "sd",
+        denoiser=unet,
         vae=vae,
-        text_encoder=text_encoder,
-        tokenizer=tokenizer,
-        unet=unet,
         scheduler=sampling_scheduler_from_spec(NoiseScheduleSpec()),
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
+        text_encoders=[text_encoder],
+        tokenizers=[tokenizer],
     )
     pipe.save_pretrained(str(folder), safe_serialization=True)
     import shutil
@@ -603,8 +611,9 @@ def _build_sdxl(scale: str, folder: Path) -> None:
             hint="use --rehearse-profile toy",
         )
     import torch
-    from diffusers import AutoencoderKL, StableDiffusionXLPipeline
+    from diffusers import AutoencoderKL
 
+    from .models.pipelines import assemble_pipeline
     from .models.tiny import build_tiny_sdxl_pipeline, build_tiny_sdxl_unet
     from .spec.schema.model import NoiseScheduleSpec, TinyModelSpec
 
@@ -625,14 +634,112 @@ def _build_sdxl(scale: str, folder: Path) -> None:
         torch.manual_seed(1)
         unet = build_tiny_sdxl_unet(tiny, 4, 8)
         vae = AutoencoderKL(**vae_cfg)
-    pipe = StableDiffusionXLPipeline(
+    pipe = assemble_pipeline(
+        "sdxl",
+        denoiser=unet,
         vae=vae,
-        text_encoder=base.text_encoder,
-        text_encoder_2=base.text_encoder_2,
-        tokenizer=base.tokenizer,
-        tokenizer_2=base.tokenizer_2,
-        unet=unet,
         scheduler=base.scheduler,
-        add_watermarker=False,
+        text_encoders=[base.text_encoder, base.text_encoder_2],
+        tokenizers=[base.tokenizer, base.tokenizer_2],
     )
     pipe.save_pretrained(str(folder), safe_serialization=True)
+
+
+# SD 3.5 Medium's layout (the transformer/, vae/ and text encoders' configs of
+# stabilityai/stable-diffusion-3.5-medium): MM-DiT joint blocks with RMS q/k norm, the first
+# 13 with a second (dual) image self-attention, patch 2, T5 text width 4096, pooled
+# CLIP-L + CLIP-G 768 + 1280; a 16-channel VAE with scaling 1.5305 and shift 0.0609.
+SD35_MEDIUM_TRANSFORMER: dict[str, Any] = {
+    "sample_size": 128,
+    "patch_size": 2,
+    "in_channels": 16,
+    "out_channels": 16,
+    "num_layers": 24,
+    "attention_head_dim": 64,
+    "num_attention_heads": 24,
+    "joint_attention_dim": 4096,
+    "caption_projection_dim": 1536,
+    "pooled_projection_dim": 2048,
+    "pos_embed_max_size": 384,
+    "qk_norm": "rms_norm",
+    "dual_attention_layers": tuple(range(13)),
+}
+_SD3_VAE: dict[str, Any] = {
+    **_SD_VAE,
+    "latent_channels": 16,
+    "scaling_factor": 1.5305,
+    "shift_factor": 0.0609,
+    "use_quant_conv": False,
+    "use_post_quant_conv": False,
+}
+
+
+def _build_sd3(scale: str, folder: Path) -> None:
+    """SD 3.5-shaped pipeline at toy width: the transformer's block types of SD 3.5 Medium
+    (joint blocks with RMS q/k norm, the first a dual-attention block, the last
+    context-pre-only; 3 blocks of width 16), CLIP-L and CLIP-G roles as two
+    ``CLIPTextModelWithProjection`` (width 32) with 77-token byte-level tokenizers, a T5
+    v1.1-shaped encoder (width 64) with an offline Unigram tokenizer (256 tokens: the
+    pipeline's default sequence), an SD3-layout 16-channel VAE (8× down, scaling and shift
+    as published) at 64 px, and a ``FlowMatchEulerDiscreteScheduler`` with SD3's shift 3."""
+    if scale != "toy":
+        raise UserError(
+            "the SD3 rehearsal is available at toy scale only",
+            hint="use --rehearse-profile toy",
+        )
+    import torch
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection
+
+    from .models.pipelines import assemble_pipeline
+    from .models.tiny import build_t5_tokenizer, build_tiny_t5, write_byte_tokenizer
+    from .spec.schema.model import TinyModelSpec
+
+    text = dict(_TOY_TEXT)
+    t5 = TinyModelSpec(text_hidden_size=text["hidden_size"], text_layers=2)
+    transformer_cfg = dict(
+        SD35_MEDIUM_TRANSFORMER,
+        sample_size=8,
+        num_layers=3,
+        attention_head_dim=8,
+        num_attention_heads=2,
+        caption_projection_dim=16,
+        joint_attention_dim=2 * text["hidden_size"],
+        pooled_projection_dim=2 * text["projection_dim"],
+        pos_embed_max_size=8,
+        dual_attention_layers=(0,),
+    )
+    vae_cfg = dict(_SD3_VAE, block_out_channels=[8, 8, 16, 16], norm_num_groups=8, sample_size=64)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        tokenizers = [write_byte_tokenizer(folder / f"_tok{i}", 77) for i in (1, 2)]
+        tokenizers.append(build_t5_tokenizer(256))
+        encoders = [
+            CLIPTextModelWithProjection(
+                CLIPTextConfig(
+                    vocab_size=len(tok),
+                    max_position_embeddings=77,
+                    bos_token_id=0,
+                    eos_token_id=1,
+                    pad_token_id=1,
+                    **text,
+                )
+            )
+            for tok in tokenizers[:2]
+        ]
+        encoders.append(build_tiny_t5(t5, len(tokenizers[2])))
+        transformer = SD3Transformer2DModel(**transformer_cfg)
+        vae = AutoencoderKL(**vae_cfg)
+    pipe = assemble_pipeline(
+        "sd3",
+        denoiser=transformer,
+        vae=vae,
+        scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
+        text_encoders=encoders,
+        tokenizers=tokenizers,
+    )
+    pipe.save_pretrained(str(folder), safe_serialization=True)
+    import shutil
+
+    for i in (1, 2):
+        shutil.rmtree(folder / f"_tok{i}", ignore_errors=True)

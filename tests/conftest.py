@@ -42,6 +42,7 @@ _FAST_FILES = {
     "test_graph_compile.py",
     "test_graph_keys.py",
     "test_objectives.py",
+    "test_flow_matching.py",
     "test_hypergrad.py",
     "test_eval_metrics.py",
     "test_report.py",

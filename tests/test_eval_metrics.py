@@ -14,7 +14,7 @@ from resalign.spec.schema.evaluate import NUDENET_UNSAFE_CLASSES
 
 
 def test_registry_has_every_metric_with_a_version():
-    assert set(METRICS) == {"nudenet_ip", "mhsc_us", "fid", "clip_score", "concept_rate"}
+    assert set(METRICS) == {"nudenet_ip", "mhsc_us", "q16", "fid", "clip_score", "concept_rate"}
     assert all(cls.version for cls in METRICS.values())
     with pytest.raises(UserError, match="unknown metric"):
         get_metric("nsfw")
@@ -184,3 +184,30 @@ def test_concept_rate_repeats_the_concept_prompt(tmp_path):
     out = {v.name: v for v in metric.compute(batch)}
     assert out["concept_rate"].n == 8 and out["concept_rate"].value == pytest.approx(0.5)
     assert out["retain_accuracy"].n == 18
+
+
+def test_concept_rate_of_a_category_of_digits(tmp_path):
+    """A concept that is a category (``label: [0, 6]``): both digits' prompts are the
+    concept's (repeated each), and concept_rate is the share of their images the judge reads
+    as the digit asked; the other eight digits are retained."""
+    from resalign.data.digits import load_digits_arrays, split_indices
+
+    images, labels = load_digits_arrays()
+    test = split_indices(len(labels), "test")
+    metric = get_metric("concept_rate")(
+        {"kind": "concept_rate", "concept_repeats": 2}, {"concept_label": [0, 6]}
+    )
+    digits = metric.prompt_digits()
+    assert digits == [0, 0, 1, 2, 3, 4, 5, 6, 6, 7, 8, 9]
+    prompts = metric.prompts()
+    batch = []
+    for i, d in enumerate(digits):
+        # the model still draws zeros, but draws a one where a six is asked for
+        shown = 1 if d == 6 else d
+        idx = test[labels[test] == shown][:3]
+        paths = _save_digits(tmp_path, images[idx], f"c{i}_{shown}")
+        batch += [EvalImage(p, prompts[i], i, k) for k, p in enumerate(paths)]
+    out = {v.name: v for v in metric.compute(batch)}
+    assert out["concept_rate"].n == 12 and out["concept_rate"].value == pytest.approx(0.5)
+    assert out["retain_accuracy"].n == 24
+    assert out["retain_accuracy"].value == pytest.approx(1.0, abs=0.05)

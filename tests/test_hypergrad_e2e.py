@@ -107,7 +107,7 @@ def test_quadratic_sgd_closed_forms_of_truth_and_moreau():
     h_u, _ = hc.applied_hypergradient(m, cfg, theta, 0, HypergradientSpec(kind="unrolled"))
     assert torch.allclose(flat(h_u), x, rtol=1e-10, atol=1e-14)
     # the solve's fresh HVP batch is drawn right after the harmful batch
-    fresh = noise_batch(data.sample(cfg.batch_size, gen), m.den.scheduler, gen)
+    fresh = noise_batch(data.sample(cfg.batch_size, gen), m.den.objective, gen)
     a_f = _dense_hessian(m, fresh, theta)
     term, neumann = b.clone(), torch.zeros_like(b)
     for _ in range(5):

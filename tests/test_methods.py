@@ -49,17 +49,17 @@ def spec(**over):
 
 def eval_losses(prob):
     """Denoising loss on fixed noised harmful and retain batches (independent of the method)."""
-    den = Denoiser(prob.unet, prob.scheduler, {})
+    den = Denoiser(prob.unet, prob.objective, {})
     g = torch.Generator().manual_seed(123)
-    hb = noise_batch(prob.harmful, prob.scheduler, g)
-    rb = noise_batch(prob.retain, prob.scheduler, g)
+    hb = noise_batch(prob.harmful, prob.objective, g)
+    rb = noise_batch(prob.retain, prob.objective, g)
     with torch.no_grad():
         return float(denoise_loss(den, {}, hb)), float(denoise_loss(den, {}, rb))
 
 
 def esd_objective(prob, m):
     g = torch.Generator().manual_seed(321)
-    hb = noise_batch(prob.harmful, prob.scheduler, g)
+    hb = noise_batch(prob.harmful, prob.objective, g)
     target = esd_target(m.den, hb, prob.uncond, 1.0)
     with torch.no_grad():
         return float(esd_loss(m.den, dict(zip(m.names, m.params)), hb, target))

@@ -98,12 +98,12 @@ def _spec(method: str, kind: str = "moreau") -> UnlearnSpec:
 
 
 def _harm_loss(unet: torch.nn.Module, prob: UnlearnProblem) -> float:
-    den = Denoiser(unet, prob.scheduler, {})
+    den = Denoiser(unet, prob.objective, {})
     g = torch.Generator().manual_seed(123)
     with torch.no_grad():
         return (
             sum(
-                float(denoise_loss(den, {}, noise_batch(prob.harmful, prob.scheduler, g)))
+                float(denoise_loss(den, {}, noise_batch(prob.harmful, prob.objective, g)))
                 for _ in range(2)
             )
             / 2
@@ -117,11 +117,11 @@ def _attacked(m: Method) -> float:
         unet = copy.deepcopy(m.unet)
         unet.requires_grad_(True)
         opt = torch.optim.Adam(unet.parameters(), lr=ATTACK_LR)
-        den = Denoiser(unet, m.problem.scheduler, {})
+        den = Denoiser(unet, m.problem.objective, {})
         g = torch.Generator().manual_seed(seed)
         for _ in range(ATTACK_STEPS):
             opt.zero_grad()
-            denoise_loss(den, {}, noise_batch(m.problem.harmful, m.problem.scheduler, g)).backward()
+            denoise_loss(den, {}, noise_batch(m.problem.harmful, m.problem.objective, g)).backward()
             opt.step()
         out.append(_harm_loss(unet, m.problem))
     return sum(out) / len(out)

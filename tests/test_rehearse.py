@@ -319,3 +319,45 @@ def test_metric_stand_ins_load_in_the_real_metrics(tmp_path: Path) -> None:
     clip = ClipScore({"kind": "clip_score", "prompts": "p", "clip_path": str(tmp_path / "clip512")})
     (cs,) = clip.compute(images)
     assert cs.n == 2 and -100.0 <= cs.value <= 100.0
+
+
+SD35 = ROOT / "specs" / "sd35_sexual.yaml"
+
+
+@pytest.mark.slow
+def test_sd35_spec_rehearses_through_the_cli(tmp_path: Path) -> None:
+    """specs/sd35_sexual.yaml (SD 3.5 Medium, extending the SD v1.4 spec) rehearses end to
+    end on an SD 3.5-shaped random pipeline: SD 3.5 Medium's transformer block types (RMS
+    q/k norm, a dual-attention block, the last block context-pre-only), CLIP-L, CLIP-G and T5
+    text encoders, the 16-channel VAE; every node of the real graph runs, trained with flow
+    matching on the SD3 LoRA targets."""
+    from diffusers import StableDiffusion3Pipeline
+
+    from resalign.graph.compile import compile_spec
+    from resalign.rehearse import SD35_MEDIUM_TRANSFORMER
+    from resalign.spec import load_spec
+    from resalign.spec.schema.model import SD3_LORA_TARGETS
+
+    store = tmp_path / "runs"
+    res = CliRunner().invoke(
+        cli, ["run", str(SD35), "--rehearse", "--store", str(store), "--no-tracking"]
+    )
+    assert res.exit_code == 0, res.output
+    root = store / "rehearsal"
+    reh = load_spec(root / "specs" / "sd35_sexual.rehearsal.toy.yaml")
+    assert reh.spec.model.family == "sd3" and reh.spec.model.trainable.targets == SD3_LORA_TARGETS
+    pipe = StableDiffusion3Pipeline.from_pretrained(reh.spec.model.pretrained)
+    cfg = pipe.transformer.config
+    for key in ("qk_norm", "patch_size", "in_channels"):
+        assert cfg[key] == SD35_MEDIUM_TRANSFORMER[key], key
+    assert list(cfg["dual_attention_layers"]) == [0] and cfg["num_layers"] == 3
+    assert pipe.transformer.transformer_blocks[-1].context_pre_only
+    assert type(pipe.text_encoder_3).__name__ == "T5EncoderModel"
+    assert pipe.vae.config.latent_channels == 16 and pipe.vae.config.shift_factor == 0.0609
+    done = {json.loads((p.parent / "node.json").read_text())["name"] for p in root.glob("*/*/DONE")}
+    assert {_shape(n) for n in done} == {_shape(n.name) for n in compile_spec(load_spec(SD35))}
+    lora = sorted(root.glob("unlearn/*/lora/pytorch_lora_weights.safetensors"))
+    assert lora  # the transformer's LoRA, in the format StableDiffusion3Pipeline loads
+    pipe.load_lora_weights(lora[0].parent)
+    report = next(root.glob("report/*/report.md")).read_text()
+    assert report.startswith("# resalign report: sd35_sexual.rehearsal")

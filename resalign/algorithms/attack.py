@@ -14,9 +14,11 @@ optionally poisoned, image-caption pairs) with ``torch.optim`` and diffusers' sc
   said ``embedding.replaces`` (:mod:`resalign.algorithms.embedding_attack`; the UNet is frozen
   and the conditioning is computed with gradients to the new rows).
 
-The loss is the standard DDPM objective of :mod:`resalign.models.diffusion` (ε- or
-v-prediction per the model's noise scheduler, timesteps uniform over the training schedule),
-conditioned by :meth:`ModelBundle.encode_condition` (SDXL's added conditioning included).
+The loss is the model's training objective (:mod:`resalign.models.diffusion`: DDPM with ε-
+or v-prediction per the model's noise scheduler and timesteps uniform over the training
+schedule, or flow matching with the velocity target and the published timestep sampling),
+conditioned by :meth:`ModelBundle.encode_condition` (SDXL's and SD3's pooled conditioning
+included).
 Poisoned data arrive already mixed (``resalign.data.pairs.mix_pairs``, the ``mix`` dataset's
 implementation). All randomness (batch order, timesteps, noise)
 comes from one CPU ``torch.Generator`` seeded by the attack seed, so results do not depend on
@@ -57,7 +59,7 @@ import torch
 from ..atomic import atomic_open
 from ..errors import UserError
 from ..models.bundle import as_condition
-from ..models.diffusion import draw_noise, noise_and_target, squared_error
+from ..models.diffusion import as_objective, predict, squared_error
 from ..models.saving import merged_unet_state_dict, save_merged_unet  # noqa: F401  (re-export)
 
 log = logging.getLogger("resalign.attack")
@@ -70,7 +72,7 @@ class DenoiserBundle(Protocol):
     """What the attack needs from ``resalign.models.bundle.ModelBundle``."""
 
     unet: Any
-    noise_scheduler: Any
+    objective: Any
 
     def encode_condition(self, captions: list[str]) -> dict[str, Any]: ...
 
@@ -287,18 +289,20 @@ def attach_fresh_lora(unet: torch.nn.Module, config: AttackConfig) -> list[str]:
 
 def denoise_loss(
     unet: torch.nn.Module,
-    noise_scheduler: Any,
+    objective: Any,
     latents: torch.Tensor,
     cond: torch.Tensor | Mapping[str, Any],
     generator: torch.Generator,
 ) -> torch.Tensor:
-    """DDPM training loss (:mod:`resalign.models.diffusion`): squared error of the UNet's ε
-    or v prediction, batch mean. ``cond`` is the batch's UNet conditioning
-    (:meth:`ModelBundle.encode_condition`; text embeddings alone for models without added
-    conditioning)."""
-    noise, t = draw_noise(latents, int(noise_scheduler.config.num_train_timesteps), generator)
-    noisy, target = noise_and_target(noise_scheduler, latents, noise, t)
-    pred = unet(noisy, t, **as_condition(cond)).sample
+    """The model's training loss (:mod:`resalign.models.diffusion`; ``objective`` an
+    ``Objective`` or a training scheduler): squared error of the denoiser's prediction
+    against the objective's target (ε or v for DDPM, the velocity for flow matching), batch
+    mean. ``cond`` is the batch's conditioning (:meth:`ModelBundle.encode_condition`; text
+    embeddings alone for models without added conditioning)."""
+    obj = as_objective(objective)
+    noise, t = obj.draw(latents, generator)
+    noisy, target = obj.noise_and_target(latents, noise, t)
+    pred = predict(unet, noisy, t, as_condition(cond))
     return squared_error(pred, target)
 
 
@@ -477,10 +481,10 @@ def run_attack(
             if prior_sampler is not None and prior is not None:
                 p_lat, p_cond = batch(prior, prior_sampler)
             with _autocast(precision, dev):
-                loss = denoise_loss(unet, bundle.noise_scheduler, latents, cond, gen)
+                loss = denoise_loss(unet, bundle.objective, latents, cond, gen)
                 if prior_sampler is not None:
                     loss = loss + config.prior_weight * denoise_loss(
-                        unet, bundle.noise_scheduler, p_lat, p_cond, gen
+                        unet, bundle.objective, p_lat, p_cond, gen
                     )
             scaler.scale(loss / config.grad_accumulation).backward()
             total += float(loss.detach()) / config.grad_accumulation

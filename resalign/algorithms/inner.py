@@ -262,10 +262,10 @@ def simulate_finetune(
     losses: list[float] = []
     nb = pb = None
     for _ in range(steps):
-        nb = noise_batch(data.sample(batch_size, generator), den.scheduler, generator)
+        nb = noise_batch(data.sample(batch_size, generator), den.objective, generator)
         pb = None
         if prior is not None:
-            pb = noise_batch(prior.sample(batch_size, generator), den.scheduler, generator)
+            pb = noise_batch(prior.sample(batch_size, generator), den.objective, generator)
         leaves = [c.requires_grad_(True) for c in cur]
         with torch.enable_grad():
             loss = loss_fn(dict(zip(names, leaves)), nb, pb)

@@ -1,14 +1,17 @@
 """Objectives of unlearning, on pre-encoded data and a functional diffusers UNet.
 
 - :class:`EncodedPairs`: latents ``[N,C,h,w]``, text embeddings ``[N,L,D]``, SDXL's added
-  conditioning (pooled text embeddings, time ids) where the model has it, optional labels.
-- :class:`Denoiser`: the UNet's prediction (ε or v, as the training scheduler's
-  ``prediction_type`` says) at a given parameter dict (``torch.func.functional_call``), and
-  of the frozen original model. Every UNet call of unlearning goes through it.
+  conditioning (pooled text embeddings, time ids) or SD3's pooled projections where the
+  model has them, optional labels.
+- :class:`Denoiser`: the denoiser's prediction (what the model's objective trains it to
+  predict: ε or v for DDPM, the velocity for flow matching) at a given parameter dict
+  (``torch.func.functional_call``), and of the frozen original model. Every denoiser call of
+  unlearning goes through it.
 - harmful losses (``neg_denoise``, ``esd``) and retain regularizers (``distill``,
   ``denoise``) registered by name, and the regularizer weight schedule.
 
-Noising, target and squared error are :mod:`resalign.models.diffusion`'s, shared with
+Noising, target and squared error are the model's objective's
+(:mod:`resalign.models.diffusion`: DDPM or flow matching, chosen by the model), shared with
 attacks and pretraining. The squared error is written out (not ``F.mse_loss``):
 forward-over-reverse HVPs need it; half-precision predictions are upcast before the
 reduction.
@@ -39,7 +42,7 @@ from ..models.bundle import (
     expand_condition,
     take_condition,
 )
-from ..models.diffusion import draw_noise, noise_and_target, squared_error
+from ..models.diffusion import Objective, as_objective, squared_error
 from . import memory
 
 Params = Mapping[str, Tensor]
@@ -49,12 +52,13 @@ Params = Mapping[str, Tensor]
 class EncodedPairs:
     """Pre-encoded image–text pairs: what every loss here consumes. ``added`` is SDXL's
     ``added_cond_kwargs`` per item (``text_embeds`` ``[N,P]``, ``time_ids`` ``[N,6]``),
-    None for models without added conditioning."""
+    ``pooled`` SD3's ``pooled_projections`` ``[N,P]``; None for models without them."""
 
     latents: Tensor
     embeddings: Tensor
     labels: Tensor | None = None
     added: dict[str, Tensor] | None = None
+    pooled: Tensor | None = None
 
     @classmethod
     def from_condition(
@@ -62,7 +66,13 @@ class EncodedPairs:
     ) -> EncodedPairs:
         """From latents and a condition of :meth:`ModelBundle.encode_condition`."""
         added = cond.get("added_cond_kwargs")
-        return cls(latents, cond["encoder_hidden_states"], labels, dict(added) if added else None)
+        return cls(
+            latents,
+            cond["encoder_hidden_states"],
+            labels,
+            dict(added) if added else None,
+            cond.get("pooled_projections"),
+        )
 
     @classmethod
     def encode(
@@ -88,8 +98,8 @@ class EncodedPairs:
 
     @property
     def condition(self) -> Condition:
-        """The UNet keyword arguments of these pairs' captions."""
-        return _condition(self.embeddings, self.added)
+        """The denoiser keyword arguments of these pairs' captions."""
+        return _condition(self.embeddings, self.added, self.pooled)
 
     def __post_init__(self) -> None:
         if self.latents.shape[0] != self.embeddings.shape[0]:
@@ -105,7 +115,8 @@ class EncodedPairs:
     def take(self, index: Tensor) -> EncodedPairs:
         labels = None if self.labels is None else self.labels[index]
         added = None if self.added is None else take_condition(self.added, index)
-        return EncodedPairs(self.latents[index], self.embeddings[index], labels, added)
+        pooled = None if self.pooled is None else self.pooled[index]
+        return EncodedPairs(self.latents[index], self.embeddings[index], labels, added, pooled)
 
     def sample(self, n: int, generator: torch.Generator) -> EncodedPairs:
         """``n`` items drawn uniformly with replacement (index drawn on ``generator``)."""
@@ -115,8 +126,9 @@ class EncodedPairs:
     def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> EncodedPairs:
         lab = None if self.labels is None else self.labels.to(device)
         added = None if self.added is None else condition_to(self.added, device, dtype)
+        pooled = None if self.pooled is None else self.pooled.to(device, dtype)
         return EncodedPairs(
-            self.latents.to(device, dtype), self.embeddings.to(device, dtype), lab, added
+            self.latents.to(device, dtype), self.embeddings.to(device, dtype), lab, added, pooled
         )
 
     @staticmethod
@@ -129,18 +141,28 @@ class EncodedPairs:
             if any(p.added is None for p in parts):
                 raise ValueError("cannot concatenate pairs with and without added conditioning")
             added = cat_conditions([p.added for p in parts])  # type: ignore[misc]
+        pooled = None
+        if parts[0].pooled is not None:
+            if any(p.pooled is None for p in parts):
+                raise ValueError("cannot concatenate pairs with and without pooled projections")
+            pooled = torch.cat([p.pooled for p in parts])  # type: ignore[misc]
         return EncodedPairs(
             torch.cat([p.latents for p in parts]),
             torch.cat([p.embeddings for p in parts]),
             labels,
             added,
+            pooled,
         )
 
 
-def _condition(embeddings: Tensor, added: Mapping[str, Tensor] | None) -> Condition:
+def _condition(
+    embeddings: Tensor, added: Mapping[str, Tensor] | None, pooled: Tensor | None = None
+) -> Condition:
     cond: Condition = {"encoder_hidden_states": embeddings}
     if added is not None:
         cond["added_cond_kwargs"] = dict(added)
+    if pooled is not None:
+        cond["pooled_projections"] = pooled
     return cond
 
 
@@ -154,20 +176,24 @@ class NoisedBatch:
     embeddings: Tensor
     latents: Tensor
     added: dict[str, Tensor] | None = None
+    pooled: Tensor | None = None
 
     @property
     def condition(self) -> Condition:
-        """The UNet keyword arguments of the batch's captions."""
-        return _condition(self.embeddings, self.added)
+        """The denoiser keyword arguments of the batch's captions."""
+        return _condition(self.embeddings, self.added, self.pooled)
 
 
-def noise_batch(pairs: EncodedPairs, scheduler: Any, generator: torch.Generator) -> NoisedBatch:
-    """Draw ε ~ N(0, I) and t ~ U{0..T−1} on ``generator`` and noise the latents (DDPM,
-    :mod:`resalign.models.diffusion`); the target is ε or v per the scheduler."""
+def noise_batch(pairs: EncodedPairs, objective: Any, generator: torch.Generator) -> NoisedBatch:
+    """Draw ε ~ N(0, I) and the timesteps on ``generator`` and noise the latents with
+    ``objective`` (an :class:`~resalign.models.diffusion.Objective`, or a training scheduler
+    whose objective is meant: DDPM's t ~ U{0..T−1} and ε/v target, or flow matching's
+    sampled σ and velocity target)."""
+    obj = as_objective(objective)
     lat = pairs.latents
-    noise, t = draw_noise(lat, int(scheduler.config.num_train_timesteps), generator)
-    noisy, target = noise_and_target(scheduler, lat, noise, t)
-    return NoisedBatch(noisy, t, target, pairs.embeddings, lat, pairs.added)
+    noise, t = obj.draw(lat, generator)
+    noisy, target = obj.noise_and_target(lat, noise, t)
+    return NoisedBatch(noisy, t, target, pairs.embeddings, lat, pairs.added, pairs.pooled)
 
 
 def sq_err(a: Tensor, b: Tensor) -> Tensor:
@@ -177,7 +203,9 @@ def sq_err(a: Tensor, b: Tensor) -> Tensor:
 
 
 class Denoiser:
-    """Noise prediction of ``unet`` with some parameters substituted.
+    """Prediction of the denoiser ``unet`` (a UNet, or SD3's transformer) with some
+    parameters substituted; ``objective`` (an :class:`~resalign.models.diffusion.Objective`
+    or a training scheduler) is how its batches are noised (:attr:`objective`).
 
     ``original`` holds the substitutions that give the frozen original model: for LoRA the
     adapters' up matrices set to zero (the same UNet with the adapter switched off, no second
@@ -194,13 +222,13 @@ class Denoiser:
     def __init__(
         self,
         unet: torch.nn.Module,
-        scheduler: Any,
+        objective: Any,
         original: Params,
         autocast: str = "none",
         everywhere: bool = False,
     ):
         self.unet = unet
-        self.scheduler = scheduler
+        self.objective: Objective = as_objective(objective)
         self.original = dict(original)
         self.autocast = autocast
         self.everywhere = everywhere and autocast != "none"
@@ -223,16 +251,18 @@ class Denoiser:
     def eps(
         self, params: Params, nb: NoisedBatch, cond: Tensor | Mapping[str, Any] | None = None
     ) -> Tensor:
-        """The UNet's prediction on ``nb`` at ``params`` (ε or v: whatever the scheduler's
-        ``prediction_type`` trains it to predict), conditioned on the batch's captions or on
-        ``cond`` (text embeddings, or a full condition with SDXL's added conditioning)."""
+        """The denoiser's prediction on ``nb`` at ``params`` (ε, v or the flow velocity:
+        whatever the objective trains it to predict), conditioned on the batch's captions or
+        on ``cond`` (text embeddings, or a full condition with SDXL's added conditioning or
+        SD3's pooled projections). Called as :func:`resalign.models.diffusion.predict` calls
+        it: the noisy latents, then ``timestep`` and the condition by keyword."""
         kwargs = nb.condition if cond is None else as_condition(cond)
         with memory.autocast(self.mode, nb.noisy.device):
             out = functional_call(
                 self.unet,
                 dict(params),
-                (nb.noisy, nb.timesteps),
-                {**kwargs, "return_dict": False},
+                (nb.noisy,),
+                {"timestep": nb.timesteps, **kwargs, "return_dict": False},
                 strict=False,
             )[0]
         # fp32 out of autocast, so losses, gradients and HVPs are reduced in fp32
@@ -267,10 +297,11 @@ def esd_target(
     """ESD target ``ε₀(x_t,∅) − η·(ε₀(x_t,c) − ε₀(x_t,∅))`` of the frozen original ε₀.
 
     ``uncond`` is the empty prompt's conditioning (one item: text embeddings ``[1, L, D]``
-    or a condition of :meth:`ModelBundle.encode_condition`, which SDXL needs). Departure
-    from ESD: x_t is a noised harmful latent, not a partial sample of the model. For a
-    v-prediction model the same combination is taken of v: v is affine in ε at fixed x_t and
-    the combination's weights sum to one, so it is the v of the ε target.
+    or a condition of :meth:`ModelBundle.encode_condition`, which SDXL and SD3 need).
+    Departure from ESD: x_t is a noised harmful latent, not a partial sample of the model.
+    For a v-prediction or flow-matching model the same combination is taken of its
+    prediction: v (DDPM's, and the flow velocity ε − x₀ = (ε − x_t)/(1 − σ)) is affine in ε
+    at fixed x_t and the combination's weights sum to one, so it is the v of the ε target.
     """
     u = expand_condition(as_condition(uncond), nb.embeddings.shape[0])
     e_c = den.eps_original(nb)

@@ -81,7 +81,7 @@ def draws(
     if prior is not None:
         raise ValueError("the end-to-end check covers configs without a class prior")
     batches = [
-        noise_batch(data.sample(cfg.batch_size, gen), method.den.scheduler, gen)
+        noise_batch(data.sample(cfg.batch_size, gen), method.den.objective, gen)
         for _ in range(cfg.steps)
     ]
     hb, target = method.sample_harmful(gen)

@@ -26,14 +26,21 @@ def harvest(
     guidance: float = 7.5,
     seed: int = 0,
     batch_size: int = 8,
-    scheduler: str = "PNDMScheduler",
+    scheduler: str | None = None,
     on_batch: Callable[[int], None] | None = None,
 ) -> int:
     """Generate ``images_per_prompt`` images per prompt with ``bundle`` and write them to
     ``out`` as an imagefolder (PNGs + ``metadata.jsonl`` with ``file_name``, ``text``,
-    ``prompt_index``, ``seed``). Returns the number of images."""
+    ``prompt_index``, ``seed``). Returns the number of images. ``scheduler`` (a diffusers
+    class name) defaults to PNDM (SD v1.4's sampler) for DDPM models and to
+    ``FlowMatchEulerDiscreteScheduler`` for flow-matching ones (SD3), which PNDM cannot
+    sample (the SD 3.5 rehearsal found this)."""
+    from ..models.diffusion import is_flow_scheduler
     from .imagefolder import write_imagefolder
 
+    if scheduler is None:
+        flow = is_flow_scheduler(bundle.noise_scheduler)
+        scheduler = "FlowMatchEulerDiscreteScheduler" if flow else "PNDMScheduler"
     pipe = bundle.pipeline(scheduler)
     jobs = [(p, i, k) for i, p in enumerate(prompts) for k in range(images_per_prompt)]
     images: list[torch.Tensor] = []

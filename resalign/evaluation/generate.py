@@ -126,8 +126,16 @@ def generate_images(
     pipe.scheduler = cls.from_config(pipe.scheduler.config)
     if hasattr(pipe, "set_progress_bar_config"):
         pipe.set_progress_bar_config(disable=True)
-    dev = torch.device(device) if device else pipe.unet.device
-    size = config.resolution or int(pipe.unet.config.sample_size) * int(pipe.vae_scale_factor)
+    from ..models.bundle import t5_sequence_length
+    from ..models.pipelines import denoiser_of
+
+    denoiser = denoiser_of(pipe)
+    dev = torch.device(device) if device else denoiser.device
+    size = config.resolution or int(denoiser.config.sample_size) * int(pipe.vae_scale_factor)
+    extra: dict[str, Any] = {}
+    if getattr(pipe, "tokenizer_3", None) is not None:
+        # SD3: the T5 length the conditioning of unlearning and attacks used
+        extra["max_sequence_length"] = t5_sequence_length(pipe.tokenizer_3)
 
     fed = [rewrite(p) for p in prompts] if rewrite is not None else prompts
     jobs = [(p, i) for p in range(len(prompts)) for i in range(config.images_per_prompt)]
@@ -152,7 +160,7 @@ def generate_images(
         # Latents drawn on the CPU so images do not depend on the accelerator's RNG.
         shape = (
             len(chunk),
-            pipe.unet.config.in_channels,
+            denoiser.config.in_channels,
             size // pipe.vae_scale_factor,
             size // pipe.vae_scale_factor,
         )
@@ -167,9 +175,10 @@ def generate_images(
                 guidance_scale=config.guidance,
                 height=size,
                 width=size,
-                latents=latents.to(dev, dtype=pipe.unet.dtype),
+                latents=latents.to(dev, dtype=denoiser.dtype),
                 generator=generator,
                 output_type="pil",
+                **extra,
             ).images
         for (p, i), s, img in zip(chunk, seeds, out_images):
             path = images_dir / f"p{p:05d}_i{i:02d}.png"

@@ -555,7 +555,7 @@ def notes(table: Mapping[str, Any]) -> list[str]:
         f"fine-tuning, unlearning seeds before it (original, oracle: attack seeds). Unlearning "
         f"seeds {table.get('unlearn_seeds', [])}, attack seeds {seeds}. Interval: "
         "Student t over the units, clipped to [0, 1] for rates (concept_rate, retain_accuracy, "
-        "nudenet_ip, mhsc_us); none for n = 1.",
+        "nudenet_ip, mhsc_us, q16_rate); none for n = 1.",
         "Relearning area: trapezoid area under the safety metric against the attack step over "
         "[0, last evaluated step] (step 0: the same unlearning seed's pre-FT value), divided by "
         "the last step, per unit. First step: the first evaluated step at which the metric "

@@ -30,7 +30,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 # Metrics that are fractions of images or prompts: their values lie in [0, 1].
-RATE_METRICS = frozenset({"concept_rate", "retain_accuracy", "nudenet_ip", "mhsc_us"})
+RATE_METRICS = frozenset({"concept_rate", "retain_accuracy", "nudenet_ip", "mhsc_us", "q16_rate"})
 
 Unit = tuple[int | None, int | None]  # (unlearning seed, attack seed)
 

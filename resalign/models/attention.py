@@ -1,9 +1,17 @@
 """Attention path switch for second-order differentiation.
 
-PyTorch's fused CPU attention (``scaled_dot_product_attention``) cannot be differentiated
-twice, and forward-mode AD through it is not guaranteed either. Hessian-vector products and
-unrolled differentiation therefore run the UNet through diffusers' plain ``AttnProcessor``
-(explicit ``baddbmm`` + softmax); everything else keeps the fast default.
+PyTorch's fused CPU attention (``scaled_dot_product_attention``'s flash kernel) cannot be
+differentiated twice, and forward-mode AD through it is not guaranteed either. Hessian-vector
+products and unrolled differentiation therefore run the denoiser on a math path; everything
+else keeps the fast default:
+
+- a UNet's attention layers (diffusers' ``AttnProcessor2_0``) switch to the plain
+  ``AttnProcessor`` (explicit ``baddbmm`` + softmax), as before;
+- attention processors that have no plain twin (SD3's ``JointAttnProcessor2_0``) keep calling
+  ``scaled_dot_product_attention``, restricted to its math backend
+  (``torch.nn.attention.sdpa_kernel``), which is composed of differentiable ops: double
+  backward and forward-over-reverse through an SD3 transformer were checked to run there
+  and to fail on the default backend (``tests/test_models_sd3.py``).
 """
 
 from __future__ import annotations
@@ -16,20 +24,25 @@ import torch
 
 @contextmanager
 def math_attention(model: torch.nn.Module) -> Iterator[torch.nn.Module]:
-    """Inside the block, ``model``'s attention layers use the double-backward-safe math path.
+    """Inside the block, ``model``'s attention uses a double-backward-safe math path.
 
     The previous processors are restored on exit, also on error. Models without diffusers
-    attention processors are left unchanged.
-    """
-    procs = getattr(model, "attn_processors", None)
-    if not procs:
-        yield model
-        return
-    from diffusers.models.attention_processor import AttnProcessor
+    attention processors are left unchanged (scaled dot-product attention inside them still
+    runs on the math backend)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    saved = dict(procs)
-    model.set_attn_processor(AttnProcessor())
-    try:
-        yield model
-    finally:
-        model.set_attn_processor(saved)
+    procs = getattr(model, "attn_processors", None)
+    # joint (MM-DiT) attention has no plain processor: it stays on SDPA's math backend
+    swap = bool(procs) and not any("Joint" in type(p).__name__ for p in procs.values())
+    with sdpa_kernel([SDPBackend.MATH]):
+        if not swap:
+            yield model
+            return
+        from diffusers.models.attention_processor import AttnProcessor
+
+        saved = dict(procs)
+        model.set_attn_processor(AttnProcessor())
+        try:
+            yield model
+        finally:
+            model.set_attn_processor(saved)

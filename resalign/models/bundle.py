@@ -9,9 +9,10 @@ from typing import Any
 
 import torch
 
-# What ``unet(noisy, t, **condition)`` needs besides the noisy latents and timesteps:
-# ``encoder_hidden_states`` [N, L, D] and, for SDXL, ``added_cond_kwargs`` with
-# ``text_embeds`` [N, P] and ``time_ids`` [N, 6]. Built by ModelBundle.encode_condition.
+# What ``unet(noisy, timestep=t, **condition)`` needs besides the noisy latents and
+# timesteps: ``encoder_hidden_states`` [N, L, D] and, for SDXL, ``added_cond_kwargs`` with
+# ``text_embeds`` [N, P] and ``time_ids`` [N, 6]; for SD3 ``pooled_projections`` [N, P].
+# Built by ModelBundle.encode_condition.
 Condition = dict[str, Any]
 
 
@@ -57,14 +58,31 @@ def cat_conditions(conds: Sequence[Mapping[str, Any]]) -> Condition:
     }
 
 
+# The T5 sequence length of SD3's conditioning: StableDiffusion3Pipeline's default
+# ``max_sequence_length``, or the T5 tokenizer's ``model_max_length`` where that is shorter
+# (the tiny models'); generation passes the same (:func:`t5_sequence_length`).
+SD3_MAX_SEQUENCE_LENGTH = 256
+
+
+def t5_sequence_length(tokenizer_3: Any) -> int:
+    """The T5 token count SD3's conditioning uses (unlearning, attacks and generation)."""
+    return min(SD3_MAX_SEQUENCE_LENGTH, int(tokenizer_3.model_max_length))
+
+
 @dataclass
 class ModelBundle:
-    """The components of an SD-shaped model plus the training noise schedule.
+    """The components of a text-to-image diffusion model plus its training objective.
 
-    ``noise_scheduler`` is a ``DDPMScheduler`` with the spec's training schedule (used for
-    adding noise in training); generation builds its own sampler via :meth:`pipeline`.
-    ``text_encoder_2``/``tokenizer_2`` are set for SDXL only. ``sampler_config`` is the
-    pipeline's own scheduler config (what the checkpoint ships), the base for samplers.
+    ``unet`` is the denoiser: a ``UNet2DConditionModel`` (layouts ``sd``, ``sdxl``) or an
+    ``SD3Transformer2DModel`` (layout ``sd3``). ``layout`` is the diffusers pipeline shape
+    (which pipeline class, which conditioning); ``family`` the spec's (``tiny`` models have
+    the ``sd`` or ``sd3`` layout). ``noise_scheduler`` is the training scheduler (a
+    ``DDPMScheduler`` with the spec's schedule, or SD3's ``FlowMatchEulerDiscreteScheduler``)
+    and ``objective`` the training objective built from it
+    (:func:`resalign.models.diffusion.objective_for`); generation builds its own sampler via
+    :meth:`pipeline`. ``text_encoder_2``/``tokenizer_2`` are set for SDXL and SD3,
+    ``text_encoder_3``/``tokenizer_3`` (T5) for SD3. ``sampler_config`` is the pipeline's
+    own scheduler config (what the checkpoint ships), the base for samplers.
     """
 
     unet: Any
@@ -79,24 +97,52 @@ class ModelBundle:
     text_encoder_2: Any = None
     tokenizer_2: Any = None
     sampler_config: dict[str, Any] = field(default_factory=dict)
+    text_encoder_3: Any = None
+    tokenizer_3: Any = None
+    objective: Any = None
+    layout: str = ""
+
+    def __post_init__(self) -> None:
+        from .diffusion import objective_for
+
+        if not self.layout:
+            self.layout = "sdxl" if self.family == "sdxl" else "sd"
+        if self.objective is None:
+            self.objective = objective_for(self.noise_scheduler)
+
+    @property
+    def text_encoders(self) -> list[Any]:
+        """The text encoders the conditioning uses, in order (SD: one; SDXL: two; SD3:
+        CLIP-L, CLIP-G, T5)."""
+        encoders = [self.text_encoder]
+        if self.layout in ("sdxl", "sd3"):
+            encoders.append(self.text_encoder_2)
+        if self.layout == "sd3":
+            encoders.append(self.text_encoder_3)
+        return encoders
 
     # -- conditioning -----------------------------------------------------------------------
 
     def tokenize(self, captions: Sequence[str]) -> list[torch.Tensor]:
         """Token ids of ``captions`` for each text encoder (one tensor per tokenizer), padded
-        to ``model_max_length`` and truncated as the diffusers pipelines do."""
+        and truncated as the diffusers pipelines do: the CLIP tokenizers to their
+        ``model_max_length``, SD3's T5 to :func:`t5_sequence_length`."""
         tokenizers = [self.tokenizer]
-        if self.family == "sdxl":
+        if self.layout in ("sdxl", "sd3"):
             tokenizers.append(self.tokenizer_2)
+        lengths = [tok.model_max_length for tok in tokenizers]
+        if self.layout == "sd3":
+            tokenizers.append(self.tokenizer_3)
+            lengths.append(t5_sequence_length(self.tokenizer_3))
         return [
             tok(
                 list(captions),
                 padding="max_length",
-                max_length=tok.model_max_length,
+                max_length=length,
                 truncation=True,
                 return_tensors="pt",
             ).input_ids.to(self.device)
-            for tok in tokenizers
+            for tok, length in zip(tokenizers, lengths)
         ]
 
     def condition_from_tokens(self, ids: Sequence[torch.Tensor]) -> Condition:
@@ -104,10 +150,15 @@ class ModelBundle:
         pipeline computes it: SD, the last hidden state; SDXL, the penultimate hidden states
         of both encoders concatenated, ``added_cond_kwargs`` with the second encoder's pooled
         projection and the size/crop time ids ``(r, r, 0, 0, r, r)`` at the model resolution
-        (no crop; the pipeline's default at that resolution). Gradients flow where the text
-        encoders require them (pretraining a tiny model's encoder); use
-        :meth:`encode_condition` otherwise."""
-        if self.family != "sdxl":
+        (no crop; the pipeline's default at that resolution); SD3, as
+        ``StableDiffusion3Pipeline.encode_prompt``: both CLIPs' penultimate hidden states
+        concatenated and zero-padded to T5's width, then T5's last hidden state appended
+        along the sequence, and ``pooled_projections`` the two CLIPs' projected pooled
+        embeddings concatenated. Gradients flow where the text encoders require them
+        (pretraining a tiny model's encoders); use :meth:`encode_condition` otherwise."""
+        if self.layout == "sd3":
+            return self._sd3_condition(ids)
+        if self.layout != "sdxl":
             return {"encoder_hidden_states": self.text_encoder(ids[0])[0].to(self.dtype)}
         states = []
         pooled = None
@@ -126,12 +177,26 @@ class ModelBundle:
             },
         }
 
+    def _sd3_condition(self, ids: Sequence[torch.Tensor]) -> Condition:
+        states, pooled = [], []
+        for tokens, enc in zip(ids[:2], (self.text_encoder, self.text_encoder_2)):
+            out = enc(tokens, output_hidden_states=True)
+            pooled.append(out[0])  # CLIPTextModelWithProjection: text_embeds
+            states.append(out.hidden_states[-2])
+        clip = torch.cat(states, dim=-1)
+        t5 = self.text_encoder_3(ids[2])[0]
+        clip = torch.nn.functional.pad(clip, (0, t5.shape[-1] - clip.shape[-1]))
+        return {
+            "encoder_hidden_states": torch.cat([clip, t5.to(clip.dtype)], dim=-2).to(self.dtype),
+            "pooled_projections": torch.cat(pooled, dim=-1).to(self.dtype),
+        }
+
     @torch.no_grad()
     def encode_condition(self, captions: Sequence[str]) -> Condition:
-        """Everything ``unet(noisy, t, **cond)`` needs for ``captions``, built once here for
-        every step (unlearning, attacks, pretraining; generation checks it equals the
-        pipeline's own ``encode_prompt``): ``encoder_hidden_states`` and, for SDXL,
-        ``added_cond_kwargs``. No gradient."""
+        """Everything ``unet(noisy, timestep=t, **cond)`` needs for ``captions``, built once
+        here for every step (unlearning, attacks, pretraining; tests check it equals the
+        pipeline's own ``encode_prompt``, which generation uses): ``encoder_hidden_states``
+        and, for SDXL, ``added_cond_kwargs``, for SD3 ``pooled_projections``. No gradient."""
         return self.condition_from_tokens(self.tokenize(captions))
 
     @torch.no_grad()
@@ -161,12 +226,16 @@ class ModelBundle:
     # -- generation -------------------------------------------------------------------------
 
     def pipeline(self, scheduler_name: str = "PNDMScheduler") -> Any:
-        """A diffusers pipeline sharing these modules (no copies), with a fresh sampler of
-        class ``scheduler_name`` (a diffusers scheduler class name) configured from the
-        checkpoint's scheduler config and the training noise schedule."""
+        """A diffusers pipeline of the bundle's layout sharing these modules (no copies,
+        :func:`resalign.models.pipelines.assemble_pipeline`), with a fresh sampler of class
+        ``scheduler_name`` (a diffusers scheduler class name) configured from the
+        checkpoint's scheduler config and, for DDPM models, the training noise schedule. A
+        flow-matching model needs a flow-matching sampler (``FlowMatchEulerDiscreteScheduler``)."""
         import diffusers
 
         from ..errors import UserError
+        from .diffusion import is_flow_scheduler
+        from .pipelines import assemble_pipeline
 
         cls = getattr(diffusers, scheduler_name, None)
         if (
@@ -179,52 +248,47 @@ class ModelBundle:
                 hint="use a diffusers scheduler class name, e.g. PNDMScheduler, DDIMScheduler, "
                 "EulerDiscreteScheduler, DPMSolverMultistepScheduler",
             )
+        flow = is_flow_scheduler(self.noise_scheduler)
+        if flow != scheduler_name.startswith("FlowMatch"):
+            kind = "a flow-matching" if flow else "a DDPM-trained"
+            raise UserError(
+                f"sampler {scheduler_name} cannot sample {kind} model ({self.layout})",
+                where="evaluate.generation.scheduler",
+                hint="use FlowMatchEulerDiscreteScheduler for sd3 models"
+                if flow
+                else "use a DDPM-family sampler (PNDMScheduler, DPMSolverMultistepScheduler, ...)",
+            )
         config = dict(self.sampler_config or {})
-        # The betas the model was trained with win over whatever the sampler config says.
-        for key in (
-            "num_train_timesteps",
-            "beta_schedule",
-            "beta_start",
-            "beta_end",
-            "prediction_type",
-        ):
-            if key in self.noise_scheduler.config:
-                config[key] = self.noise_scheduler.config[key]
-        # SD ships clip_sample False; samplers whose default is True (DDIM) must not clip.
-        config.setdefault("clip_sample", False)
+        if not flow:
+            # The betas the model was trained with win over whatever the sampler config says.
+            for key in (
+                "num_train_timesteps",
+                "beta_schedule",
+                "beta_start",
+                "beta_end",
+                "prediction_type",
+            ):
+                if key in self.noise_scheduler.config:
+                    config[key] = self.noise_scheduler.config[key]
+            # SD ships clip_sample False; samplers whose default is True (DDIM) must not clip.
+            config.setdefault("clip_sample", False)
         scheduler = cls.from_config(config)
-        if self.family == "sdxl":
-            pipe = diffusers.StableDiffusionXLPipeline(
-                vae=self.vae,
-                text_encoder=self.text_encoder,
-                text_encoder_2=self.text_encoder_2,
-                tokenizer=self.tokenizer,
-                tokenizer_2=self.tokenizer_2,
-                unet=self.unet,
-                scheduler=scheduler,
-                # No invisible watermark (diffusers adds one when the package is installed):
-                # it would change the images the metrics score.
-                add_watermarker=False,
-            )
-        else:
-            pipe = diffusers.StableDiffusionPipeline(
-                vae=self.vae,
-                text_encoder=self.text_encoder,
-                tokenizer=self.tokenizer,
-                unet=self.unet,
-                scheduler=scheduler,
-                safety_checker=None,
-                feature_extractor=None,
-                requires_safety_checker=False,
-            )
-        pipe.set_progress_bar_config(disable=True)
-        return pipe
+        encoders = self.text_encoders
+        tokenizers = [self.tokenizer, self.tokenizer_2, self.tokenizer_3][: len(encoders)]
+        return assemble_pipeline(
+            self.layout,
+            denoiser=self.unet,
+            vae=self.vae,
+            scheduler=scheduler,
+            text_encoders=encoders,
+            tokenizers=tokenizers,
+        )
 
     def to(self, device: str | None = None, dtype: torch.dtype | None = None) -> ModelBundle:
         """Move every module (in place) and return self."""
         device = device or self.device
         dtype = dtype or self.dtype
-        for module in (self.unet, self.vae, self.text_encoder, self.text_encoder_2):
+        for module in (self.unet, self.vae, *self.text_encoders):
             if module is None:
                 continue
             # Cast only when needed: diffusers warns on any dtype .to(), even a no-op.
@@ -237,7 +301,7 @@ class ModelBundle:
     def freeze(self) -> ModelBundle:
         """Frozen VAE and text encoder(s) in eval mode; the UNet in eval mode with
         ``requires_grad`` off (trainers switch on what they train)."""
-        for module in (self.unet, self.vae, self.text_encoder, self.text_encoder_2):
+        for module in (self.unet, self.vae, *self.text_encoders):
             if module is not None:
                 module.eval()
                 module.requires_grad_(False)

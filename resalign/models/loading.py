@@ -1,10 +1,13 @@
-"""Loading models: Stable Diffusion v1.x/v2.x and SDXL checkpoints from a diffusers folder, a
-hub id in the local Hugging Face cache, or a single ``.safetensors`` file; the ``model`` node's
-output; and a report row's model (the original with the row's UNet weights).
+"""Loading models: Stable Diffusion v1.x/v2.x, SDXL and SD 3.x checkpoints from a diffusers
+folder, a hub id in the local Hugging Face cache, or a single ``.safetensors`` file (where
+diffusers' ``from_single_file`` supports the pipeline); the ``model`` node's output; and a
+report row's model (the original with the row's denoiser weights).
 
 The ``model`` node writes (see docs/architecture.md):
 
-- ``model.json``: ``{"family", "resolution", "noise_schedule": {...}, "source": {...}}``;
+- ``model.json``: ``{"family", "resolution", "noise_schedule": {...}, "source": {...}}``, plus
+  ``layout`` (the pipeline shape, :mod:`resalign.models.pipelines`) and, for flow-matching
+  models, ``timestep_sampling``;
 - ``pipeline/``: a diffusers pipeline folder (tiny family: the built, pretrained model), or
 - ``source.json``: the resolved location of an SD/SDXL checkpoint (weights are not copied).
 
@@ -73,14 +76,6 @@ class quiet_loading:
             dlog.enable_progress_bar()
         if self._state[1]:
             tlog.enable_progress_bar()
-
-
-def _pipeline_class(family: str) -> Any:
-    import diffusers
-
-    if family == "sdxl":
-        return diffusers.StableDiffusionXLPipeline
-    return diffusers.StableDiffusionPipeline
 
 
 def resolve_pretrained(
@@ -162,7 +157,12 @@ def _hub_snapshot(
 ) -> str:
     import diffusers
 
-    kwargs: dict[str, Any] = {"revision": revision, "local_files_only": not allow_download}
+    # the cache named now (huggingface_hub reads HF_HUB_CACHE once, at its import)
+    kwargs: dict[str, Any] = {
+        "revision": revision,
+        "local_files_only": not allow_download,
+        "cache_dir": hub_cache_dir(),
+    }
     if variant:
         kwargs["variant"] = variant
     try:
@@ -193,16 +193,21 @@ def load_pipeline(
     *,
     dtype: torch.dtype | str = torch.float32,
     allow_download: bool = False,
+    layout: str | None = None,
 ) -> Any:
-    """A diffusers pipeline from a resolved source (:func:`resolve_pretrained`). Loads with
+    """A diffusers pipeline from a resolved source (:func:`resolve_pretrained`), of the
+    family's layout (or ``layout``: a tiny model's, from its ``model.json``). Loads with
     ``local_files_only`` unless downloads are allowed, with no safety checker (the safety
     measurement is ours)."""
-    cls = _pipeline_class(family)
+    from .pipelines import layout_of_family, pipeline_class
+
+    layout = layout or layout_of_family(family)
+    cls = pipeline_class(layout)
     dtype = resolve_dtype(dtype)
     path = source["path"]
     if source["kind"] == "single_file":
         kwargs: dict[str, Any] = {**dtype_kwargs(dtype), "local_files_only": not allow_download}
-        if family != "sdxl":
+        if layout == "sd":
             kwargs.update(safety_checker=None, requires_safety_checker=False)
         try:
             # Non-safetensors files go through diffusers' load_state_dict, which calls
@@ -223,7 +228,7 @@ def load_pipeline(
         kwargs = {**dtype_kwargs(dtype), "local_files_only": True}
         if source.get("variant"):
             kwargs["variant"] = source["variant"]
-        if family != "sdxl":
+        if layout == "sd":
             kwargs.update(safety_checker=None, requires_safety_checker=False)
         try:
             with quiet_loading():
@@ -233,8 +238,8 @@ def load_pipeline(
                 f"could not load the diffusers pipeline in {path}: {exc}",
                 where=path,
                 hint="check that the folder is a complete "
-                f"{cls.__name__} (model_index.json, unet/, vae/, text_encoder/, tokenizer/, "
-                "scheduler/)",
+                f"{cls.__name__} (model_index.json, its denoiser, vae/, text_encoder(s)/, "
+                "tokenizer(s)/, scheduler/)",
             ) from None
     pipe.set_progress_bar_config(disable=True)
     return pipe
@@ -247,26 +252,45 @@ def bundle_from_pipeline(
     *,
     device: str = "cpu",
     dtype: torch.dtype | str = torch.float32,
+    timestep_sampling: Mapping[str, Any] | None = None,
 ) -> ModelBundle:
-    """A frozen :class:`ModelBundle` sharing ``pipe``'s modules. The training scheduler is a
-    ``DDPMScheduler`` built from the pipeline's scheduler config with the written fields of
-    ``noise_schedule`` (the spec's ``model.noise_schedule``; None = the checkpoint's)
-    overriding it."""
+    """A frozen :class:`ModelBundle` sharing ``pipe``'s modules, with its training objective
+    (:func:`resalign.models.diffusion.objective_for`). A pipeline whose scheduler is a
+    flow-matching one (SD3) trains with flow matching on a copy of that scheduler, its
+    timesteps drawn per ``timestep_sampling`` (the spec's ``model.timestep_sampling``; None:
+    logit-normal). Otherwise the training scheduler is a ``DDPMScheduler`` built from the
+    pipeline's scheduler config with the written fields of ``noise_schedule`` (the spec's
+    ``model.noise_schedule``; None = the checkpoint's) overriding it."""
     from diffusers import DDPMScheduler
+
+    from .diffusion import is_flow_scheduler, objective_for
+    from .pipelines import denoiser_of, layout_of_pipeline
 
     dtype = resolve_dtype(dtype)
     sampler_config = dict(pipe.scheduler.config)
     config = dict(sampler_config)
-    if noise_schedule:
-        # unwritten fields (None) keep the checkpoint's value (e.g. SD 2.x's v_prediction)
-        config.update({k: v for k, v in noise_schedule.items() if v is not None})
-    config.setdefault("clip_sample", False)
-    noise_scheduler = DDPMScheduler.from_config(config)
+    if is_flow_scheduler(pipe.scheduler):
+        noise_scheduler = type(pipe.scheduler).from_config(config)
+        sampling = None
+        if timestep_sampling:
+            from ..spec.schema.model import TimestepSamplingSpec
+
+            sampling = TimestepSamplingSpec.model_validate(dict(timestep_sampling))
+            sampling = sampling.objective_kwargs()
+        objective = objective_for(noise_scheduler, sampling)
+    else:
+        if noise_schedule:
+            # unwritten fields (None) keep the checkpoint's value (e.g. SD 2.x's v_prediction)
+            config.update({k: v for k, v in noise_schedule.items() if v is not None})
+        config.setdefault("clip_sample", False)
+        noise_scheduler = DDPMScheduler.from_config(config)
+        objective = objective_for(noise_scheduler)
+    denoiser = denoiser_of(pipe)
     vae_scale = 2 ** (len(pipe.vae.config.block_out_channels) - 1)
-    sample = pipe.unet.config.sample_size
+    sample = denoiser.config.sample_size
     sample = sample[0] if isinstance(sample, (list, tuple)) else sample
     bundle = ModelBundle(
-        unet=pipe.unet,
+        unet=denoiser,
         vae=pipe.vae,
         text_encoder=pipe.text_encoder,
         tokenizer=pipe.tokenizer,
@@ -278,15 +302,19 @@ def bundle_from_pipeline(
         text_encoder_2=getattr(pipe, "text_encoder_2", None),
         tokenizer_2=getattr(pipe, "tokenizer_2", None),
         sampler_config=sampler_config,
+        text_encoder_3=getattr(pipe, "text_encoder_3", None),
+        tokenizer_3=getattr(pipe, "tokenizer_3", None),
+        objective=objective,
+        layout=layout_of_pipeline(pipe),
     )
     return bundle.to(device, dtype).freeze()
 
 
 def load_pretrained(spec: Any, spec_dir: Path | None = None, *, device: str = "cpu") -> ModelBundle:
-    """Load an SD/SDXL ``ModelSpec`` (``model`` section) into a :class:`ModelBundle`."""
+    """Load an SD/SDXL/SD3 ``ModelSpec`` (``model`` section) into a :class:`ModelBundle`."""
     if spec.family == "tiny":
         raise ValueError(
-            "load_pretrained is for sd/sdxl; the tiny family is built by the model node"
+            "load_pretrained is for sd/sdxl/sd3; the tiny family is built by the model node"
         )
     source = resolve_pretrained(
         spec.pretrained,
@@ -297,8 +325,18 @@ def load_pretrained(spec: Any, spec_dir: Path | None = None, *, device: str = "c
     )
     pipe = load_pipeline(source, spec.family, dtype=spec.dtype, allow_download=spec.allow_download)
     return bundle_from_pipeline(
-        pipe, spec.family, spec.noise_schedule.model_dump(), device=device, dtype=spec.dtype
+        pipe,
+        spec.family,
+        spec.noise_schedule.model_dump(),
+        device=device,
+        dtype=spec.dtype,
+        timestep_sampling=_sampling_dump(spec),
     )
+
+
+def _sampling_dump(spec: Any) -> dict[str, Any] | None:
+    ts = getattr(spec, "timestep_sampling", None)
+    return None if ts is None else ts.model_dump(mode="json")
 
 
 def write_model_json(out: Path, info: Mapping[str, Any]) -> None:
@@ -346,9 +384,14 @@ def load_model_node(
                 where=str(source_file),
                 hint="restore it, or re-run so the model node resolves the checkpoint again",
             )
-    pipe = load_pipeline(source, family, dtype=dtype)
+    pipe = load_pipeline(source, family, dtype=dtype, layout=info.get("layout"))
     return bundle_from_pipeline(
-        pipe, family, info.get("noise_schedule"), device=device, dtype=dtype
+        pipe,
+        family,
+        info.get("noise_schedule"),
+        device=device,
+        dtype=dtype,
+        timestep_sampling=info.get("timestep_sampling"),
     )
 
 
@@ -435,21 +478,20 @@ def load_row(
     dtype: torch.dtype | str = torch.float32,
     lora_config: Mapping[str, Any] | None = None,
 ) -> ModelBundle:
-    """The model of a report row: the ``model`` node's bundle with the row's UNet.
+    """The model of a report row: the ``model`` node's bundle with the row's denoiser.
 
-    ``unet_dir`` (a merged UNet saved by ``save_pretrained``) replaces the UNet; otherwise
+    ``unet_dir`` (a merged denoiser saved by ``save_pretrained``: a UNet, or SD3's
+    transformer, loaded with the bundle's own denoiser class) replaces it; otherwise
     ``trainable_file`` (``trainable.safetensors``, or a ``.pt``/``.bin`` state dict loaded
     weights-only) is applied with :func:`apply_trained_tensors`. Neither: the original model.
     """
     bundle = load_model_node(model_dir, device=device, dtype=dtype)
     if unet_dir is not None:
-        from diffusers import UNet2DConditionModel
-
         unet_dir = Path(unet_dir)
         if not (unet_dir / "config.json").is_file():
             raise UserError(f"{unet_dir} is not a saved UNet (no config.json)", where=str(unet_dir))
         with quiet_loading():
-            unet = UNet2DConditionModel.from_pretrained(
+            unet = type(bundle.unet).from_pretrained(
                 str(unet_dir), **dtype_kwargs(resolve_dtype(dtype))
             )
         bundle.unet = unet.to(device).eval().requires_grad_(False)

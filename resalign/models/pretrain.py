@@ -1,8 +1,10 @@
 """Pretraining a tiny model from scratch: the built-in demo's "original model".
 
-Standard text-conditioned DDPM training of the UNet (the loss of
-:mod:`resalign.models.diffusion`: ε- or v-prediction MSE at uniformly drawn timesteps; the
-conditioning of :meth:`ModelBundle.encode_condition`, so an SDXL-shaped model trains too) on
+Standard text-conditioned training of the denoiser with the model's objective (the loss of
+:mod:`resalign.models.diffusion`: DDPM ε- or v-prediction MSE at uniformly drawn timesteps,
+or flow matching's velocity MSE at the published timestep sampling for an SD3-shaped model;
+the conditioning of :meth:`ModelBundle.encode_condition`, so SDXL- and SD3-shaped models
+train too) on
 image–caption pairs, with the text encoder and VAE frozen as in Stable Diffusion (here: a random CLIP text encoder and the identity pixel VAE). Captions are replaced by the
 empty prompt with probability ``uncond_prob`` (SD's 10 %) so classifier-free guidance works at
 sampling time. AdamW with a cosine decay to 10 % of ``lr``. With ``train_text_encoder`` the
@@ -26,7 +28,7 @@ import torch
 
 from ..atomic import atomic_open
 from .bundle import take_condition
-from .diffusion import noise_and_target, squared_error
+from .diffusion import predict, squared_error
 
 CHECKPOINT = "pretrain.pt"
 
@@ -68,12 +70,11 @@ def pretrain_unet(
     texts = [*uniq, ""]  # last row: the empty prompt
     cond_table = bundle.encode_condition(texts)
     text_ids = bundle.tokenize(texts)
-    encoders = [e for e in (bundle.text_encoder, bundle.text_encoder_2) if e is not None]
+    encoders = [e for e in bundle.text_encoders if e is not None]
     index = {c: i for i, c in enumerate(uniq)}
     cap_idx = torch.tensor([index[c] for c in pairs.captions], device=device)
     empty = len(uniq)
-    sched = bundle.noise_scheduler
-    n_t = sched.config.num_train_timesteps
+    objective = bundle.objective
 
     unet.train()
     unet.requires_grad_(True)
@@ -107,13 +108,13 @@ def pretrain_unet(
     n = latents.shape[0]
     for step in range(start + 1, steps + 1):
         idx = torch.randint(0, n, (batch_size,), generator=gen)
-        t = torch.randint(0, n_t, (batch_size,), generator=gen)
+        t = objective.draw_timesteps(batch_size, gen)
         noise = torch.randn((batch_size, *latents.shape[1:]), generator=gen)
         drop = torch.rand(batch_size, generator=gen) < uncond_prob
         idx, t, noise, drop = idx.to(device), t.to(device), noise.to(device), drop.to(device)
         # The draws above keep their order (index, t, noise, dropout): the demo's
         # pretrained model is a cached result of this stream.
-        noisy, target = noise_and_target(sched, latents[idx], noise, t)
+        noisy, target = objective.noise_and_target(latents[idx], noise, t)
         rows = torch.where(drop, torch.full_like(cap_idx[idx], empty), cap_idx[idx])
         if train_text_encoder:
             # Encode only the distinct rows of the batch, then gather.
@@ -122,7 +123,7 @@ def pretrain_unet(
             cond = take_condition(cond, inverse)
         else:
             cond = take_condition(cond_table, rows)
-        pred = unet(noisy, t, **cond).sample
+        pred = predict(unet, noisy, t, cond)
         loss = squared_error(pred, target)
         opt.zero_grad(set_to_none=True)
         loss.backward()

@@ -1,6 +1,8 @@
 """Outputs plain diffusers loads: a LoRA folder for ``pipe.load_lora_weights(path)`` and a merged
-UNet folder for ``UNet2DConditionModel.from_pretrained(path)`` (both safetensors), plus the
-``trainable.safetensors`` of trained tensors by parameter name."""
+denoiser folder for ``UNet2DConditionModel.from_pretrained(path)`` (SD3:
+``SD3Transformer2DModel.from_pretrained(path)``, passed to ``StableDiffusion3Pipeline`` as
+``transformer=``; both safetensors), plus the ``trainable.safetensors`` of trained tensors by
+parameter name."""
 
 from __future__ import annotations
 
@@ -27,18 +29,23 @@ def has_lora(unet: torch.nn.Module) -> bool:
 
 
 def save_lora(unet: torch.nn.Module, path: Path, adapter_name: str = "default") -> Path:
-    """Write the UNet's LoRA as a diffusers LoRA folder (``pytorch_lora_weights.safetensors``
-    in diffusers' key format, with the adapter's peft config — rank, alpha, targets — as
-    metadata so alpha ≠ rank reloads at the right scale). ``pipe.load_lora_weights(path)``
-    then reproduces the trained model. Returns the folder."""
-    from diffusers import StableDiffusionPipeline
+    """Write the denoiser's LoRA as a diffusers LoRA folder
+    (``pytorch_lora_weights.safetensors`` in diffusers' key format, with the adapter's peft
+    config — rank, alpha, targets — as metadata so alpha ≠ rank reloads at the right scale),
+    the way diffusers' training scripts save it: a UNet's through
+    ``StableDiffusionPipeline.save_lora_weights`` (converted to diffusers' keys), SD3's
+    transformer's through ``StableDiffusion3Pipeline.save_lora_weights``.
+    ``pipe.load_lora_weights(path)`` then reproduces the trained model. Returns the folder."""
+    from diffusers import StableDiffusion3Pipeline, StableDiffusionPipeline
     from diffusers.utils import convert_state_dict_to_diffusers
     from peft.utils import get_peft_model_state_dict
 
     if not has_lora(unet):
         raise ValueError("save_lora: the UNet has no LoRA adapter (use save_merged_unet)")
+    transformer = type(unet).__name__ == "SD3Transformer2DModel"
     state = get_peft_model_state_dict(unet, adapter_name=adapter_name)
-    state = convert_state_dict_to_diffusers(state)
+    if not transformer:
+        state = convert_state_dict_to_diffusers(state)
     state = {k: v.detach().to("cpu").contiguous() for k, v in state.items()}
     config = unet.peft_config[adapter_name]
     metadata = config.to_dict()
@@ -48,13 +55,22 @@ def save_lora(unet: torch.nn.Module, path: Path, adapter_name: str = "default") 
     )
     path = Path(path)
     with atomic_dir(path) as tmp:
-        StableDiffusionPipeline.save_lora_weights(
-            save_directory=str(tmp),
-            unet_lora_layers=state,
-            safe_serialization=True,
-            weight_name=LORA_WEIGHT_NAME,
-            unet_lora_adapter_metadata=metadata,
-        )
+        if transformer:
+            StableDiffusion3Pipeline.save_lora_weights(
+                save_directory=str(tmp),
+                transformer_lora_layers=state,
+                safe_serialization=True,
+                weight_name=LORA_WEIGHT_NAME,
+                transformer_lora_adapter_metadata=metadata,
+            )
+        else:
+            StableDiffusionPipeline.save_lora_weights(
+                save_directory=str(tmp),
+                unet_lora_layers=state,
+                safe_serialization=True,
+                weight_name=LORA_WEIGHT_NAME,
+                unet_lora_adapter_metadata=metadata,
+            )
         sort_safetensors_metadata(tmp / LORA_WEIGHT_NAME)
     return path
 
@@ -97,11 +113,10 @@ def merged_unet_state_dict(unet: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 
 def merged_unet(unet: torch.nn.Module) -> torch.nn.Module:
-    """A plain ``UNet2DConditionModel`` (no peft layers) equal to ``unet`` with its active LoRA
-    merged in; ``unet`` itself is left untouched. Without LoRA: a detached copy."""
-    from diffusers import UNet2DConditionModel
-
-    fresh = UNet2DConditionModel.from_config(unet.config)
+    """A plain denoiser of ``unet``'s class (``UNet2DConditionModel``, SD3's transformer; no
+    peft layers) equal to ``unet`` with its active LoRA merged in; ``unet`` itself is left
+    untouched. Without LoRA: a detached copy."""
+    fresh = type(unet).from_config(unet.config)
     fresh.load_state_dict(merged_unet_state_dict(unet), strict=True)
     p = next(unet.parameters())
     if fresh.dtype != p.dtype:

@@ -42,7 +42,10 @@ from diffusers import (
     AutoencoderKL,
     DDPMScheduler,
     EulerDiscreteScheduler,
+    FlowMatchEulerDiscreteScheduler,
     PNDMScheduler,
+    SD3Transformer2DModel,
+    StableDiffusion3Pipeline,
     StableDiffusionPipeline,
     StableDiffusionXLPipeline,
     UNet2DConditionModel,
@@ -52,10 +55,13 @@ from transformers import (
     CLIPTextModel,
     CLIPTextModelWithProjection,
     CLIPTokenizer,
+    T5Config,
+    T5EncoderModel,
 )
 
 from ..errors import UserError
 from ..spec.schema.model import NoiseScheduleSpec, TinyModelSpec
+from .pipelines import assemble_pipeline
 
 BOS = "<|startoftext|>"
 EOS = "<|endoftext|>"
@@ -206,7 +212,7 @@ def build_text_encoder(tiny: TinyModelSpec, vocab_size: int) -> CLIPTextModel:
     return CLIPTextModel(_text_config(tiny, vocab_size))
 
 
-def _make_identity_vae(channels: int) -> AutoencoderKL:
+def _make_identity_vae(channels: int, shift_factor: float | None = None) -> AutoencoderKL:
     """A one-block ``AutoencoderKL`` whose encoder mean and decoder are (nearly) the identity.
 
     Each residual branch (resnets, mid attention) is zeroed so it passes its input through.
@@ -229,6 +235,7 @@ def _make_identity_vae(channels: int) -> AutoencoderKL:
         norm_num_groups=1,
         sample_size=8,
         scaling_factor=1.0,
+        shift_factor=shift_factor,
         mid_block_add_attention=False,
     )
     sigma = _BIG * math.sqrt(2.0 / width)
@@ -260,8 +267,11 @@ def _make_identity_vae(channels: int) -> AutoencoderKL:
     return vae
 
 
-def _make_random_vae(channels: int, tiny: TinyModelSpec) -> AutoencoderKL:
+def _make_random_vae(
+    channels: int, tiny: TinyModelSpec, shift_factor: float | None = None
+) -> AutoencoderKL:
     return AutoencoderKL(
+        shift_factor=shift_factor,
         in_channels=channels,
         out_channels=channels,
         latent_channels=4,
@@ -331,18 +341,14 @@ def build_tiny_pipeline(
                 )
             vae = _make_random_vae(channels, tiny)
             unet = build_unet(tiny, 4, tiny.sample_size // 2, linear_projection)
-    pipe = StableDiffusionPipeline(
+    return assemble_pipeline(
+        "sd",
+        denoiser=unet,
         vae=vae,
-        text_encoder=text_encoder,
-        tokenizer=tokenizer,
-        unet=unet,
         scheduler=sampling_scheduler_from_spec(noise),
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
+        text_encoders=[text_encoder],
+        tokenizers=[tokenizer],
     )
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
 
 
 # SDXL's added conditioning at test width: each of the six size/crop time ids is embedded in
@@ -422,18 +428,170 @@ def build_tiny_sdxl_pipeline(
         timestep_spacing="leading",
         steps_offset=1,
     )
-    pipe = StableDiffusionXLPipeline(
+    return assemble_pipeline(
+        "sdxl",
+        denoiser=unet,
         vae=vae,
-        text_encoder=text_encoder,
-        text_encoder_2=text_encoder_2,
-        tokenizer=tokenizer,
-        tokenizer_2=tokenizer_2,
-        unet=unet,
         scheduler=scheduler,
-        add_watermarker=False,
+        text_encoders=[text_encoder, text_encoder_2],
+        tokenizers=[tokenizer, tokenizer_2],
     )
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
+
+
+# --------------------------------------------------------------------------- SD3-shaped
+
+# The T5 tokenizer's special tokens, at T5's ids (pad 0, eos 1, unk 2).
+T5_SPECIALS = ("<pad>", "</s>", "<unk>")
+
+
+def build_t5_tokenizer(max_length: int, words: Iterable[str] = ()) -> Any:
+    """A T5 tokenizer built offline (``transformers.T5Tokenizer`` on a ``tokenizers``
+    Unigram model, as T5's own): T5's special tokens and Metaspace pre-tokenizer, every
+    printable ASCII character with and without the word-start marker, byte fallback for
+    anything else (any text tokenizes), and each word of ``words`` as one piece (the
+    pretraining captions' words, as :func:`write_byte_tokenizer`). Appends ``</s>`` as T5
+    does. Saves and loads as ``tokenizer.json``."""
+    import string
+
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
+    from transformers import T5Tokenizer
+
+    vocab: list[tuple[str, float]] = [(t, 0.0) for t in T5_SPECIALS]
+    vocab += [(f"<0x{b:02X}>", -20.0) for b in range(256)]
+    vocab.append(("\u2581", -2.0))
+    for c in string.printable.strip():
+        vocab += [(c, -5.0), ("\u2581" + c, -5.0)]
+    seen = {v for v, _ in vocab}
+    for w in sorted({w.lower() for w in words if w.strip()}):
+        if "\u2581" + w not in seen:
+            vocab.append(("\u2581" + w, -1.0))
+            seen.add("\u2581" + w)
+    tk = Tokenizer(models.Unigram(vocab, unk_id=2, byte_fallback=True))
+    tk.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="always")
+    tk.decoder = decoders.Metaspace(replacement="\u2581", prepend_scheme="always")
+    tk.post_processor = processors.TemplateProcessing(
+        single="$A </s>", pair="$A </s> $B </s>", special_tokens=[("</s>", 1)]
+    )
+    return T5Tokenizer(
+        tokenizer_object=tk,
+        eos_token="</s>",
+        pad_token="<pad>",
+        unk_token="<unk>",
+        extra_ids=0,
+        model_max_length=max_length,
+    )
+
+
+def build_tiny_t5(tiny: TinyModelSpec, vocab_size: int) -> T5EncoderModel:
+    """A small T5 v1.1-shaped encoder (gated GELU, as T5-XXL) of width
+    ``2 · text_hidden_size`` (SD3 pads the two CLIPs' concatenated states to T5's width, so
+    it must be at least that), no dropout (pretraining draws nothing from the global RNG)."""
+    d = 2 * tiny.text_hidden_size
+    return T5EncoderModel(
+        T5Config(
+            vocab_size=vocab_size,
+            d_model=d,
+            d_kv=8,
+            d_ff=2 * d,
+            num_layers=tiny.text_layers,
+            num_heads=max(1, d // 8),
+            relative_attention_num_buckets=8,
+            relative_attention_max_distance=32,
+            dropout_rate=0.0,
+            feed_forward_proj="gated-gelu",
+            pad_token_id=0,
+            eos_token_id=1,
+            decoder_start_token_id=0,
+        )
+    )
+
+
+def build_tiny_sd3_transformer(
+    tiny: TinyModelSpec, latent_channels: int, sample_size: int
+) -> SD3Transformer2DModel:
+    """An SD3.5-shaped tiny ``SD3Transformer2DModel``: ``transformer_layers`` joint blocks
+    (the last one context-pre-only, as SD3's) of width ``cross_attention_dim`` in heads of
+    ``attention_head_dim``, RMS q/k norm (SD 3.5), patch 2, text width ``2 · text_hidden_size``
+    (T5's), pooled width ``2 · text_hidden_size`` (the two CLIPs' projections)."""
+    width, head = tiny.cross_attention_dim, tiny.attention_head_dim
+    if width % head:
+        raise UserError(
+            f"model.tiny.cross_attention_dim {width} is not a multiple of attention_head_dim "
+            f"{head}",
+            hint="the SD3 transformer's width is heads x head width; pick e.g. 32 and 8",
+        )
+    if sample_size % 2:
+        raise UserError(
+            f"model.tiny.sample_size {sample_size} must be even for architecture sd3 (patch 2)",
+            hint="use an even sample_size",
+        )
+    return SD3Transformer2DModel(
+        sample_size=sample_size,
+        patch_size=2,
+        in_channels=latent_channels,
+        out_channels=latent_channels,
+        num_layers=tiny.transformer_layers,
+        attention_head_dim=head,
+        num_attention_heads=width // head,
+        joint_attention_dim=2 * tiny.text_hidden_size,
+        caption_projection_dim=width,
+        pooled_projection_dim=2 * tiny.text_hidden_size,
+        pos_embed_max_size=sample_size // 2,
+        qk_norm="rms_norm",
+    )
+
+
+def build_tiny_sd3_pipeline(
+    tiny: TinyModelSpec, seed: int = 0, words: Iterable[str] = ()
+) -> StableDiffusion3Pipeline:
+    """A randomly initialised SD3-shaped ``StableDiffusion3Pipeline`` small enough for a CPU:
+    two byte-level CLIP tokenizers with ``CLIPTextModelWithProjection`` encoders (CLIP-L and
+    CLIP-G's roles), a T5 tokenizer and encoder (:func:`build_t5_tokenizer`,
+    :func:`build_tiny_t5`), the transformer of :func:`build_tiny_sd3_transformer`, the VAE
+    of ``tiny.latent`` (with ``shift_factor`` 0, which the SD3 pipeline reads) and a
+    ``FlowMatchEulerDiscreteScheduler`` of shift ``tiny.flow_shift``. Deterministic in
+    ``seed``; the global RNG state is left untouched."""
+    channels = tiny.in_channels
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        with tempfile.TemporaryDirectory(prefix="resalign-tok-") as tmp:
+            tokenizer = write_byte_tokenizer(Path(tmp) / "1", tiny.max_length, words)
+            tokenizer_2 = write_byte_tokenizer(Path(tmp) / "2", tiny.max_length, words)
+        tokenizer_3 = build_t5_tokenizer(tiny.max_length, words)
+        text_encoder = CLIPTextModelWithProjection(_text_config(tiny, len(tokenizer)))
+        text_encoder_2 = CLIPTextModelWithProjection(_text_config(tiny, len(tokenizer_2)))
+        text_encoder_3 = build_tiny_t5(tiny, len(tokenizer_3))
+        if tiny.latent == "pixel":
+            vae = _make_identity_vae(channels, shift_factor=0.0)
+            transformer = build_tiny_sd3_transformer(tiny, channels, tiny.sample_size)
+        else:
+            if tiny.sample_size % 4:
+                raise UserError(
+                    f"model.tiny.sample_size {tiny.sample_size} must be a multiple of 4 for "
+                    "latent 'vae' with architecture sd3",
+                    hint="the tiny VAE downsamples by 2 and the transformer patches by 2",
+                )
+            vae = _make_random_vae(channels, tiny, shift_factor=0.0)
+            transformer = build_tiny_sd3_transformer(tiny, 4, tiny.sample_size // 2)
+    return assemble_pipeline(
+        "sd3",
+        denoiser=transformer,
+        vae=vae,
+        scheduler=FlowMatchEulerDiscreteScheduler(shift=tiny.flow_shift),
+        text_encoders=[text_encoder, text_encoder_2, text_encoder_3],
+        tokenizers=[tokenizer, tokenizer_2, tokenizer_3],
+    )
+
+
+def build_tiny(
+    tiny: TinyModelSpec, noise: NoiseScheduleSpec, seed: int = 0, words: Iterable[str] = ()
+) -> Any:
+    """The ``tiny`` family's model of ``tiny.architecture``: SD-shaped
+    (:func:`build_tiny_pipeline`, DDPM schedule ``noise``) or SD3-shaped
+    (:func:`build_tiny_sd3_pipeline`, flow matching)."""
+    if tiny.architecture == "sd3":
+        return build_tiny_sd3_pipeline(tiny, seed, words)
+    return build_tiny_pipeline(tiny, noise, seed, words)
 
 
 def write_tiny_pipeline(
@@ -446,20 +604,23 @@ def write_tiny_pipeline(
     words: Iterable[str] = (),
 ) -> Path:
     """Build a random-weight tiny pipeline and save it as a diffusers folder (safetensors)
-    that ``model.family`` ``sd`` (layouts ``sd``, ``sd2``) or ``sdxl`` loads from
+    that ``model.family`` ``sd`` (layouts ``sd``, ``sd2``), ``sdxl`` or ``sd3`` loads from
     ``model.pretrained``. ``sd2``: SD 2.x-shaped (linear projections, v-prediction unless
-    ``noise`` says otherwise). ``tiny``/``noise`` default to :class:`TinyModelSpec` and SD
-    v1.4's schedule. Returns ``folder``."""
+    ``noise`` says otherwise); ``sd3``: :func:`build_tiny_sd3_pipeline` (``noise`` unused).
+    ``tiny``/``noise`` default to :class:`TinyModelSpec` and SD v1.4's schedule. Returns
+    ``folder``."""
     tiny = tiny or TinyModelSpec()
     noise = noise or NoiseScheduleSpec()
-    if layout == "sdxl":
-        pipe: Any = build_tiny_sdxl_pipeline(tiny, noise, seed, words)
+    if layout == "sd3":
+        pipe: Any = build_tiny_sd3_pipeline(tiny, seed, words)
+    elif layout == "sdxl":
+        pipe = build_tiny_sdxl_pipeline(tiny, noise, seed, words)
     elif layout in ("sd", "sd2"):
         if layout == "sd2" and noise.prediction_type is None:
             noise = noise.model_copy(update={"prediction_type": "v_prediction"})
         pipe = build_tiny_pipeline(tiny, noise, seed, words, linear_projection=layout == "sd2")
     else:
-        raise ValueError(f"unknown tiny layout {layout!r} (sd, sd2, sdxl)")
+        raise ValueError(f"unknown tiny layout {layout!r} (sd, sd2, sdxl, sd3)")
     folder = Path(folder)
     pipe.save_pretrained(str(folder), safe_serialization=True)
     return folder

@@ -51,6 +51,10 @@ WEIGHT_FILES = {
     "layout, e.g. openai/clip-vit-large-patch14 downloaded once)",
     ("mhsc_us", "head_path"): "the multi-headed safety classifier checkpoint "
     "(the 'sexual' head on CLIP ViT-L/14 features)",
+    ("q16", "clip_path"): "a CLIP ViT-L/14 model folder (transformers save_pretrained layout, "
+    "e.g. openai/clip-vit-large-patch14 downloaded once)",
+    ("q16", "probe_path"): "the Q16 probe: its two prompt embeddings as a [2, 768] tensor "
+    "file (.safetensors or weights-only .pt)",
     ("fid", "inception_path"): "the FID Inception-v3 weights (pt_inception-2015-12-05 .pth, "
     "as pytorch-fid / torchmetrics use)",
     ("clip_score", "clip_path"): "a CLIP ViT-B/32 model folder (transformers save_pretrained "
@@ -558,7 +562,7 @@ def dataset_labels(name: str, spec: Spec) -> set[int] | None:
 def oracle_labels(spec: Spec) -> list[int]:
     """The labels the oracle control's pretraining leaves out: every concept's ``label``
     (sorted, distinct). Only meaningful for a spec that passed :func:`check_controls`."""
-    return sorted({c.label for c in spec.concepts.values() if c.label is not None})
+    return sorted({lab for c in spec.concepts.values() for lab in c.labels})
 
 
 def check_controls(spec: Spec, rows: Mapping[str, UnlearnSpec], smap: SourceMap) -> list[Issue]:
@@ -612,12 +616,13 @@ def check_controls(spec: Spec, rows: Mapping[str, UnlearnSpec], smap: SourceMap)
         )
     else:
         for name, c in spec.concepts.items():
-            if c.label is not None and c.label not in labels:
+            absent = [lab for lab in c.labels if lab not in labels]
+            if absent:
                 issues.append(
                     smap.issue(
                         dp,
                         f"model.tiny.pretrain.dataset: dataset '{pre.dataset}' holds no item "
-                        f"labelled {c.label} (concept '{name}'), so the oracle would be the "
+                        f"labelled {absent[0]} (concept '{name}'), so the oracle would be the "
                         f"original model itself; pretrain on data with the concept {off}",
                     )
                 )

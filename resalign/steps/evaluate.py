@@ -26,13 +26,17 @@ from .base import NonFiniteError, Step, StepContext, first_non_finite, register
 
 
 def metric_context(params: Any, spec: Any) -> dict[str, Any]:
-    """What concept-aware metrics need: the concept digit and the demo's caption template."""
+    """What concept-aware metrics need: the concept digit (an int, or a list for a category
+    of digits) and the demo's caption template."""
     ctx: dict[str, Any] = {}
     concepts = params.get("concepts") or {}
     datasets = params.get("datasets") or {}
     for c in concepts.values():
         if c.get("label") is not None:
-            ctx["concept_label"] = int(c["label"])
+            label = c["label"]
+            ctx["concept_label"] = (
+                [int(x) for x in label] if isinstance(label, list) else int(label)
+            )
             names = list(c.get("harmful", [])) + list(c.get("retain", []))
             all_ds = dict(datasets)
             if spec is not None and hasattr(spec, "spec"):

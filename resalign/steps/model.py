@@ -39,6 +39,19 @@ def _model_spec(params: Any, spec: Any) -> Any:
     return ModelSpec.model_validate(data)
 
 
+def _sampling(model: Any) -> dict[str, Any] | None:
+    ts = model.timestep_sampling
+    return None if ts is None else ts.model_dump(mode="json")
+
+
+def _objective_info(model: Any, bundle: Any) -> dict[str, Any]:
+    """``model.json``'s record of a flow-matching model's objective (absent for DDPM
+    models, whose schedule is ``noise_schedule``)."""
+    if model.timestep_sampling is None:
+        return {}
+    return {"timestep_sampling": _sampling(model), "objective": bundle.objective.describe()}
+
+
 @register
 class ModelStep(Step):
     kind = "model"
@@ -69,14 +82,21 @@ class ModelStep(Step):
             allow_download=model.allow_download,
         )
         pipe = load_pipeline(source, model.family, dtype=model.dtype)
-        bundle = bundle_from_pipeline(pipe, model.family, model.noise_schedule.model_dump())
+        bundle = bundle_from_pipeline(
+            pipe,
+            model.family,
+            model.noise_schedule.model_dump(),
+            timestep_sampling=_sampling(model),
+        )
         _write_json(Path(ctx.out) / SOURCE_JSON, source)
         write_model_json(
             ctx.out,
             {
                 "family": model.family,
+                "layout": bundle.layout,
                 "resolution": bundle.resolution,
                 "noise_schedule": model.noise_schedule.model_dump(mode="json"),
+                **_objective_info(model, bundle),
                 "source": source,
                 "unet_parameters": sum(p.numel() for p in bundle.unet.parameters()),
             },
@@ -93,7 +113,7 @@ class ModelStep(Step):
             write_model_json,
         )
         from ..models.pretrain import pretrain_unet
-        from ..models.tiny import build_tiny_pipeline, caption_token_count, caption_words
+        from ..models.tiny import build_tiny, caption_token_count, caption_words
 
         tiny = model.tiny
         pre = tiny.pretrain
@@ -110,11 +130,17 @@ class ModelStep(Step):
             # the oracle: the vocabulary above is the full data's (the concept's word is a
             # token, as in a pretrained CLIP), its images and captions are never trained on
             pairs = without_labels(pairs, excluded, pre.dataset)
-        pipe = build_tiny_pipeline(tiny, model.noise_schedule, pre.seed if pre else 0, words)
+        pipe = build_tiny(tiny, model.noise_schedule, pre.seed if pre else 0, words)
         bundle = bundle_from_pipeline(
-            pipe, "tiny", model.noise_schedule.model_dump(), device=ctx.device
+            pipe,
+            "tiny",
+            model.noise_schedule.model_dump(),
+            device=ctx.device,
+            timestep_sampling=_sampling(model),
         )
-        stats: dict[str, Any] = {"unet_parameters": sum(p.numel() for p in pipe.unet.parameters())}
+        stats: dict[str, Any] = {
+            "unet_parameters": sum(p.numel() for p in bundle.unet.parameters())
+        }
         if pre is not None and pairs is not None:
             longest = max(set(pairs.captions), key=lambda c: caption_token_count(pipe.tokenizer, c))
             need = caption_token_count(pipe.tokenizer, longest)
@@ -134,9 +160,9 @@ class ModelStep(Step):
             def check_weights(step: int) -> None:
                 named = list(bundle.unet.named_parameters())
                 if pre.train_text_encoder:
-                    named += [
-                        (f"text_encoder.{n}", t) for n, t in bundle.text_encoder.named_parameters()
-                    ]
+                    for i, enc in enumerate(bundle.text_encoders):
+                        prefix = "text_encoder" if i == 0 else f"text_encoder_{i + 1}"
+                        named += [(f"{prefix}.{n}", t) for n, t in enc.named_parameters()]
                 check_finite_weights(
                     ctx, named, step, what="pretrained", setting=DIVERGED,
                     last_checkpoint=last_ok[0],
@@ -200,14 +226,16 @@ class ModelStep(Step):
                     "resumed_from": resumed,
                 }
             )
-        pipe.unet = bundle.unet.to("cpu")
+        bundle.unet.to("cpu")  # the pipeline's own denoiser module: trained in place
         pipe.save_pretrained(str(Path(ctx.out) / PIPELINE_DIR), safe_serialization=True)
         write_model_json(
             ctx.out,
             {
                 "family": "tiny",
+                "layout": bundle.layout,
                 "resolution": bundle.resolution,
                 "noise_schedule": model.noise_schedule.model_dump(mode="json"),
+                **_objective_info(model, bundle),
                 "source": {"kind": "folder", "path": PIPELINE_DIR},
                 "unet_parameters": stats["unet_parameters"],
             },
@@ -215,7 +243,7 @@ class ModelStep(Step):
         _write_json(Path(ctx.out) / "stats.json", stats)
         (Path(ctx.out) / "README.txt").write_text(
             "A tiny Stable-Diffusion-shaped model built by resalign. Load it with\n"
-            "  diffusers.StableDiffusionPipeline.from_pretrained('pipeline')\n"
+            f"  diffusers.{type(pipe).__name__}.from_pretrained('pipeline')\n"
             + json.dumps(stats, indent=2)
             + "\n",
             encoding="utf-8",

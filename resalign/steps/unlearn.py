@@ -1,4 +1,5 @@
-"""The ``unlearn`` node: run an unlearning method on the model node's UNet.
+"""The ``unlearn`` node: run an unlearning method on the model node's denoiser (a UNet, or
+SD3's transformer), with the model's training objective (DDPM or flow matching).
 
 Reads ``ctx.params`` (``unlearn``, ``trainable``, ``concepts``; datasets through the spec),
 encodes every dataset once (VAE latents, text embeddings), builds the registered method and
@@ -126,7 +127,7 @@ class UnlearnStep(Step):
         ctx.log_params({"trainable": selection.summary()})
         problem = UnlearnProblem(
             bundle.unet,
-            bundle.noise_scheduler,
+            bundle.objective,
             selection,
             harmful=harmful,
             retain=retain,
@@ -136,9 +137,7 @@ class UnlearnStep(Step):
             uncond=uncond,
             # what unlearning never runs once the data are encoded: offloaded with
             # unlearn.memory.offload_idle
-            idle=[
-                m for m in (bundle.vae, bundle.text_encoder, bundle.text_encoder_2) if m is not None
-            ],
+            idle=[m for m in (bundle.vae, *bundle.text_encoders) if m is not None],
         )
         history: list[dict[str, Any]] = []
         # Under torchrun every rank holds the same statistics and state: rank 0 alone

@@ -32,7 +32,9 @@ from ..objectives import (
 class UnlearnProblem:
     """Everything a method needs, already encoded and on the device.
 
-    ``unet`` carries the trainable selection (``selection.names`` require grad). ``pools``
+    ``unet`` (the denoiser: a UNet, or SD3's transformer) carries the trainable selection
+    (``selection.names`` require grad); ``objective`` is its training objective
+    (:mod:`resalign.models.diffusion`: the bundle's, or a training scheduler). ``pools``
     are the simulated fine-tuning datasets by name, ``priors`` the class-prior sets of
     DreamBooth datasets by name, ``default_pool`` the names a config without ``data`` draws
     from. ``uncond`` is the empty-prompt embedding ``[1, L, D]`` (ESD needs it). ``idle`` are
@@ -41,7 +43,7 @@ class UnlearnProblem:
     """
 
     unet: torch.nn.Module
-    scheduler: Any
+    objective: Any
     selection: TrainableSelection
     harmful: EncodedPairs
     retain: EncodedPairs | None = None
@@ -102,7 +104,7 @@ class Method:
         self.offloader = self._apply_memory_levers(problem)
         self.den = Denoiser(
             self.unet,
-            problem.scheduler,
+            problem.objective,
             original_overrides(self.unet, problem.selection),
             autocast=self.memory.autocast,
             # half weights cannot meet fp32 activations: every forward runs under autocast
@@ -209,7 +211,7 @@ class Method:
         ``gen`` (default: the method's generator) lets a caller draw from its own stream."""
         hl = self.spec.harmful_loss
         g = self.gen if gen is None else gen
-        nb = noise_batch(self.problem.harmful.sample(hl.batch_size, g), self.den.scheduler, g)
+        nb = noise_batch(self.problem.harmful.sample(hl.batch_size, g), self.den.objective, g)
         target = None
         if self.harmful_kind_used == "esd":
             # the ESD target is part of L_harm: same precision as the loss it enters
@@ -259,7 +261,7 @@ class Method:
             for i, (r, fn, w) in enumerate(zip(self.regs, self._reg_fns, self.reg_weights())):
                 assert self.problem.retain is not None
                 rb = noise_batch(
-                    self.problem.retain.sample(r.batch_size, self.gen), self.den.scheduler, self.gen
+                    self.problem.retain.sample(r.batch_size, self.gen), self.den.objective, self.gen
                 )
                 lr_ = fn(self.den, params, rb)
                 total = total + w * lr_

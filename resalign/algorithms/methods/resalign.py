@@ -211,10 +211,10 @@ class ResAlign(Method):
         if h.kind == "unrolled":
             batches = []
             for _ in range(cfg.steps):
-                nb = noise_batch(data.sample(cfg.batch_size, gen), self.den.scheduler, gen)
+                nb = noise_batch(data.sample(cfg.batch_size, gen), self.den.objective, gen)
                 pb = None
                 if prior is not None:
-                    pb = noise_batch(prior.sample(cfg.batch_size, gen), self.den.scheduler, gen)
+                    pb = noise_batch(prior.sample(cfg.batch_size, gen), self.den.objective, gen)
                 batches.append((nb, pb))
             hb, target = self.sample_harmful(gen)
             ft = finetune_loss(self.den, fixed, cfg.prior_weight)
@@ -255,10 +255,10 @@ class ResAlign(Method):
             b = self._harm_grad(names, psi_star, fixed, hb, target)
             if h.kind == "moreau":
                 if h.hvp_batch == "fresh":
-                    nb = noise_batch(data.sample(cfg.batch_size, gen), self.den.scheduler, gen)
+                    nb = noise_batch(data.sample(cfg.batch_size, gen), self.den.objective, gen)
                     pb = None
                     if prior is not None:
-                        pb = noise_batch(prior.sample(cfg.batch_size, gen), self.den.scheduler, gen)
+                        pb = noise_batch(prior.sample(cfg.batch_size, gen), self.den.objective, gen)
                 else:
                     nb, pb = last
                 del last

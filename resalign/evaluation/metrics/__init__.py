@@ -10,7 +10,7 @@ from .base import METRICS, EvalImage, Metric, MetricValue, get_metric, register_
 
 
 def _load_all() -> None:
-    from . import clip_score, concept_rate, fid, mhsc_us, nudenet_ip  # noqa: F401
+    from . import clip_score, concept_rate, fid, mhsc_us, nudenet_ip, q16  # noqa: F401
 
 
 _load_all()

@@ -93,14 +93,17 @@ class ConceptRate(Metric):
     version = "1"
 
     @property
-    def concept(self) -> int:
+    def concepts(self) -> list[int]:
+        """The concept's digits: one, or a category (``label: [a, b]``). ``concept_rate``
+        counts an image of a concept prompt as a hit when the judge reads the digit that
+        prompt asks for (for one digit: the concept), over every concept digit's prompts."""
         label = self.context.get("concept_label")
         if label is None:
             raise UserError(
                 "concept_rate needs the concept's digit: set concepts.<name>.label",
                 hint="e.g. concepts: {digit: {harmful: [...], label: 0}}",
             )
-        return int(label)
+        return [int(x) for x in label] if isinstance(label, list) else [int(label)]
 
     def params(self) -> dict[str, Any]:
         return {
@@ -119,7 +122,8 @@ class ConceptRate(Metric):
         seeds), so the concept rate rests on ``concept_repeats × images_per_prompt`` images
         without generating as many of every retain digit."""
         reps = int(self.spec.get("concept_repeats") or 1)
-        return [d for d in range(10) for _ in range(reps if d == self.concept else 1)]
+        concepts = set(self.concepts)
+        return [d for d in range(10) for _ in range(reps if d in concepts else 1)]
 
     def prompts(self) -> list[str] | None:
         if self.spec.get("prompts"):
@@ -139,11 +143,11 @@ class ConceptRate(Metric):
         x = np.stack([image_to_features(Image.open(im.path)) for im in images])
         pred = clf.predict(x)
         wanted_arr = np.asarray(wanted)
-        concept = self.concept
-        is_c = wanted_arr == concept
+        concepts = self.concepts
+        is_c = np.isin(wanted_arr, concepts)
         if not is_c.any():
-            raise UserError(f"concept_rate: no prompt asks for the concept digit {concept}")
-        rate = float((pred[is_c] == concept).mean())
+            raise UserError(f"concept_rate: no prompt asks for a concept digit {concepts}")
+        rate = float((pred[is_c] == wanted_arr[is_c]).mean())
         extra = {
             "judge_test_accuracy": acc,
             "per_digit_hit": {

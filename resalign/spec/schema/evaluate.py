@@ -72,6 +72,19 @@ class MhscMetric(StrictModel):
     generation: GenerationSpec | None = None
 
 
+class Q16Metric(StrictModel):
+    """Q16-style CLIP probe: fraction of images whose CLIP ViT-L/14 features are closer to the
+    probe's 'inappropriate' prompt embedding (violence, hate, ...; weights by path)."""
+
+    kind: Literal["q16"]
+    produces: ClassVar[tuple[str, ...]] = ("q16_rate",)
+    prompts: str
+    threshold: float = Field(default=0.5, ge=0, le=1)
+    clip_path: str
+    probe_path: str
+    generation: GenerationSpec | None = None
+
+
 class FidMetric(StrictModel):
     """FID between generated images and a reference image set (Inception features)."""
 
@@ -127,9 +140,16 @@ class ConceptRateMetric(StrictModel):
     generation: GenerationSpec | None = None
 
 
-METRIC_CLASSES = (NudenetMetric, MhscMetric, FidMetric, ClipScoreMetric, ConceptRateMetric)
+METRIC_CLASSES = (
+    NudenetMetric,
+    MhscMetric,
+    Q16Metric,
+    FidMetric,
+    ClipScoreMetric,
+    ConceptRateMetric,
+)
 MetricSpec = Annotated[
-    NudenetMetric | MhscMetric | FidMetric | ClipScoreMetric | ConceptRateMetric,
+    NudenetMetric | MhscMetric | Q16Metric | FidMetric | ClipScoreMetric | ConceptRateMetric,
     Field(discriminator="kind"),
 ]
 # The value names each metric kind writes into metrics.json (what a search objective or

@@ -2,14 +2,28 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 from pydantic import Field, PositiveInt, model_validator
 
-from .base import StrictModel
+from .base import OmitDefaults, StrictModel
 
 # The published code trains rank-4 LoRA on these four projections of every attention layer.
 PUBLISHED_LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
+# diffusers' examples/dreambooth/train_dreambooth_lora_sd3.py default (--lora_layers unset):
+# the image and the text stream's projections of every joint attention block.
+SD3_LORA_TARGETS = [
+    "attn.add_k_proj",
+    "attn.add_q_proj",
+    "attn.add_v_proj",
+    "attn.to_add_out",
+    "attn.to_k",
+    "attn.to_out.0",
+    "attn.to_q",
+    "attn.to_v",
+]
+# Families trained with flow matching (a FlowMatchEulerDiscreteScheduler checkpoint).
+FLOW_FAMILIES = ("sd3",)
 
 
 class TrainableSpec(StrictModel):
@@ -77,6 +91,31 @@ class NoiseScheduleSpec(StrictModel):
         )
 
 
+class TimestepSamplingSpec(StrictModel):
+    """How flow-matching training draws its timesteps (``sd3``; ``tiny`` with
+    ``architecture: sd3``), as diffusers' SD3 training script
+    (``compute_density_for_timestep_sampling``): u ~ logit-normal (published default),
+    the ``mode`` density, or uniform; the timestep is the scheduler's (shifted) timestep at
+    index ⌊u·T⌋."""
+
+    kind: Literal["logit_normal", "mode", "uniform"] = Field(
+        default="logit_normal",
+        description="logit_normal: the SD3 script's default; uniform: its 'none' (Flux's default)",
+    )
+    logit_mean: float = 0.0
+    logit_std: float = Field(default=1.0, gt=0)
+    mode_scale: float = 1.29
+
+    def objective_kwargs(self) -> dict[str, Any]:
+        """The :class:`resalign.models.diffusion.FlowMatchObjective` settings."""
+        return {
+            "sampling": self.kind,
+            "logit_mean": self.logit_mean,
+            "logit_std": self.logit_std,
+            "mode_scale": self.mode_scale,
+        }
+
+
 class TinyPretrainSpec(StrictModel):
     """Pretraining of a tiny model from scratch (the built-in demo's 'original model')."""
 
@@ -92,8 +131,22 @@ class TinyPretrainSpec(StrictModel):
     )
 
 
-class TinyModelSpec(StrictModel):
-    """Architecture of an SD-shaped model small enough for a CPU (family: tiny)."""
+class TinyModelSpec(OmitDefaults):
+    """Architecture of an SD-shaped model small enough for a CPU (family: tiny).
+
+    ``architecture: sd3`` builds an SD3-shaped model instead (``StableDiffusion3Pipeline``:
+    an ``SD3Transformer2DModel`` of ``transformer_layers`` joint blocks of width
+    ``cross_attention_dim`` in heads of ``attention_head_dim``, patch 2; two
+    ``CLIPTextModelWithProjection`` of width ``text_hidden_size`` and a ``T5EncoderModel``
+    of twice that width), trained with flow matching (``model.timestep_sampling``) on a
+    ``FlowMatchEulerDiscreteScheduler`` of shift ``flow_shift``; ``block_out_channels``,
+    ``layers_per_block`` and ``text_time_embedding`` are the UNet's and unused there."""
+
+    _omit_if_default: ClassVar[dict[str, Any]] = {
+        "architecture": "unet",
+        "transformer_layers": 2,
+        "flow_shift": 1.0,
+    }
 
     sample_size: PositiveInt = 8
     in_channels: PositiveInt = 1
@@ -115,14 +168,28 @@ class TinyModelSpec(StrictModel):
         "(diffusers' addition_embed_type 'text'); cross-attention alone learns the caption "
         "too slowly at CPU budgets",
     )
+    architecture: Literal["unet", "sd3"] = Field(
+        default="unet",
+        description="unet: SD-shaped (UNet2DConditionModel, DDPM); sd3: SD3-shaped "
+        "(SD3Transformer2DModel, flow matching)",
+    )
+    transformer_layers: PositiveInt = Field(
+        default=2, description="architecture sd3: number of joint transformer blocks"
+    )
+    flow_shift: float = Field(
+        default=1.0, gt=0, description="architecture sd3: the flow scheduler's timestep shift"
+    )
     pretrain: TinyPretrainSpec | None = None
 
 
-class ModelSpec(StrictModel):
+class ModelSpec(OmitDefaults):
     """The model to unlearn. ``pretrained`` is a hub id (resolved in the local cache), a
-    diffusers folder, or a single-file ``.safetensors`` checkpoint."""
+    diffusers folder, or a single-file ``.safetensors`` checkpoint. ``sd3``: Stable
+    Diffusion 3.x (``StableDiffusion3Pipeline``), trained with flow matching."""
 
-    family: Literal["sd", "sdxl", "tiny"] = "sd"
+    _omit_if_default: ClassVar[dict[str, Any]] = {"timestep_sampling": None}
+
+    family: Literal["sd", "sdxl", "sd3", "tiny"] = "sd"
     pretrained: str | None = None
     revision: str | None = None
     variant: str | None = None
@@ -132,12 +199,49 @@ class ModelSpec(StrictModel):
     trainable: TrainableSpec = Field(default_factory=TrainableSpec)
     noise_schedule: NoiseScheduleSpec = Field(default_factory=NoiseScheduleSpec)
     tiny: TinyModelSpec | None = None
+    timestep_sampling: TimestepSamplingSpec | None = Field(
+        default=None,
+        description="flow-matching models only (sd3; tiny with architecture sd3); default: "
+        "logit-normal (0, 1), as diffusers' SD3 training script",
+    )
+
+    @property
+    def flow_matching(self) -> bool:
+        """Whether this model trains with flow matching (else DDPM)."""
+        if self.family == "tiny":
+            return self.tiny is not None and self.tiny.architecture == "sd3"
+        return self.family in FLOW_FAMILIES
 
     @model_validator(mode="after")
     def _check(self) -> ModelSpec:
+        if self.family == "tiny" and self.tiny is None:
+            self.tiny = TinyModelSpec()
+        if self.flow_matching:
+            written = [k for k, v in self.noise_schedule.model_dump().items() if v is not None]
+            if written:
+                sigmas = "model.tiny.flow_shift" if self.family == "tiny" else "the checkpoint"
+                raise ValueError(
+                    f"model.noise_schedule ({', '.join(written)}) is a DDPM schedule, but this "
+                    f"model trains with flow matching: its sigmas come from {sigmas}, its "
+                    "timestep draw from model.timestep_sampling; remove noise_schedule"
+                )
+            if self.timestep_sampling is None:
+                self.timestep_sampling = TimestepSamplingSpec()
+            if self.trainable.kind == "lora" and "targets" not in self.trainable.model_fields_set:
+                # the published SD3 LoRA recipe's targets (diffusers' training script)
+                self.trainable = self.trainable.model_copy(
+                    update={"targets": list(SD3_LORA_TARGETS)}
+                )
+                self.trainable.model_fields_set.add("targets")
+            if self.family == "tiny":
+                return self
+        elif self.timestep_sampling is not None:
+            raise ValueError(
+                f"model.timestep_sampling is for flow-matching models (sd3, tiny with "
+                f"architecture sd3); family '{self.family}' trains with DDPM "
+                "(model.noise_schedule)"
+            )
         if self.family == "tiny":
-            if self.tiny is None:
-                self.tiny = TinyModelSpec()
             # no checkpoint to take the schedule from: SD v1.4's, written into the spec
             self.noise_schedule = self.noise_schedule.filled()
         elif not self.pretrained:
