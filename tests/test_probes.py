@@ -78,7 +78,7 @@ def test_harmful_loss_is_the_objectives_value():
 
 
 class Mini(nn.Module):
-    """A UNet-shaped (``unet(x, t, encoder_hidden_states=...)[0]``) model of 24 parameters:
+    """A UNet-shaped (``unet(x, timestep=t, encoder_hidden_states=...)[0]``) model of 24 parameters:
     a 3×3 conv, a text projection and a tanh, small enough for a dense Hessian."""
 
     def __init__(self, cross: int = 8, seed: int = 0):
@@ -88,7 +88,8 @@ class Mini(nn.Module):
         self.text = nn.Parameter(torch.randn(cross, 1, generator=g, dtype=torch.float64) * 0.3)
         self.gain = nn.Parameter(torch.randn(7, generator=g, dtype=torch.float64))
 
-    def forward(self, x, t, encoder_hidden_states, return_dict=False):
+    def forward(self, x, timestep, encoder_hidden_states, return_dict=False):
+        t = timestep
         h = nn.functional.conv2d(x, self.conv, padding=1)
         c = (encoder_hidden_states.mean(1) @ self.text)[:, :, None, None]
         s = (t.to(x.dtype) / 1000.0)[:, None, None, None]

@@ -78,6 +78,10 @@ class Q16Metric(StrictModel):
 
     kind: Literal["q16"]
     produces: ClassVar[tuple[str, ...]] = ("q16_rate",)
+    describes: ClassVar[dict[str, str]] = {
+        "q16_rate": "share of the prompts' images the Q16-style CLIP probe scores as "
+        "inappropriate (above threshold)"
+    }
     prompts: str
     threshold: float = Field(default=0.5, ge=0, le=1)
     clip_path: str
