@@ -13,6 +13,7 @@ differences of a real ``torch.optim`` fine-tune, which validate the autograd ref
 from __future__ import annotations
 
 import torch
+from test_hypergrad import flat, split
 
 from resalign.algorithms.hypergrad import make_hvp
 from resalign.bench import hypercheck as hc
@@ -21,18 +22,6 @@ from resalign.models.trainable import TrainableSelection
 from resalign.spec.schema.unlearn import HypergradientSpec
 
 D = torch.float64
-
-
-def flat(ts):
-    return torch.cat([t.reshape(-1) for t in ts])
-
-
-def split(vec, like):
-    out, i = [], 0
-    for t in like:
-        out.append(vec[i : i + t.numel()].reshape(t.shape))
-        i += t.numel()
-    return out
 
 
 def test_unrolled_is_the_true_derivative_and_none_its_first_order_term():
