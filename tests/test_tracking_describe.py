@@ -15,6 +15,7 @@ from resalign.engine.tracking.describe import (
     node_tags,
     row_methods,
     run_name,
+    threat_labels,
     varying_fields,
 )
 from resalign.engine.tracking.records import mirrored
@@ -70,7 +71,7 @@ def test_every_demo_node_gets_the_tags_that_apply(demo):
 def test_run_names_are_unique_and_short_where_they_differ(spec):
     graph = compile_spec(load_spec(spec))
     varying = varying_fields(graph)
-    names = [run_name(n, varying) for n in graph]
+    names = [run_name(n, varying, threat_labels(graph)) for n in graph]
     assert len(set(names)) == len(names), names
     for n, name in zip(graph, names):
         distinguishing = name.rsplit(" ", 1)[0] if n.row is not None else name
@@ -78,7 +79,22 @@ def test_run_names_are_unique_and_short_where_they_differ(spec):
         assert len(distinguishing) <= 18, name
     demo_names = set(names)
     if spec == DEMO:
-        assert {"plain a2 @50 eval", "resalign unlearn", "original pre eval"} <= demo_names
+        # two threats: each by the shortest prefix no other threat starts with
+        assert {"plain p a2 @50 eval", "plain b a1 @200 eval", "resalign unlearn"} <= demo_names
+        assert "original pre eval" in demo_names
+
+
+@pytest.mark.fast
+def test_threat_labels_are_the_shortest_unambiguous_prefixes():
+    from types import SimpleNamespace as N
+
+    graph = [N(threat=t) for t in ("benign_adam", "benign_lora", "poison", None, "poison")]
+    assert threat_labels(graph) == {
+        "benign_adam": "benign_a",
+        "benign_lora": "benign_l",
+        "poison": "p",
+    }
+    assert threat_labels([N(threat="benign")]) == {"benign": "b"}
 
 
 def test_params_are_what_the_node_used(demo):

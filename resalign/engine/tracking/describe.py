@@ -85,7 +85,28 @@ def varying_fields(graph: Iterable[Any]) -> dict[str, set[str]]:
     return {k: {f for f, vals in per.items() if len(vals) > 1} for k, per in seen.items()}
 
 
-def run_name(node: Any, varying: Mapping[str, set[str]] | None = None) -> str:
+def threat_labels(graph: Iterable[Any]) -> dict[str, str]:
+    """Threat name → the shortest prefix that no other threat of ``graph`` starts with, for
+    run names: the demo's ``poison5_adam_3e-4`` and ``benign_adam_3e-4`` become ``p`` and
+    ``b`` (with the full names, ``original poison5_adam_3e-4 a1 @25`` is 33 characters, past
+    the ~18 that MLflow's Run Name column shows). The full name is the ``resalign.threat``
+    tag."""
+    names = sorted({n.threat for n in graph if getattr(n, "threat", None) is not None})
+    out = {}
+    for name in names:
+        others = [o for o in names if o != name]
+        k = 1
+        while k < len(name) and any(o.startswith(name[:k]) for o in others):
+            k += 1
+        out[name] = name[:k]
+    return out
+
+
+def run_name(
+    node: Any,
+    varying: Mapping[str, set[str]] | None = None,
+    threats: Mapping[str, str] | None = None,
+) -> str:
     """A short run name, its distinguishing part first, so MLflow's default Run Name column
     (about 18 characters before the ellipsis in MLflow 3.17) shows it: ``<row> [u<unlearning
     seed>] [<threat>] [a<attack seed>] @<step> <kind>``, e.g. ``plain a2 @50 eval``,
@@ -109,7 +130,7 @@ def run_name(node: Any, varying: Mapping[str, set[str]] | None = None) -> str:
             parts.append("pre")
         else:
             if shown("threat"):
-                parts.append(node.threat)
+                parts.append((threats or {}).get(node.threat, node.threat))
             if node.seed is not None and shown("seed"):
                 parts.append(f"a{node.seed}")
             parts.append(f"@{node.step}")

@@ -17,7 +17,7 @@ from ...errors import UserError
 from ...graph.svg import render_svg
 from ..store import atomic_write_json, writable
 from .curation import _spec_dict, curated_params, git_commit, mermaid
-from .describe import node_params, node_tags, row_methods, run_name, varying_fields
+from .describe import node_params, node_tags, row_methods, run_name, threat_labels, varying_fields
 from .records import (
     NodeRecord,
     TrackingHandle,
@@ -119,6 +119,7 @@ class Tracker:
         self._graph = graph
         self._methods = row_methods(graph)
         self._varying = varying_fields(graph)
+        self._threats = threat_labels(graph)
         records = self.store_root / "tracking"
         if not self.local_records:
             records = Path(tempfile.mkdtemp(prefix="resalign-tracking-"))
@@ -196,7 +197,7 @@ class Tracker:
             self._base_tags,
             **{
                 "mlflow.parentRunId": self.parent_run_id,
-                "mlflow.runName": run_name(node, self._varying),
+                "mlflow.runName": run_name(node, self._varying, self._threats),
                 "resalign.node.name": node.name,
                 "resalign.node.key": node.key,
                 # where the results (models included) are in the local store
