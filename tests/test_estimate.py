@@ -79,7 +79,9 @@ def test_estimate_scales_recorded_nodes_and_says_when_a_kind_has_none():
     rec = [
         Recorded("attack", "tiny", w * size, 2 + 1e-6 * w * size, 900.0) for w in (400, 800, 1600)
     ]
-    names = [n.name for n in g.of_kind("attack")] + ["unlearn/plain/seed0"]
+    # the poisoned threat's segments (25-50 steps: inside the recorded range, no extrapolation)
+    attacks = [n.name for n in g.of_kind("attack") if n.threat == "poison5_adam_3e-4"]
+    names = attacks + ["unlearn/plain/seed0"]
     est = estimate(g, names, rec)
     want = sum(2 + 1e-6 * node_work(g, g[n])[1] for n in names[:-1])
     (att, un) = est.kinds

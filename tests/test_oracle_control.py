@@ -112,7 +112,7 @@ def test_demo_spec_with_the_oracle_on():
     assert g["model"].key == demo["model"].key
     assert g["model/oracle"].params["exclude_labels"] == [3]
     orig = [n for n in g if n.row == "original" and n.kind == "attack"]
-    assert len(orig) == 6
+    assert len(orig) == 8  # the poisoned threat's 2 seeds x 3 segments, the benign one's 1 x 2
     assert len([n for n in g if n.row == "oracle" and n.kind == "attack"]) == len(orig)
 
 
