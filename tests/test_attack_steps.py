@@ -59,7 +59,6 @@ def test_attack_evaluate_report_steps(tmp_path):
         out.mkdir(parents=True)
         ctx = NodeContext(
             node=node,
-            spec=resolved,
             inputs={r: done[d] for r, d in node.deps.items()},
             out=out,
             state=state,

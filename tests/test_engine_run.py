@@ -286,20 +286,20 @@ def test_resume_point_is_inferred_when_a_step_does_not_declare_it(tmp_path):
     state.mkdir()
     lines = "".join(json.dumps({"step": s, "loss": float(s)}) + "\n" for s in range(1, 16))
     (state / "metrics.jsonl").write_text(lines + '{"step": 16, "lo')  # torn last line
-    ctx = NodeContext(node=node, spec=None, inputs={}, out=tmp_path / "out", state=state)
+    ctx = NodeContext(node=node, inputs={}, out=tmp_path / "out", state=state)
     ctx.log_metrics({"loss": -11.0}, step=11)  # a silent resume after checkpoint 10
     ctx.close()
     got = [(r["step"], r["loss"]) for r in read_metrics(state / "metrics.jsonl")]
     assert got == [(s, float(s)) for s in range(1, 11)] + [(11, -11.0)]
 
-    ctx = NodeContext(node=node, spec=None, inputs={}, out=tmp_path / "out", state=state)
+    ctx = NodeContext(node=node, inputs={}, out=tmp_path / "out", state=state)
     ctx.resumed_from(4)  # declared explicitly
     ctx.log_metrics({"loss": -5.0}, step=5)
     ctx.close()
     got = [(r["step"], r["loss"]) for r in read_metrics(state / "metrics.jsonl")]
     assert got == [(s, float(s)) for s in range(1, 5)] + [(5, -5.0)]
 
-    ctx = NodeContext(node=node, spec=None, inputs={}, out=tmp_path / "out", state=state)
+    ctx = NodeContext(node=node, inputs={}, out=tmp_path / "out", state=state)
     ctx.log_metrics({"loss": 1.5}, step=1)  # a fresh start drops everything
     ctx.close()
     assert [(r["step"], r["loss"]) for r in read_metrics(state / "metrics.jsonl")] == [(1, 1.5)]

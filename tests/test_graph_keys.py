@@ -300,13 +300,39 @@ PLAIN_DOWN = {
         ("  steps: 20\n", "  steps: 20\n  checkpoint_every: 3\n"),
         ("  steps: 20\n", "  steps: 20\n  memory: {free_inner_state: false, offload_idle: true}\n"),
         ("lr: 1e-4, eval_at", "lr: 1e-4, checkpoint_every: 2, eval_at"),
+        # documentation: no step reads a concept's description (it re-keyed every unlearn,
+        # attack and evaluate node before issue 22), nor the spec's
+        ("  three: {harmful", "  three: {description: the digit three, harmful"),
+        ("name: keys\n", "name: keys\ndescription: a study of keys\n"),
+        # operational: whether a hub id may be downloaded (the step reads it, the result
+        # does not depend on it)
+        ("  device: cpu\n", "  device: cpu\n  allow_download: true\n"),
     ],
-    ids=["unlearn-checkpoint_every", "neutral-memory-levers", "attack-checkpoint_every"],
+    ids=[
+        "unlearn-checkpoint_every",
+        "neutral-memory-levers",
+        "attack-checkpoint_every",
+        "concept-description",
+        "spec-description",
+        "allow_download",
+    ],
 )
 def test_what_no_step_reads_changes_no_key(root, old, new) -> None:
     base = keys_of(WITH_PLAIN, root)
     assert old in WITH_PLAIN
     assert keys_of(WITH_PLAIN.replace(old, new), root) == base
+
+
+def test_the_concept_caption_enters_the_evaluations_keys(root) -> None:
+    """Concept metrics build their prompts from the concept datasets' caption (steps/evaluate
+    metric_context), so those specs are evaluate inputs: before issue 22 the step read them
+    from the live spec and a new caption left every evaluation cached with the old prompts."""
+    labelled = WITH_PLAIN.replace("retain: [keep]}", "retain: [keep], label: 3}")
+    base = keys_of(labelled, root)
+    new = "  harm: {type: digits, digits: [3], caption: 'a drawing of {name}'}\n"
+    changed = _changed(base, keys_of(labelled.replace("  harm: {type: digits, digits: [3]}\n", new), root))  # fmt: skip
+    evaluations = {n for n in base if n.startswith("evaluate/")}
+    assert evaluations <= changed
 
 
 def test_a_label_renames_nodes_and_keeps_their_keys(root) -> None:

@@ -240,7 +240,7 @@ def test_unlearn_step_outputs_and_resume_from_state(tmp_path):
 
     def run(out):
         out.mkdir(parents=True)
-        ctx = NodeContext(node=node, spec=resolved, inputs={"model": model}, out=out, state=state)
+        ctx = NodeContext(node=node, inputs={"model": model}, out=out, state=state)
         UnlearnStep().run(ctx)
         ctx.close()
         return out

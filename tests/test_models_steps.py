@@ -31,7 +31,6 @@ def _ctx(tmp_path, resolved, node, inputs, checkpoint_every=None):
     out.mkdir(parents=True, exist_ok=True)
     return NodeContext(
         node=node,
-        spec=resolved,
         inputs=inputs,
         out=out,
         state=state,

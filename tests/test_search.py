@@ -161,6 +161,19 @@ def test_trial_nodes_have_the_fixed_threats_keys(tmp_path):
     assert tg["unlearn/plain/seed0"].key == graph["unlearn/plain/seed0"].key
 
 
+def test_study_key_follows_the_attack_keys_rule(tmp_path):
+    """The study's key leaves out what its trials' attack keys leave out (the checkpoint
+    cadence, AttackStep.key_exclude); what the trials read (here their length) changes it."""
+    from resalign.graph.compile import search_plans
+    from resalign.spec import load_spec
+
+    base = [p.key for p in search_plans(load_spec(SPEC))]
+    cadence = [p.key for p in search_plans(load_spec(SPEC, sets=["threats.poison.checkpoint_every=3"]))]  # fmt: skip
+    assert cadence == base
+    steps = [p.key for p in search_plans(load_spec(SPEC, sets=["threats.poison.steps=3"]))]
+    assert steps[0] != base[0] and steps[1] != base[1]
+
+
 @pytest.mark.parametrize(
     "report_at, steps, want",
     [

@@ -47,7 +47,6 @@ def _task(tmp_path: Path, n: int, sleep: float, key: str) -> NodeTask:
     node = Node(kind="ticker", name="ticker", params={"n": n, "sleep": sleep}, deps={}, key=key)
     return NodeTask(
         node=node,
-        spec=None,
         store_root=str(tmp_path / "store"),
         inputs={},
         step_module="test_slurm",

@@ -36,17 +36,45 @@ class PairSet:
         )
 
 
+class _TypedDatasets(Mapping):
+    """A node's ``datasets`` param (name → the dataset's spec as JSON, plus the
+    ``fingerprint`` of a local path) seen as validated dataset specs, so a step reads its
+    data from its own inputs exactly as it would from the spec's models."""
+
+    def __init__(self, raw: Mapping[str, Any]):
+        self._raw = raw
+
+    def __getitem__(self, name: str) -> Any:
+        value = self._raw[name]
+        if not isinstance(value, Mapping):
+            return value
+        from pydantic import TypeAdapter
+
+        from ..spec.schema.data import DatasetSpec
+
+        data = {k: v for k, v in value.items() if k != "fingerprint"}
+        return TypeAdapter(DatasetSpec).validate_python(data)
+
+    def __iter__(self):
+        return iter(self._raw)
+
+    def __len__(self) -> int:
+        return len(self._raw)
+
+
 def datasets_of(spec: Any) -> Mapping[str, Any]:
-    """The ``datasets`` mapping of a ``Spec``, a ``ResolvedSpec`` or a plain mapping."""
+    """The ``datasets`` mapping of a ``Spec``, a ``ResolvedSpec``, or a plain mapping (a
+    node's ``datasets`` param: its values are validated into dataset specs as read)."""
     if hasattr(spec, "spec") and hasattr(spec.spec, "datasets"):
         return spec.spec.datasets
     if hasattr(spec, "datasets"):
         return spec.datasets
-    return spec
+    return _TypedDatasets(spec)
 
 
 def dataset_spec(name: str, spec: Any) -> Any:
-    """The spec of dataset ``name``; a :class:`UserError` naming the known ones if absent."""
+    """The spec of dataset ``name`` (from a spec, or from a node's ``datasets`` param: what
+    the step's key holds); a :class:`UserError` naming the known ones if absent."""
     datasets = datasets_of(spec)
     if name not in datasets:
         raise UserError(

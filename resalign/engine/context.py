@@ -43,7 +43,6 @@ class NodeContext:
         self,
         *,
         node: Node,
-        spec: Any,
         inputs: Mapping[str, Path],
         out: Path,
         state: Path,
@@ -54,7 +53,6 @@ class NodeContext:
     ):
         self.node = node
         self.params = node.params
-        self.spec = spec
         self.inputs = dict(inputs)
         self.out = Path(out)
         self.state = Path(state)

@@ -337,7 +337,6 @@ def rank_main(argv: list[str]) -> int:
             device = f"cuda:{dctx.local_rank}"
         kw: dict[str, Any] = {
             "node": task.node,
-            "spec": task.spec,
             "inputs": {k: Path(v) for k, v in task.inputs.items()},
             "state": state,
             "device": device,

@@ -381,7 +381,6 @@ def _submit(
         inputs[role] = str(store.node_dir(d.kind, d.key))
     task = NodeTask(
         node=n,
-        spec=spec,
         store_root=str(store.root),
         inputs=inputs,
         step_module=STEPS[n.kind].__module__,

@@ -131,7 +131,6 @@ def _execute_here(
         logger.start_system_metrics()
     ctx = NodeContext(
         node=node,
-        spec=task.spec,
         inputs={k: Path(v) for k, v in task.inputs.items()},
         out=staging,
         state=state,

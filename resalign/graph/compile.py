@@ -34,7 +34,7 @@ from typing import Any
 
 from ..spec.resolve import ORIGINAL_ROW, ResolvedSpec, oracle_labels
 from ..spec.schema.controls import ORACLE_ROW
-from .keys import canonical_json, fingerprint, node_key
+from .keys import canonical_json, fingerprint, key_params, node_key
 from .nodes import Graph, Node
 
 # The oracle control's model (``controls.oracle``): a second ``model`` node.
@@ -124,7 +124,9 @@ class _Compiler:
     # -- nodes ---------------------------------------------------------------------------
 
     def model(self) -> None:
-        m = self.spec.model.model_dump(mode="json", exclude={"device", "allow_download"})
+        # device is where it runs (the engine's); allow_download is read by the step and
+        # left out of its key (ModelStep.key_exclude): it decides whether, not what, it loads
+        m = self.spec.model.model_dump(mode="json", exclude={"device"})
         if m.get("pretrained"):
             m["fingerprint"] = fingerprint(
                 m["pretrained"], revision=m.get("revision"), variant=m.get("variant")
@@ -169,7 +171,7 @@ class _Compiler:
         params = {
             "unlearn": one,
             "trainable": self.spec.model.trainable.model_dump(mode="json"),
-            "concepts": {n: c.model_dump(mode="json") for n, c in self.spec.concepts.items()},
+            "concepts": self.concepts(),
             "datasets": datasets,
             "meta_datasets": meta_datasets,
         }
@@ -184,12 +186,39 @@ class _Compiler:
             for f in [f for f in m if f.endswith("_path") and m[f]]:
                 m[f"{f[: -len('_path')]}_fingerprint"] = fingerprint(m[f])
         names = [m.get(f) for m in ev["metrics"] for f in ("prompts", "reference")]
-        concepts = {n: c.model_dump(mode="json") for n, c in self.spec.concepts.items()}
-        return {
+        params = {
             "evaluate": ev,
             "step": step,
             "datasets": self.closure(names),
-            "concepts": concepts,
+            "concepts": self.concepts(),
+        }
+        caption = self.concept_caption()
+        if caption is not None:
+            params["caption"] = caption
+        return params
+
+    def concept_caption(self) -> str | None:
+        """The caption template of the first labelled concept's first digits dataset: what
+        the demo's concept metrics build their prompts from (steps/evaluate.py
+        metric_context). Before issue 22 the step read it from the live spec, so a new
+        caption left every evaluation cached with the old prompts."""
+        for c in self.spec.concepts.values():
+            if c.label is None:
+                continue
+            for n in (*c.harmful, *c.retain):
+                d = self.dataset(n)
+                if d["type"] == "digits":
+                    return str(d["caption"])
+            return None
+        return None
+
+    def concepts(self) -> dict[str, dict[str, Any]]:
+        """What the steps read of each concept: its datasets and label. Its ``description``
+        is documentation, read by nothing, so it is not an input (editing it re-keyed 45 of
+        the demo's nodes)."""
+        return {
+            n: c.model_dump(mode="json", exclude={"description"})
+            for n, c in self.spec.concepts.items()
         }
 
     def row(self, row: str) -> list[str]:
@@ -341,6 +370,9 @@ class _Compiler:
         for f, empty in (("report_at", []), ("pruner", None)):
             if threat["search"].get(f) == empty:
                 threat["search"].pop(f, None)  # and for studies from before pruning
+        # what the trials' attack nodes leave out of their keys (AttackStep.key_exclude: the
+        # checkpoint cadence) the study's key leaves out too
+        threat = key_params("attack", {"threat": threat})["threat"]
         ident = {
             "threat": threat,
             "upstream": upstream,
@@ -359,6 +391,7 @@ class _Compiler:
             evals += self.row(row)
         probes = self.probes() if self.spec.probes is not None else []
         params = {
+            "title": self.spec.name,  # the report's heading
             "rows": rows,
             "unlearn_seeds": {
                 n: list(u.seeds or [u.seed]) for n, u in self.r.rows.items() if u.method != "none"

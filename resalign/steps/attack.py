@@ -86,11 +86,15 @@ class AttackStep(Step):
         def stage_data(source: dict[str, Any]) -> tuple[Any, list[int]]:
             """``source['data']``, with its ``poison`` mixed in (the mix dataset's
             implementation, the attack seed as the mix seed); the poisoned positions."""
-            pairs = load_pairs(source["data"], ctx.spec, ctx.inputs, bundle.resolution, channels)
+            pairs = load_pairs(
+                source["data"], ctx.params["datasets"], ctx.inputs, bundle.resolution, channels
+            )
             if not source.get("poison"):
                 return pairs, []
             poison = source["poison"]
-            harm = load_pairs(poison["data"], ctx.spec, ctx.inputs, bundle.resolution, channels)
+            harm = load_pairs(
+                poison["data"], ctx.params["datasets"], ctx.inputs, bundle.resolution, channels
+            )
             return mix_pairs(pairs, harm, float(poison["ratio"]), seed)
 
         # a plain threat: one data set; a staged one: one per stage, in order
@@ -98,7 +102,9 @@ class AttackStep(Step):
         stages = [pairs for pairs, _ in loaded]
         prior = None
         if threat.get("prior"):
-            prior = load_pairs(threat["prior"], ctx.spec, ctx.inputs, bundle.resolution, channels)
+            prior = load_pairs(
+                threat["prior"], ctx.params["datasets"], ctx.inputs, bundle.resolution, channels
+            )
         else:
             prior = next((d.prior for d in stages if getattr(d, "prior", None) is not None), None)
 
@@ -207,7 +213,9 @@ class AttackStep(Step):
         data = None
         if config.direction == "gradient":
             channels = int(bundle.vae.config.in_channels)
-            data = load_pairs(threat["data"], ctx.spec, ctx.inputs, bundle.resolution, channels)
+            data = load_pairs(
+                threat["data"], ctx.params["datasets"], ctx.inputs, bundle.resolution, channels
+            )
         with ctx.progress(1, f"perturb {ctx.node.name}") as bar:
             result = run_perturb(
                 bundle, config, data=data, device=ctx.device, progress=lambda: bar.advance(1)

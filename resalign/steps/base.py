@@ -52,7 +52,6 @@ class Progress(Protocol):
 class StepContext(Protocol):
     node: Node
     params: Mapping[str, Any]
-    spec: Any  # resalign.spec.schema.Spec, resolved
     inputs: Mapping[str, Path]  # role -> completed upstream output folder
     out: Path  # staging folder; becomes runs/<kind>/<key>/ when run() returns
     state: Path  # durable folder for resume checkpoints; survives a crash

@@ -25,28 +25,20 @@ from ..errors import UserError
 from .base import NonFiniteError, Step, StepContext, first_non_finite, register
 
 
-def metric_context(params: Any, spec: Any) -> dict[str, Any]:
-    """What concept-aware metrics need: the concept digit (an int, or a list for a category
-    of digits) and the demo's caption template."""
+def metric_context(params: Any) -> dict[str, Any]:
+    """What concept-aware metrics need, from the node's params: the concept digit (an int,
+    or a list for a category of digits) and the demo's caption template (``caption``: the
+    compiler takes it from the concept's digits dataset, graph/compile.py concept_caption)."""
     ctx: dict[str, Any] = {}
-    concepts = params.get("concepts") or {}
-    datasets = params.get("datasets") or {}
-    for c in concepts.values():
+    for c in (params.get("concepts") or {}).values():
         if c.get("label") is not None:
             label = c["label"]
             ctx["concept_label"] = (
                 [int(x) for x in label] if isinstance(label, list) else int(label)
             )
-            names = list(c.get("harmful", [])) + list(c.get("retain", []))
-            all_ds = dict(datasets)
-            if spec is not None and hasattr(spec, "spec"):
-                all_ds.update({n: d.model_dump() for n, d in spec.spec.datasets.items()})
-            for n in names:
-                d = all_ds.get(n) or {}
-                if d.get("type") == "digits":
-                    ctx["caption_template"] = d.get("caption", "a handwritten digit {name}")
-                    break
             break
+    if params.get("caption") is not None:
+        ctx["caption_template"] = params["caption"]
     return ctx
 
 
@@ -101,7 +93,7 @@ class EvaluateStep(Step):
                 "saved before non-finite checks existed, or altered since: "
                 "`resalign verify` finds the latter)",
             )
-        mctx = metric_context(ctx.params, ctx.spec)
+        mctx = metric_context(ctx.params)
 
         groups: dict[str, dict[str, Any]] = {}
         plan = []
@@ -109,7 +101,7 @@ class EvaluateStep(Step):
             metric = get_metric(spec["kind"])(spec, mctx)
             metric.check()
             gen = GenerationConfig.from_spec(spec.get("generation") or ev["generation"])
-            prompts = metric.prompts() or load_prompts(spec["prompts"], ctx.spec)
+            prompts = metric.prompts() or load_prompts(spec["prompts"], ctx.params["datasets"])
             key = json.dumps([gen.as_dict(), prompts], sort_keys=True)
             if key not in groups:
                 groups[key] = {"id": f"g{len(groups)}", "gen": gen, "prompts": prompts}
@@ -155,7 +147,7 @@ class EvaluateStep(Step):
         for metric, spec, g in plan:
             if spec["kind"] == "fid":
                 metric.context["reference_images"] = _reference_images(
-                    spec["reference"], ctx.spec, ctx.inputs, bundle
+                    spec["reference"], ctx.params["datasets"], ctx.inputs, bundle
                 )
             for v in metric.compute(generated[g["id"]]):
                 name = v.name if v.name not in results else f"{v.name}@{spec.get('prompts')}"
@@ -180,12 +172,12 @@ class EvaluateStep(Step):
         )
 
 
-def _reference_images(name: str, spec: Any, inputs: Any, bundle: Any) -> list[Any]:
+def _reference_images(name: str, datasets: Any, inputs: Any, bundle: Any) -> list[Any]:
     import numpy as np
     from PIL import Image
 
     from ..data.pairs import load_pairs
 
-    pairs = load_pairs(name, spec, inputs, bundle.resolution, 3)
+    pairs = load_pairs(name, datasets, inputs, bundle.resolution, 3)
     arr = ((pairs.images.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy()
     return [Image.fromarray(np.ascontiguousarray(a)) for a in arr]

@@ -28,14 +28,11 @@ from .base import Step, StepContext, check_finite_stats, check_finite_weights, r
 DIVERGED = "lower model.tiny.pretrain.lr (or its batch_size)"
 
 
-def _model_spec(params: Any, spec: Any) -> Any:
+def _model_spec(params: Any) -> Any:
     from ..spec.schema.model import ModelSpec
 
     data = dict(params["model"])
     data.pop("fingerprint", None)
-    live = getattr(getattr(spec, "spec", spec), "model", None)
-    if live is not None:
-        data["allow_download"] = bool(live.allow_download)
     return ModelSpec.model_validate(data)
 
 
@@ -56,9 +53,11 @@ def _objective_info(model: Any, bundle: Any) -> dict[str, Any]:
 class ModelStep(Step):
     kind = "model"
     version = "2"
+    # whether a hub id may be downloaded decides whether the model loads, never what it is
+    key_exclude = ("model.allow_download",)
 
     def run(self, ctx: StepContext) -> None:
-        model = _model_spec(ctx.params, ctx.spec)
+        model = _model_spec(ctx.params)
         if model.family == "tiny":
             self._tiny(ctx, model)
         else:
@@ -120,7 +119,11 @@ class ModelStep(Step):
         pairs = None
         if pre is not None:
             pairs = load_pairs(
-                pre.dataset, ctx.spec, ctx.inputs, tiny.sample_size, tiny.in_channels
+                pre.dataset,
+                ctx.params["pretrain_data"],
+                ctx.inputs,
+                tiny.sample_size,
+                tiny.in_channels,
             )
         # The words of the pretraining captions become single tokens (as in a tokenizer
         # trained on the corpus), so the random text encoder tells the captions apart.

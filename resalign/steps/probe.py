@@ -86,7 +86,9 @@ class ProbeStep(Step):
         if harmful:
             t0 = time.perf_counter()
             channels = int(bundle.vae.config.in_channels)
-            pairs = load_pairs(p["data"], ctx.spec, ctx.inputs, bundle.resolution, channels)
+            pairs = load_pairs(
+                p["data"], ctx.params["datasets"], ctx.inputs, bundle.resolution, channels
+            )
             enc = EncodedPairs.encode(bundle, pairs.images, pairs.captions, pairs.labels)
             batch = probe_batch(enc, bundle.noise_scheduler, int(p["batch_size"]), int(p["seed"]))
             # only what the quantities read is in the params (and the key)

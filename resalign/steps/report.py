@@ -29,7 +29,6 @@ class ReportStep(Step):
         evals = {role: Path(p) for role, p in ctx.inputs.items() if role.startswith("evaluate/")}
         results = results_from_dirs(evals)
         probes = {role: Path(p) for role, p in ctx.inputs.items() if role.startswith("probe/")}
-        spec = getattr(ctx.spec, "spec", ctx.spec)
         # every evaluated step, as `resalign report --all-steps` (what `make demo` prints
         # and writes to runs/reports/) shows it: the report run's page is that same report
         write_report(
@@ -39,7 +38,7 @@ class ReportStep(Step):
             threats=ctx.params.get("threats"),
             resurgence=ctx.params.get("resurgence"),
             predictors=predictors_from_probes(probe_results_from_dirs(probes)),
-            title=f"resalign report: {getattr(spec, 'name', 'spec')}",
+            title=f"resalign report: {ctx.params['title']}",
             all_steps=True,
         )
         # No metrics on this run: the numbers are on the summary runs, one per row and

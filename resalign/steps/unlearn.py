@@ -87,7 +87,7 @@ class UnlearnStep(Step):
         un = UnlearnSpec.model_validate(ctx.params["unlearn"])
         trainable = TrainableSpec.model_validate(ctx.params["trainable"])
         concepts = ctx.params["concepts"]
-        seed = int(un.seed if un.seed is not None else getattr(ctx.spec, "seed", 0) or 0)
+        seed = int(un.seed)  # one node per unlearning seed: the compiler sets it
         bundle = load_model_node(Path(ctx.inputs["model"]), device=ctx.device, dtype="float32")
         channels = int(bundle.vae.config.in_channels)
 
@@ -96,9 +96,13 @@ class UnlearnStep(Step):
         def encode(pairs: Any) -> EncodedPairs:
             return EncodedPairs.encode(bundle, pairs.images, pairs.captions, pairs.labels)
 
+        # what the concepts read, and what only the resilience term reads (its key leaves
+        # the latter out for a method without that term, which then never reads it)
+        inputs = {**ctx.params["datasets"], **(ctx.params.get("meta_datasets") or {})}
+
         def dataset(name: str) -> Any:
             if name not in cache:
-                cache[name] = load_pairs(name, ctx.spec, ctx.inputs, bundle.resolution, channels)
+                cache[name] = load_pairs(name, inputs, ctx.inputs, bundle.resolution, channels)
             return cache[name]
 
         harmful_names = [n for c in concepts.values() for n in c["harmful"]]

@@ -1,7 +1,7 @@
 """The executor interface: how the driver hands node tasks to whatever runs them.
 
 The driver (``resalign.engine.runner``) decides *what* runs: it resolves the cache, creates
-the MLflow child run and builds a :class:`NodeTask` (picklable: the node, the resolved spec,
+the MLflow child run and builds a :class:`NodeTask` (picklable: the node with its params,
 input folders, the tracking handle). An executor decides *where*: it calls
 :func:`resalign.engine.worker.execute_task` on the task, in this process, in a worker process,
 or in a cluster job, and returns a :class:`concurrent.futures.Future` resolving to a
@@ -28,8 +28,7 @@ from ...graph.nodes import Node
 class NodeTask:
     """One node to execute; everything here must pickle."""
 
-    node: Node
-    spec: Any
+    node: Node  # its params are everything the step reads (no spec: issue 22)
     store_root: str
     inputs: dict[str, str]  # role -> completed upstream folder
     step_module: str  # module that registers the step kind (imported in the worker)
