@@ -245,3 +245,33 @@ def test_pruned_trials_stop_at_their_rung_and_replay_from_the_cache(tmp_path):
     assert rep.exit_code == 0, rep.output
     md = (store / "reports" / "tiny_prune" / "report.md").read_text()
     assert f"{len(pruned)} pruned" in md
+
+
+@pytest.mark.slow
+def test_two_invocations_sharing_a_study_both_finish(tmp_path):
+    """Two grid cells share the `original` row's study, so two invocations can run the same
+    study at once (each waits on the other's node locks). The study used to live in
+    ``<store>/search/<key>.db``, deleted and re-created by each invocation: the second one
+    deleted the first one's trials and the first crashed (Optuna: "Record does not exist").
+    Now each keeps its study in memory and writes the file whole: both finish, and the file
+    holds the whole study."""
+    import optuna
+
+    store = tmp_path / "runs"
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    logs = [tmp_path / "a.log", tmp_path / "b.log"]
+    with logs[0].open("w") as out_a, logs[1].open("w") as out_b:
+        a = subprocess.Popen(_command(store), stdout=out_a, stderr=subprocess.STDOUT, env=env)
+        deadline = time.time() + 240
+        # the second starts once the first has told its study round 0 (it is mid-study)
+        while time.time() < deadline and a.poll() is None and not _round(logs[0], 1):
+            time.sleep(0.2)
+        assert a.poll() is None, logs[0].read_text()
+        b = subprocess.Popen(_command(store), stdout=out_b, stderr=subprocess.STDOUT, env=env)
+        codes = [a.wait(timeout=400), b.wait(timeout=400)]
+    assert codes == [0, 0], "\n".join(p.read_text()[-3000:] for p in logs)
+    for key in [p.stem for p in (store / "search").glob("*.json")]:
+        saved = json.loads((store / "search" / f"{key}.json").read_text())
+        db = f"sqlite:///{store / 'search' / f'{key}.db'}"
+        study = optuna.load_study(study_name=saved["study"], storage=db)
+        assert len(study.trials) == TRIALS == len(saved["trials"])

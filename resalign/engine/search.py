@@ -17,8 +17,10 @@ How a study runs and resumes:
   its storage and continue): the sampler's random state is not in the storage, so a reloaded
   TPE study would draw other values than the uninterrupted one.
 - The Optuna study is also written to the store, ``<store>/search/<study key>.db`` (SQLite,
-  study name ``search/<row>[/seed<u>]/<threat>``; rebuilt by each run, for Optuna's own tools),
-  with ``<store>/search/<study key>.json``, the trials as JSON. Neither is read back.
+  study name ``search/<row>[/seed<u>]/<threat>``; for Optuna's own tools: the study runs in
+  memory and each round writes the file whole, atomically, so invocations that share a study
+  never see each other's half), with ``<store>/search/<study key>.json``, the trials as JSON.
+  Neither is read back.
 - Rows are searched side by side: round ``k`` asks trial ``k`` of every study and runs them
   in one ``run_graph`` call (``--workers`` runs them in parallel), nested in MLflow under the
   invocation's run; each trial's attack run is tagged ``resalign.search.study``,
@@ -47,7 +49,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..atomic import atomic_write_json
+from ..atomic import atomic_write_bytes, atomic_write_json
 from ..errors import UserError
 from ..graph.compile import StudyPlan, search_plans, trial_graph
 from ..graph.nodes import Graph
@@ -216,26 +218,37 @@ def make_pruner(search: Mapping[str, Any]) -> Any:
     )
 
 
-def _open_study(plan: StudyPlan, search: Mapping[str, Any], store: Store | None) -> Any:
-    """A new study for ``plan``: in ``<store>/search/<key>.db`` (any earlier copy of it
-    replaced: the store's nodes are the record), or in memory when ``store`` is None."""
+def _open_study(plan: StudyPlan, search: Mapping[str, Any], storage: Any) -> Any:
+    """A new study for ``plan``, in memory (the store's nodes are the record; the SQLite
+    copy for Optuna's tools is written whole after each round, :func:`_write_db`). Studies
+    used to live in ``<store>/search/<key>.db`` itself, deleted and re-created by each
+    invocation: two invocations sharing a study (two grid cells with the same `original`
+    row) deleted each other's trials and both crashed with Optuna's "Record does not exist"."""
     optuna = _optuna()
-    storage = None
-    if store is not None:
-        folder = store.root / "search"
-        folder.mkdir(parents=True, exist_ok=True)
-        storage = f"sqlite:///{(folder / f'{plan.key}.db').resolve()}"
-        try:
-            optuna.delete_study(study_name=plan.name, storage=storage)
-        except KeyError:
-            pass
     return optuna.create_study(
         study_name=plan.name,
-        storage=storage,
+        storage=storage,  # an InMemoryStorage
         sampler=make_sampler(search),
         pruner=make_pruner(search),
         direction="maximize",
     )
+
+
+def _write_db(store: Store, plan: StudyPlan, storage: Any) -> None:
+    """``<store>/search/<key>.db``: a SQLite copy of ``study`` for Optuna's own tools
+    (optuna-dashboard), built in a private folder and put in place by the one atomic
+    writer, so concurrent invocations of the same study each leave a whole file."""
+    import tempfile
+
+    optuna = _optuna()
+    with tempfile.TemporaryDirectory(prefix="resalign-study-") as tmp:
+        path = Path(tmp) / "study.db"
+        optuna.copy_study(
+            from_study_name=plan.name,
+            from_storage=storage,
+            to_storage=f"sqlite:///{path}",
+        )
+        atomic_write_bytes(store.root / "search" / f"{plan.key}.db", path.read_bytes())
 
 
 # ----------------------------------------------------------------------------- replay
@@ -369,10 +382,12 @@ def replay(
     threats = resolved.spec.threats
     records: list[StudyRecord] = []
     studies: list[Any] = []
+    storages: list[Any] = []
     for plan in plans:
         search = threats[plan.threat].search.model_dump(mode="json")
         records.append(StudyRecord(plan, search))
-        studies.append(_open_study(plan, search, store if write else None))
+        storages.append(_optuna().storages.InMemoryStorage())
+        studies.append(_open_study(plan, search, storages[-1]))
     dists = [distributions(r.search) for r in records]
     specs = [threats[p.threat].search for p in plans]
     optuna = _optuna()
@@ -447,6 +462,7 @@ def replay(
         if write:
             for i, *_ in asked:
                 _write_json(store, records[i])
+                _write_db(store, plans[i], storages[i])
         k += 1
     return records
 
