@@ -479,6 +479,20 @@ def study_records(resolved: Any, graph: Graph, store_root: Path | str) -> list[S
 # ----------------------------------------------------------------------------- running
 
 
+class _KeepAlive:
+    """An executor whose ``shutdown`` (called by ``run_graph`` at the end of each round) keeps
+    its worker pool; :func:`run_searches` shuts the pool down once, after the last round."""
+
+    def __init__(self, executor: Any):
+        self._executor = executor
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._executor, name)
+
+    def shutdown(self) -> None:
+        pass
+
+
 def run_searches(
     resolved: Any,
     graph: Graph,
@@ -521,7 +535,9 @@ def run_searches(
                     live,
                     resolved,
                     store_root=store_root,
-                    executor=executor_factory() if executor_factory else None,
+                    executor=shared
+                    if shared is not None
+                    else (executor_factory() if executor_factory else None),
                     tracking=tracking,
                     tracking_uri=tracking_uri,
                     device=device,
@@ -543,7 +559,18 @@ def run_searches(
         if summary.parent_run_id and summary.tracking_uri:
             _tag_trial_runs(summary.tracking_uri, summary.parent_run_id, tg, trials, ui)
 
-    records = replay(resolved, graph, store_root, run_round=run_round, write=True)
+    # One worker pool for every round: each round used to start a fresh spawn pool, whose
+    # workers import torch and diffusers again (3 rounds per pruned trial; 5-20 s each on the
+    # loaded 2-core machine). Nodes seed themselves, so a reused worker changes no result.
+    pool = executor_factory() if executor_factory else None
+    shared = (
+        _KeepAlive(pool) if pool is not None and not getattr(pool, "in_process", False) else None
+    )
+    try:
+        records = replay(resolved, graph, store_root, run_round=run_round, write=True)
+    finally:
+        if shared is not None:
+            pool.shutdown()
     for rec in records:
         best = rec.best()
         c = rec.search["constraint"]
