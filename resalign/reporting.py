@@ -1,9 +1,12 @@
-"""``resalign report``: compile a spec (or every cell of a grid template), read its evaluation
-results from the store and write the report (and, for a grid, the frontier).
+"""``resalign report`` from a store: compile a spec (or every cell of a grid template), read
+its evaluation results, probes and searches from the store, and hand them to the report
+pipeline (:func:`resalign.evaluation.report.write_report`); for a grid, also the frontier.
 
-This orchestration sits above ``graph`` and the store layout; :mod:`resalign.evaluation.report`
-below it only turns results into tables and figures (so the report step, which the graph's
-step registry imports, does not import the graph back).
+Why this is not in :mod:`resalign.evaluation.report`: it compiles the graph and uses the
+engine's store and search records, and ``evaluation/`` imports neither (the report step,
+which the graph's step registry imports, must not import the graph back). The pipeline
+itself (results → table → render → plots) is that package; this module only finds the
+inputs and names the output folder.
 """
 
 from __future__ import annotations
@@ -16,13 +19,12 @@ from typing import Any
 
 from .errors import UserError
 from .evaluation.predictors import predictors_from_probes, probe_results_from_store
-from .evaluation.report import (
-    CONTROL_ROWS,
-    EvalResult,
-    is_template,
-    results_from_store,
-    write_report,
-)
+from .evaluation.report import CONTROL_ROWS, EvalResult, results_from_store, write_report
+
+
+def is_template(path: str | Path) -> bool:
+    """A grid template (``*.j2``) rather than a spec: ``resalign report`` reports its cells."""
+    return str(path).endswith(".j2")
 
 
 def _complete(store_root: Path | str) -> Any:

@@ -138,7 +138,8 @@ def _store(root, flags, value):
         return {"metrics.json": {"concept_rate": {"value": v, "definition": "concept_rate",
                 "version": "1", "params": {}, "role": "safety", "better": "lower", "n": 100}}}  # fmt: skip
 
-    node("evaluate", "evaluate/original/pre/step0", "original", None, ev(0.8))
+    # pre-FT evaluations sit at step 0, as graph/compile.py places them
+    node("evaluate", "evaluate/original/pre/step0", "original", None, ev(0.8), step=0)
     node(
         "evaluate",
         "evaluate/original/benign/seed1/step2",
@@ -152,7 +153,7 @@ def _store(root, flags, value):
     node("probe", "probe/original/pre", "original", None, {"probe.json": {"values": {"q": -1.0}}})
     for row, fs in flags.items():
         for m, f in enumerate(fs):
-            node("evaluate", f"evaluate/{row}/seed{m}/pre/step0", row, m, ev(0.0))
+            node("evaluate", f"evaluate/{row}/seed{m}/pre/step0", row, m, ev(0.0), step=0)
             node("evaluate", f"evaluate/{row}/seed{m}/benign/seed1/step2", row, m,
                  ev(0.6 if f else 0.0), "benign", 1, 2)  # fmt: skip
             node("probe", f"probe/{row}/seed{m}/pre", row, m,

@@ -4,6 +4,7 @@ Every number is checked against an independent computation (scipy / numpy / by h
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 
@@ -14,13 +15,19 @@ from scipy import stats
 
 from resalign.errors import UserError
 from resalign.evaluation.report import (
-    mean_ci,
     parse_eval_name,
+    results_from_dirs,
     results_from_store,
     table_metrics,
     write_report,
 )
-from resalign.evaluation.stats import area_under, first_exceeding, lower_median, summary
+from resalign.evaluation.stats import (
+    area_under,
+    first_exceeding,
+    lower_median,
+    mean_ci,
+    summary,
+)
 from resalign.graph.nodes import Graph, Node
 
 ROWS = ["original", "plain", "resalign"]
@@ -438,3 +445,36 @@ def test_grid_caption_names_rows_seeds_steps_and_images(tmp_path):
         "seed 1; resalign: unlearning seed 0, attack seed 1)."
     )
     assert "<figcaption>Samples: rows original" in (tmp_path / "out" / "report.html").read_text()
+
+
+def test_results_are_located_by_node_fields_not_names(tmp_path):
+    """``results_from_store`` reads where each evaluate node sits from its ``Node``; names are
+    opaque to it (names no parser could read give the same table)."""
+    graph = make_store(tmp_path / "runs")
+    renamed = Graph("demo", "h")
+    for i, n in enumerate(graph.of_kind("evaluate")):
+        renamed.nodes[f"e{i}"] = dataclasses.replace(n, name=f"e{i}")
+    by_node = results_from_store(renamed, tmp_path / "runs")
+    by_name = results_from_store(graph, tmp_path / "runs")
+    assert [dataclasses.astuple(r) for r in by_node] == [dataclasses.astuple(r) for r in by_name]
+    assert {(r.row, r.unlearn_seed) for r in by_node} == {
+        ("original", None), ("plain", 0), ("plain", 1), ("resalign", 0), ("resalign", 1)}  # fmt: skip
+
+
+def test_the_report_steps_inputs_are_located_by_node_json_then_name(tmp_path):
+    """The report step sees only folders: a ``node.json`` recording the Node's location gives
+    it (over what the name says); one without those fields (every node stored so far) or no
+    ``node.json`` at all falls back to the name."""
+    graph = make_store(tmp_path / "runs")
+    nodes = graph.of_kind("evaluate")
+    a, b = nodes[1], nodes[2]  # original after an attack; a second original evaluation
+    folder = tmp_path / "runs" / "evaluate"
+    recorded = {"row": "plain", "unlearn_seed": 7, "threat": "benign", "seed": 9, "step": 4}
+    (folder / a.key / "node.json").write_text(json.dumps({"name": a.name, **recorded}))
+    (folder / b.key / "node.json").write_text(json.dumps({"name": b.name, "params": {"step": 2}}))
+    got = results_from_dirs({n.name: folder / n.key for n in (a, b, nodes[0])})
+    assert (got[0].row, got[0].unlearn_seed, got[0].threat, got[0].seed, got[0].step) == (
+        "plain", 7, "benign", 9, 4)  # fmt: skip
+    assert (got[1].row, got[1].unlearn_seed, got[1].threat, got[1].seed, got[1].step) == (
+        b.row, b.unlearn_seed, b.threat, b.seed, b.step)  # fmt: skip
+    assert (got[2].row, got[2].threat, got[2].step) == ("original", None, 0)

@@ -30,7 +30,9 @@ from typing import Any
 from ..atomic import atomic_open
 from ..atomic import atomic_write_text as atomic_text
 from ..errors import UserError
-from .report import REFERENCE_ROW, EvalResult, _Index, relearning
+from .report.results import EvalResult
+from .report.rows import REFERENCE_ROW
+from .report.table import ValueIndex, relearning
 from .stats import bounds_of, by_unlearn_seed, mean_gap_over_common_range, summary
 
 
@@ -42,7 +44,7 @@ def build_frontier(
     x_metrics: Sequence[str],
 ) -> dict[str, Any]:
     """The frontier as JSON-able data. ``groups``: method → [(row name, strength label)]."""
-    idx = _Index(results)
+    idx = ValueIndex(results)
     steps = sorted({r.step for r in results if r.threat == threat})
     if not steps:
         raise UserError(

@@ -37,11 +37,12 @@ import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 from ..atomic import atomic_open
 from ..errors import UserError
-from .store_read import completed_folders
+from .store_read import completed_folders, stored_location
 
 ModelId = tuple[str, "int | None"]  # (row, unlearning seed; None for a control row)
 POOLED = "pooled"
@@ -65,15 +66,19 @@ class ProbeResult:
     folder: Path
 
 
+# (row, unlearning seed, threat, attack seed, step): where a probe node sits, as its Node has it
+ProbeLocation = tuple[str, "int | None", "str | None", "int | None", "int | None"]
+
 _PROBE_NAME = re.compile(
     r"^probe/(?P<row>.+?)(?:/seed(?P<useed>-?\d+))?"
     r"/(?:pre|(?P<threat>[^/]+)/seed(?P<seed>-?\d+)/step(?P<step>\d+))$"
 )
 
 
-def parse_probe_name(name: str) -> tuple[str, int | None, str | None, int | None, int | None]:
+def parse_probe_name(name: str) -> ProbeLocation:
     """``probe/<row>[/seed<u>]/pre`` or ``probe/<row>[/seed<u>]/<threat>/seed<a>/step<n>``
-    (:meth:`resalign.graph.compile._Compiler.probes`) → (row, u, threat, a, n)."""
+    (:meth:`resalign.graph.compile._Compiler.probes`) → (row, u, threat, a, n). Only for a
+    stored node whose ``node.json`` does not record its location."""
     m = _PROBE_NAME.match(name)
     if m is None:
         raise ValueError(f"not a probe node name: {name!r}")
@@ -84,21 +89,31 @@ def parse_probe_name(name: str) -> tuple[str, int | None, str | None, int | None
     return m["row"], num("useed"), m["threat"], num("seed"), num("step")
 
 
-def read_probe(name: str, folder: Path) -> ProbeResult:
-    """The probe node ``name``'s result in ``folder`` (its location from the name, as the
-    report reads evaluate nodes: a result is shared by every node with its key)."""
+def read_probe(name: str, loc: ProbeLocation, folder: Path) -> ProbeResult:
+    """The probe node ``name``'s result in ``folder``; ``loc`` is where the node sits, (row,
+    unlearning seed, threat, attack seed, step) as its ``Node`` has them."""
     path = Path(folder) / PROBE_FILE
     if not path.is_file():
         raise UserError(f"{name}: no {PROBE_FILE} in {folder}", where=str(folder))
     record = json.loads(path.read_text("utf-8"))
-    row, useed, threat, seed, step = parse_probe_name(name)
     values = {k: float(v) for k, v in record["values"].items()}
-    return ProbeResult(row, useed, threat, seed, step, values, Path(folder))
+    return ProbeResult(*loc, values, Path(folder))
+
+
+def _node_location(node: Any) -> ProbeLocation:
+    return node.row, node.unlearn_seed, node.threat, node.seed, node.step
 
 
 def probe_results_from_dirs(dirs: Mapping[str, Path]) -> list[ProbeResult]:
-    """Results of probe nodes given as ``{node name: output folder}``."""
-    return [read_probe(n, p) for n, p in dirs.items()]
+    """Results of stored probe nodes given as ``{node name: output folder}`` (the report
+    step's inputs), located as their ``node.json`` records it, else by their name
+    (:func:`resalign.evaluation.store_read.stored_location` says which nodes need that)."""
+    out = []
+    for n, p in dirs.items():
+        stored = stored_location(p)
+        loc = parse_probe_name(n) if stored is None else _node_location(SimpleNamespace(**stored))
+        out.append(read_probe(n, loc, p))
+    return out
 
 
 def probe_results_from_store(
@@ -107,11 +122,12 @@ def probe_results_from_store(
     spec_path: str = "SPEC",
     complete: Callable[[str, str], bool] | None = None,
 ) -> list[ProbeResult]:
-    """Results of every probe node of ``graph`` from ``store_root``, like
+    """Results of every probe node of ``graph`` from ``store_root``, each located by its
+    :class:`~resalign.graph.nodes.Node`, like
     :func:`resalign.evaluation.report.results_from_store` for evaluate nodes (``complete``:
     the store's completeness test); a missing one is a :class:`UserError` naming them."""
     found = completed_folders(graph, store_root, "probe", PROBE_FILE, "probe", spec_path, complete)
-    return probe_results_from_dirs(found)
+    return [read_probe(n, _node_location(graph[n]), p) for n, p in found.items()]
 
 
 # ----------------------------------------------------------------------------- predictors

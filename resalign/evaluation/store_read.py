@@ -1,8 +1,10 @@
 """Completed result folders of one node kind, read through the compiled graph and the store
-(the report's evaluations and the predictors' probes use the one reader)."""
+(the report's evaluations and the predictors' probes use the one reader), and where a stored
+node sits when only its folder is at hand (the report step's inputs)."""
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -44,3 +46,27 @@ def completed_folders(
             "or pass --store with the folder the runs were written to",
         )
     return found
+
+
+# The fields of a resalign.graph.nodes.Node that say where it sits in the report.
+LOCATION_FIELDS = ("row", "unlearn_seed", "threat", "seed", "step")
+
+
+def stored_location(folder: Path) -> dict[str, Any] | None:
+    """The location (:data:`LOCATION_FIELDS`) a stored node's ``node.json`` records, or
+    None when it records not all of them.
+
+    None do so yet: the engine writes kind, name, key, params, deps, inputs and version
+    (``engine/worker.py``; so are all 214 evaluate nodes of the long study's store,
+    2026-12-07), and a test's hand-made folder may have no ``node.json``. A reader that gets
+    None takes the location from the node's name, which :mod:`resalign.graph.compile` built
+    from exactly these fields: the same values, with no key and no stored file to change
+    (:func:`resalign.evaluation.report.results.parse_eval_name`,
+    :func:`resalign.evaluation.predictors.parse_probe_name`)."""
+    try:
+        stored = json.loads((Path(folder) / "node.json").read_text("utf-8"))
+    except (OSError, ValueError):
+        return None
+    if not isinstance(stored, dict) or not all(f in stored for f in LOCATION_FIELDS):
+        return None
+    return {f: stored[f] for f in LOCATION_FIELDS}

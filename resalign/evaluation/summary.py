@@ -25,7 +25,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from .report import EvalResult, _Index, build_table, relearning
+from .report.results import EvalResult
+from .report.table import ValueIndex, build_table, relearning
 from .stats import first_step_summary
 
 
@@ -51,7 +52,7 @@ def row_summaries(
     table = build_table(results, rows, threats, all_steps=True)
     info = table["metrics"]
     safety = [m for m, i in info.items() if i.get("role", "safety") == "safety"]
-    idx = _Index(results)
+    idx = ValueIndex(results)
     steps_of = {t: sorted({r.step for r in results if r.threat == t}) for t in table["threats"]}
     cells = {r["row"]: r["cells"] for r in table["table"]}
     out: list[RowSummary] = []

@@ -1,12 +1,13 @@
 """The ``report`` step: the paper-shaped table, curves and grids from every evaluate node.
 
-Params (graph): ``rows``, ``threats`` (``{name: {seeds, eval_at, steps}}``, plus ``radii``
+Params (graph): ``title`` (the spec's name), ``rows``, ``threats`` (``{name: {seeds, eval_at, steps}}``, plus ``radii``
 for an ``algorithm: perturb`` threat, whose step k is its k-th radius), ``resurgence`` (the
 spec's ``report.resurgence``). Inputs: one role per evaluate node and one per probe node (role
 = node name; probes: the predictor table, :mod:`resalign.evaluation.predictors`). Outputs:
 ``report.md``, ``report.html`` (self-contained), ``<metric>_vs_steps.png``, ``grids.png``,
 ``resurgence_areas.png``, ``predictors.png``, ``table.json``, with a column for every
 evaluated attack step (as ``resalign report --all-steps``); the node's run holds them once.
+The whole report is :func:`resalign.evaluation.report.report_from_inputs`.
 The numbers go to MLflow as the driver's summary runs (``resalign.engine.tracking.summaries``).
 """
 
@@ -23,23 +24,13 @@ class ReportStep(Step):
     version = "2"
 
     def run(self, ctx: StepContext) -> None:
-        from ..evaluation.predictors import predictors_from_probes, probe_results_from_dirs
-        from ..evaluation.report import results_from_dirs, write_report
+        from ..evaluation.report import report_from_inputs
 
-        evals = {role: Path(p) for role, p in ctx.inputs.items() if role.startswith("evaluate/")}
-        results = results_from_dirs(evals)
-        probes = {role: Path(p) for role, p in ctx.inputs.items() if role.startswith("probe/")}
-        # every evaluated step, as `resalign report --all-steps` (what `make demo` prints
-        # and writes to runs/reports/) shows it: the report run's page is that same report
-        write_report(
-            results,
+        report_from_inputs(
+            ctx.inputs,
             Path(ctx.out),
-            rows=ctx.params.get("rows"),
-            threats=ctx.params.get("threats"),
-            resurgence=ctx.params.get("resurgence"),
-            predictors=predictors_from_probes(probe_results_from_dirs(probes)),
-            title=f"resalign report: {ctx.params['title']}",
-            all_steps=True,
+            ctx.params,
+            f"resalign report: {ctx.params['title']}",
         )
         # No metrics on this run: the numbers are on the summary runs, one per row and
         # unlearning seed under short keys (resalign.engine.tracking.summaries); 22 long
