@@ -313,3 +313,37 @@ def test_full_profile_has_flux1_dev_widths() -> None:
         assert t.config[key] == FLUX1_DEV_TRANSFORMER[key], key
     assert t5.config.d_model == 4096 and t5.config.d_ff == 10240
     assert cfg["clip"]["hidden_size"] == 768 and cfg["vae"]["latent_channels"] == 16
+
+
+def test_gradient_checkpointing_gives_the_same_hvp(folder: Path) -> None:
+    """The memory lever the HVPs use (block checkpointing that rebinds the substituted
+    parameters) on Flux's double- and single-stream blocks: the Hessian-vector product of the
+    denoising loss through the unlearning Denoiser equals the one without checkpointing."""
+    from resalign.algorithms import memory
+    from resalign.algorithms.objectives import denoise_loss
+
+    b = _bundle(folder)
+    nb = _batch(b, 2)
+    names = [n for n, _ in b.unet.named_parameters() if ".attn.to_q." in n or "proj_mlp" in n]
+    base = dict(b.unet.named_parameters())
+    v = {n: torch.randn(base[n].shape, generator=torch.Generator().manual_seed(i))
+         for i, n in enumerate(names)}  # fmt: skip
+    den = Denoiser(b.unet, b.objective, {})
+
+    def hvp() -> list[torch.Tensor]:
+        params = {n: base[n].detach().clone().requires_grad_(True) for n in names}
+        with math_attention(b.unet):
+            loss = denoise_loss(den, params, nb)
+            grads = torch.autograd.grad(loss, list(params.values()), create_graph=True)
+            dot = sum((g * v[n]).sum() for g, n in zip(grads, names))
+            return list(torch.autograd.grad(dot, list(params.values())))
+
+    plain = hvp()
+    memory.enable_gradient_checkpointing(b.unet)
+    try:
+        checkpointed = hvp()
+    finally:
+        memory.disable_gradient_checkpointing(b.unet)
+    assert any(p.abs().max() > 0 for p in plain)
+    for p, c in zip(plain, checkpointed):
+        torch.testing.assert_close(c, p, rtol=1e-5, atol=1e-7)
