@@ -281,7 +281,8 @@ class Denoiser:
         whatever the objective trains it to predict), conditioned on the batch's captions or
         on ``cond`` (text embeddings, or a full condition with SDXL's added conditioning or
         SD3's pooled projections). Called as :func:`resalign.models.diffusion.predict` calls
-        it: the noisy latents, then ``timestep`` and the condition by keyword."""
+        it (:func:`~resalign.models.diffusion.denoiser_inputs`: the noisy latents, then
+        ``timestep`` and the condition by keyword; Flux's transformer packed)."""
         kwargs = nb.condition if cond is None else as_condition(cond)
         args, kwargs, finish = denoiser_inputs(self.unet, nb.noisy, nb.timesteps, kwargs)
         with memory.autocast(self.mode, nb.noisy.device):
