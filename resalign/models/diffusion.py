@@ -21,8 +21,10 @@ its training scheduler's class):
   ``use_dynamic_shifting`` config is *unshifted* (σ = t/1000); FluxPipeline shifts its
   sampling sigmas by the resolution-dependent μ (:func:`resalign.models.flux.time_shift`).
   With ``shift_mu`` the drawn σ is shifted by that μ before the table lookup (the nearest
-  entry, 1/1000 apart), so training sees the noise levels sampling visits, as BFL's
-  reference trainer and kohya's ``flux_shift`` do; without it, diffusers' script exactly.
+  entry, 1/1000 apart), so training sees the noise levels sampling visits (kohya's
+  sd-scripts ``--timestep_sampling flux_shift`` applies the same shift to a logit-normal
+  draw: ``kind: logit_normal`` with ``resolution_shift``); without it, diffusers' script
+  exactly.
 
 Every draw is on a CPU ``torch.Generator`` (results do not depend on the device's RNG) and
 moved to the latents' device. No loss here is ε-specific.
