@@ -79,7 +79,6 @@ def _pipeline_call(transformer: Any, nb: Any) -> torch.Tensor:
     return FluxPipeline._unpack_latents(out, h * 8, w * 8, 8)
 
 
-@pytest.mark.fast
 def test_packing_ids_and_resolution_shift_match_diffusers() -> None:
     from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline
     from diffusers.pipelines.flux.pipeline_flux import calculate_shift
@@ -295,7 +294,6 @@ def test_flux_spec_fields_and_errors() -> None:
     assert "resolution_shift" not in sd3["timestep_sampling"]
 
 
-@pytest.mark.fast
 def test_full_profile_has_flux1_dev_widths() -> None:
     """--rehearse-profile full: FLUX.1-dev's widths (built on the meta device: no memory)."""
     from diffusers import FluxTransformer2DModel
