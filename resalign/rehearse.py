@@ -6,13 +6,15 @@ the graph's shape (the same nodes, step kinds, rows, threats, LoRA targets, Drea
 harvest, metrics and report) and replaces only what a CPU cannot afford or a fresh clone does
 not hold:
 
-- **Model.** ``family: sd`` / ``sdxl`` / ``sd3`` become a random-weight pipeline of the same
-  family and layout, saved as a diffusers folder: the same UNet (SD3: MM-DiT transformer)
-  block types, attention and LoRA target module names, a CLIP text encoder (two and the added
-  size/pooled conditioning for SDXL; CLIP-L, CLIP-G and T5 for SD 3.5), CLIP tokenizers
-  (byte-level, built offline; T5's a Unigram one) and an ``AutoencoderKL``, tiny in width and
-  resolution (``toy``) or, for SD v1.x, at the published widths with 64×64 latents (``full``,
-  for ``scripts/gpu_check.sh``). ``family: tiny`` is kept, its pretraining capped.
+- **Model.** ``family: sd`` / ``sdxl`` / ``sd3`` / ``flux`` become a random-weight pipeline
+  of the same family and layout, saved as a diffusers folder: the same UNet (SD3: MM-DiT
+  transformer; Flux: double- and single-stream blocks) block types, attention and LoRA target
+  module names, a CLIP text encoder (two and the added size/pooled conditioning for SDXL;
+  CLIP-L, CLIP-G and T5 for SD 3.5; CLIP-L and T5 for FLUX.1), CLIP tokenizers (byte-level,
+  built offline; T5's a Unigram one) and an ``AutoencoderKL``, tiny in width and resolution
+  (``toy``) or, for SD v1.x and FLUX.1, at the published widths (``full``, for an
+  accelerator: SD with 64×64 latents; FLUX.1 with a few blocks at 512 px). ``family: tiny``
+  is kept, its pretraining capped.
 - **Data.** A dataset whose file or folder exists is used as it is (shipped prompt lists
   included), capped by ``limit``; a missing one is replaced by stand-in items of its declared
   type: a prompt list of neutral prompts, or an image folder of synthesised images with
@@ -189,6 +191,9 @@ def _rehearse_model(m: dict[str, Any], spec: Any, assets: Path, prof: Profile) -
     folder = assets / "model"
     _once(folder, lambda tmp: build_pipeline(model.family, prof.scale, tmp, _pretrained_hint(m)))
     m["pretrained"] = str(folder)
+    if model.family == "flux":
+        # the transformer has no sample size: the rehearsal model's resolution is the spec's
+        m["resolution"] = FLUX_REHEARSAL_RESOLUTION[prof.scale]
     for key in ("revision", "variant", "allow_download"):
         m.pop(key, None)
     return m
@@ -527,8 +532,8 @@ _TOY_TEXT: dict[str, Any] = {
 
 
 def build_pipeline(family: str, scale: str, folder: Path, pretrained: str = "") -> None:
-    """Save a random-weight pipeline of ``family`` (``sd``, ``sdxl`` or ``sd3``) at ``scale``
-    (``toy`` or ``full``; ``full`` for ``sd`` only) as a diffusers folder. Deterministic
+    """Save a random-weight pipeline of ``family`` (``sd``, ``sdxl``, ``sd3`` or ``flux``) at
+    ``scale`` (``toy`` or ``full``; ``full`` for ``sd`` and ``flux``) as a diffusers folder. Deterministic
     (seed 0).
 
     SD v1.x: SD v1.4's UNet block layout (``resalign.models.sd_arch``), CLIP text encoder,
@@ -542,6 +547,8 @@ def build_pipeline(family: str, scale: str, folder: Path, pretrained: str = "") 
         return _build_sdxl(scale, folder)
     if family == "sd3":
         return _build_sd3(scale, folder)
+    if family == "flux":
+        return _build_flux(scale, folder)
     if family != "sd":
         raise ValueError(f"no rehearsal model for family {family!r}")
     if any(k in pretrained.lower() for k in ("stable-diffusion-2", "sd2", "sd-2")):
@@ -743,3 +750,151 @@ def _build_sd3(scale: str, folder: Path) -> None:
 
     for i in (1, 2):
         shutil.rmtree(folder / f"_tok{i}", ignore_errors=True)
+
+
+# FLUX.1-dev's layout (the transformer/, vae/, text encoders' and scheduler's configs of
+# black-forest-labs/FLUX.1-dev): 19 double-stream and 38 single-stream blocks of 24 heads of
+# 128, rotary axes (16, 56, 56), packed 16-channel latents (64 inputs), T5-XXL's 4096-wide
+# sequence, CLIP-L's 768-wide pooled output, guidance embeddings (the guidance-distilled
+# variant; schnell has none); a 16-channel VAE with scaling 0.3611 and shift 0.1159; the
+# flow scheduler with resolution-dependent shifting between 256 and 4096 tokens.
+FLUX1_DEV_TRANSFORMER: dict[str, Any] = {
+    "patch_size": 1,
+    "in_channels": 64,
+    "num_layers": 19,
+    "num_single_layers": 38,
+    "attention_head_dim": 128,
+    "num_attention_heads": 24,
+    "joint_attention_dim": 4096,
+    "pooled_projection_dim": 768,
+    "guidance_embeds": True,
+    "axes_dims_rope": (16, 56, 56),
+}
+_FLUX_VAE: dict[str, Any] = {
+    **_SD_VAE,
+    "latent_channels": 16,
+    "scaling_factor": 0.3611,
+    "shift_factor": 0.1159,
+    "use_quant_conv": False,
+    "use_post_quant_conv": False,
+}
+FLUX1_DEV_SCHEDULER: dict[str, Any] = {
+    "num_train_timesteps": 1000,
+    "shift": 3.0,
+    "use_dynamic_shifting": True,
+    "base_shift": 0.5,
+    "max_shift": 1.15,
+    "base_image_seq_len": 256,
+    "max_image_seq_len": 4096,
+}
+# T5 v1.1 XXL (FLUX.1's text_encoder_2).
+_T5_XXL: dict[str, Any] = {
+    "d_model": 4096,
+    "d_kv": 64,
+    "d_ff": 10240,
+    "num_heads": 64,
+    "relative_attention_num_buckets": 32,
+    "relative_attention_max_distance": 128,
+}
+# The rehearsal model's image size: 64 px (8x8 latents, 16 tokens) or 512 px (1024 tokens).
+FLUX_REHEARSAL_RESOLUTION = {"toy": 64, "full": 512}
+
+
+def flux_configs(scale: str) -> dict[str, dict[str, Any]]:
+    """The component configs of the FLUX.1 rehearsal model at ``scale``: ``toy`` (widths
+    8–64: 2 double- and 2 single-stream blocks of 2 heads of 8, rotary axes (2, 2, 4), a
+    2-layer CLIP of width 32 and T5 of width 64, VAE widths 8–16) or ``full`` (FLUX.1-dev's
+    widths with 2 double- and 2 single-stream blocks, CLIP-L's text tower, T5-XXL's widths
+    with 2 layers, the published VAE). Keys ``transformer``, ``clip``, ``t5``, ``vae``,
+    ``scheduler``."""
+    if scale == "toy":
+        clip = dict(_TOY_TEXT)
+        clip.pop("projection_dim")
+        t5 = {"d_model": 64, "d_kv": 8, "d_ff": 128, "num_heads": 8,
+              "relative_attention_num_buckets": 8, "relative_attention_max_distance": 32}  # fmt: skip
+        transformer = dict(
+            FLUX1_DEV_TRANSFORMER,
+            num_layers=2,
+            num_single_layers=2,
+            attention_head_dim=8,
+            num_attention_heads=2,
+            joint_attention_dim=t5["d_model"],
+            pooled_projection_dim=clip["hidden_size"],
+            axes_dims_rope=(2, 2, 4),
+        )
+        vae = dict(_FLUX_VAE, block_out_channels=[8, 8, 16, 16], norm_num_groups=8)
+        t5_layers = 2
+    elif scale == "full":
+        clip = {k: v for k, v in _CLIP_L_TEXT.items() if k != "projection_dim"}
+        t5 = dict(_T5_XXL)
+        transformer = dict(FLUX1_DEV_TRANSFORMER, num_layers=2, num_single_layers=2)
+        vae = dict(_FLUX_VAE)
+        t5_layers = 2
+    else:
+        raise ValueError(scale)
+    vae["sample_size"] = FLUX_REHEARSAL_RESOLUTION[scale]
+    t5.update(num_layers=t5_layers, feed_forward_proj="gated-gelu", dropout_rate=0.0,
+              pad_token_id=0, eos_token_id=1, decoder_start_token_id=0)  # fmt: skip
+    return {
+        "transformer": transformer,
+        "clip": clip,
+        "t5": t5,
+        "vae": vae,
+        "scheduler": dict(FLUX1_DEV_SCHEDULER),
+    }
+
+
+def build_flux_pipeline(
+    cfg: dict[str, dict[str, Any]], tmp: Path, t5_length: int | None = None, seed: int = 0
+) -> Any:
+    """A random-weight ``FluxPipeline`` of the component configs ``cfg``
+    (:func:`flux_configs`): a ``FluxTransformer2DModel`` of the published block types
+    (double-stream blocks with RMS q/k norm, single-stream blocks with the parallel MLP,
+    guidance embeddings where the config says so), a ``CLIPTextModel`` with a 77-token
+    byte-level tokenizer, a T5 v1.1-shaped encoder with an offline Unigram tokenizer of
+    ``t5_length`` tokens (default 512: FluxPipeline's sequence), a 16-channel FLUX VAE and
+    the config's scheduler. ``tmp`` is a scratch folder for the CLIP tokenizer's files.
+    Deterministic in ``seed``."""
+    import torch
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
+    from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
+
+    from .models.flux import FLUX_MAX_SEQUENCE_LENGTH
+    from .models.pipelines import assemble_pipeline
+    from .models.tiny import build_t5_tokenizer, write_byte_tokenizer
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        clip_tok = write_byte_tokenizer(Path(tmp), 77)
+        t5_tok = build_t5_tokenizer(t5_length or FLUX_MAX_SEQUENCE_LENGTH)
+        clip = CLIPTextModel(
+            CLIPTextConfig(
+                vocab_size=len(clip_tok),
+                max_position_embeddings=77,
+                bos_token_id=0,
+                eos_token_id=1,
+                pad_token_id=1,
+                **cfg["clip"],
+            )
+        )
+        t5 = T5EncoderModel(T5Config(vocab_size=len(t5_tok), **cfg["t5"]))
+        transformer = FluxTransformer2DModel(**cfg["transformer"])
+        vae = AutoencoderKL(**cfg["vae"])
+    return assemble_pipeline(
+        "flux",
+        denoiser=transformer,
+        vae=vae,
+        scheduler=FlowMatchEulerDiscreteScheduler(**cfg["scheduler"]),
+        text_encoders=[clip, t5],
+        tokenizers=[clip_tok, t5_tok],
+    )
+
+
+def _build_flux(scale: str, folder: Path) -> None:
+    """FLUX.1-dev-shaped pipeline (:func:`flux_configs`, :func:`build_flux_pipeline`) saved
+    as a diffusers folder."""
+    import shutil
+
+    pipe = build_flux_pipeline(flux_configs(scale), folder / "_tok")
+    pipe.save_pretrained(str(folder), safe_serialization=True)
+    shutil.rmtree(folder / "_tok", ignore_errors=True)

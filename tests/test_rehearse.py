@@ -361,3 +361,49 @@ def test_sd35_spec_rehearses_through_the_cli(tmp_path: Path) -> None:
     pipe.load_lora_weights(lora[0].parent)
     report = next(root.glob("report/*/report.md")).read_text()
     assert report.startswith("# resalign report: sd35_sexual.rehearsal")
+
+
+FLUX = ROOT / "specs" / "flux_sexual.yaml"
+
+
+@pytest.mark.slow
+def test_flux_spec_rehearses_through_the_cli(tmp_path: Path) -> None:
+    """specs/flux_sexual.yaml (FLUX.1 [dev], extending the SD v1.4 spec) rehearses end to
+    end on a FLUX.1-shaped random pipeline: double- and single-stream blocks with guidance
+    embeddings, CLIP-L and T5 text encoders, the 16-channel VAE, FLUX.1-dev's resolution
+    shifting scheduler; every node of the real graph runs, trained with flow matching on the
+    Flux LoRA targets, and its LoRA loads in FluxPipeline."""
+    from diffusers import FluxPipeline
+
+    from resalign.graph.compile import compile_spec
+    from resalign.rehearse import FLUX1_DEV_TRANSFORMER
+    from resalign.spec import load_spec
+    from resalign.spec.schema.model import FLUX_LORA_TARGETS
+
+    store = tmp_path / "runs"
+    res = CliRunner().invoke(
+        cli, ["run", str(FLUX), "--rehearse", "--store", str(store), "--no-tracking"]
+    )
+    assert res.exit_code == 0, res.output
+    root = store / "rehearsal"
+    reh = load_spec(root / "specs" / "flux_sexual.rehearsal.toy.yaml")
+    m = reh.spec.model
+    assert m.family == "flux" and m.trainable.targets == FLUX_LORA_TARGETS
+    assert m.resolution == 64 and m.training_guidance == 3.5
+    pipe = FluxPipeline.from_pretrained(m.pretrained)
+    cfg = pipe.transformer.config
+    for key in ("patch_size", "in_channels", "guidance_embeds"):
+        assert cfg[key] == FLUX1_DEV_TRANSFORMER[key], key
+    assert (cfg["num_layers"], cfg["num_single_layers"]) == (2, 2)
+    assert pipe.scheduler.config.use_dynamic_shifting
+    assert type(pipe.text_encoder_2).__name__ == "T5EncoderModel"
+    assert pipe.vae.config.latent_channels == 16 and pipe.vae.config.shift_factor == 0.1159
+    done = {json.loads((p.parent / "node.json").read_text())["name"] for p in root.glob("*/*/DONE")}
+    assert {_shape(n) for n in done} == {_shape(n.name) for n in compile_spec(load_spec(FLUX))}
+    model_json = json.loads(next(root.glob("model/*/model.json")).read_text())
+    assert model_json["objective"]["shift_mu"] > 0  # Flux's resolution shift is on
+    lora = sorted(root.glob("unlearn/*/lora/pytorch_lora_weights.safetensors"))
+    assert lora  # the transformer's LoRA, in the format FluxPipeline loads
+    pipe.load_lora_weights(lora[0].parent)
+    report = next(root.glob("report/*/report.md")).read_text()
+    assert report.startswith("# resalign report: flux_sexual.rehearsal")

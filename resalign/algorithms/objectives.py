@@ -42,7 +42,7 @@ from ..models.bundle import (
     expand_condition,
     take_condition,
 )
-from ..models.diffusion import Objective, as_objective, squared_error
+from ..models.diffusion import Objective, as_objective, denoiser_inputs, squared_error
 from . import memory
 
 Params = Mapping[str, Tensor]
@@ -52,13 +52,15 @@ Params = Mapping[str, Tensor]
 class EncodedPairs:
     """Pre-encoded image–text pairs: what every loss here consumes. ``added`` is SDXL's
     ``added_cond_kwargs`` per item (``text_embeds`` ``[N,P]``, ``time_ids`` ``[N,6]``),
-    ``pooled`` SD3's ``pooled_projections`` ``[N,P]``; None for models without them."""
+    ``pooled`` SD3's and Flux's ``pooled_projections`` ``[N,P]``, ``guidance`` the
+    guidance-distilled Flux's embedded guidance ``[N]``; None for models without them."""
 
     latents: Tensor
     embeddings: Tensor
     labels: Tensor | None = None
     added: dict[str, Tensor] | None = None
     pooled: Tensor | None = None
+    guidance: Tensor | None = None
 
     @classmethod
     def from_condition(
@@ -72,6 +74,7 @@ class EncodedPairs:
             labels,
             dict(added) if added else None,
             cond.get("pooled_projections"),
+            cond.get("guidance"),
         )
 
     @classmethod
@@ -99,7 +102,7 @@ class EncodedPairs:
     @property
     def condition(self) -> Condition:
         """The denoiser keyword arguments of these pairs' captions."""
-        return _condition(self.embeddings, self.added, self.pooled)
+        return _condition(self.embeddings, self.added, self.pooled, self.guidance)
 
     def __post_init__(self) -> None:
         if self.latents.shape[0] != self.embeddings.shape[0]:
@@ -116,7 +119,10 @@ class EncodedPairs:
         labels = None if self.labels is None else self.labels[index]
         added = None if self.added is None else take_condition(self.added, index)
         pooled = None if self.pooled is None else self.pooled[index]
-        return EncodedPairs(self.latents[index], self.embeddings[index], labels, added, pooled)
+        guidance = None if self.guidance is None else self.guidance[index]
+        return EncodedPairs(
+            self.latents[index], self.embeddings[index], labels, added, pooled, guidance
+        )
 
     def sample(self, n: int, generator: torch.Generator) -> EncodedPairs:
         """``n`` items drawn uniformly with replacement (index drawn on ``generator``)."""
@@ -127,8 +133,14 @@ class EncodedPairs:
         lab = None if self.labels is None else self.labels.to(device)
         added = None if self.added is None else condition_to(self.added, device, dtype)
         pooled = None if self.pooled is None else self.pooled.to(device, dtype)
+        guidance = None if self.guidance is None else self.guidance.to(device, dtype)
         return EncodedPairs(
-            self.latents.to(device, dtype), self.embeddings.to(device, dtype), lab, added, pooled
+            self.latents.to(device, dtype),
+            self.embeddings.to(device, dtype),
+            lab,
+            added,
+            pooled,
+            guidance,
         )
 
     @staticmethod
@@ -146,23 +158,34 @@ class EncodedPairs:
             if any(p.pooled is None for p in parts):
                 raise ValueError("cannot concatenate pairs with and without pooled projections")
             pooled = torch.cat([p.pooled for p in parts])  # type: ignore[misc]
+        guidance = None
+        if parts[0].guidance is not None:
+            if any(p.guidance is None for p in parts):
+                raise ValueError("cannot concatenate pairs with and without guidance")
+            guidance = torch.cat([p.guidance for p in parts])  # type: ignore[misc]
         return EncodedPairs(
             torch.cat([p.latents for p in parts]),
             torch.cat([p.embeddings for p in parts]),
             labels,
             added,
             pooled,
+            guidance,
         )
 
 
 def _condition(
-    embeddings: Tensor, added: Mapping[str, Tensor] | None, pooled: Tensor | None = None
+    embeddings: Tensor,
+    added: Mapping[str, Tensor] | None,
+    pooled: Tensor | None = None,
+    guidance: Tensor | None = None,
 ) -> Condition:
     cond: Condition = {"encoder_hidden_states": embeddings}
     if added is not None:
         cond["added_cond_kwargs"] = dict(added)
     if pooled is not None:
         cond["pooled_projections"] = pooled
+    if guidance is not None:
+        cond["guidance"] = guidance
     return cond
 
 
@@ -177,11 +200,12 @@ class NoisedBatch:
     latents: Tensor
     added: dict[str, Tensor] | None = None
     pooled: Tensor | None = None
+    guidance: Tensor | None = None
 
     @property
     def condition(self) -> Condition:
         """The denoiser keyword arguments of the batch's captions."""
-        return _condition(self.embeddings, self.added, self.pooled)
+        return _condition(self.embeddings, self.added, self.pooled, self.guidance)
 
 
 def noise_batch(pairs: EncodedPairs, objective: Any, generator: torch.Generator) -> NoisedBatch:
@@ -193,7 +217,9 @@ def noise_batch(pairs: EncodedPairs, objective: Any, generator: torch.Generator)
     lat = pairs.latents
     noise, t = obj.draw(lat, generator)
     noisy, target = obj.noise_and_target(lat, noise, t)
-    return NoisedBatch(noisy, t, target, pairs.embeddings, lat, pairs.added, pairs.pooled)
+    return NoisedBatch(
+        noisy, t, target, pairs.embeddings, lat, pairs.added, pairs.pooled, pairs.guidance
+    )
 
 
 def sq_err(a: Tensor, b: Tensor) -> Tensor:
@@ -255,16 +281,12 @@ class Denoiser:
         whatever the objective trains it to predict), conditioned on the batch's captions or
         on ``cond`` (text embeddings, or a full condition with SDXL's added conditioning or
         SD3's pooled projections). Called as :func:`resalign.models.diffusion.predict` calls
-        it: the noisy latents, then ``timestep`` and the condition by keyword."""
+        it (:func:`~resalign.models.diffusion.denoiser_inputs`: the noisy latents, then
+        ``timestep`` and the condition by keyword; Flux's transformer packed)."""
         kwargs = nb.condition if cond is None else as_condition(cond)
+        args, kwargs, finish = denoiser_inputs(self.unet, nb.noisy, nb.timesteps, kwargs)
         with memory.autocast(self.mode, nb.noisy.device):
-            out = functional_call(
-                self.unet,
-                dict(params),
-                (nb.noisy,),
-                {"timestep": nb.timesteps, **kwargs, "return_dict": False},
-                strict=False,
-            )[0]
+            out = finish(functional_call(self.unet, dict(params), args, kwargs, strict=False)[0])
         # fp32 out of autocast, so losses, gradients and HVPs are reduced in fp32
         return out.float() if out.dtype in memory.HALF_DTYPES else out
 

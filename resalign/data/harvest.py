@@ -33,7 +33,7 @@ def harvest(
     ``out`` as an imagefolder (PNGs + ``metadata.jsonl`` with ``file_name``, ``text``,
     ``prompt_index``, ``seed``). Returns the number of images. ``scheduler`` (a diffusers
     class name) defaults to PNDM (SD v1.4's sampler) for DDPM models and to
-    ``FlowMatchEulerDiscreteScheduler`` for flow-matching ones (SD3), which PNDM cannot
+    ``FlowMatchEulerDiscreteScheduler`` for flow-matching ones (SD3, Flux), which PNDM cannot
     sample (the SD 3.5 rehearsal found this)."""
     from ..models.diffusion import is_flow_scheduler
     from .imagefolder import write_imagefolder
@@ -41,7 +41,10 @@ def harvest(
     if scheduler is None:
         flow = is_flow_scheduler(bundle.noise_scheduler)
         scheduler = "FlowMatchEulerDiscreteScheduler" if flow else "PNDMScheduler"
+    from ..models.pipelines import call_kwargs
+
     pipe = bundle.pipeline(scheduler)
+    extra = call_kwargs(pipe)  # SD3, Flux: the conditioning's T5 length
     jobs = [(p, i, k) for i, p in enumerate(prompts) for k in range(images_per_prompt)]
     images: list[torch.Tensor] = []
     for start in range(0, len(jobs), batch_size):
@@ -58,6 +61,7 @@ def harvest(
                 output_type="pt",
                 height=bundle.resolution,
                 width=bundle.resolution,
+                **extra,
             ).images
         images.append(batch.cpu() * 2 - 1)  # pipeline gives [0, 1]
         if on_batch is not None:

@@ -126,16 +126,15 @@ def generate_images(
     pipe.scheduler = cls.from_config(pipe.scheduler.config)
     if hasattr(pipe, "set_progress_bar_config"):
         pipe.set_progress_bar_config(disable=True)
-    from ..models.bundle import t5_sequence_length
-    from ..models.pipelines import denoiser_of
+    from ..models.flux import is_flux, pack_latents
+    from ..models.pipelines import call_kwargs, default_resolution, denoiser_of
 
     denoiser = denoiser_of(pipe)
     dev = torch.device(device) if device else denoiser.device
-    size = config.resolution or int(denoiser.config.sample_size) * int(pipe.vae_scale_factor)
-    extra: dict[str, Any] = {}
-    if getattr(pipe, "tokenizer_3", None) is not None:
-        # SD3: the T5 length the conditioning of unlearning and attacks used
-        extra["max_sequence_length"] = t5_sequence_length(pipe.tokenizer_3)
+    size = config.resolution or default_resolution(pipe)
+    # SD3, Flux: the T5 length the conditioning of unlearning and attacks used
+    extra: dict[str, Any] = call_kwargs(pipe)
+    flux = is_flux(denoiser)
 
     fed = [rewrite(p) for p in prompts] if rewrite is not None else prompts
     jobs = [(p, i) for p in range(len(prompts)) for i in range(config.images_per_prompt)]
@@ -158,16 +157,17 @@ def generate_images(
             seeds = [image_seed(config.seed, p, i) for p, i in chunk]
             generator = [torch.Generator(device="cpu").manual_seed(s) for s in seeds]
         # Latents drawn on the CPU so images do not depend on the accelerator's RNG.
-        shape = (
-            len(chunk),
-            denoiser.config.in_channels,
-            size // pipe.vae_scale_factor,
-            size // pipe.vae_scale_factor,
-        )
+        side = size // pipe.vae_scale_factor
+        channels = denoiser.config.in_channels
+        if flux:  # FluxPipeline takes them packed: 2x2 patches of in_channels / 4 channels
+            side, channels = 2 * (size // (pipe.vae_scale_factor * 2)), channels // 4
+        shape = (len(chunk), channels, side, side)
         if isinstance(generator, list):
             latents = torch.cat([torch.randn((1, *shape[1:]), generator=g) for g in generator])
         else:
             latents = torch.randn(shape, generator=generator)
+        if flux:
+            latents = pack_latents(latents)
         with torch.no_grad():
             out_images = pipe(
                 prompt=[fed[p] for p, _ in chunk],

@@ -9,9 +9,13 @@ from typing import Any
 
 import torch
 
+from .pipelines import SD3_MAX_SEQUENCE_LENGTH, t5_sequence_length  # noqa: F401 (re-export)
+
 # What ``unet(noisy, timestep=t, **condition)`` needs besides the noisy latents and
 # timesteps: ``encoder_hidden_states`` [N, L, D] and, for SDXL, ``added_cond_kwargs`` with
-# ``text_embeds`` [N, P] and ``time_ids`` [N, 6]; for SD3 ``pooled_projections`` [N, P].
+# ``text_embeds`` [N, P] and ``time_ids`` [N, 6]; for SD3 ``pooled_projections`` [N, P];
+# for Flux ``pooled_projections`` [N, P] and, guidance-distilled, ``guidance`` [N] (the
+# transformer's packed inputs are made at the call: resalign.models.diffusion.predict).
 # Built by ModelBundle.encode_condition.
 Condition = dict[str, Any]
 
@@ -58,31 +62,24 @@ def cat_conditions(conds: Sequence[Mapping[str, Any]]) -> Condition:
     }
 
 
-# The T5 sequence length of SD3's conditioning: StableDiffusion3Pipeline's default
-# ``max_sequence_length``, or the T5 tokenizer's ``model_max_length`` where that is shorter
-# (the tiny models'); generation passes the same (:func:`t5_sequence_length`).
-SD3_MAX_SEQUENCE_LENGTH = 256
-
-
-def t5_sequence_length(tokenizer_3: Any) -> int:
-    """The T5 token count SD3's conditioning uses (unlearning, attacks and generation)."""
-    return min(SD3_MAX_SEQUENCE_LENGTH, int(tokenizer_3.model_max_length))
-
-
 @dataclass
 class ModelBundle:
     """The components of a text-to-image diffusion model plus its training objective.
 
     ``unet`` is the denoiser: a ``UNet2DConditionModel`` (layouts ``sd``, ``sdxl``) or an
-    ``SD3Transformer2DModel`` (layout ``sd3``). ``layout`` is the diffusers pipeline shape
+    ``SD3Transformer2DModel`` (layout ``sd3``) or a ``FluxTransformer2DModel`` (layout
+    ``flux``, called through :func:`resalign.models.diffusion.predict`). ``layout`` is the diffusers pipeline shape
     (which pipeline class, which conditioning); ``family`` the spec's (``tiny`` models have
     the ``sd`` or ``sd3`` layout). ``noise_scheduler`` is the training scheduler (a
     ``DDPMScheduler`` with the spec's schedule, or SD3's ``FlowMatchEulerDiscreteScheduler``)
     and ``objective`` the training objective built from it
     (:func:`resalign.models.diffusion.objective_for`); generation builds its own sampler via
     :meth:`pipeline`. ``text_encoder_2``/``tokenizer_2`` are set for SDXL and SD3,
-    ``text_encoder_3``/``tokenizer_3`` (T5) for SD3. ``sampler_config`` is the pipeline's
-    own scheduler config (what the checkpoint ships), the base for samplers.
+    ``text_encoder_3``/``tokenizer_3`` (T5) for SD3; Flux has CLIP-L as ``text_encoder``
+    and T5 as ``text_encoder_2``. ``sampler_config`` is the pipeline's own scheduler config
+    (what the checkpoint ships), the base for samplers. ``guidance`` is the embedded
+    guidance scale a guidance-distilled Flux transformer (FLUX.1-dev: ``guidance_embeds``)
+    is trained and unlearned with (``model.training_guidance``); unused otherwise.
     """
 
     unet: Any
@@ -101,6 +98,7 @@ class ModelBundle:
     tokenizer_3: Any = None
     objective: Any = None
     layout: str = ""
+    guidance: float | None = None
 
     def __post_init__(self) -> None:
         from .diffusion import objective_for
@@ -113,9 +111,9 @@ class ModelBundle:
     @property
     def text_encoders(self) -> list[Any]:
         """The text encoders the conditioning uses, in order (SD: one; SDXL: two; SD3:
-        CLIP-L, CLIP-G, T5)."""
+        CLIP-L, CLIP-G, T5; Flux: CLIP-L, T5)."""
         encoders = [self.text_encoder]
-        if self.layout in ("sdxl", "sd3"):
+        if self.layout in ("sdxl", "sd3", "flux"):
             encoders.append(self.text_encoder_2)
         if self.layout == "sd3":
             encoders.append(self.text_encoder_3)
@@ -126,11 +124,18 @@ class ModelBundle:
     def tokenize(self, captions: Sequence[str]) -> list[torch.Tensor]:
         """Token ids of ``captions`` for each text encoder (one tensor per tokenizer), padded
         and truncated as the diffusers pipelines do: the CLIP tokenizers to their
-        ``model_max_length``, SD3's T5 to :func:`t5_sequence_length`."""
-        tokenizers = [self.tokenizer]
-        if self.layout in ("sdxl", "sd3"):
-            tokenizers.append(self.tokenizer_2)
-        lengths = [tok.model_max_length for tok in tokenizers]
+        ``model_max_length``, SD3's T5 to :func:`t5_sequence_length`, Flux's to
+        :func:`resalign.models.flux.flux_t5_length`."""
+        if self.layout == "flux":
+            from .flux import flux_t5_length
+
+            tokenizers = [self.tokenizer, self.tokenizer_2]
+            lengths = [self.tokenizer.model_max_length, flux_t5_length(self.tokenizer_2)]
+        else:
+            tokenizers = [self.tokenizer]
+            if self.layout in ("sdxl", "sd3"):
+                tokenizers.append(self.tokenizer_2)
+            lengths = [tok.model_max_length for tok in tokenizers]
         if self.layout == "sd3":
             tokenizers.append(self.tokenizer_3)
             lengths.append(t5_sequence_length(self.tokenizer_3))
@@ -154,10 +159,15 @@ class ModelBundle:
         ``StableDiffusion3Pipeline.encode_prompt``: both CLIPs' penultimate hidden states
         concatenated and zero-padded to T5's width, then T5's last hidden state appended
         along the sequence, and ``pooled_projections`` the two CLIPs' projected pooled
-        embeddings concatenated. Gradients flow where the text encoders require them
-        (pretraining a tiny model's encoders); use :meth:`encode_condition` otherwise."""
+        embeddings concatenated; Flux, as ``FluxPipeline.encode_prompt``: T5's last hidden
+        state as the sequence, CLIP's pooled output as ``pooled_projections``, and for a
+        guidance-distilled transformer ``guidance`` (:attr:`guidance` per item). Gradients
+        flow where the text encoders require them (pretraining a tiny model's encoders); use
+        :meth:`encode_condition` otherwise."""
         if self.layout == "sd3":
             return self._sd3_condition(ids)
+        if self.layout == "flux":
+            return self._flux_condition(ids)
         if self.layout != "sdxl":
             return {"encoder_hidden_states": self.text_encoder(ids[0])[0].to(self.dtype)}
         states = []
@@ -191,12 +201,26 @@ class ModelBundle:
             "pooled_projections": torch.cat(pooled, dim=-1).to(self.dtype),
         }
 
+    def _flux_condition(self, ids: Sequence[torch.Tensor]) -> Condition:
+        pooled = self.text_encoder(ids[0], output_hidden_states=False).pooler_output
+        cond: Condition = {
+            "encoder_hidden_states": self.text_encoder_2(ids[1])[0].to(self.dtype),
+            "pooled_projections": pooled.to(self.dtype),
+        }
+        if getattr(self.unet.config, "guidance_embeds", False):
+            if self.guidance is None:
+                raise ValueError("a guidance-distilled Flux model needs ModelBundle.guidance")
+            n = int(ids[0].shape[0])
+            cond["guidance"] = torch.full((n,), float(self.guidance), device=self.device)
+        return cond
+
     @torch.no_grad()
     def encode_condition(self, captions: Sequence[str]) -> Condition:
         """Everything ``unet(noisy, timestep=t, **cond)`` needs for ``captions``, built once
         here for every step (unlearning, attacks, pretraining; tests check it equals the
         pipeline's own ``encode_prompt``, which generation uses): ``encoder_hidden_states``
-        and, for SDXL, ``added_cond_kwargs``, for SD3 ``pooled_projections``. No gradient."""
+        and, for SDXL, ``added_cond_kwargs``, for SD3 ``pooled_projections``, for Flux
+        ``pooled_projections`` and (guidance-distilled) ``guidance``. No gradient."""
         return self.condition_from_tokens(self.tokenize(captions))
 
     @torch.no_grad()
@@ -254,7 +278,7 @@ class ModelBundle:
             raise UserError(
                 f"sampler {scheduler_name} cannot sample {kind} model ({self.layout})",
                 where="evaluate.generation.scheduler",
-                hint="use FlowMatchEulerDiscreteScheduler for sd3 models"
+                hint="use FlowMatchEulerDiscreteScheduler for sd3 and flux models"
                 if flow
                 else "use a DDPM-family sampler (PNDMScheduler, DPMSolverMultistepScheduler, ...)",
             )
@@ -275,7 +299,7 @@ class ModelBundle:
         scheduler = cls.from_config(config)
         encoders = self.text_encoders
         tokenizers = [self.tokenizer, self.tokenizer_2, self.tokenizer_3][: len(encoders)]
-        return assemble_pipeline(
+        pipe = assemble_pipeline(
             self.layout,
             denoiser=self.unet,
             vae=self.vae,
@@ -283,6 +307,11 @@ class ModelBundle:
             text_encoders=encoders,
             tokenizers=tokenizers,
         )
+        if self.layout == "flux":
+            # FluxPipeline's default size is a constant (128 latents, 1024 px); the model's
+            # resolution is what it was loaded for (model.resolution)
+            pipe.default_sample_size = self.resolution // int(pipe.vae_scale_factor)
+        return pipe
 
     def to(self, device: str | None = None, dtype: torch.dtype | None = None) -> ModelBundle:
         """Move every module (in place) and return self."""

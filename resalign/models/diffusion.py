@@ -8,7 +8,7 @@ its training scheduler's class):
   are the diffusers scheduler's own ``add_noise`` and ``get_velocity``, so ε- and
   v-prediction follow the scheduler's ``prediction_type`` (SD 2.x 768 models are
   v-prediction) exactly as diffusers' training scripts do; t ~ U{0..T−1}.
-- :class:`FlowMatchObjective` (the rectified-flow transformers, ``sd3``): the
+- :class:`FlowMatchObjective` (the rectified-flow transformers, ``sd3``, ``flux``): the
   ``FlowMatchEulerDiscreteScheduler``'s sigmas, x_t = (1 − σ)·x₀ + σ·ε, velocity target
   v = ε − x₀, timesteps drawn as diffusers' ``train_dreambooth_lora_sd3.py`` draws them
   (``compute_density_for_timestep_sampling``: logit-normal by default; the index into the
@@ -16,6 +16,15 @@ its training scheduler's class):
   ``--precondition_outputs 1`` (EDM preconditioning, target x₀): that loss is σ²·‖v̂ − v‖²,
   a σ²-weighting of this one; the script's ``--precondition_outputs 0`` is this objective.
   Loss weight 1, as ``compute_loss_weighting_for_sd3`` gives for logit-normal and uniform.
+  Flux (``shift_mu``): diffusers' ``train_dreambooth_lora_flux.py`` draws u uniformly
+  (``--weighting_scheme none``) and indexes the scheduler's table, which for FLUX.1's
+  ``use_dynamic_shifting`` config is *unshifted* (σ = t/1000); FluxPipeline shifts its
+  sampling sigmas by the resolution-dependent μ (:func:`resalign.models.flux.time_shift`).
+  With ``shift_mu`` the drawn σ is shifted by that μ before the table lookup (the nearest
+  entry, 1/1000 apart), so training sees the noise levels sampling visits (kohya's
+  sd-scripts ``--timestep_sampling flux_shift`` applies the same shift to a logit-normal
+  draw: ``kind: logit_normal`` with ``resolution_shift``); without it, diffusers' script
+  exactly.
 
 Every draw is on a CPU ``torch.Generator`` (results do not depend on the device's RNG) and
 moved to the latents' device. No loss here is ε-specific.
@@ -23,7 +32,7 @@ moved to the latents' device. No loss here is ε-specific.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
@@ -102,7 +111,9 @@ class FlowMatchObjective(Objective):
     ``mode_scale``, or ``uniform``), index ``⌊u·T⌋`` into the scheduler's timesteps (shifted
     where the scheduler shifts them), σ the scheduler's sigma there; x_t = (1 − σ)·x₀ + σ·ε,
     target v = ε − x₀. The model is called with the timestep (σ·T, as the SD3 pipeline
-    calls it)."""
+    calls it; Flux's transformer gets σ, :func:`denoiser_inputs`). ``shift_mu`` (Flux): the
+    drawn σ is moved by Flux's resolution shift of that μ and snapped to the nearest table
+    entry."""
 
     kind = "flow_match"
 
@@ -113,12 +124,14 @@ class FlowMatchObjective(Objective):
         logit_mean: float = 0.0,
         logit_std: float = 1.0,
         mode_scale: float = 1.29,
+        shift_mu: float | None = None,
     ):
         if sampling not in TIMESTEP_SAMPLINGS:
             raise ValueError(f"unknown timestep sampling {sampling!r} ({TIMESTEP_SAMPLINGS})")
         self.scheduler = scheduler
         self.sampling = sampling
         self.logit_mean, self.logit_std, self.mode_scale = logit_mean, logit_std, mode_scale
+        self.shift_mu = shift_mu
         self.num_train_timesteps = int(scheduler.config.num_train_timesteps)
         # The training-time tables (the scheduler's own, before any set_timesteps call).
         self.timesteps = scheduler.timesteps.detach().to("cpu", torch.float32).clone()
@@ -137,7 +150,13 @@ class FlowMatchObjective(Objective):
         )
         # u < 1 for every scheme, so the index stays inside the table
         idx = (u * self.num_train_timesteps).long().clamp_(0, self.num_train_timesteps - 1)
-        return self.timesteps[idx]
+        if self.shift_mu is None:
+            return self.timesteps[idx]
+        from .flux import time_shift
+
+        shifted = time_shift(self.shift_mu, self.sigmas[idx].double()).float()
+        near = (shifted[:, None] - self.sigmas[None, : len(self.timesteps)]).abs().argmin(dim=1)
+        return self.timesteps[near]
 
     def sigma_of(self, timesteps: Tensor) -> Tensor:
         """σ of each timestep: the scheduler's sigma at the matching table entry (as the
@@ -161,6 +180,7 @@ class FlowMatchObjective(Objective):
             "logit_std": self.logit_std,
             "mode_scale": self.mode_scale,
             "shift": float(self.scheduler.config.get("shift", 1.0)),
+            **({} if self.shift_mu is None else {"shift_mu": self.shift_mu}),
         }
 
 
@@ -191,10 +211,34 @@ def noise_and_target(
     return as_objective(objective).noise_and_target(latents, noise, timesteps)
 
 
+def denoiser_inputs(
+    model: Any, noisy: Tensor, timesteps: Tensor, cond: Mapping[str, Any]
+) -> tuple[tuple[Any, ...], dict[str, Any], Callable[[Tensor], Tensor]]:
+    """``(args, kwargs, finish)`` such that ``finish(model(*args, **kwargs)[0])`` is the
+    denoiser's prediction on ``noisy`` latents ``[N, C, h, w]`` at the scheduler's
+    ``timesteps``: a UNet or SD3 transformer takes them as they are
+    (``model(noisy, timestep=t, **cond)``); Flux's transformer packed, with position ids
+    and σ (:func:`resalign.models.flux.flux_inputs`). The one place a trainer's call is
+    turned into the denoiser's (:func:`predict`, the unlearning ``Denoiser``)."""
+    from .flux import flux_inputs, is_flux
+
+    if is_flux(model):
+        args, kwargs, finish = flux_inputs(noisy, timesteps, cond)
+    else:
+        args, kwargs, finish = (noisy,), {"timestep": timesteps, **cond}, _same
+    kwargs["return_dict"] = False
+    return args, kwargs, finish
+
+
+def _same(x: Tensor) -> Tensor:
+    return x
+
+
 def predict(model: Any, noisy: Tensor, timesteps: Tensor, cond: Mapping[str, Any]) -> Tensor:
-    """The denoiser's prediction: ``model(noisy, timestep=t, **cond)`` (a diffusers UNet or
-    SD3 transformer: both take the noisy latents first and ``timestep`` by keyword)."""
-    return model(noisy, timestep=timesteps, **cond, return_dict=False)[0]
+    """The denoiser's prediction (:func:`denoiser_inputs`): ``model(noisy, timestep=t,
+    **cond)`` for a diffusers UNet or SD3 transformer, the packed call for Flux."""
+    args, kwargs, finish = denoiser_inputs(model, noisy, timesteps, cond)
+    return finish(model(*args, **kwargs)[0])
 
 
 def squared_error(prediction: Tensor, target: Tensor) -> Tensor:

@@ -69,16 +69,18 @@ def rewrite_prompt(text: str, replaces: str, placeholder: str) -> str:
 
 def text_encoders(bundle: Any) -> list[tuple[str, Any, Any]]:
     """``(name, tokenizer, text encoder)`` of each text encoder of ``bundle`` (SDXL: two).
-    SD3's three (CLIP-L, CLIP-G, T5 with its own vocabulary) are refused: a token learned in
-    the CLIPs alone would reach T5 as plain text, so the attack would not be the published
-    one."""
-    if getattr(bundle, "layout", None) == "sd3":
+    SD3's three (CLIP-L, CLIP-G, T5 with its own vocabulary) and Flux's two (CLIP-L, T5) are
+    refused: a token learned in the CLIP(s) alone would reach T5 as plain text, so the attack
+    would not be the published one."""
+    layout = getattr(bundle, "layout", None)
+    if layout in ("sd3", "flux"):
         from ..errors import UserError
 
+        name = {"sd3": "SD3", "flux": "Flux"}[layout]
         raise UserError(
-            "textual-inversion attacks (algorithm: embedding) are not built for SD3 models "
-            "(three text encoders, T5 with its own tokenizer)",
-            hint="attack SD3 with algorithm full, lora or dreambooth",
+            f"textual-inversion attacks (algorithm: embedding) are not built for {name} "
+            "models (T5 has its own tokenizer: a token learned in CLIP would reach it as text)",
+            hint=f"attack {name} with algorithm full, lora or dreambooth",
         )
     pairs = [("text_encoder", bundle.tokenizer, bundle.text_encoder)]
     if getattr(bundle, "family", None) == "sdxl":

@@ -1,4 +1,4 @@
-"""Loading models: Stable Diffusion v1.x/v2.x, SDXL and SD 3.x checkpoints from a diffusers
+"""Loading models: Stable Diffusion v1.x/v2.x, SDXL, SD 3.x and FLUX.1 checkpoints from a diffusers
 folder, a hub id in the local Hugging Face cache, or a single ``.safetensors`` file (where
 diffusers' ``from_single_file`` supports the pipeline); the ``model`` node's output; and a
 report row's model (the original with the row's denoiser weights).
@@ -7,7 +7,8 @@ The ``model`` node writes (see docs/architecture.md):
 
 - ``model.json``: ``{"family", "resolution", "noise_schedule": {...}, "source": {...}}``, plus
   ``layout`` (the pipeline shape, :mod:`resalign.models.pipelines`) and, for flow-matching
-  models, ``timestep_sampling``;
+  models, ``timestep_sampling``; for Flux ``training_guidance`` (the embedded guidance a
+  guidance-distilled model trains with) and ``resolution`` as the spec sets it;
 - ``pipeline/``: a diffusers pipeline folder (tiny family: the built, pretrained model), or
 - ``source.json``: the resolved location of an SD/SDXL checkpoint (weights are not copied).
 
@@ -253,6 +254,8 @@ def bundle_from_pipeline(
     device: str = "cpu",
     dtype: torch.dtype | str = torch.float32,
     timestep_sampling: Mapping[str, Any] | None = None,
+    resolution: int | None = None,
+    guidance: float | None = None,
 ) -> ModelBundle:
     """A frozen :class:`ModelBundle` sharing ``pipe``'s modules, with its training objective
     (:func:`resalign.models.diffusion.objective_for`). A pipeline whose scheduler is a
@@ -260,13 +263,24 @@ def bundle_from_pipeline(
     timesteps drawn per ``timestep_sampling`` (the spec's ``model.timestep_sampling``; None:
     logit-normal). Otherwise the training scheduler is a ``DDPMScheduler`` built from the
     pipeline's scheduler config with the written fields of ``noise_schedule`` (the spec's
-    ``model.noise_schedule``; None = the checkpoint's) overriding it."""
+    ``model.noise_schedule``; None = the checkpoint's) overriding it.
+
+    ``resolution`` (px) is the training and generation size; None: the denoiser's
+    ``sample_size`` times the VAE's scale (Flux, whose transformer has none: FluxPipeline's
+    default, 1024). A Flux model whose scheduler shifts per resolution
+    (``use_dynamic_shifting``) with ``timestep_sampling.resolution_shift`` draws its
+    timesteps shifted by that resolution's μ (:class:`~resalign.models.diffusion.FlowMatchObjective`).
+    ``guidance`` is a guidance-distilled Flux transformer's training guidance
+    (:attr:`ModelBundle.guidance`; None: the schema's default)."""
     from diffusers import DDPMScheduler
 
     from .diffusion import is_flow_scheduler, objective_for
-    from .pipelines import denoiser_of, layout_of_pipeline
+    from .pipelines import default_resolution, denoiser_of, layout_of_pipeline
 
     dtype = resolve_dtype(dtype)
+    layout = layout_of_pipeline(pipe)
+    vae_scale = 2 ** (len(pipe.vae.config.block_out_channels) - 1)
+    resolution = int(resolution or default_resolution(pipe))
     sampler_config = dict(pipe.scheduler.config)
     config = dict(sampler_config)
     if is_flow_scheduler(pipe.scheduler):
@@ -275,8 +289,12 @@ def bundle_from_pipeline(
         if timestep_sampling:
             from ..spec.schema.model import TimestepSamplingSpec
 
-            sampling = TimestepSamplingSpec.model_validate(dict(timestep_sampling))
-            sampling = sampling.objective_kwargs()
+            spec = TimestepSamplingSpec.model_validate(dict(timestep_sampling))
+            sampling = spec.objective_kwargs()
+            if spec.resolution_shift and config.get("use_dynamic_shifting"):
+                from .flux import image_seq_len, resolution_mu
+
+                sampling["shift_mu"] = resolution_mu(image_seq_len(resolution, vae_scale), config)
         objective = objective_for(noise_scheduler, sampling)
     else:
         if noise_schedule:
@@ -286,9 +304,10 @@ def bundle_from_pipeline(
         noise_scheduler = DDPMScheduler.from_config(config)
         objective = objective_for(noise_scheduler)
     denoiser = denoiser_of(pipe)
-    vae_scale = 2 ** (len(pipe.vae.config.block_out_channels) - 1)
-    sample = denoiser.config.sample_size
-    sample = sample[0] if isinstance(sample, (list, tuple)) else sample
+    if layout == "flux" and guidance is None:
+        from ..spec.schema.model import FLUX_TRAINING_GUIDANCE
+
+        guidance = FLUX_TRAINING_GUIDANCE
     bundle = ModelBundle(
         unet=denoiser,
         vae=pipe.vae,
@@ -296,7 +315,7 @@ def bundle_from_pipeline(
         tokenizer=pipe.tokenizer,
         noise_scheduler=noise_scheduler,
         family=family,
-        resolution=int(sample) * vae_scale,
+        resolution=resolution,
         dtype=dtype,
         device=device,
         text_encoder_2=getattr(pipe, "text_encoder_2", None),
@@ -305,16 +324,17 @@ def bundle_from_pipeline(
         text_encoder_3=getattr(pipe, "text_encoder_3", None),
         tokenizer_3=getattr(pipe, "tokenizer_3", None),
         objective=objective,
-        layout=layout_of_pipeline(pipe),
+        layout=layout,
+        guidance=guidance if layout == "flux" else None,
     )
     return bundle.to(device, dtype).freeze()
 
 
 def load_pretrained(spec: Any, spec_dir: Path | None = None, *, device: str = "cpu") -> ModelBundle:
-    """Load an SD/SDXL/SD3 ``ModelSpec`` (``model`` section) into a :class:`ModelBundle`."""
+    """Load an SD/SDXL/SD3/Flux ``ModelSpec`` (``model`` section) into a :class:`ModelBundle`."""
     if spec.family == "tiny":
         raise ValueError(
-            "load_pretrained is for sd/sdxl/sd3; the tiny family is built by the model node"
+            "load_pretrained is for sd/sdxl/sd3/flux; the tiny family is built by the model node"
         )
     source = resolve_pretrained(
         spec.pretrained,
@@ -331,6 +351,8 @@ def load_pretrained(spec: Any, spec_dir: Path | None = None, *, device: str = "c
         device=device,
         dtype=spec.dtype,
         timestep_sampling=_sampling_dump(spec),
+        resolution=spec.resolution,
+        guidance=spec.training_guidance,
     )
 
 
@@ -392,6 +414,8 @@ def load_model_node(
         device=device,
         dtype=dtype,
         timestep_sampling=info.get("timestep_sampling"),
+        resolution=info.get("resolution"),
+        guidance=info.get("training_guidance"),
     )
 
 
@@ -480,8 +504,8 @@ def load_row(
 ) -> ModelBundle:
     """The model of a report row: the ``model`` node's bundle with the row's denoiser.
 
-    ``unet_dir`` (a merged denoiser saved by ``save_pretrained``: a UNet, or SD3's
-    transformer, loaded with the bundle's own denoiser class) replaces it; otherwise
+    ``unet_dir`` (a merged denoiser saved by ``save_pretrained``: a UNet, or SD3's or
+    Flux's transformer, loaded with the bundle's own denoiser class) replaces it; otherwise
     ``trainable_file`` (``trainable.safetensors``, or a ``.pt``/``.bin`` state dict loaded
     weights-only) is applied with :func:`apply_trained_tensors`. Neither: the original model.
     """

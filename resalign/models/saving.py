@@ -1,7 +1,7 @@
 """Outputs plain diffusers loads: a LoRA folder for ``pipe.load_lora_weights(path)`` and a merged
 denoiser folder for ``UNet2DConditionModel.from_pretrained(path)`` (SD3:
 ``SD3Transformer2DModel.from_pretrained(path)``, passed to ``StableDiffusion3Pipeline`` as
-``transformer=``; both safetensors), plus the ``trainable.safetensors`` of trained tensors by
+``transformer=``; Flux: ``FluxTransformer2DModel``, to ``FluxPipeline``; all safetensors), plus the ``trainable.safetensors`` of trained tensors by
 parameter name."""
 
 from __future__ import annotations
@@ -34,15 +34,20 @@ def save_lora(unet: torch.nn.Module, path: Path, adapter_name: str = "default") 
     config — rank, alpha, targets — as metadata so alpha ≠ rank reloads at the right scale),
     the way diffusers' training scripts save it: a UNet's through
     ``StableDiffusionPipeline.save_lora_weights`` (converted to diffusers' keys), SD3's
-    transformer's through ``StableDiffusion3Pipeline.save_lora_weights``.
+    transformer's through ``StableDiffusion3Pipeline.save_lora_weights``, Flux's through
+    ``FluxPipeline.save_lora_weights``.
     ``pipe.load_lora_weights(path)`` then reproduces the trained model. Returns the folder."""
-    from diffusers import StableDiffusion3Pipeline, StableDiffusionPipeline
+    from diffusers import FluxPipeline, StableDiffusion3Pipeline, StableDiffusionPipeline
     from diffusers.utils import convert_state_dict_to_diffusers
     from peft.utils import get_peft_model_state_dict
 
     if not has_lora(unet):
         raise ValueError("save_lora: the UNet has no LoRA adapter (use save_merged_unet)")
-    transformer = type(unet).__name__ == "SD3Transformer2DModel"
+    owner = {
+        "SD3Transformer2DModel": StableDiffusion3Pipeline,
+        "FluxTransformer2DModel": FluxPipeline,
+    }
+    transformer = type(unet).__name__ in owner
     state = get_peft_model_state_dict(unet, adapter_name=adapter_name)
     if not transformer:
         state = convert_state_dict_to_diffusers(state)
@@ -56,7 +61,7 @@ def save_lora(unet: torch.nn.Module, path: Path, adapter_name: str = "default") 
     path = Path(path)
     with atomic_dir(path) as tmp:
         if transformer:
-            StableDiffusion3Pipeline.save_lora_weights(
+            owner[type(unet).__name__].save_lora_weights(
                 save_directory=str(tmp),
                 transformer_lora_layers=state,
                 safe_serialization=True,

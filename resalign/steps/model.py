@@ -11,7 +11,7 @@ seen the concepts. Outputs:
 - tiny: ``pipeline/`` (a diffusers ``StableDiffusionPipeline`` folder: built, then pretrained
   on ``pretrain.dataset`` when given), ``model.json``, ``stats.json``; pretraining checkpoints
   in ``ctx.state`` so an interrupted run resumes exactly;
-- sd / sdxl: ``source.json`` (the resolved local folder or file; weights are not copied) and
+- sd / sdxl / sd3 / flux: ``source.json`` (the resolved local folder or file; weights are not copied) and
   ``model.json``. The checkpoint is loaded once here, so a broken one fails at this node.
 """
 
@@ -86,6 +86,8 @@ class ModelStep(Step):
             model.family,
             model.noise_schedule.model_dump(),
             timestep_sampling=_sampling(model),
+            resolution=model.resolution,
+            guidance=model.training_guidance,
         )
         _write_json(Path(ctx.out) / SOURCE_JSON, source)
         write_model_json(
@@ -96,6 +98,7 @@ class ModelStep(Step):
                 "resolution": bundle.resolution,
                 "noise_schedule": model.noise_schedule.model_dump(mode="json"),
                 **_objective_info(model, bundle),
+                **({"training_guidance": bundle.guidance} if bundle.guidance is not None else {}),
                 "source": source,
                 "unet_parameters": sum(p.numel() for p in bundle.unet.parameters()),
             },

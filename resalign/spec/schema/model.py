@@ -22,8 +22,28 @@ SD3_LORA_TARGETS = [
     "attn.to_q",
     "attn.to_v",
 ]
+# diffusers' examples/dreambooth/train_dreambooth_lora_flux.py default (--lora_layers unset):
+# the joint blocks' image and text attention projections and feed-forwards; the suffixes
+# attn.to_q/k/v also match the single-stream blocks' attention.
+FLUX_LORA_TARGETS = [
+    "attn.to_k",
+    "attn.to_q",
+    "attn.to_v",
+    "attn.to_out.0",
+    "attn.add_k_proj",
+    "attn.add_q_proj",
+    "attn.add_v_proj",
+    "attn.to_add_out",
+    "ff.net.0.proj",
+    "ff.net.2",
+    "ff_context.net.0.proj",
+    "ff_context.net.2",
+]
+# The same script's --guidance_scale: the embedded guidance FLUX.1-dev (guidance-distilled)
+# is fine-tuned with.
+FLUX_TRAINING_GUIDANCE = 3.5
 # Families trained with flow matching (a FlowMatchEulerDiscreteScheduler checkpoint).
-FLOW_FAMILIES = ("sd3",)
+FLOW_FAMILIES = ("sd3", "flux")
 
 
 class TrainableSpec(StrictModel):
@@ -91,12 +111,17 @@ class NoiseScheduleSpec(StrictModel):
         )
 
 
-class TimestepSamplingSpec(StrictModel):
-    """How flow-matching training draws its timesteps (``sd3``; ``tiny`` with
-    ``architecture: sd3``), as diffusers' SD3 training script
-    (``compute_density_for_timestep_sampling``): u ~ logit-normal (published default),
-    the ``mode`` density, or uniform; the timestep is the scheduler's (shifted) timestep at
-    index ⌊u·T⌋."""
+class TimestepSamplingSpec(OmitDefaults):
+    """How flow-matching training draws its timesteps (``sd3``, ``flux``; ``tiny`` with
+    ``architecture: sd3``), as diffusers' SD3 and Flux training scripts
+    (``compute_density_for_timestep_sampling``): u ~ logit-normal (the SD3 script's
+    default), the ``mode`` density, or uniform (the Flux script's); the timestep is the
+    scheduler's (shifted) timestep at index ⌊u·T⌋. With ``resolution_shift`` (``flux``'s
+    default) that σ is then moved by Flux's resolution-dependent shift, the one FluxPipeline
+    samples with (checkpoints whose scheduler has ``use_dynamic_shifting``; a scheduler with a
+    static shift has shifted its table already)."""
+
+    _omit_if_default: ClassVar[dict[str, Any]] = {"resolution_shift": False}
 
     kind: Literal["logit_normal", "mode", "uniform"] = Field(
         default="logit_normal",
@@ -105,6 +130,11 @@ class TimestepSamplingSpec(StrictModel):
     logit_mean: float = 0.0
     logit_std: float = Field(default=1.0, gt=0)
     mode_scale: float = 1.29
+    resolution_shift: bool = Field(
+        default=False,
+        description="shift σ by FluxPipeline's resolution-dependent mu (flux's default); "
+        "departs from diffusers' Flux script, whose uniform sigmas are unshifted",
+    )
 
     def objective_kwargs(self) -> dict[str, Any]:
         """The :class:`resalign.models.diffusion.FlowMatchObjective` settings."""
@@ -185,11 +215,16 @@ class TinyModelSpec(OmitDefaults):
 class ModelSpec(OmitDefaults):
     """The model to unlearn. ``pretrained`` is a hub id (resolved in the local cache), a
     diffusers folder, or a single-file ``.safetensors`` checkpoint. ``sd3``: Stable
-    Diffusion 3.x (``StableDiffusion3Pipeline``), trained with flow matching."""
+    Diffusion 3.x (``StableDiffusion3Pipeline``), ``flux``: FLUX.1 (``FluxPipeline``), both
+    trained with flow matching."""
 
-    _omit_if_default: ClassVar[dict[str, Any]] = {"timestep_sampling": None}
+    _omit_if_default: ClassVar[dict[str, Any]] = {
+        "timestep_sampling": None,
+        "resolution": None,
+        "training_guidance": None,
+    }
 
-    family: Literal["sd", "sdxl", "sd3", "tiny"] = "sd"
+    family: Literal["sd", "sdxl", "sd3", "flux", "tiny"] = "sd"
     pretrained: str | None = None
     revision: str | None = None
     variant: str | None = None
@@ -201,8 +236,20 @@ class ModelSpec(OmitDefaults):
     tiny: TinyModelSpec | None = None
     timestep_sampling: TimestepSamplingSpec | None = Field(
         default=None,
-        description="flow-matching models only (sd3; tiny with architecture sd3); default: "
-        "logit-normal (0, 1), as diffusers' SD3 training script",
+        description="flow-matching models only (sd3, flux; tiny with architecture sd3); "
+        "default: logit-normal (0, 1), as diffusers' SD3 training script; flux: uniform "
+        "(its Flux script) with resolution_shift",
+    )
+    resolution: PositiveInt | None = Field(
+        default=None,
+        description="flux only: the image size (px) it is trained, unlearned, attacked and "
+        "sampled at; default: FLUX.1's 1024 (a multiple of 16)",
+    )
+    training_guidance: float | None = Field(
+        default=None,
+        description="flux only: the embedded guidance scale a guidance-distilled transformer "
+        "(FLUX.1-dev) is trained and unlearned with; default 3.5 (diffusers' Flux script); "
+        "unused by models without guidance embeddings (FLUX.1-schnell)",
     )
 
     @property
@@ -216,6 +263,24 @@ class ModelSpec(OmitDefaults):
     def _check(self) -> ModelSpec:
         if self.family == "tiny" and self.tiny is None:
             self.tiny = TinyModelSpec()
+        flux_only = [k for k in ("resolution", "training_guidance") if getattr(self, k) is not None]
+        if self.family != "flux" and flux_only:
+            raise ValueError(
+                f"model.{flux_only[0]} is for family flux (its transformer has no sample size "
+                f"and takes an embedded guidance); family '{self.family}' takes them from the "
+                "checkpoint and the sampler; remove it"
+            )
+        if self.family == "flux":
+            if self.resolution is not None and self.resolution % 16:
+                raise ValueError(
+                    f"model.resolution {self.resolution} is not a multiple of 16 (Flux packs "
+                    "2x2 patches of its 8x-downsampled latents)"
+                )
+            if self.training_guidance is None:
+                self.training_guidance = FLUX_TRAINING_GUIDANCE
+            if self.timestep_sampling is None:
+                # diffusers' Flux script draws uniformly; FluxPipeline's resolution shift
+                self.timestep_sampling = TimestepSamplingSpec(kind="uniform", resolution_shift=True)
         if self.flow_matching:
             written = [k for k, v in self.noise_schedule.model_dump().items() if v is not None]
             if written:
@@ -228,16 +293,15 @@ class ModelSpec(OmitDefaults):
             if self.timestep_sampling is None:
                 self.timestep_sampling = TimestepSamplingSpec()
             if self.trainable.kind == "lora" and "targets" not in self.trainable.model_fields_set:
-                # the published SD3 LoRA recipe's targets (diffusers' training script)
-                self.trainable = self.trainable.model_copy(
-                    update={"targets": list(SD3_LORA_TARGETS)}
-                )
+                # the published SD3 / Flux LoRA recipe's targets (diffusers' training scripts)
+                targets = FLUX_LORA_TARGETS if self.family == "flux" else SD3_LORA_TARGETS
+                self.trainable = self.trainable.model_copy(update={"targets": list(targets)})
                 self.trainable.model_fields_set.add("targets")
             if self.family == "tiny":
                 return self
         elif self.timestep_sampling is not None:
             raise ValueError(
-                f"model.timestep_sampling is for flow-matching models (sd3, tiny with "
+                f"model.timestep_sampling is for flow-matching models (sd3, flux, tiny with "
                 f"architecture sd3); family '{self.family}' trains with DDPM "
                 "(model.noise_schedule)"
             )
