@@ -148,3 +148,42 @@ def test_caption_table_equals_encoding_each_batch(family: str) -> None:
     for name, v in flat:
         g = got[name] if "." not in name else got[name.split(".")[0]][name.split(".")[1]]
         assert torch.equal(v, g), name
+
+
+@pytest.mark.fast
+def test_richardson_norms_equal_the_per_tensor_formula_bitwise() -> None:
+    """The Richardson solve's norms (one host transfer per list, x's per-tensor squares
+    shared by ‖x‖ and the divergence test) equal the per-tensor ``float()`` formula they
+    replaced, so residuals, ratios and the solution's norm in steps.jsonl do not move."""
+    import math
+
+    import torch
+
+    from resalign.algorithms.hypergrad import _map_ratio, richardson_solve, squared_norms
+    from resalign.algorithms.hypergrad import tensors_norm as norm
+
+    def old_norm(a: list[torch.Tensor]) -> float:
+        return math.sqrt(float(sum(float((x.double() ** 2).sum()) for x in a)))
+
+    g = torch.Generator().manual_seed(0)
+    shapes = [(3, 5), (7,), (2, 2, 3), (1,), (4, 4)]
+    a = [torch.randn(s, generator=g) * 10 ** float(i - 2) for i, s in enumerate(shapes)]
+    a.append(torch.zeros(3))
+    assert norm(a) == old_norm(a) and norm([]) == old_norm([]) == 0.0
+    jx = [t * 0.7 + 0.01 for t in a]
+    old_mean = [old_norm([u]) / old_norm([v]) for u, v in zip(jx, a) if old_norm([v]) > 0]
+    assert _map_ratio(jx, squared_norms(a), norm(a), "tensor_mean") == sum(old_mean) / len(old_mean)
+    assert _map_ratio(jx, squared_norms(a), norm(a), "global") == old_norm(jx) / old_norm(a)
+
+    # a full solve: H = diag(d) per tensor; residuals as the old loop computed them
+    d = [torch.rand(t.shape, generator=g) for t in a]
+    b, gamma = [torch.randn(t.shape, generator=g) for t in a], 0.5
+    x, st = richardson_solve(b, lambda v: [di * vi for di, vi in zip(d, v)], gamma, 4, tol=0.0)
+    xs, res = [t.clone() for t in b], []
+    for k in range(4):
+        r = [xi + gamma * (di * xi) - bi for xi, di, bi in zip(xs, d, b)]
+        res.append(old_norm(r))
+        if k < 3:
+            xs = [xi - ri for xi, ri in zip(xs, r)]
+    assert st.residuals == res and st.norm == old_norm(xs)
+    assert all(torch.equal(u, v) for u, v in zip(x, xs))
