@@ -252,9 +252,8 @@ def make_hvp(
         live = [i for i, g in enumerate(grads) if g is not None and g.requires_grad]
 
         def hvp(v: Sequence[Tensor]) -> Tensors:
-            out = [torch.zeros_like(p) for p in base]
             if not live:
-                return out
+                return [torch.zeros_like(p) for p in base]
             hv = torch.autograd.grad(
                 [grads[i] for i in live],
                 leaves,
@@ -262,10 +261,9 @@ def make_hvp(
                 retain_graph=True,
                 allow_unused=True,
             )
-            for j, h in enumerate(hv):
-                if h is not None:
-                    out[j] = h.detach()
-            return out
+            # zeros only where H has no path (they were allocated for every tensor, then
+            # overwritten)
+            return [torch.zeros_like(p) if h is None else h.detach() for p, h in zip(base, hv)]
 
         return hvp
     if backend == "forward_over_reverse":
