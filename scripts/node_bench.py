@@ -26,6 +26,7 @@ import os
 import sys
 import tempfile
 import time
+from inspect import signature
 from pathlib import Path
 
 
@@ -91,7 +92,9 @@ def main(argv: list[str] | None = None) -> int:
     for k, (name, resolved, node, inputs) in enumerate(jobs):
         out, state = root / f"job{k}" / "out", root / f"job{k}" / "state"
         out.mkdir(parents=True, exist_ok=True)
-        ctx = NodeContext(node=node, spec=resolved, inputs=inputs, out=out, state=state)
+        # steps read the spec through the context before main's 8d2683a, only params after
+        extra = {"spec": resolved} if "spec" in signature(NodeContext).parameters else {}
+        ctx = NodeContext(node=node, inputs=inputs, out=out, state=state, **extra)
         step = STEPS[node.kind]()
         # CPU time, not wall: the machine is shared, and waiting for a core is not the node's
         prof = cProfile.Profile(time.process_time) if a.profile_dir else None
