@@ -93,20 +93,24 @@ def test_lora_targets_that_match_nothing_is_a_user_error():
         run_attack(Bundle(), _data(), config(algorithm="lora", lora={"targets": ["nope"]}, **FAST))
 
 
-def test_dreambooth_uses_prior_batches_and_requires_a_prior():
+def test_dreambooth_uses_prior_batches_and_requires_a_prior(monkeypatch):
+    from resalign.algorithms import attack
+
     with pytest.raises(UserError, match="prior"):
         run_attack(Bundle(), _data(), config(algorithm="dreambooth", **FAST))
 
     prior = _data(4, seed=9, word="prior")
     seen: list[list[str]] = []
     b = Bundle()
-    enc = b.encode_condition
+    table = attack._CaptionTable.condition
 
-    def spy(captions):
+    def spy(self, captions):
         seen.append(list(captions))
-        return enc(captions)
+        return table(self, captions)
 
-    b.encode_condition = spy  # observe which captions are encoded, the model is unchanged
+    # observe whose captions condition each batch (the captions are encoded once, then each
+    # batch takes its rows); the model is unchanged
+    monkeypatch.setattr(attack._CaptionTable, "condition", spy)
     cfg = config(algorithm="dreambooth", prior_weight=1.0, **FAST)
     res = run_attack(b, _data(), cfg, prior=prior)
     assert len(seen) == 2 * 3  # instance + prior batch per step

@@ -83,7 +83,11 @@ def test_config_carries_the_stage_lengths_and_their_sum():
     assert plain(4).stages == (4,)
 
 
-def test_the_data_switches_exactly_at_the_boundary(tmp_path):
+def test_the_data_switches_exactly_at_the_boundary(tmp_path, monkeypatch):
+    from resalign.algorithms import attack
+
+    # every batch encodes its own captions (the per-batch path), so recording sees each one
+    monkeypatch.setattr(attack, "CAPTION_TABLE_MAX", 0)
     b = bundle()
     seen = recording(b)
     per_step: list[list[str]] = []

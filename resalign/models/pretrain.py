@@ -31,6 +31,8 @@ from .bundle import take_condition
 from .diffusion import predict, squared_error
 
 CHECKPOINT = "pretrain.pt"
+# torch.optim foreach for the AdamW of pretraining (None: torch's choice, the Python loop on CPU)
+FOREACH: bool | None = True
 
 
 def _encoder_key(i: int) -> str:
@@ -84,7 +86,9 @@ def pretrain_unet(
             encoder.train()
             encoder.requires_grad_(True)
             params += list(encoder.parameters())
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=1e-2)
+    # multi-tensor AdamW: same updates bitwise, the per-tensor loop in C++ (on the CPU torch
+    # picks the Python loop: 16 % of a pretraining step, docs/benchmarks.md)
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=1e-2, foreach=FOREACH)
     lr_sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(steps))
     gen = torch.Generator(device="cpu").manual_seed(seed)
     start = 0
