@@ -15,6 +15,8 @@ from typing import Any
 import click
 
 from . import __version__
+from .engine.options import DEFAULT_STORE, RunOptions
+from .engine.run import run_spec
 from .errors import UserError
 
 
@@ -68,13 +70,6 @@ _SET = click.option(
     "threats.NAME.seeds, vars.digit), VALUE is YAML typed by the schema. Applied after "
     "extends:, before vars:; listed in the run's MLflow params as set.PATH.",
 )
-
-
-def _load_plain(path: str) -> Any:
-    """A spec file with its files checked and no --set items (a rehearsal spec)."""
-    from .spec import load_spec
-
-    return load_spec(path, check_files=True)
 
 
 _STRICT = click.option(
@@ -132,7 +127,7 @@ def validate(specs: tuple[str, ...], check_files: bool, strict: bool) -> None:
 @click.argument("spec", type=click.Path(dir_okay=False))
 @click.option("--mermaid", is_flag=True, help="Print a Mermaid flowchart instead of the tree.")
 @click.option(
-    "--store", default="runs", show_default=True, help="Store whose results count as cached."
+    "--store", default=DEFAULT_STORE, show_default=True, help="Store whose results count as cached."
 )
 @click.option(
     "--force", "force", multiple=True, help="Show NODE as forced ('all', a kind, name or glob)."
@@ -270,7 +265,7 @@ def schema(output: str | None) -> None:
     multiple=True,
     help="Re-run NODE even if cached: 'all', a node kind, a node name or a glob (repeat).",
 )
-@click.option("--store", default="runs", show_default=True, help="Store folder.")
+@click.option("--store", default=DEFAULT_STORE, show_default=True, help="Store folder.")
 @click.option(
     "--tracking-uri",
     default=None,
@@ -309,61 +304,15 @@ def run(spec: str, force: tuple[str, ...], store: str, tracking_uri: str | None,
     """Run SPEC's graph: cached nodes are reused, interrupted nodes resume from their last
     checkpoint, everything is logged to MLflow. If a node fails, the last line printed is
     the command that resumes."""
-    from .engine.executors import make_executor
-    from .engine.progress import ProgressUI
-    from .engine.runner import RunFailed, run_graph
-    from .graph.compile import compile_spec
-
-    run_tags = None
-    command_spec, command_store = spec, store
-    if rehearse:
-        from .rehearse import TAG, prepare_rehearsal, rehearsal_store
-
-        spec = str(prepare_rehearsal(spec, store, rehearse_profile, sets=_sets()))
-        store = str(rehearsal_store(store))
-        run_tags = {TAG: rehearse_profile}
-        click.echo(f"rehearsal spec {spec}, store {store}")
-    # A rehearsal spec is written with the --set items already applied.
-    resolved = _load(spec, True) if not rehearse else _load_plain(spec)
-    graph = compile_spec(resolved)
-    from .graph.sanity import check_sanity
-
-    check_sanity(resolved, graph, strict=strict, warn=_warn)
-    # The resume command: this invocation with its options but without --force (the runner
-    # re-adds the forced nodes that had not started).
-    command = ["resalign", "run", command_spec]
-    if rehearse:
-        command += ["--rehearse", "--rehearse-profile", rehearse_profile]
-    for flag, value in (("--store", command_store if command_store != "runs" else None),
-                        ("--tracking-uri", tracking_uri), ("--device", device),
-                        ("--checkpoint-every", checkpoint_every),
-                        ("--workers", workers if workers != 1 else None),
-                        ("--nproc-per-node", nproc_per_node)):  # fmt: skip
-        if value is not None:
-            command += [flag, str(value)]
-    command += ["--no-tracking"] * no_tracking + ["--verbose"] * verbose
-    command += [arg for item in _sets() for arg in ("--set", item)]
-    ui = ProgressUI(verbose=verbose)
-    try:
-        summary = run_graph(
-            graph, resolved, store_root=store, force=force,
-            executor=make_executor("local", workers=workers), tracking=not no_tracking,
-            tracking_uri=tracking_uri, device=device, checkpoint_every=checkpoint_every,
-            ui=ui, command=command, nproc_per_node=nproc_per_node,
-            run_tags=run_tags,
-        )  # fmt: skip
-        # threats with `search`: their trials, after the graph they attack (issue 16)
-        from .engine.search import run_searches
-
-        run_searches(
-            resolved, graph, store_root=store,
-            executor_factory=lambda: make_executor("local", workers=workers),
-            tracking=not no_tracking, tracking_uri=tracking_uri, device=device,
-            checkpoint_every=checkpoint_every, ui=ui, command=command,
-            parent_run_id=summary.parent_run_id, run_tags=run_tags,
-        )  # fmt: skip
-    except RunFailed as failed:
-        sys.exit(failed.exit_code)
+    options = RunOptions(
+        store=store, force=force, tracking=not no_tracking, tracking_uri=tracking_uri,
+        device=device, checkpoint_every=checkpoint_every, workers=workers,
+        nproc_per_node=nproc_per_node, verbose=verbose, sets=_sets(),
+        rehearse=rehearse_profile if rehearse else None, strict=strict,
+    )  # fmt: skip
+    result = run_spec(spec, options)
+    if not result.ok:  # the driver has printed the failures and, last, the resume command
+        sys.exit(result.exit_code)
 
 
 # ----------------------------------------------------------------------------- report
@@ -378,7 +327,7 @@ def run(spec: str, force: tuple[str, ...], store: str, tracking_uri: str | None,
 @click.option(
     "--store",
     type=click.Path(file_okay=False),
-    default="runs",
+    default=DEFAULT_STORE,
     show_default=True,
     help="The store the runs were written to.",
 )
@@ -451,7 +400,7 @@ def report(spec: str, out: str | None, store: str, all_steps: bool, frontier: bo
 
 # ----------------------------------------------------------------------------- ui
 @cli.command()
-@click.option("--store", default="runs", show_default=True, help="Store folder.")
+@click.option("--store", default=DEFAULT_STORE, show_default=True, help="Store folder.")
 @click.option("--port", type=click.IntRange(1, 65535), default=5000, show_default=True)
 def ui(store: str, port: int) -> None:
     """Start the MLflow UI on 127.0.0.1 for the project's store (STORE/mlflow.db); prints the
@@ -463,7 +412,7 @@ def ui(store: str, port: int) -> None:
 
 # ----------------------------------------------------------------------------- sync
 @cli.command()
-@click.option("--store", default="runs", show_default=True, help="Store folder.")
+@click.option("--store", default=DEFAULT_STORE, show_default=True, help="Store folder.")
 @click.option("--tracking-uri", default=None, help="Only the runs that were logged to this URI.")
 def sync(store: str, tracking_uri: str | None) -> None:
     """Upload to the tracking server what it missed while it was unreachable (idempotent:
@@ -478,7 +427,7 @@ def sync(store: str, tracking_uri: str | None) -> None:
 
 # ----------------------------------------------------------------------------- verify
 @cli.command()
-@click.option("--store", default="runs", show_default=True, help="Store folder.")
+@click.option("--store", default=DEFAULT_STORE, show_default=True, help="Store folder.")
 @click.option("--fix", is_flag=True, help="Remove the damaged nodes and the orphans found.")
 def verify(store: str, fix: bool) -> None:
     """Check every node of the store against its DONE manifest (size and sha256 of each
@@ -550,7 +499,7 @@ def verify(store: str, fix: bool) -> None:
     show_default=True,
     help="local: worker processes (1 = sequential in this process).",
 )
-@click.option("--store", default="runs", show_default=True, help="Store folder.")
+@click.option("--store", default=DEFAULT_STORE, show_default=True, help="Store folder.")
 @click.option("--tracking-uri", default=None, help="MLflow tracking URI.")
 @click.option("--no-tracking", is_flag=True, help="Do not log to MLflow.")
 @click.option("--device", default=None, help="Override the spec's device.")
@@ -619,11 +568,11 @@ def grid(template: str, list_: bool, render_dir: str | None, run_: bool, estimat
             )  # fmt: skip
         return make_executor("local", workers=workers)
 
-    summary = run_grid(
-        template, store_root=store, executor=build, tracking=not no_tracking,
-        tracking_uri=tracking_uri, device=device, cells=cells or None, command=sys.argv,
-        sets=_sets(),
+    options = RunOptions(
+        store=store, tracking=not no_tracking, tracking_uri=tracking_uri, device=device,
+        workers=workers, executor=build, command=sys.argv, sets=_sets(),
     )  # fmt: skip
+    summary = run_grid(template, options, cells=cells or None)
     click.echo(
         f"grid {summary.name}: {len(summary.cells)} cells in {summary.seconds:.1f}s; "
         f"executed {summary.executed} nodes, {summary.cache_hits} cache hits"

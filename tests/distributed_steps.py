@@ -66,6 +66,7 @@ def make_graph(**params: Any) -> Graph:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from resalign.engine.options import RunOptions
     from resalign.engine.progress import ProgressUI
     from resalign.engine.runner import RunFailed, run_graph
 
@@ -80,11 +81,13 @@ def main(argv: list[str] | None = None) -> int:
         run_graph(
             graph,
             RankSpec(),
-            store_root=args.root,
-            tracking=False,
-            device="cpu",
-            nproc_per_node=args.nproc,
-            ui=ProgressUI(enabled=False),
+            RunOptions(
+                store=args.root,
+                tracking=False,
+                device="cpu",
+                nproc_per_node=args.nproc,
+                ui=ProgressUI(enabled=False),
+            ),
         )
     except RunFailed as e:
         return e.exit_code

@@ -245,19 +245,21 @@ def main(argv: list[str] | None = None) -> int:
         attack_lrs=lrs,
         attack_steps=a.attack_steps,
     )
-    from resalign.engine.executors.local import LocalExecutor
+    from resalign.engine.options import RunOptions
 
     try:
         run_graph(
             graph,
             TinySpec(),
-            store_root=a.root,
-            tracking=not a.no_tracking,
-            tracking_uri=a.tracking_uri,
-            device="cpu",
-            ui=ProgressUI(enabled=False),
-            executor=LocalExecutor(workers=a.workers),
-            command=[sys.executable, __file__, *(argv or sys.argv[1:])],
+            RunOptions(
+                store=a.root,
+                tracking=not a.no_tracking,
+                tracking_uri=a.tracking_uri,
+                device="cpu",
+                ui=ProgressUI(enabled=False),
+                workers=a.workers,
+                command=[sys.executable, __file__, *(argv or sys.argv[1:])],
+            ),
         )
     except RunFailed as e:
         return e.exit_code

@@ -92,11 +92,12 @@ TOY = [
 @pytest.mark.slow
 def test_benign_search_template_runs_at_toy_size(tmp_path, monkeypatch):
     from resalign.engine.grid import run_grid
+    from resalign.engine.options import RunOptions
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     store = tmp_path / "runs"
-    run_grid(TEMPLATE, store_root=store, tracking=False, cells=["method=gradient_ascent"],
-             sets=TOY)  # fmt: skip
+    toy = RunOptions(store=store, tracking=False, sets=TOY)
+    run_grid(TEMPLATE, toy, cells=["method=gradient_ascent"])
     studies = [json.loads(p.read_text()) for p in (store / "search").glob("*.json")]
     assert sorted(s["row"] for s in studies) == ["gradient_ascent", "original"]
     for s in studies:

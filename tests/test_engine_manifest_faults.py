@@ -27,6 +27,7 @@ from hypothesis import strategies as st
 from rich.console import Console
 
 from resalign.cli import cli
+from resalign.engine.options import RunOptions
 from resalign.engine.plan import plan_status
 from resalign.engine.progress import ProgressUI
 from resalign.engine.runner import run_graph
@@ -113,14 +114,11 @@ def test_the_legacy_ok_marker_is_unverifiable_so_its_node_is_recomputed(tmp_path
 
 
 def run(root: Path, graph, force=(), out: io.StringIO | None = None):
+    ui = ProgressUI(enabled=False, console=Console(file=out or io.StringIO(), width=300))
     return run_graph(
         graph,
         TinySpec(),
-        store_root=root,
-        force=force,
-        tracking=False,
-        device="cpu",
-        ui=ProgressUI(enabled=False, console=Console(file=out or io.StringIO(), width=300)),
+        RunOptions(store=root, force=force, tracking=False, device="cpu", ui=ui),
     )
 
 

@@ -17,6 +17,7 @@ from mlflow_ui import UiProcess
 from rich.console import Console
 
 from resalign.cli import cli
+from resalign.engine.options import RunOptions
 from resalign.engine.progress import ProgressUI
 from resalign.engine.runner import run_graph
 from resalign.engine.store import Store, read_metrics
@@ -53,14 +54,8 @@ def test_runs_params_metrics_artifacts_on_a_server(server, tmp_path, monkeypatch
     monkeypatch.setenv("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", "0.5")
     g = make_graph(steps=STEPS, sleep=0.05)
     spec = TinySpec(tracking=TrackingSpec(experiment="engine-server", system_metrics=True))
-    s = run_graph(
-        g,
-        spec,
-        store_root=tmp_path,
-        tracking_uri=server.url,
-        device="cpu",
-        ui=ProgressUI(enabled=False, console=Console(file=io.StringIO())),
-    )
+    ui = ProgressUI(enabled=False, console=Console(file=io.StringIO()))
+    s = run_graph(g, spec, RunOptions(store=tmp_path, tracking_uri=server.url, device="cpu", ui=ui))
     c = client(server)
     parent = c.get_run(s.parent_run_id)
     assert parent.info.status == "FINISHED"
@@ -110,14 +105,8 @@ def test_server_gone_mid_run_completes_locally_then_sync_fills_it(server, tmp_pa
     t = threading.Thread(target=killer, daemon=True)
     t.start()
     spec = TinySpec(tracking=TrackingSpec(experiment="engine-server"))
-    s = run_graph(
-        g,
-        spec,
-        store_root=tmp_path,
-        tracking_uri=server.url,
-        device="cpu",
-        ui=ProgressUI(enabled=False, console=Console(file=io.StringIO())),
-    )
+    ui = ProgressUI(enabled=False, console=Console(file=io.StringIO()))
+    s = run_graph(g, spec, RunOptions(store=tmp_path, tracking_uri=server.url, device="cpu", ui=ui))
     t.join()
     assert stopped.is_set()
     assert sorted(s.executed) == sorted(g.nodes)

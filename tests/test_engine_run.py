@@ -17,6 +17,7 @@ import pytest
 from engine_steps import TinySpec, expected_payload, key_of, make_graph
 from rich.console import Console
 
+from resalign.engine.options import RunOptions
 from resalign.engine.progress import ProgressUI
 from resalign.engine.runner import RunFailed, plan_status, run_graph
 from resalign.engine.store import Store, read_metrics
@@ -34,11 +35,13 @@ def run(root: Path, graph=None, **kw):
     return run_graph(
         graph or make_graph(steps=STEPS),
         TinySpec(),
-        store_root=root,
-        tracking=kw.pop("tracking", False),
-        device="cpu",
-        ui=kw.pop("ui", None) or quiet(),
-        **kw,
+        RunOptions(
+            store=root,
+            tracking=kw.pop("tracking", False),
+            device="cpu",
+            ui=kw.pop("ui", None) or quiet(),
+            **kw,
+        ),
     )
 
 
@@ -70,7 +73,7 @@ def test_cache_second_run_executes_nothing_and_param_change_reruns_dependants(tm
 
     g = make_graph(steps=STEPS)
     # the first run on 2 worker processes: same bits as the sequential reference
-    first = run(tmp_path, g, executor=LocalExecutor(workers=2))
+    first = run(tmp_path, g, executor=lambda: LocalExecutor(workers=2))
     assert sorted(first.executed) == sorted(g.nodes)
     for name, ref in (("train", "weights"), ("attack/a", "attack")):
         got = (node_files(tmp_path, g, name) / "weights.safetensors").read_bytes()

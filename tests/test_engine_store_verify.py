@@ -16,6 +16,7 @@ from engine_steps import TinySpec, make_graph
 from rich.console import Console
 
 from resalign.cli import cli
+from resalign.engine.options import RunOptions
 from resalign.engine.plan import plan_status
 from resalign.engine.progress import ProgressUI
 from resalign.engine.runner import run_graph
@@ -23,14 +24,8 @@ from resalign.engine.store import Store
 
 
 def run(root: Path, graph, console: Console | None = None):
-    return run_graph(
-        graph,
-        TinySpec(),
-        store_root=root,
-        tracking=False,
-        device="cpu",
-        ui=ProgressUI(enabled=False, console=console or Console(file=io.StringIO(), width=200)),
-    )
+    ui = ProgressUI(enabled=False, console=console or Console(file=io.StringIO(), width=200))
+    return run_graph(graph, TinySpec(), RunOptions(store=root, tracking=False, device="cpu", ui=ui))
 
 
 def folder(root: Path, graph, name: str) -> Path:

@@ -56,6 +56,7 @@ def test_unlearn_node_on_two_ranks_equals_one_process(tmp_path):
     from mlflow.tracking import MlflowClient
     from safetensors.torch import load_file
 
+    from resalign.engine.options import RunOptions
     from resalign.engine.progress import ProgressUI
     from resalign.engine.runner import run_graph
     from resalign.engine.store import Store, read_metrics
@@ -74,7 +75,8 @@ def test_unlearn_node_on_two_ranks_equals_one_process(tmp_path):
     one, two = tmp_path / "one", tmp_path / "two"
     # the single-process reference: the model and unlearn nodes only, in this process
     sub = Graph(g1.spec_name, g1.spec_hash, {n: g1[n] for n in ("model", un.name)})
-    run_graph(sub, load_spec(plain), store_root=one, tracking=False, ui=ProgressUI(enabled=False))
+    quiet = RunOptions(store=one, tracking=False, ui=ProgressUI(enabled=False))
+    run_graph(sub, load_spec(plain), quiet)
     # the model node is shared, so only the unlearn node (and what follows) runs again
     m = g1["model"]
     shutil.copytree(Store(one).node_dir(m.kind, m.key), Store(two).node_dir(m.kind, m.key))

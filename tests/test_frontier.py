@@ -195,12 +195,13 @@ tracking:
 def test_report_frontier_on_a_tiny_grid(tmp_path, monkeypatch):
     from resalign.cli import cli
     from resalign.engine.grid import run_grid
+    from resalign.engine.options import RunOptions
 
     tpl = tmp_path / "tiny_frontier.yaml.j2"
     tpl.write_text(TEMPLATE)
     store = tmp_path / "runs"
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    summary = run_grid(tpl, store_root=store, tracking=False)
+    summary = run_grid(tpl, RunOptions(store=store, tracking=False))
     assert [c.cell_id for c in summary.cells] == ["steps=1", "steps=3"]
 
     out = tmp_path / "report"

@@ -68,6 +68,7 @@ def test_two_by_two_grid_on_the_tiny_model(tmp_path, monkeypatch):
     from mlflow.tracking import MlflowClient
 
     from resalign.engine.grid import prepare, run_grid
+    from resalign.engine.options import RunOptions
     from resalign.engine.store import Store
 
     tpl = tmp_path / "tiny_grid.yaml.j2"
@@ -76,7 +77,7 @@ def test_two_by_two_grid_on_the_tiny_model(tmp_path, monkeypatch):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
 
-    summary = run_grid(tpl, store_root=store, tracking_uri=uri)
+    summary = run_grid(tpl, RunOptions(store=store, tracking_uri=uri))
     assert [c.cell_id for c in summary.cells] == CELLS
 
     # shared nodes ran once, in the first cell; every later cell found them in the cache
@@ -134,7 +135,7 @@ def test_two_by_two_grid_on_the_tiny_model(tmp_path, monkeypatch):
         assert f"| {cid} |" in res.output
 
     # run again: every node of every cell is a cache hit
-    again = run_grid(tpl, store_root=store, tracking=False)
+    again = run_grid(tpl, RunOptions(store=store, tracking=False))
     assert again.executed == 0 and again.cache_hits == 4 * (len(SHARED) + len(OWN))
 
 

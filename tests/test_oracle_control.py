@@ -306,6 +306,7 @@ def test_grid_report_shows_a_shared_oracle_once_and_off_the_frontier(tmp_path, m
     from test_frontier import TEMPLATE
 
     from resalign.engine.grid import run_grid
+    from resalign.engine.options import RunOptions
 
     text = TEMPLATE.replace("  seeds: [0, 1]\n", "  seeds: [0]\n")
     text = text.replace("tracking:\n", "controls: {oracle: true}\ntracking:\n")
@@ -314,7 +315,7 @@ def test_grid_report_shows_a_shared_oracle_once_and_off_the_frontier(tmp_path, m
     tpl.write_text(text, encoding="utf-8")
     store = tmp_path / "runs"
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    run_grid(tpl, store_root=store, tracking=False)
+    run_grid(tpl, RunOptions(store=store, tracking=False))
     assert len(list((store / "model").iterdir())) == 2  # original and oracle, once each
 
     out = tmp_path / "report"

@@ -9,6 +9,7 @@ from pathlib import Path
 from engine_steps import TinySpec, make_graph
 from rich.console import Console
 
+from resalign.engine.options import RunOptions
 from resalign.engine.progress import ProgressUI
 from resalign.engine.runner import run_graph
 from resalign.engine.tracking import artifact_location, default_tracking_uri
@@ -36,14 +37,11 @@ def test_non_default_sqlite_uri_writes_no_mlruns_in_cwd(tmp_path, monkeypatch):
     db.parent.mkdir()
     uri = f"sqlite:///{db}"
     graph = make_graph(steps=4, ckpt=2, attack_lrs={})
+    ui = ProgressUI(enabled=False, console=Console(file=io.StringIO()))
     run_graph(
         graph,
         TinySpec(),
-        store_root=tmp_path / "runs",
-        tracking=True,
-        tracking_uri=uri,
-        device="cpu",
-        ui=ProgressUI(enabled=False, console=Console(file=io.StringIO())),
+        RunOptions(store=tmp_path / "runs", tracking=True, tracking_uri=uri, device="cpu", ui=ui),
     )
     assert list(cwd.iterdir()) == []  # no ./mlruns
     c = MlflowClient(uri)

@@ -1,13 +1,14 @@
 """Run a grid of specs rendered from a template (:mod:`resalign.spec.templates`).
 
 Every cell is rendered, validated (files checked) and compiled before the first node runs.
-Cells then run one after another through :func:`resalign.engine.runner.run_graph` on one store,
+Cells then run one after another through :func:`resalign.engine.run.run_spec` on one store,
 so a node shared by several cells (the model, the original row's attacks and evaluations, a
 harvest) runs once and is a cache hit for every later cell. MLflow: one grid run, and under it
-one run per cell (the run ``run_graph`` creates for the cell's spec, nested under the grid run
+one run per cell (the run ``run_spec`` creates for the cell's graph, nested under the grid run
 through ``parent_run_id``, named by the cell id and tagged ``grid.cell`` / ``grid.axis.<name>``,
 with the axis values also logged as params ``axis.<name>`` for the compare and
-parallel-coordinates views); the node runs sit under their cell's run as usual. The grid run
+parallel-coordinates views); the node runs sit under their cell's run as usual, and so do
+the cell's search rounds, tagged with the cell's tags as its trials' attack runs are. The grid run
 gets the totals as metrics: ``grid.executed``, ``grid.cache_hits``, ``grid.seconds``.
 
 The grid's manifest ``<store>/grids/<grid name>/grid.json`` lists each cell's id, axes, spec
@@ -27,6 +28,7 @@ from typing import Any
 
 from ..errors import UserError
 from ..spec.templates import GridTemplate, RenderedCell, load_template, render_grid
+from .options import RunOptions
 
 
 @dataclass
@@ -222,28 +224,25 @@ class _GridTracking:
 
 def run_grid(
     template: str | Path,
+    options: RunOptions | None = None,
     *,
-    store_root: str | Path = "runs",
-    executor: Any = None,
-    tracking: bool = True,
-    tracking_uri: str | None = None,
-    device: str | None = None,
     cells: Sequence[str] | None = None,
-    command: Sequence[str] | None = None,
-    sets: Sequence[str] = (),
 ) -> GridSummary:
-    """Run the grid's cells (all, or the ids in ``cells``) after validating all of them.
+    """Run the grid's cells (all, or the ids in ``cells``) after validating all of them, each
+    through :func:`.run.run_spec` with ``options`` (``options.sets`` are applied to every
+    cell; ``options.command`` is the grid's command, for the resume line).
 
-    ``executor`` is a :class:`resalign.engine.executors.Executor` factory result used for
-    every cell (a fresh one per cell: ``run_graph`` shuts it down at the end of each);
-    pass a zero-argument callable to build one per cell.
+    Each cell's run (its graph's and its searches') is nested under the grid's MLflow run,
+    tagged with the cell's axes; its executor comes from ``options`` (a fresh one per graph
+    run: ``run_graph`` shuts it down at the end of each).
     """
-    from .runner import RunFailed, run_graph
+    from .run import run_spec
     from .store import atomic_write_json
     from .tracking import resolve_tracking_uri
 
+    o = options or RunOptions()
     t0 = time.perf_counter()
-    tpl, prepared = prepare(template, check_files=True, sets=sets)
+    tpl, prepared = prepare(template, check_files=True, sets=o.sets)
     if cells:
         unknown = [c for c in cells if c not in {rc.cell.id for rc, _ in prepared}]
         if unknown:
@@ -252,58 +251,43 @@ def run_grid(
                 hint="cells: " + ", ".join(rc.cell.id for rc, _ in prepared),
             )
         prepared = [(rc, g) for rc, g in prepared if rc.cell.id in cells]
-    store = Path(store_root)
+    store = Path(o.store)
     store.mkdir(parents=True, exist_ok=True)
     tracker = None
     uri = None
     first_spec = prepared[0][0].spec.spec
-    if tracking and first_spec.tracking.enabled:
-        uri = resolve_tracking_uri(tracking_uri, first_spec.tracking.uri, store.resolve())
+    if o.tracking and first_spec.tracking.enabled:
+        uri = resolve_tracking_uri(o.tracking_uri, first_spec.tracking.uri, store.resolve())
         tracker = _GridTracking(uri, first_spec.tracking.experiment, tpl, store.resolve())
+    grid_options = o.replace(
+        store=store,
+        tracking=tracker is not None,
+        tracking_uri=uri,
+        command=o.command or ("resalign", "grid", str(tpl.path), "--run"),
+        parent_run_id=tracker.run_id if tracker is not None else None,
+    )
 
     results: list[CellResult] = []
     status = "FINISHED"
     try:
-        for rc, graph in prepared:
+        for rc, _ in prepared:
             res = CellResult(rc.cell.id)
             results.append(res)
             since = int(time.time() * 1000) - 1000
-            ex = executor() if callable(executor) else executor
-            try:
-                summary = run_graph(
-                    graph,
-                    _cell_spec(rc),
-                    store_root=store,
-                    executor=ex,
-                    tracking=tracker is not None,
-                    tracking_uri=uri,
-                    device=device,
-                    command=[*(command or ["resalign", "grid", str(tpl.path), "--run"])],
-                    parent_run_id=tracker.run_id if tracker is not None else None,
-                    run_tags=tracker.cell_tags(rc) if tracker is not None else None,
-                    run_params={f"axis.{k}": v for k, v in rc.cell.spelt.items()},
-                )
-                # the cell's attacker searches (issue 16), after the graph they attack;
-                # studies shared by cells (e.g. the original row's) are in the store already
-                from .search import run_searches
-
-                run_searches(
-                    _cell_spec(rc),
-                    graph,
-                    store_root=store,
-                    executor_factory=executor if callable(executor) else None,
-                    tracking=tracker is not None,
-                    tracking_uri=uri,
-                    device=device,
-                    command=[*(command or ["resalign", "grid", str(tpl.path), "--run"])],
-                    parent_run_id=summary.parent_run_id,
-                )
-            except RunFailed as e:
-                res.ok, res.error = False, str(e)
+            cell_options = grid_options.replace(
+                tags=tracker.cell_tags(rc) if tracker is not None else {},
+                params={f"axis.{k}": v for k, v in rc.cell.spelt.items()},
+            )
+            # the cell's graph, then its attacker searches (issue 16); studies shared by
+            # cells (e.g. the original row's) are in the store already
+            run = run_spec(_cell_spec(rc), cell_options)
+            if not run.ok or run.summary is None:
+                res.ok, res.error = False, f"failed: {', '.join(run.failed)}"
                 status = "FAILED"
                 if tracker is not None:
                     res.run_id = tracker.find_cell_run(rc, since)
                 break
+            summary = run.summary
             res.executed = list(summary.executed)
             res.cached = list(summary.cached)
             res.seconds = summary.seconds

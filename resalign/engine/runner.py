@@ -17,13 +17,13 @@ import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, wait
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, ParamSpec
 
 from ..errors import UserError
 from ..graph.nodes import Graph, Node
 from ..steps.base import STEPS
 from .executors.base import Executor, NodeResult, NodeTask
+from .options import RunOptions
 from .plan import (  # noqa: F401  (plan_status, NodeStatus: re-exported for callers)
     FORCED,
     NodeStatus,
@@ -129,9 +129,10 @@ def _stops_on_signals(fn: Callable[P, RunSummary]) -> Callable[P, RunSummary]:
                     e.exit_code = signal_exit_code(caught)
                 raise
             except KeyboardInterrupt as e:  # outside the node loop (its startup, its cleanup)
-                opts: dict[str, Any] = dict(kwargs)
-                cmd = resume_command(opts.get("command"), opts.get("force") or ())
-                ui = opts.get("ui") or ProgressUI()
+                given = args[2] if len(args) > 2 else kwargs.get("options")
+                o = given if isinstance(given, RunOptions) else RunOptions()
+                cmd = resume_command(o.command, o.force)
+                ui = o.progress()
                 ui.line(f"interrupted ({e.args[0] if e.args else 'SIGINT'}); to resume, run:")
                 ui.line(cmd)
                 failed = RunFailed(["interrupted"], cmd, interrupted=True)
@@ -142,40 +143,27 @@ def _stops_on_signals(fn: Callable[P, RunSummary]) -> Callable[P, RunSummary]:
 
 
 @_stops_on_signals
-def run_graph(
-    graph: Graph,
-    spec: Any,
-    *,
-    store_root: Path | str = "runs",
-    force: Iterable[str] = (),
-    executor: Executor | None = None,
-    tracking: bool = True,
-    tracking_uri: str | None = None,
-    device: str | None = None,
-    checkpoint_every: int | None = None,
-    ui: ProgressUI | None = None,
-    command: Sequence[str] | None = None,
-    parent_run_id: str | None = None,
-    run_tags: Mapping[str, str] | None = None,
-    run_params: Mapping[str, str] | None = None,
-    nproc_per_node: int | None = None,
-) -> RunSummary:
+def run_graph(graph: Graph, spec: Any, options: RunOptions | None = None) -> RunSummary:
     """Execute every node of ``graph`` that is not cached; raise :class:`RunFailed` (after
     printing the failures and, last, the resume command) if any node fails.
 
-    ``command`` is the invocation as argv without ``--force`` options (for the resume line).
-    ``tracking_uri`` is the --tracking-uri flag; the environment and the spec come next.
-    ``parent_run_id`` nests this invocation's MLflow run under an existing run (a grid's);
-    ``run_tags`` / ``run_params`` are added to that run (a grid cell's axes).
-    ``nproc_per_node`` (else the spec's ``execution.nproc_per_node``, else 1): torchrun ranks
-    for each node whose step supports it (``unlearn``); it enters no node key.
+    ``options`` (:class:`.options.RunOptions`): ``command`` is the invocation as argv
+    without ``--force`` options (for the resume line); ``tracking_uri`` is the
+    --tracking-uri flag, the environment and the spec come next; ``parent_run_id`` nests
+    this invocation's MLflow run under an existing run (a grid's); ``tags`` / ``params`` are
+    added to that run (a grid cell's axes); ``nproc_per_node`` (else the spec's
+    ``execution.nproc_per_node``, else 1): torchrun ranks for each node whose step supports
+    it (``unlearn``); it enters no node key.
     """
-    from .executors.local import LocalExecutor
+    o = options or RunOptions()
+    force, tracking, tracking_uri = o.force, o.tracking, o.tracking_uri
+    device, checkpoint_every, command = o.device, o.checkpoint_every, o.command
+    nproc_per_node = o.nproc_per_node
 
-    store = Store(store_root)
+    store = Store(o.store)
     store.root.mkdir(parents=True, exist_ok=True)
-    ui = ui or ProgressUI()
-    executor = executor or LocalExecutor()
+    ui = o.progress()
+    executor = o.new_executor()
     if getattr(executor, "in_process", False) and hasattr(executor, "ui"):
         executor.ui = ui
     load_steps()
@@ -218,9 +206,9 @@ def run_graph(
             run_name=getattr(tspec, "run_name", None),
             system_metrics=getattr(tspec, "system_metrics", True),
             log_models=getattr(tspec, "log_models", False),
-            nest_under=parent_run_id,
-            extra_tags=run_tags,
-            extra_params=run_params,
+            nest_under=o.parent_run_id,
+            extra_tags=o.tags,
+            extra_params=o.params,
             # a run that executes nothing writes nothing to the store (a read-only one)
             local_records=bool(to_run),
         )

@@ -53,6 +53,7 @@ from ..atomic import atomic_write_bytes, atomic_write_json
 from ..errors import UserError
 from ..graph.compile import StudyPlan, search_plans, trial_graph
 from ..graph.nodes import Graph
+from .options import RunOptions
 from .store import Store
 
 USER_ATTR_CONSTRAINT = "constraint"
@@ -370,15 +371,17 @@ def replay(
     store_root: Path | str,
     run_round: RoundRunner | None = None,
     write: bool = False,
+    plans: Sequence[StudyPlan] | None = None,
 ) -> list[StudyRecord]:
     """Re-create every study of ``resolved`` from the store (see the module docstring).
 
     With ``run_round``, a round whose trials are not all in the store is handed to it (it
     must compute them) and the studies continue to their budget; without, a study stops at
     its first missing trial (the report's view). ``write``: keep the studies in
-    ``<store>/search/`` (SQLite and JSON)."""
+    ``<store>/search/`` (SQLite and JSON). ``plans``: the studies of ``resolved`` when the
+    caller has planned them already (else planned here)."""
     store = Store(store_root)
-    plans = search_plans(resolved)
+    plans = search_plans(resolved) if plans is None else list(plans)
     threats = resolved.spec.threats
     records: list[StudyRecord] = []
     studies: list[Any] = []
@@ -496,29 +499,36 @@ class _KeepAlive:
 def run_searches(
     resolved: Any,
     graph: Graph,
-    *,
-    store_root: Path | str = "runs",
-    executor_factory: Callable[[], Any] | None = None,
-    tracking: bool = True,
-    tracking_uri: str | None = None,
-    device: str | None = None,
-    checkpoint_every: int | None = None,
-    ui: Any = None,
-    command: Sequence[str] | None = None,
-    parent_run_id: str | None = None,
-    run_tags: Mapping[str, str] | None = None,
+    options: RunOptions | None = None,
+    plans: Sequence[StudyPlan] | None = None,
 ) -> list[StudyRecord]:
     """Run every attacker search of ``resolved`` to its budget after the static ``graph``
     has run (its model and unlearn nodes are the searches' upstream). Finished trials are
     taken from the store. A failing trial node raises :class:`.runner.RunFailed` (the
     printed resume command re-runs the whole invocation, which resumes the search). Returns
-    the studies."""
-    if not search_plans(resolved):
+    the studies.
+
+    ``options``: the invocation's (:class:`.options.RunOptions`); each round is one
+    ``run_graph`` call with them (less ``force``), its MLflow run nested under ``options.parent_run_id`` (the
+    invocation's run) and tagged with ``options.tags`` plus ``resalign.search.round``; the
+    trials' attack runs get ``options.tags`` too (a grid cell's). ``plans``: the studies
+    (:func:`resalign.graph.compile.search_plans`), when the caller has them already."""
+    o = options or RunOptions()
+    plans = search_plans(resolved) if plans is None else list(plans)
+    if not plans:
         return []
-    from .progress import ProgressUI
     from .runner import RunFailed, run_graph
 
-    ui = ui or ProgressUI()
+    o = o.replace(ui=o.progress())  # one display for every round
+    ui = o.ui
+    store_root = o.store
+    # One worker pool for every round: each round used to start a fresh spawn pool, whose
+    # workers import torch and diffusers again (3 rounds per pruned trial; 5-20 s each on the
+    # loaded 2-core machine). Nodes seed themselves, so a reused worker changes no result.
+    pool = o.new_executor()
+    shared = _KeepAlive(pool) if not getattr(pool, "in_process", False) else None
+    if shared is not None:
+        o = o.replace(executor=lambda: shared)
 
     def run_round(
         tg: Graph, k: int, trials: list[tuple[StudyPlan, int, dict[str, Any], str]]
@@ -527,26 +537,14 @@ def run_searches(
             shown = ", ".join(f"{n}={_short(v)}" for n, v in values.items())
             ui.line(f"search {plan.name}: trial {k}: {shown}{note}")
         store = Store(store_root)
+        # nothing forced: --force applies to the graph; a round reruns no cached upstream
+        # node, and a trial in the store is the record the study is re-created from
+        round_options = o.replace(force=(), tags={**o.tags, "resalign.search.round": str(k)})
         while True:
             # a trial that diverged (recorded) is not run again; its evaluations neither
             live = drop_failed(tg, trials, store)
             try:
-                summary = run_graph(
-                    live,
-                    resolved,
-                    store_root=store_root,
-                    executor=shared
-                    if shared is not None
-                    else (executor_factory() if executor_factory else None),
-                    tracking=tracking,
-                    tracking_uri=tracking_uri,
-                    device=device,
-                    checkpoint_every=checkpoint_every,
-                    ui=ui,
-                    command=command,
-                    parent_run_id=parent_run_id,
-                    run_tags={**(run_tags or {}), "resalign.search.round": str(k)},
-                )
+                summary = run_graph(live, resolved, round_options)
                 break
             except RunFailed as e:
                 diverged = {n: r for n, r in e.results.items() if r.error_type == DIVERGED}
@@ -557,17 +555,10 @@ def run_searches(
                     ui.line(f"search: {name} diverged; its trial is told to the sampler "
                             "as failed and the search goes on")  # fmt: skip
         if summary.parent_run_id and summary.tracking_uri:
-            _tag_trial_runs(summary.tracking_uri, summary.parent_run_id, tg, trials, ui)
+            _tag_trial_runs(summary.tracking_uri, summary.parent_run_id, tg, trials, ui, o.tags)
 
-    # One worker pool for every round: each round used to start a fresh spawn pool, whose
-    # workers import torch and diffusers again (3 rounds per pruned trial; 5-20 s each on the
-    # loaded 2-core machine). Nodes seed themselves, so a reused worker changes no result.
-    pool = executor_factory() if executor_factory else None
-    shared = (
-        _KeepAlive(pool) if pool is not None and not getattr(pool, "in_process", False) else None
-    )
     try:
-        records = replay(resolved, graph, store_root, run_round=run_round, write=True)
+        records = replay(resolved, graph, store_root, run_round=run_round, write=True, plans=plans)
     finally:
         if shared is not None:
             pool.shutdown()
@@ -622,8 +613,11 @@ def _tag_trial_runs(
     tg: Graph,
     trials: list[tuple[StudyPlan, int, dict[str, Any], str]],
     ui: Any,
+    extra: Mapping[str, str] | None = None,
 ) -> None:
-    """Tag the attack runs this round created with their study, trial and sampled values."""
+    """Tag the attack runs this round created with their study, trial and sampled values,
+    and with ``extra`` (the invocation's tags: a grid cell's, so a trial is found by its
+    cell in MLflow's search, which cannot filter on a parent run's tags)."""
     try:
         from mlflow.tracking import MlflowClient
 
@@ -640,7 +634,8 @@ def _tag_trial_runs(
                     continue
                 if n.unlearn_seed != plan.unlearn_seed:
                     continue
-                tags = {"resalign.search.study": plan.name, "resalign.search.trial": str(k),
+                tags = {**(extra or {}), "resalign.search.study": plan.name,
+                        "resalign.search.trial": str(k),
                         "resalign.search.study_key": plan.key}  # fmt: skip
                 tags.update({f"resalign.search.param.{p}": str(v) for p, v in values.items()})
                 for t, v in tags.items():

@@ -512,9 +512,15 @@ def compile_spec(resolved: ResolvedSpec) -> Graph:
 def search_plans(resolved: ResolvedSpec) -> list[StudyPlan]:
     """Every attacker search of ``resolved``: one per (row, unlearning seed, searched threat),
     rows in report order."""
+    return compile_with_searches(resolved)[1]
+
+
+def compile_with_searches(resolved: ResolvedSpec) -> tuple[Graph, list[StudyPlan]]:
+    """:func:`compile_spec` and :func:`search_plans` of ``resolved`` from one compilation
+    (what a run plans before it starts)."""
     c = _Compiler(resolved)
-    c.compile()
-    return c.studies
+    graph = c.compile()
+    return graph, c.studies
 
 
 def trial_graph(
