@@ -195,9 +195,12 @@ class _GridTracking:
         return {"resalign.grid": self.grid_name, **rc.cell.tags}
 
     def find_cell_run(self, rc: RenderedCell, since_ms: int) -> str | None:
+        """The cell's run (a failed cell's): a child of the grid run named by the cell id;
+        its search rounds share the name and tags but are children of the cell's run."""
         runs = self.client.search_runs(
             [self.experiment_id],
             filter_string=f"attributes.run_name = '{rc.cell.id}' "
+            f"and tags.mlflow.parentRunId = '{self.run_id}' "
             f"and attributes.start_time >= {since_ms}",
             max_results=1,
             order_by=["attributes.start_time DESC"],
