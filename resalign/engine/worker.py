@@ -23,7 +23,7 @@ from typing import Any
 
 from ..errors import UserError
 from ..graph.keys import step_version
-from ..graph.nodes import Node
+from ..graph.nodes import LOCATION_FIELDS, Node
 from ..steps.base import STEPS
 from .cost import CostMeter
 from .executors.base import NodeResult, NodeTask
@@ -92,6 +92,9 @@ def execute_task(task: NodeTask, ui: ProgressUI | None = None) -> NodeResult:
                     "deps": dict(node.deps),
                     "inputs": task.inputs,
                     "version": step_version(node.kind),
+                    # where the node sits in the study (the report's rows and columns), so a
+                    # reader of the store never parses it out of the name
+                    **{f: getattr(node, f) for f in LOCATION_FIELDS},
                 },
             )
             state = store.state_dir(node.kind, node.key)

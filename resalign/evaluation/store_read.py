@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import UserError
+from ..graph.nodes import LOCATION_FIELDS
 
 
 def completed_folders(
@@ -48,18 +49,14 @@ def completed_folders(
     return found
 
 
-# The fields of a resalign.graph.nodes.Node that say where it sits in the report.
-LOCATION_FIELDS = ("row", "unlearn_seed", "threat", "seed", "step")
-
-
 def stored_location(folder: Path) -> dict[str, Any] | None:
     """The location (:data:`LOCATION_FIELDS`) a stored node's ``node.json`` records, or
     None when it records not all of them.
 
-    None do so yet: the engine writes kind, name, key, params, deps, inputs and version
-    (``engine/worker.py``; so are all 214 evaluate nodes of the long study's store,
-    2026-12-07), and a test's hand-made folder may have no ``node.json``. A reader that gets
-    None takes the location from the node's name, which :mod:`resalign.graph.compile` built
+    The engine writes them since 2026-12-07 (``engine/worker.py``); nodes stored before
+    record only kind, name, key, params, deps, inputs and version, and a test's hand-made
+    folder may have no ``node.json``. A reader that gets None takes the location from the
+    node's name, which :mod:`resalign.graph.compile` built
     from exactly these fields: the same values, with no key and no stored file to change
     (:func:`resalign.evaluation.report.results.parse_eval_name`,
     :func:`resalign.evaluation.predictors.parse_probe_name`)."""

@@ -6,6 +6,10 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+# The fields of a Node that say where it sits in the study (the report's rows and columns);
+# the engine writes them into each stored node.json.
+LOCATION_FIELDS = ("row", "unlearn_seed", "threat", "seed", "step")
+
 
 @dataclass(frozen=True)
 class Node:
