@@ -236,6 +236,7 @@ def test_pruned_trials_last_segment_keeps_the_unsplit_key(tmp_path):
         threat.pop(f)
     for f in ("report_at", "pruner"):
         threat["search"].pop(f)
+    threat.pop("checkpoint_every")  # as the attacks' keys (AttackStep.key_exclude)
     plan = search_plans(plain)[0]
     from resalign.graph.compile import _Compiler
 

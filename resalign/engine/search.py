@@ -235,21 +235,22 @@ def _open_study(plan: StudyPlan, search: Mapping[str, Any], storage: Any) -> Any
     )
 
 
-def _write_db(store: Store, plan: StudyPlan, storage: Any) -> None:
-    """``<store>/search/<key>.db``: a SQLite copy of ``study`` for Optuna's own tools
-    (optuna-dashboard), built in a private folder and put in place by the one atomic
-    writer, so concurrent invocations of the same study each leave a whole file."""
+def _write_db(store: Store, key: str, studies: Sequence[tuple[str, Any]]) -> None:
+    """``<store>/search/<key>.db``: a SQLite copy of the ``(name, storage)`` studies of study
+    key ``key`` for Optuna's own tools (optuna-dashboard), built in a private folder and put
+    in place by the one atomic writer, so concurrent invocations of the same study each leave
+    a whole file. Rows with the same nodes (``original`` and a ``method: none`` row) share a
+    key, so the file holds every study of that key, each under its own name."""
     import tempfile
 
     optuna = _optuna()
     with tempfile.TemporaryDirectory(prefix="resalign-study-") as tmp:
         path = Path(tmp) / "study.db"
-        optuna.copy_study(
-            from_study_name=plan.name,
-            from_storage=storage,
-            to_storage=f"sqlite:///{path}",
-        )
-        atomic_write_bytes(store.root / "search" / f"{plan.key}.db", path.read_bytes())
+        for name, storage in studies:
+            optuna.copy_study(
+                from_study_name=name, from_storage=storage, to_storage=f"sqlite:///{path}"
+            )
+        atomic_write_bytes(store.root / "search" / f"{key}.db", path.read_bytes())
 
 
 # ----------------------------------------------------------------------------- replay
@@ -465,7 +466,9 @@ def replay(
         if write:
             for i, *_ in asked:
                 _write_json(store, records[i])
-                _write_db(store, plans[i], storages[i])
+            for key in dict.fromkeys(plans[i].key for i, *_ in asked):
+                same = [(p.name, storages[j]) for j, p in enumerate(plans) if p.key == key]
+                _write_db(store, key, same)
         k += 1
     return records
 
