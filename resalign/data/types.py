@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Any
 
 import torch
@@ -36,6 +37,17 @@ class PairSet:
         )
 
 
+@lru_cache(maxsize=1)
+def _dataset_adapter() -> Any:
+    """The schema's dataset union as one pydantic adapter (building one per read rebuilt its
+    validator each time)."""
+    from pydantic import TypeAdapter
+
+    from ..spec.schema.data import DatasetSpec
+
+    return TypeAdapter(DatasetSpec)
+
+
 class _TypedDatasets(Mapping):
     """A node's ``datasets`` param (name → the dataset's spec as JSON, plus the
     ``fingerprint`` of a local path) seen as validated dataset specs, so a step reads its
@@ -48,12 +60,8 @@ class _TypedDatasets(Mapping):
         value = self._raw[name]
         if not isinstance(value, Mapping):
             return value
-        from pydantic import TypeAdapter
-
-        from ..spec.schema.data import DatasetSpec
-
         data = {k: v for k, v in value.items() if k != "fingerprint"}
-        return TypeAdapter(DatasetSpec).validate_python(data)
+        return _dataset_adapter().validate_python(data)
 
     def __iter__(self):
         return iter(self._raw)
