@@ -24,7 +24,7 @@ concepts:
 """
 
 
-def _ctx(tmp_path, resolved, node, inputs, checkpoint_every=None):
+def _ctx(tmp_path, node, inputs, checkpoint_every=None):
     from resalign.engine.context import NodeContext
 
     out, state = tmp_path / "runs" / node.kind / node.key, tmp_path / "state" / node.key
@@ -49,7 +49,7 @@ def test_model_and_harvest_steps(tmp_path):
     (tmp_path / "prompts.txt").write_text("a handwritten digit zero\na handwritten digit one\n")
     resolved = load_spec_text(SPEC, base_dir=tmp_path)
     graph = compile_spec(resolved)
-    ctx = _ctx(tmp_path, resolved, graph["model"], {}, checkpoint_every=5)
+    ctx = _ctx(tmp_path, graph["model"], {}, checkpoint_every=5)
     ModelStep().run(ctx)
     ctx.close()
     info = json.loads((ctx.out / "model.json").read_text())
@@ -66,7 +66,7 @@ def test_model_and_harvest_steps(tmp_path):
     assert not torch.equal(init.unet.conv_in.weight, bundle.unet.conv_in.weight)
 
     node = graph["harvest/harvested"]
-    hctx = _ctx(tmp_path, resolved, node, {"model": ctx.out})
+    hctx = _ctx(tmp_path, node, {"model": ctx.out})
     HarvestStep().run(hctx)
     hctx.close()
     meta = [json.loads(x) for x in (hctx.out / "metadata.jsonl").read_text().splitlines()]
@@ -86,7 +86,7 @@ def test_caption_longer_than_max_length_is_a_user_error(tmp_path):
     (tmp_path / "prompts.txt").write_text("x\n")
     # "a handwritten digit <name>" is 6 tokens with BOS/EOS (one per word); 4 cuts it.
     resolved = load_spec_text(SPEC.replace("max_length: 32", "max_length: 4"), base_dir=tmp_path)
-    ctx = _ctx(tmp_path, resolved, compile_spec(resolved)["model"], {})
+    ctx = _ctx(tmp_path, compile_spec(resolved)["model"], {})
     with pytest.raises(UserError, match="max_length"):
         ModelStep().run(ctx)
 
@@ -107,7 +107,7 @@ def test_sd_family_records_source_without_copying(tmp_path):
         "datasets: {few: {type: digits}}\nconcepts: {digit: {harmful: [few], retain: [few]}}\n"
     )
     resolved = load_spec_text(text, base_dir=tmp_path)
-    ctx = _ctx(tmp_path, resolved, compile_spec(resolved)["model"], {})
+    ctx = _ctx(tmp_path, compile_spec(resolved)["model"], {})
     ModelStep().run(ctx)
     source = json.loads((ctx.out / "source.json").read_text())
     assert source["path"] == str((tmp_path / "ckpt").resolve())

@@ -27,9 +27,9 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from ..atomic import atomic_open
 from ..atomic import atomic_write_text as atomic_text
 from ..errors import UserError
+from .figure import save_png
 from .report.results import EvalResult
 from .report.rows import REFERENCE_ROW
 from .report.table import ValueIndex, relearning
@@ -257,10 +257,7 @@ def plot_frontier(front: Mapping[str, Any], path: Path) -> None:
         ax.set_title(f"{front['threat']}: relearning vs {xm}")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
-    fig.tight_layout()
-    with atomic_open(path) as f:
-        fig.savefig(f, dpi=110, format="png")
-    plt.close(fig)
+    save_png(fig, path)
 
 
 def write_frontier(front: Mapping[str, Any], out: Path) -> list[str]:

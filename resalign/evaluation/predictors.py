@@ -40,8 +40,8 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
-from ..atomic import atomic_open
 from ..errors import UserError
+from .figure import save_png
 from .store_read import completed_folders, stored_location
 
 ModelId = tuple[str, "int | None"]  # (row, unlearning seed; None for a control row)
@@ -505,10 +505,7 @@ def plot_predictors(table: PredictorTable, path: Path, max_panels: int = 12) -> 
         for r, m in row_marker.items()
     ]
     fig.legend(handles=handles, loc="lower center", ncol=len(handles), fontsize=8, frameon=False)
-    fig.tight_layout(rect=(0, 0.06, 1, 1))
-    with atomic_open(path) as f:
-        fig.savefig(f, dpi=110, format="png")
-    plt.close(fig)
+    save_png(fig, path, rect=(0, 0.06, 1, 1))
     return True
 
 

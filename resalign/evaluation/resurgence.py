@@ -33,7 +33,7 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from ..atomic import atomic_open
+from .figure import save_png
 from .stats import Unit, exact_mcnemar, proportion
 
 Getter = Callable[[str, str, "str | None", int], Mapping[Unit, float]]
@@ -220,10 +220,7 @@ def plot_areas(entries: Sequence[Mapping[str, Any]], path: Path) -> bool:
         ax.set_ylabel(f"relearning area of {metric}")
         ax.set_title(f"per unlearned model, {threat} (filled red: resurged)", fontsize=9)
         ax.grid(alpha=0.3, axis="y")
-    fig.tight_layout()
-    with atomic_open(path) as f:
-        fig.savefig(f, dpi=110, format="png")
-    plt.close(fig)
+    save_png(fig, path)
     return True
 
 

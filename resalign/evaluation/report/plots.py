@@ -18,7 +18,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from ...atomic import atomic_open
+from ..figure import save_png
 from ..stats import RATE_METRICS
 from .results import EvalResult
 from .table import bound_text, radius_map
@@ -78,10 +78,7 @@ def plot_curves(table: Mapping[str, Any], path: Path, metric: str | None = None)
         ax.legend(fontsize=8)
     for ax in list(axes.flat)[len(keys) :]:
         ax.axis("off")
-    fig.tight_layout()
-    with atomic_open(path) as f:
-        fig.savefig(f, dpi=110, format="png")
-    plt.close(fig)
+    save_png(fig, path)
     return True
 
 
@@ -219,10 +216,7 @@ def plot_best_so_far(searches: Sequence[Mapping[str, Any]], path: Path) -> bool:
         ax.set_ylabel(obj)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
-    fig.tight_layout()
-    with atomic_open(path) as f:
-        fig.savefig(f, dpi=110, format="png")
-    plt.close(fig)
+    save_png(fig, path)
     return True
 
 
