@@ -230,3 +230,20 @@ def test_bench_step_is_the_method_step_with_every_phase_timed() -> None:
     m = build_method("resalign", prob, spec, seed=0)
     grads, _ = m.outer_gradient()
     assert torch.equal(torch.cat([g.reshape(-1) for g in grads]), outer)
+
+
+def test_bench_sd_absent_device_is_a_clear_error_not_a_traceback():
+    """The SD bench resolves --device with the model step's resolver: an absent device (MPS on
+    Linux) exits 2 with the message, before any model is built."""
+    import subprocess
+    import sys
+
+    r = subprocess.run(
+        [sys.executable, "-m", "resalign.bench", "sd", "--device", "mps"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert r.returncode == 2, r.stderr
+    assert "MPS is not available" in r.stderr
+    assert "Traceback" not in r.stderr

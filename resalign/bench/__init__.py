@@ -8,6 +8,16 @@ import sys
 def main(argv: list[str] | None = None) -> int:
     """Dispatch ``argv[0]`` to a benchmark's own ``main``."""
     argv = list(sys.argv[1:] if argv is None else argv)
+    from ..errors import UserError
+
+    try:
+        return _dispatch(argv)
+    except UserError as e:  # a user's mistake (a flag naming an absent device): no traceback
+        print(f"error: {e.render()}", file=sys.stderr)
+        return e.exit_code
+
+
+def _dispatch(argv: list[str]) -> int:
     if not argv or argv[0] not in ("hypergrad", "hypercheck", "sd"):
         print(
             "usage: python -m resalign.bench {hypergrad,hypercheck,sd} [options]", file=sys.stderr

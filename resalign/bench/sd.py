@@ -547,10 +547,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--tensors", help=argparse.SUPPRESS)
     ap.add_argument("--report", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
-    if args.device == "auto":
-        import torch
+    from ..models.device import resolve_device
 
-        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    # the one resolver the model step uses: auto -> cuda, mps or cpu; an absent device is a clear error
+    args.device = resolve_device(args.device)
     if args.latent is None:
         args.latent = 64 if args.device.startswith("cuda") else 16
     if args.worker:
