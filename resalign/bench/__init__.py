@@ -12,8 +12,8 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         return _dispatch(argv)
-    except UserError as e:  # a user's mistake (a flag naming an absent device): no traceback
-        print(f"error: {e.render()}", file=sys.stderr)
+    except UserError as e:  # a flag naming an absent device: rendered as the CLI renders it
+        print(e.render(), file=sys.stderr)
         return e.exit_code
 
 

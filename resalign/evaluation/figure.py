@@ -20,10 +20,7 @@ def save_png(fig: Any, path: Path, *, rect: Sequence[float] | None = None) -> No
     """Lay out ``fig`` (within ``rect`` when given), write it to ``path`` atomically, close it."""
     import matplotlib.pyplot as plt
 
-    if rect is None:
-        fig.tight_layout()
-    else:
-        fig.tight_layout(rect=tuple(rect))
+    fig.tight_layout(rect=rect)  # None: matplotlib's default, the whole figure
     with atomic_open(path) as f:
         fig.savefig(f, dpi=DPI, format="png")
     plt.close(fig)
