@@ -176,7 +176,14 @@ def plan(spec: str, mermaid: bool, store: str, force: tuple[str, ...], check_fil
 
 def _estimate_text(resolved: Any, graph: Any, to_run: list[str], store: str) -> str:
     """The estimate lines of ``plan --estimate``: per kind, the total, each search."""
-    from .engine.estimate import duration, estimate, history, render, search_estimates
+    from .engine.estimate import (
+        duration,
+        estimate,
+        history,
+        load_note,
+        render,
+        search_estimates,
+    )
     from .engine.store import Store
 
     recorded = history(Store(store))
@@ -193,6 +200,8 @@ def _estimate_text(resolved: Any, graph: Any, to_run: list[str], store: str) -> 
             f"{duration(one.high)}] per trial (the middle of every searched range, to its "
             f"last step) = {duration(trials * one.seconds)}; with a pruner at most that"
         )
+    if note := load_note():
+        lines.append(note)
     return "\n".join(lines)
 
 

@@ -66,6 +66,14 @@ def test_work_of_the_demos_nodes():
     # ResAlign: 50 outer steps x (1 + J (1) x (mean of 10 and 20 inner steps + K 5))
     assert work("unlearn", g["unlearn/resalign/seed0"].params) == 50 * (1 + 1 * (15 + 5))
     assert work("unlearn", g["unlearn/plain/seed0"].params) == 50
+    # the hypergradient's own passes: none for first order, the inner steps again unrolled
+    import copy
+
+    p = copy.deepcopy(g["unlearn/resalign/seed0"].params)
+    p["unlearn"]["resilience"]["hypergradient"]["kind"] = "none"
+    assert work("unlearn", p) == 50 * (1 + 15)
+    p["unlearn"]["resilience"]["hypergradient"]["kind"] = "unrolled"
+    assert work("unlearn", p) == 50 * (1 + 15 + 15)
     assert work("evaluate", g["evaluate/plain/seed0/pre/step0"].params) == 30 * 15
 
 
@@ -116,7 +124,47 @@ def test_history_reads_the_cost_from_done_manifests(tmp_path):
     assert st.check(seg.kind, seg.key) is None  # the cost field leaves the manifest valid
     got = sorted(history(st), key=lambda r: r.kind)
     size = 8 * 8 * (16 * 16 + 32 * 32)
-    assert [(r.kind, r.work, r.wall_s) for r in got] == [
-        ("attack", 25 * 16 * 4 * size, 9.5),
-        ("model", 64000 * size, 172.0),
+    assert [(r.kind, r.work, r.seconds) for r in got] == [  # busy time: cpu_s on one thread
+        ("attack", 25 * 16 * 4 * size, 9.0),
+        ("model", 64000 * size, 170.0),
     ]
+
+
+def test_busy_seconds_are_cpu_time_on_the_cpu_and_wall_time_on_an_accelerator():
+    """A CPU node's wall time at load measures the queue; its CPU time does not (this store's
+    attack segments: 107 s wall, 8.8 s CPU at load > 10), so that is what is fitted."""
+    from resalign.engine.estimate import busy_seconds
+
+    loaded = {"wall_s": 107.0, "cpu_s": 8.8, "threads": 1, "device": "cpu", "load1": 14.0}
+    assert busy_seconds(loaded) == 8.8
+    # idle and waiting on I/O: the wall time, the smaller of the two
+    assert busy_seconds({"wall_s": 6.5, "cpu_s": 7.0, "threads": 1, "device": "cpu"}) == 6.5
+    # two busy threads: CPU seconds per thread
+    assert busy_seconds({"wall_s": 20.0, "cpu_s": 10.0, "threads": 2, "device": "cpu"}) == 5.0
+    # on a GPU the work is not in the host's CPU time
+    assert busy_seconds({"wall_s": 3.0, "cpu_s": 0.4, "threads": 8, "device": "cuda"}) == 3.0
+    # a record from before CPU time was kept
+    assert busy_seconds({"wall_s": 12.0}) == 12.0
+
+
+def test_load_note_says_how_the_current_load_stretches_the_estimate(monkeypatch):
+    import os
+
+    from resalign.engine.estimate import load_note
+
+    cores = len(os.sched_getaffinity(0))
+    monkeypatch.setattr(os, "getloadavg", lambda: (4.0 * cores, 0.0, 0.0))
+    note = load_note()
+    assert note is not None and "4.0x" in note and f"on {cores} core(s)" in note
+    monkeypatch.setattr(os, "getloadavg", lambda: (0.5 * cores, 0.0, 0.0))
+    assert load_note() is None
+
+
+def test_history_skips_a_damaged_done_without_failing(tmp_path):
+    st = Store(tmp_path)
+    for i, text in enumerate(['{"cost": {"wall_s": 3.0', "[1, 2]", '{"cost": "fast"}']):
+        d = st.node_dir("attack", f"{i:064x}")
+        d.mkdir(parents=True)
+        (d / "DONE").write_text(text)
+        (d / "node.json").write_text('{"params": {}}')
+    assert len(list(st.node_dirs())) == 3 and history(st) == []

@@ -2,15 +2,16 @@
 
 Every finished node carries its cost in its ``DONE`` manifest (:mod:`.cost`). For a node to
 run, :func:`estimate` takes the recorded nodes of the same kind (and model family) in the
-store, and scales their wall time by what drives the cost, a *work* number computed from the
+store, and scales their busy time (below) by what drives the cost, a *work* number computed from the
 node's params alone (:func:`work`, torch-free):
 
 - ``model``: pretraining steps x batch (``family: tiny`` with ``pretrain``; 0 otherwise: a
   load), times the model's size;
 - ``harvest``: 1 (no driver);
 - ``unlearn``: outer steps x (1 + J x (mean simulated fine-tuning steps + K)) for a method
-  with a resilience term (J ``samples_per_step``, K the hypergradient ``iterations``), outer
-  steps otherwise; times the model's size;
+  with a resilience term (J ``samples_per_step``; K the hypergradient ``iterations``, 0 for the
+  first-order ``none``, the inner steps again for ``unrolled``, whose reverse pass runs back
+  through them), outer steps otherwise; times the model's size;
 - ``attack``: the segment's steps (``stop`` minus the previous segment's) x batch x
   gradient accumulation; times the model's size;
 - ``evaluate``: images per prompt x sampling steps; times the model's size;
@@ -20,12 +21,21 @@ node's params alone (:func:`work`, torch-free):
 ``sample_size^2 x sum(c^2 for c in block_out_channels) x layers_per_block`` for tiny models,
 1 for a loaded family (their history is kept apart by family anyway).
 
-The model, per (kind, family): ``wall = a + b * work`` fitted by least squares to the
+What is fitted is a node's *busy* time, not its wall time as recorded: for a node that ran on
+the CPU, ``min(wall_s, cpu_s / threads)``; for one on an accelerator, ``wall_s``. On a shared
+CPU the wall time measures the queue: in this project's store, attack segments of the same
+work took 6.5 s of wall and 6.0 s of CPU at load < 3 but 107 s of wall and 8.8 s of CPU at
+load > 10 (evaluations 10.8 / 10.4 s against 196 / 12.6 s), so a history recorded on a
+loaded machine over-predicted an idle run ~6.6x (the one-switch ``meta-benign`` cell: 23 min
+estimated, 211 s run). CPU time stays within ~1.3x across loads. The estimate is therefore
+the time on an idle machine; :func:`load_note` says how the current load stretches it.
+
+The model, per (kind, family): ``seconds = a + b * work`` fitted by least squares to the
 recorded nodes (``a, b >= 0``; through the origin when ``a`` would be negative; the mean when
-all recorded nodes have the same work or only one is recorded: then ``wall = mean(wall /
+all recorded nodes have the same work or only one is recorded: then ``seconds = mean(seconds /
 work) * work``). The range is the prediction times the smallest and largest ratio of
-recorded to fitted wall time. A kind with no recorded node says so and gets no number.
-Totals add the nodes' wall times (serial time; ``--workers N`` overlaps them) and their
+recorded to fitted time. A kind with no recorded node says so and gets no number.
+Totals add the nodes' times (serial time; ``--workers N`` overlaps them) and their
 ranges. The peak memory shown is the largest recorded for the kind.
 """
 
@@ -40,7 +50,7 @@ from pathlib import Path
 from typing import Any
 
 from ..graph.nodes import Graph, Node
-from .store import DONE, Store, read_manifest
+from .store import DONE, Store
 
 _STEP = re.compile(r"/step(\d+)$")
 
@@ -83,8 +93,15 @@ def work(kind: str, params: Mapping[str, Any], prev_stop: int = 0) -> float:
             return steps
         inner = [float(c.get("steps") or 1) for c in meta["configs"].values()]
         j = float(meta.get("samples_per_step") or 1)
-        k = float((res.get("hypergradient") or {}).get("iterations") or 0)
-        return steps * (1 + j * (sum(inner) / len(inner) + k))
+        hyper = res.get("hypergradient") or {}
+        mean_inner = sum(inner) / len(inner)
+        if hyper.get("kind") == "none":  # first order: no HVPs
+            k = 0.0
+        elif hyper.get("kind") == "unrolled":  # the reverse pass through the inner steps
+            k = mean_inner
+        else:
+            k = float(hyper.get("iterations") or 0)
+        return steps * (1 + j * (mean_inner + k))
     if kind == "attack":
         t = params.get("threat") or {}
         seg = max(1, int(params.get("stop") or t.get("steps") or 1) - prev_stop)
@@ -99,13 +116,42 @@ def work(kind: str, params: Mapping[str, Any], prev_stop: int = 0) -> float:
 
 @dataclass
 class Recorded:
-    """One recorded node: its kind, model family, work (with the size factor), cost."""
+    """One recorded node: its kind, model family, work (with the size factor), its busy
+    seconds (:func:`busy_seconds`) and peak memory."""
 
     kind: str
     family: str
     work: float
-    wall_s: float
+    seconds: float
     peak_rss_mb: float | None
+
+
+def busy_seconds(cost: Mapping[str, Any]) -> float:
+    """The seconds a recorded node would take on an idle machine (module docstring):
+    ``min(wall_s, cpu_s / threads)`` for a CPU node with a CPU time, else ``wall_s``."""
+    wall = float(cost["wall_s"])
+    cpu, threads = cost.get("cpu_s"), cost.get("threads")
+    if str(cost.get("device") or "cpu") != "cpu" or not isinstance(cpu, int | float):
+        return wall
+    n = threads if isinstance(threads, int) and threads > 0 else 1
+    return min(wall, float(cpu) / n)
+
+
+def load_note() -> str | None:
+    """A line on how the machine's current load stretches the estimate, or None when the
+    1-minute load average is within the cores this process may use."""
+    import os
+
+    try:
+        load1 = os.getloadavg()[0]
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None
+    except OSError:
+        return None
+    cores = cores or os.cpu_count() or 1
+    if load1 <= cores:
+        return None
+    return (f"these are idle-machine times; the load average is {load1:.1f} on {cores} "
+            f"core(s) now, so CPU nodes' wall times stretch about {load1 / cores:.1f}x")  # fmt: skip
 
 
 def _prev_stop(deps: Mapping[str, str]) -> int:
@@ -137,7 +183,10 @@ def history(store: Store) -> list[Recorded]:
         return models[folder]
 
     for kind, _key, folder in store.node_dirs():
-        cost = (read_manifest(folder / DONE) or {}).get("cost")
+        # only the cost hint is read: checking every manifest's file list (parse_manifest)
+        # took 2.4 of 2.9 s on a store of 1,419 nodes, and a damaged DONE is skipped either way
+        done = _read(folder / DONE)
+        cost = done.get("cost") if isinstance(done, dict) else None
         if not isinstance(cost, dict) or not isinstance(cost.get("wall_s"), int | float):
             continue
         nj = _read(folder / "node.json")
@@ -152,14 +201,14 @@ def history(store: Store) -> list[Recorded]:
         w = work(kind, params, _prev_stop(nj.get("deps") or {}))
         scale = model_size(model) if kind not in ("harvest", "report") else 1.0
         peak = cost.get("peak_rss_mb")
-        out.append(Recorded(kind, family(model), w * scale, float(cost["wall_s"]),
+        out.append(Recorded(kind, family(model), w * scale, busy_seconds(cost),
                             float(peak) if isinstance(peak, int | float) else None))  # fmt: skip
     return out
 
 
 @dataclass
 class Fit:
-    """``wall = a + b * work``; ``lo``/``hi`` the extreme ratios recorded / fitted."""
+    """``seconds = a + b * work``; ``lo``/``hi`` the extreme ratios recorded / fitted."""
 
     a: float
     b: float
@@ -182,7 +231,7 @@ class Fit:
 def fit(points: Sequence[Recorded]) -> Fit:
     """The per-kind linear model of the module docstring."""
     ws = [p.work for p in points]
-    ts = [p.wall_s for p in points]
+    ts = [p.seconds for p in points]
     n = len(points)
     mw, mt = sum(ws) / n, sum(ts) / n
     sxx = sum((w - mw) ** 2 for w in ws)
@@ -312,7 +361,7 @@ def render(est: Estimate, *, title: str = "estimate") -> str:
         )
         lines.append(
             f"  {k.kind}: {k.nodes} to run{part}, {duration(k.seconds)} [{duration(k.low or 0)}, "
-            f"{duration(k.high or 0)}] from {k.recorded} recorded (wall ~ a + b x "
+            f"{duration(k.high or 0)}] from {k.recorded} recorded (time ~ a + b x "
             f"{DRIVERS.get(k.kind, 'work')}){peak}"
             + (f"; {k.extrapolated} node(s) extrapolated > 2x beyond the recorded work: "
                "a fixed per-node overhead is not separable there, treat as a rough bound"
@@ -329,7 +378,17 @@ def render(est: Estimate, *, title: str = "estimate") -> str:
     return "\n".join([*lines, total])
 
 
-__all__ = ["Estimate", "Recorded", "estimate", "fit", "history", "render", "work"]
+__all__ = [
+    "Estimate",
+    "Recorded",
+    "busy_seconds",
+    "estimate",
+    "fit",
+    "history",
+    "load_note",
+    "render",
+    "work",
+]
 
 
 def _middle(p: Any) -> Any:

@@ -102,7 +102,7 @@ def estimate_table(template: str | Path, store_root: str | Path, sets: Sequence[
     """``grid --list --estimate``: per cell, its nodes to run and their predicted time
     (:mod:`.estimate`), then the grid's total, where a node that several cells share (same
     key) counts once."""
-    from .estimate import duration, estimate, history, search_estimates
+    from .estimate import duration, estimate, history, load_note, search_estimates
     from .plan import plan_status
     from .store import Store
 
@@ -148,6 +148,8 @@ def estimate_table(template: str | Path, store_root: str | Path, sets: Sequence[
            if len(known) < len(nodes) else "")
         + (f" and {without} search(es) without history" if without else "")
     )  # fmt: skip
+    if note := load_note():
+        lines.append(note)
     return "\n".join(lines)
 
 
