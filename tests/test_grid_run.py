@@ -1,6 +1,7 @@
 """A 2x2 grid on the tiny model, run for real: one MLflow grid run with four cell runs tagged
 with their axes, nodes shared by the cells executed once (the cache), and `resalign report
-TEMPLATE` making one table with a row per cell from the store. The slurm executor's job path
+TEMPLATE` making one table with a row per cell from the store. The cells run on two worker
+processes from one pool. The slurm executor's job path
 is tested on node tasks in tests/test_slurm.py; this grid's cell through submitit's local
 cluster took ~190 s here (a fresh interpreter per node), too slow for this suite."""
 
@@ -67,6 +68,7 @@ OWN = {"unlearn/unlearned/seed0", "evaluate/unlearned/seed0/pre/step0", "report"
 def test_two_by_two_grid_on_the_tiny_model(tmp_path, monkeypatch):
     from mlflow.tracking import MlflowClient
 
+    from resalign.engine.executors.local import LocalExecutor
     from resalign.engine.grid import prepare, run_grid
     from resalign.engine.options import RunOptions
     from resalign.engine.store import Store
@@ -77,8 +79,31 @@ def test_two_by_two_grid_on_the_tiny_model(tmp_path, monkeypatch):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
 
-    summary = run_grid(tpl, RunOptions(store=store, tracking_uri=uri))
+    # on two worker processes, recording the executors and pools the grid makes
+    made: list[LocalExecutor] = []
+    pools: set[int] = set()
+    shut: list[int] = []
+
+    class Recording(LocalExecutor):
+        def submit(self, task):
+            fut = super().submit(task)
+            pools.add(id(self._pool))
+            return fut
+
+        def shutdown(self):
+            shut.append(len(pools))
+            super().shutdown()
+
+    def factory() -> LocalExecutor:
+        made.append(Recording(workers=2))
+        return made[-1]
+
+    summary = run_grid(tpl, RunOptions(store=store, tracking_uri=uri, executor=factory))
     assert [c.cell_id for c in summary.cells] == CELLS
+    # one executor and one spawn pool served the four cells' graph runs (a pool per cell
+    # paid the workers' torch imports and first model load again), shut down once at the end
+    assert len(made) == 1 and len(pools) == 1
+    assert shut == [1] and made[0]._pool is None
 
     # shared nodes ran once, in the first cell; every later cell found them in the cache
     first, *rest = summary.cells

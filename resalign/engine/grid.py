@@ -238,8 +238,8 @@ def run_grid(
     cell; ``options.command`` is the grid's command, for the resume line).
 
     Each cell's run (its graph's and its searches') is nested under the grid's MLflow run,
-    tagged with the cell's axes; its executor comes from ``options`` (a fresh one per graph
-    run: ``run_graph`` shuts it down at the end of each).
+    tagged with the cell's axes; one executor from ``options`` serves every cell's graph
+    runs (:meth:`.options.RunOptions.shared_executor`), shut down after the last.
     """
     from .run import run_spec
     from .store import atomic_write_json
@@ -274,29 +274,32 @@ def run_grid(
 
     results: list[CellResult] = []
     status = "FINISHED"
+    # one worker pool for every cell (and its searches' rounds): a fresh pool per cell paid
+    # the workers' imports and first model load again (RunOptions.shared_executor)
     try:
-        for rc, _ in prepared:
-            res = CellResult(rc.cell.id)
-            results.append(res)
-            since = int(time.time() * 1000) - 1000
-            cell_options = grid_options.replace(
-                tags=tracker.cell_tags(rc) if tracker is not None else {},
-                params={f"axis.{k}": v for k, v in rc.cell.spelt.items()},
-            )
-            # the cell's graph, then its attacker searches (issue 16); studies shared by
-            # cells (e.g. the original row's) are in the store already
-            run = run_spec(_cell_spec(rc), cell_options)
-            if not run.ok or run.summary is None:
-                res.ok, res.error = False, f"failed: {', '.join(run.failed)}"
-                status = "FAILED"
-                if tracker is not None:
-                    res.run_id = tracker.find_cell_run(rc, since)
-                break
-            summary = run.summary
-            res.executed = list(summary.executed)
-            res.cached = list(summary.cached)
-            res.seconds = summary.seconds
-            res.run_id = summary.parent_run_id
+        with grid_options.shared_executor() as shared:
+            for rc, _ in prepared:
+                res = CellResult(rc.cell.id)
+                results.append(res)
+                since = int(time.time() * 1000) - 1000
+                cell_options = shared.replace(
+                    tags=tracker.cell_tags(rc) if tracker is not None else {},
+                    params={f"axis.{k}": v for k, v in rc.cell.spelt.items()},
+                )
+                # the cell's graph, then its attacker searches (issue 16); studies shared by
+                # cells (e.g. the original row's) are in the store already
+                run = run_spec(_cell_spec(rc), cell_options)
+                if not run.ok or run.summary is None:
+                    res.ok, res.error = False, f"failed: {', '.join(run.failed)}"
+                    status = "FAILED"
+                    if tracker is not None:
+                        res.run_id = tracker.find_cell_run(rc, since)
+                    break
+                summary = run.summary
+                res.executed = list(summary.executed)
+                res.cached = list(summary.cached)
+                res.seconds = summary.seconds
+                res.run_id = summary.parent_run_id
     except KeyboardInterrupt:
         status = "KILLED"
         raise

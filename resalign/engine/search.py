@@ -485,20 +485,6 @@ def study_records(resolved: Any, graph: Graph, store_root: Path | str) -> list[S
 # ----------------------------------------------------------------------------- running
 
 
-class _KeepAlive:
-    """An executor whose ``shutdown`` (called by ``run_graph`` at the end of each round) keeps
-    its worker pool; :func:`run_searches` shuts the pool down once, after the last round."""
-
-    def __init__(self, executor: Any):
-        self._executor = executor
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._executor, name)
-
-    def shutdown(self) -> None:
-        pass
-
-
 def run_searches(
     resolved: Any,
     graph: Graph,
@@ -520,18 +506,20 @@ def run_searches(
     plans = search_plans(resolved) if plans is None else list(plans)
     if not plans:
         return []
+    o = o.replace(ui=o.progress())  # one display for every round
+    # one worker pool for every round (3 rounds per pruned trial; a fresh pool's workers
+    # import torch and diffusers again, 5-20 s each on the loaded 2-core machine)
+    with o.shared_executor() as o:
+        return _run_searches(resolved, graph, o, plans)
+
+
+def _run_searches(
+    resolved: Any, graph: Graph, o: RunOptions, plans: Sequence[StudyPlan]
+) -> list[StudyRecord]:
     from .runner import RunFailed, run_graph
 
-    o = o.replace(ui=o.progress())  # one display for every round
     ui = o.ui
     store_root = o.store
-    # One worker pool for every round: each round used to start a fresh spawn pool, whose
-    # workers import torch and diffusers again (3 rounds per pruned trial; 5-20 s each on the
-    # loaded 2-core machine). Nodes seed themselves, so a reused worker changes no result.
-    pool = o.new_executor()
-    shared = _KeepAlive(pool) if not getattr(pool, "in_process", False) else None
-    if shared is not None:
-        o = o.replace(executor=lambda: shared)
 
     def run_round(
         tg: Graph, k: int, trials: list[tuple[StudyPlan, int, dict[str, Any], str]]
@@ -560,11 +548,7 @@ def run_searches(
         if summary.parent_run_id and summary.tracking_uri:
             _tag_trial_runs(summary.tracking_uri, summary.parent_run_id, tg, trials, ui, o.tags)
 
-    try:
-        records = replay(resolved, graph, store_root, run_round=run_round, write=True, plans=plans)
-    finally:
-        if shared is not None:
-            pool.shutdown()
+    records = replay(resolved, graph, store_root, run_round=run_round, write=True, plans=plans)
     for rec in records:
         best = rec.best()
         c = rec.search["constraint"]
