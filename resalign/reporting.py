@@ -61,6 +61,7 @@ def report_for_spec(
         rows=params.get("rows"),
         threats=params.get("threats"),
         resurgence=params.get("resurgence"),
+        reference=params.get("reference"),
         title=f"resalign report: {graph.spec_name}",
         all_steps=all_steps,
         searches=_searches(resolved, graph, Path(store_root)),
@@ -94,8 +95,10 @@ class GridResults:
     cells: int
     # attacker searches (issue 16), rows renamed as the results' rows
     searches: list[dict[str, Any]] = dataclasses.field(default_factory=list)
-    # the template's report.resurgence (the first cell's; cells that differ are an error)
+    # the template's report.resurgence and report.reference (the first cell's; cells that
+    # differ are an error)
     resurgence: dict[str, Any] | None = None
+    reference: str | None = None
 
 
 def grid_results(template_path: str, store_root: Path, sets: Sequence[str] = ()) -> GridResults:
@@ -148,6 +151,13 @@ def grid_results(template_path: str, store_root: Path, sets: Sequence[str] = ())
             where=str(tpl.path),
             hint="write report.resurgence in the template's body once, outside the matrix",
         )
+    if len({x[2].get("reference") for x in cells}) > 1:
+        raise UserError(
+            f"grid {tpl.name!r}: its cells set different report.reference rows, and the "
+            "grid's one table pairs every method with one reference",
+            where=str(tpl.path),
+            hint="write report.reference in the template's body once, outside the matrix",
+        )
     for i, (cid, found, params, _, unlearned, studies) in enumerate(cells):
         own = list(params.get("rows") or dict.fromkeys(x.row for x in found))
         methods = [r for r in own if r not in CONTROL_ROWS]
@@ -175,6 +185,7 @@ def grid_results(template_path: str, store_root: Path, sets: Sequence[str] = ())
     return GridResults(
         tpl.name, Path(tpl.path), results, rows, threats, groups, len(cells), searches,
         cells[0][2].get("resurgence") if cells else None,
+        cells[0][2].get("reference") if cells else None,
     )  # fmt: skip
 
 
@@ -199,6 +210,7 @@ def report_for_grid(
         rows=g.rows,
         threats=g.threats or None,
         resurgence=g.resurgence,
+        reference=g.reference,
         title=f"resalign report: grid {g.name} ({g.cells} cells)",
         all_steps=all_steps,
         searches=g.searches,
@@ -242,7 +254,7 @@ def write_grid_frontier(
     xms = ["retain_accuracy"] if "retain_accuracy" in utility else [utility[0]]
     if "classifier_fid" in utility and "classifier_fid" not in xms:
         xms.append("classifier_fid")
-    front = build_frontier(g.results, g.groups, threat, safety[0], xms)
+    front = build_frontier(g.results, g.groups, threat, safety[0], xms, reference=g.reference)
     return write_frontier(front, out)
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import pytest
 
@@ -217,3 +218,51 @@ def test_the_perturbation_probe_is_a_predictor_of_the_other_threats_resurgence(t
     # resurged models (peak 0.6) from the others (0) perfectly
     e = next(e for e in named if e["predictor"] == "concept_rate at radius 0.1 (probe)")
     assert e["n"] == 6 and e["auc"] == pytest.approx(1.0)
+
+
+def test_report_reference_pairs_every_method_with_the_named_row(tmp_path):
+    """``report.reference: esd``: ResAlign built on ESD's loss is paired with ESD, in the
+    table's differences and in the resurgence comparison; the reference has neither."""
+    peaks = {
+        "plain": {u: 0.0 for u in range(6)},
+        "esd": {u: (0.6 if u in (1, 3, 4) else 0.0) for u in range(6)},
+        "resalign_esd": {u: (0.5 if u == 0 else 0.1) for u in range(6)},
+    }
+    graph = _store(tmp_path / "runs", peaks)
+    results = results_from_store(graph, tmp_path / "runs")
+    threats = {"benign": {"seeds": [1, 2], "eval_at": [1, 2], "steps": 2}}
+    rows = ["original", "plain", "esd", "resalign_esd"]
+    table = write_report(results, tmp_path / "out", rows=rows, threats=threats, reference="esd")
+    entries = {e["row"]: e for e in table["table"]}
+    assert entries["resalign_esd"]["reference"] == "esd"
+    assert entries["plain"]["reference"] == "esd"
+    assert "diff" not in entries["esd"] and "diff" not in entries["original"]
+    d = entries["resalign_esd"]["diff"]["concept_rate/benign"]
+    want = [peaks["resalign_esd"][u] - peaks["esd"][u] for u in range(6) for _ in (1, 2)]
+    assert sorted(d["values"]) == pytest.approx(sorted(want))
+    p = {e["row"]: e for e in table["resurgence"]}["resalign_esd"]["paired"]
+    assert (p["a_only"], p["b_only"], p["reference"]) == (1, 3, "esd")
+    md = (tmp_path / "out" / "report.md").read_text()
+    assert "| Δ resalign_esd − esd (paired) |" in md and "− plain (paired)" not in md
+
+
+@pytest.mark.fast
+def test_a_report_reference_that_names_no_row_is_a_located_error(tmp_path):
+    from click.testing import CliRunner
+
+    from resalign.cli import cli
+
+    demo = Path(__file__).resolve().parents[1] / "specs" / "digits_demo.yaml"
+    spec = tmp_path / "ref.yaml"
+    spec.write_text(f"version: 1\nextends: {demo}\nname: ref\nreport:\n  reference: esd\n")
+    res = CliRunner().invoke(cli, ["validate", str(spec)])
+    assert res.exit_code == 2 and "Traceback" not in res.output
+    assert f"{spec}:5:14: report.reference is 'esd', but no row has that label" in res.output
+    assert "allowed: resalign, plain" in res.output
+    # naming an existing row is valid, and the report node reads it
+    spec.write_text(f"version: 1\nextends: {demo}\nname: ref\nreport:\n  reference: resalign\n")
+    assert CliRunner().invoke(cli, ["validate", str(spec)]).exit_code == 0
+    from resalign.graph.compile import compile_spec
+    from resalign.spec import load_spec
+
+    assert compile_spec(load_spec(spec))["report"].params["reference"] == "resalign"

@@ -42,8 +42,12 @@ def build_frontier(
     threat: str,
     metric: str,
     x_metrics: Sequence[str],
+    reference: str | None = None,
 ) -> dict[str, Any]:
-    """The frontier as JSON-able data. ``groups``: method → [(row name, strength label)]."""
+    """The frontier as JSON-able data. ``groups``: method → [(row name, strength label)];
+    ``reference``: the method the others are compared with (``report.reference``; None: its
+    default, ``plain``)."""
+    reference = reference or REFERENCE_ROW
     idx = ValueIndex(results)
     steps = sorted({r.step for r in results if r.threat == threat})
     if not steps:
@@ -70,7 +74,7 @@ def build_frontier(
             )
         methods[method] = pts
 
-    ref = REFERENCE_ROW if REFERENCE_ROW in methods else None
+    ref = reference if reference in methods else None
     comparisons = []
     for method in methods:
         if ref is None or method == ref:
@@ -85,7 +89,8 @@ def build_frontier(
         "x_metrics": list(x_metrics),
         "last_step": steps[-1],
         "methods": methods,
-        "reference": ref,
+        "reference": ref,  # None: no method row of that name
+        "reference_row": reference,
         "comparisons": comparisons,
         "method": (
             "per (unlearning seed, attack seed) pair: each method's relearning area "
@@ -280,7 +285,8 @@ def write_frontier(front: Mapping[str, Any], out: Path) -> list[str]:
     sentences = [c["sentence"] for c in front["comparisons"]]
     if not sentences:
         sentences = [
-            f"No comparison: the frontier needs a method row named '{REFERENCE_ROW}' and one "
+            f"No comparison: the frontier needs a method row named "
+            f"'{front.get('reference_row') or REFERENCE_ROW}' and one "
             f"other method (methods: {', '.join(front['methods']) or 'none'})."
         ]
     md = ["# Frontier", "", "![frontier](frontier.png)", "", *(s + "\n" for s in sentences)]

@@ -408,6 +408,7 @@ class _Compiler:
                 if t.search is None  # searched threats: reported from their studies
             },
             "resurgence": self.spec.report.resurgence.model_dump(mode="json"),
+            "reference": self.spec.report.reference,  # the row method rows are paired with
         }
         self.add("report", "report", params, {e: e for e in evals} | {p: p for p in probes})
         return self.graph

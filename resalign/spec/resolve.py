@@ -565,6 +565,22 @@ def oracle_labels(spec: Spec) -> list[int]:
     return sorted({lab for c in spec.concepts.values() for lab in c.labels})
 
 
+def check_report(spec: Spec, rows: Mapping[str, UnlearnSpec], smap: SourceMap) -> list[Issue]:
+    """A ``report.reference`` the spec writes names one of its unlearning rows (the default,
+    ``plain``, may be absent: then no row is paired)."""
+    ref = spec.report.reference
+    if "reference" not in spec.report.model_fields_set or ref in rows:
+        return []
+    names = [r for r in rows if r != ORIGINAL_ROW]
+    return [
+        smap.issue(
+            ("report", "reference"),
+            f"report.reference is '{ref}', but no row has that label",
+            allowed=", ".join(names) or "none (add baselines)",
+        )
+    ]
+
+
 def check_controls(spec: Spec, rows: Mapping[str, UnlearnSpec], smap: SourceMap) -> list[Issue]:
     """``controls.oracle`` can be built: a tiny model pretrained here on labelled data that
     holds every concept's label, each concept with a ``label``, and no row named ``oracle``."""
@@ -702,6 +718,7 @@ def resolve(
     if spec is None or issues:
         return None, issues
     issues += check_controls(spec, rows, smap)
+    issues += check_report(spec, rows, smap)
     spec = _absolutize(spec, base_dir)
     issues += check_search_metrics(spec, smap)
     if check_files:

@@ -27,7 +27,7 @@ from ..transfer import transfer_view
 from .plots import curve_file, image_grids, plot_best_so_far, plot_curves
 from .render import Figures, html_page, markdown_page
 from .results import EvalResult, results_from_dirs
-from .rows import CONTROL_ROWS
+from .rows import CONTROL_ROWS, REFERENCE_ROW
 from .table import add_worst_case, build_table
 
 
@@ -42,6 +42,7 @@ def write_report(
     searches: Sequence[Mapping[str, Any]] = (),
     resurgence: Mapping[str, Any] | None = None,
     predictors: Sequence[Any] = (),
+    reference: str | None = None,
 ) -> dict[str, Any]:
     """Write table.json, report.md, report.html, ``<metric>_vs_steps.png`` (one per safety
     metric, :func:`curve_file`) and grids.png to ``out``. report.html is self-contained (its
@@ -53,13 +54,15 @@ def write_report(
     ``resurgence``: the spec's ``report.resurgence`` (:mod:`..resurgence`, a section and
     ``resurgence_areas.png``). ``predictors``: properties per model
     (:class:`resalign.evaluation.predictors.Predictor`) tested against resurgence, a section
-    and ``predictors.png`` (:func:`resalign.evaluation.predictors.predictor_section`); a
+    and ``predictors.png`` (:func:`resalign.evaluation.predictors.predictor_section`).
+    ``reference``: the spec's ``report.reference`` (None: its default); a
     perturbation threat's values at each radius are added to them."""
     if not results:
         raise UserError("no evaluation results to report", hint="add metrics to 'evaluate'")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    table = build_table(results, rows, threats, all_steps=all_steps, resurgence=resurgence)
+    table = build_table(results, rows, threats, all_steps=all_steps, resurgence=resurgence,
+                        reference=reference or REFERENCE_ROW)  # fmt: skip
     search_plot = False
     if searches:
         add_worst_case(table, searches)
@@ -102,6 +105,7 @@ def report_from_inputs(
         rows=params.get("rows"),
         threats=params.get("threats"),
         resurgence=params.get("resurgence"),
+        reference=params.get("reference"),
         predictors=predictors_from_probes(probe_results_from_dirs(probes)),
         title=title,
         all_steps=True,

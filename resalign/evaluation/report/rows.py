@@ -3,7 +3,8 @@
 Rows are ``original`` (the loaded model), ``oracle`` (``controls.oracle``: the same attacks on
 a model that never learned the concept), then the unlearning rows; in a grid report each
 cell's rows are ``<cell>/<row>`` (``resalign.reporting.grid_results``). The two controls are
-never an unlearning method: no paired difference to ``plain`` and no place on a frontier.
+never an unlearning method: no paired difference to the reference row (``report.reference``,
+default ``plain``) and no place on a frontier.
 """
 
 from __future__ import annotations
@@ -12,8 +13,10 @@ from collections.abc import Sequence
 
 from ...spec.resolve import ORIGINAL_ROW
 from ...spec.schema.controls import ORACLE_ROW
+from ...spec.schema.report import ReportSpec
 
-REFERENCE_ROW = "plain"
+# the default reference row (``report.reference``)
+REFERENCE_ROW: str = ReportSpec.model_fields["reference"].default
 CONTROL_ROWS = (ORIGINAL_ROW, ORACLE_ROW)
 
 
@@ -33,12 +36,13 @@ def is_control(row: str) -> bool:
     return row.rsplit("/", 1)[-1] in CONTROL_ROWS
 
 
-def reference_row(row: str, rows: Sequence[str]) -> str | None:
-    """The row a method row is paired with: ``plain`` of its cell, else ``plain``. None for
-    the reference itself and for the control rows (``original``, ``oracle``)."""
+def reference_row(row: str, rows: Sequence[str], reference: str = REFERENCE_ROW) -> str | None:
+    """The row a method row is paired with: ``reference`` (``report.reference``) of its
+    cell, else the top-level row of that name. None for the reference itself and for the
+    control rows (``original``, ``oracle``)."""
     if is_control(row):
         return None
-    return sibling(row, REFERENCE_ROW, rows)
+    return sibling(row, reference, rows)
 
 
 __all__ = [

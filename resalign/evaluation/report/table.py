@@ -8,7 +8,7 @@ post-fine-tuning column per threat (at the threat's last evaluation step; every 
 and the first relearn step, see :mod:`resalign.evaluation.stats`); utility metrics get their
 pre-fine-tuning column. A cell aggregates over units (unlearning seed × attack seed; see
 :mod:`..stats`): mean, 95 % interval (Student t, clipped to [0, 1] for rates) and n. Below
-each method row, its paired difference to the row named ``plain`` (``<cell>/plain`` in a grid
+each method row, its paired difference to the reference row (``report.reference``, default ``plain``) (``<cell>/plain`` in a grid
 report): same unlearning seed and attack seed. :func:`add_worst_case` adds the attacker
 searches' worst-case columns.
 
@@ -38,7 +38,7 @@ from ..stats import (
     summary,
 )
 from .results import EvalResult
-from .rows import ORIGINAL_ROW, reference_row, sibling
+from .rows import ORIGINAL_ROW, REFERENCE_ROW, reference_row, sibling
 
 
 def metric_info(results: Iterable[EvalResult]) -> dict[str, dict[str, Any]]:
@@ -113,13 +113,15 @@ def build_table(
     threats: Mapping[str, Mapping[str, Any]] | None = None,
     all_steps: bool = False,
     resurgence: Mapping[str, Any] | None = None,
+    reference: str = REFERENCE_ROW,
 ) -> dict[str, Any]:
     """The table as JSON-able data: columns, one entry per row with its cells and its paired
     differences to the reference row, the metric definitions, the per-step curves, the
     evaluation sizes and the resurgence shares (``resurgence``: the spec's
     ``report.resurgence``, :mod:`.resurgence`; default: ½ × the original's pre-FT value). ``all_steps``: a post-fine-tuning column for every evaluation step of
     each threat (id ``metric/threat@step``), not only the last (id ``metric/threat``).
-    Relearning columns: ``metric/threat/area`` and ``metric/threat/first``."""
+    Relearning columns: ``metric/threat/area`` and ``metric/threat/first``. ``reference``:
+    the row method rows are paired with (``report.reference``)."""
     rows = list(rows) if rows else list(dict.fromkeys(r.row for r in results))
     if threats is None:
         names = dict.fromkeys(r.threat for r in results if r.threat)
@@ -198,7 +200,7 @@ def build_table(
     table_rows = []
     for row in rows:
         cells, diffs = {}, {}
-        ref = reference_row(row, rows)
+        ref = reference_row(row, rows, reference)
         for c in columns:
             vals = unit_values(row, c)
             if c["kind"] == "first":
@@ -227,7 +229,7 @@ def build_table(
         {t: steps_of[t] for t in threats},
         resurgence_threshold,
         lambda row, m, t: relearn[(row, m, t)][0],
-        lambda row: reference_row(row, rows),
+        lambda row: reference_row(row, rows, reference),
     )
 
     curves = {}

@@ -35,3 +35,11 @@ class ReportSpec(StrictModel):
     """What the report computes beyond the table."""
 
     resurgence: ResurgenceSpec = Field(default_factory=ResurgenceSpec)
+    reference: str = Field(
+        default="plain",
+        min_length=1,
+        description="the unlearning row every other method row is paired with (its paired "
+        "differences, resurgence comparison and frontier); in a grid, the cell's row of that "
+        "name. A row named here must exist: a base method such as 'esd' when ResAlign is "
+        "built on its loss",
+    )
