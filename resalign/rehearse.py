@@ -682,18 +682,31 @@ _SD3_VAE: dict[str, Any] = {
 
 
 def _build_sd3(scale: str, folder: Path) -> None:
+    """The SD 3.5-shaped toy pipeline (:func:`build_sd3_toy_pipeline`) saved as a diffusers
+    folder."""
+    if scale != "toy":
+        raise UserError(
+            "the SD3 rehearsal is available at toy scale only",
+            hint="use --rehearse-profile toy",
+        )
+    pipe = build_sd3_toy_pipeline(folder)
+    pipe.save_pretrained(str(folder), safe_serialization=True)
+    import shutil
+
+    for i in (1, 2):
+        shutil.rmtree(folder / f"_tok{i}", ignore_errors=True)
+
+
+def build_sd3_toy_pipeline(tmp: Path, seed: int = 0) -> Any:
     """SD 3.5-shaped pipeline at toy width: the transformer's block types of SD 3.5 Medium
     (joint blocks with RMS q/k norm, the first a dual-attention block, the last
     context-pre-only; 3 blocks of width 16), CLIP-L and CLIP-G roles as two
     ``CLIPTextModelWithProjection`` (width 32) with 77-token byte-level tokenizers, a T5
     v1.1-shaped encoder (width 64) with an offline Unigram tokenizer (256 tokens: the
     pipeline's default sequence), an SD3-layout 16-channel VAE (8× down, scaling and shift
-    as published) at 64 px, and a ``FlowMatchEulerDiscreteScheduler`` with SD3's shift 3."""
-    if scale != "toy":
-        raise UserError(
-            "the SD3 rehearsal is available at toy scale only",
-            hint="use --rehearse-profile toy",
-        )
+    as published) at 64 px, and a ``FlowMatchEulerDiscreteScheduler`` with SD3's shift 3.
+    ``tmp`` holds the CLIP tokenizers' files (``_tok1``, ``_tok2``). Deterministic in
+    ``seed`` (the rehearsal's is 0)."""
     import torch
     from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
     from transformers import CLIPTextConfig, CLIPTextModelWithProjection
@@ -718,8 +731,8 @@ def _build_sd3(scale: str, folder: Path) -> None:
     )
     vae_cfg = dict(_SD3_VAE, block_out_channels=[8, 8, 16, 16], norm_num_groups=8, sample_size=64)
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        tokenizers = [write_byte_tokenizer(folder / f"_tok{i}", 77) for i in (1, 2)]
+        torch.manual_seed(seed)
+        tokenizers = [write_byte_tokenizer(Path(tmp) / f"_tok{i}", 77) for i in (1, 2)]
         tokenizers.append(build_t5_tokenizer(256))
         encoders = [
             CLIPTextModelWithProjection(
@@ -737,7 +750,7 @@ def _build_sd3(scale: str, folder: Path) -> None:
         encoders.append(build_tiny_t5(t5, len(tokenizers[2])))
         transformer = SD3Transformer2DModel(**transformer_cfg)
         vae = AutoencoderKL(**vae_cfg)
-    pipe = assemble_pipeline(
+    return assemble_pipeline(
         "sd3",
         denoiser=transformer,
         vae=vae,
@@ -745,11 +758,6 @@ def _build_sd3(scale: str, folder: Path) -> None:
         text_encoders=encoders,
         tokenizers=tokenizers,
     )
-    pipe.save_pretrained(str(folder), safe_serialization=True)
-    import shutil
-
-    for i in (1, 2):
-        shutil.rmtree(folder / f"_tok{i}", ignore_errors=True)
 
 
 # FLUX.1-dev's layout (the transformer/, vae/, text encoders' and scheduler's configs of

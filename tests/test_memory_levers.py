@@ -1,4 +1,5 @@
-"""Memory levers keep the hypergradient (tiny SD-layout UNet built in-process).
+"""Memory levers keep the hypergradient (tiny SD-layout UNet and tiny SD3 transformer built
+in-process).
 
 Tolerances, stated once: against the fp32 outer step, every lever keeps the mean hypergradient
 at cosine > 0.99; levers that change no arithmetic (checkpointing, the HVP backend) stay within
@@ -15,7 +16,7 @@ import torch
 
 from resalign.algorithms import memory
 from resalign.algorithms.hypergrad import make_hvp, tensors_cosine
-from resalign.bench.sd import Levers, outer_step, prepare_unet
+from resalign.bench.sd import Levers, outer_step, prepare
 from resalign.models.attention import math_attention
 from resalign.models.sd_arch import PUBLISHED_PARAMS, build_unet, unet_config
 from resalign.models.trainable import apply_trainable
@@ -134,12 +135,10 @@ def _outer(combo: str, **kw: Any) -> tuple[Any, Any, Any, torch.nn.Module]:
     (an SD-LoRA bound), so every solve would be dropped and the hypergradient compared would be
     zero."""
     levers = Levers.parse(combo)
-    unet, sel, original = prepare_unet("tiny", seed=0, second_copy=levers.second_copy)
+    model = prepare("tiny", seed=0, second_copy=levers.second_copy)
     kw.setdefault("max_norm", None)
-    res, hyper, outer = outer_step(
-        unet, sel, "tiny", levers, latent=8, seed=0, device="cpu", original_unet=original, **kw
-    )
-    return res, hyper, outer, unet
+    res, hyper, outer = outer_step(model, levers, latent=8, seed=0, device="cpu", **kw)
+    return res, hyper, outer, model.denoiser
 
 
 def _step(combo: str) -> tuple[torch.Tensor, torch.Tensor, torch.nn.Module, list]:
@@ -224,9 +223,8 @@ def test_bench_step_is_the_method_step_with_every_phase_timed() -> None:
     assert len(res.configs) == 1 and res.hvps == res.configs[0]["hvps"] > 0
     assert float(hyper.norm()) > 0
     assert set(res.phase_seconds) == set(PHASES) and all(v > 0 for v in res.phase_seconds.values())
-    unet, sel, _ = prepare_unet("tiny", seed=0)
     spec = bench_spec(Levers.parse("fp32"), inner_steps_cap=1, samples_per_step=1, max_norm=None)
-    prob = bench_problem(unet, sel, "tiny", latent=8, seed=0, device="cpu")
+    prob = bench_problem(prepare("tiny", seed=0), latent=8, seed=0, device="cpu")
     m = build_method("resalign", prob, spec, seed=0)
     grads, _ = m.outer_gradient()
     assert torch.equal(torch.cat([g.reshape(-1) for g in grads]), outer)
@@ -247,3 +245,130 @@ def test_bench_sd_absent_device_is_a_clear_error_not_a_traceback():
     assert r.returncode == 2, r.stderr
     assert "MPS is not available" in r.stderr
     assert "Traceback" not in r.stderr
+
+
+def test_bench_step_on_sd3_transformer_is_the_method_step_on_the_math_path(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """``bench sd --arch sd3-tiny``: the tiny family's SD3 transformer with the family's LoRA
+    targets and flow-matching objective. The bench's outer gradient is that of a method built
+    on the same problem and stepped without the bench; the step's HVPs need the math
+    attention path the method switches to (with the switch made a no-op, the fused CPU
+    attention's missing double backward stops the step)."""
+    import contextlib
+    import copy
+
+    import resalign.algorithms.methods.resalign as resalign_method
+    from resalign.algorithms.methods import build_method
+    from resalign.bench.sd import bench_problem, bench_spec
+    from resalign.models.diffusion import FlowMatchObjective
+    from resalign.spec.schema.model import SD3_LORA_TARGETS
+
+    model = prepare("sd3-tiny", seed=0, latent=8)
+    assert type(model.denoiser).__name__ == "SD3Transformer2DModel"
+    assert isinstance(model.objective, FlowMatchObjective)
+    assert model.objective.sampling == "logit_normal"
+    lora = {n.split(".lora_")[0] for n in model.selection.names}
+    assert {t for t in SD3_LORA_TARGETS if any(m.endswith(t) for m in lora)} == set(
+        SD3_LORA_TARGETS
+    )
+    twin, fused = copy.deepcopy(model), copy.deepcopy(model)
+    kw: dict[str, Any] = {"inner_steps_cap": 1, "samples_per_step": 1, "max_norm": None}
+    res, hyper, outer = outer_step(
+        model, Levers.parse("fp32"), latent=8, seed=0, device="cpu", **kw
+    )
+    assert res.hvps == res.configs[0]["hvps"] > 0 and float(hyper.norm()) > 0
+    spec = bench_spec(Levers.parse("fp32"), **kw)
+    m = build_method("resalign", bench_problem(twin, latent=8, seed=0, device="cpu"), spec, 0)
+    grads, _ = m.outer_gradient()
+    assert torch.equal(torch.cat([g.reshape(-1) for g in grads]), outer)
+
+    monkeypatch.setattr(resalign_method, "math_attention", lambda _m: contextlib.nullcontext())
+    with pytest.raises(RuntimeError, match="not implemented"):
+        outer_step(fused, Levers.parse("fp32"), latent=8, seed=0, device="cpu", **kw)
+
+
+def test_checkpointed_hvp_equals_plain_hvp_on_sd3_transformer_float64() -> None:
+    """Block checkpointing of the SD3 transformer goes through the rebinding wrapper: at a θ*
+    other than the module's own tensors its HVPs equal the un-checkpointed ones in float64,
+    where diffusers' own checkpointing (recomputation with the module's parameters) does
+    not."""
+    from resalign.models.tiny import build_tiny_sd3_transformer
+    from resalign.spec.schema.model import SD3_LORA_TARGETS, TinyModelSpec
+
+    torch.manual_seed(7)
+    tr = build_tiny_sd3_transformer(TinyModelSpec(architecture="sd3"), 1, 8)
+    apply_trainable(
+        tr,
+        {"kind": "lora", "rank": 4, "targets": SD3_LORA_TARGETS},
+        torch.Generator().manual_seed(8),
+    )
+    tr.double()
+    names = [n for n, p in tr.named_parameters() if p.requires_grad]
+    theta = dict(tr.named_parameters())
+    g = torch.Generator().manual_seed(9)
+
+    def randn(*shape: int) -> torch.Tensor:
+        return torch.randn(*shape, generator=g, dtype=torch.float64)
+
+    star = [theta[n].detach() + 0.05 * randn(*theta[n].shape) for n in names]
+    x, eps = randn(2, 1, 8, 8), randn(2, 1, 8, 8)
+    cond = {"encoder_hidden_states": randn(2, 6, 64), "pooled_projections": randn(2, 64)}
+    t = torch.tensor([10.0, 700.0], dtype=torch.float64)
+    v = [randn(*s.shape) for s in star]
+
+    def loss_fn(ps: list[torch.Tensor]) -> torch.Tensor:
+        kwargs = {"timestep": t, **cond, "return_dict": False}
+        out = torch.func.functional_call(tr, dict(zip(names, ps)), (x,), kwargs, strict=False)
+        return memory.squared_error(out[0], eps)
+
+    def saved_numel() -> int:
+        sizes: list[int] = []
+        leaves = [s.clone().requires_grad_(True) for s in star]
+        with torch.autograd.graph.saved_tensors_hooks(
+            lambda tensor: sizes.append(tensor.numel()) or tensor, lambda tensor: tensor
+        ):
+            loss_fn(leaves)
+        return sum(sizes)
+
+    backends = ("double_backward", "forward_over_reverse")
+    with math_attention(tr):
+        plain = {b: make_hvp(loss_fn, star, b)(v) for b in backends}
+        plain_saved = saved_numel()
+        memory.enable_gradient_checkpointing(tr)
+        ckpt = {b: make_hvp(loss_fn, star, b)(v) for b in backends}
+        ckpt_saved = saved_numel()
+        memory.disable_gradient_checkpointing(tr)
+        tr.enable_gradient_checkpointing()  # diffusers' own checkpointing function
+        theirs = make_hvp(loss_fn, star, "double_backward")(v)
+        tr.disable_gradient_checkpointing()
+    assert ckpt_saved < 0.5 * plain_saved  # checkpointing is really on
+    assert float(sum(h.abs().sum() for h in plain["double_backward"])) > 0
+    # (the two backends agree only to ~2e-9 here, not 1e-10 as on the UNet: diffusers'
+    # RMSNorm, the q/k norm, computes its variance in float32 even for float64 inputs)
+    for backend in backends:
+        assert _rel(ckpt[backend], plain[backend]) < 1e-12
+    assert _rel(theirs, plain["double_backward"]) > 1e-3
+
+
+@pytest.mark.fast
+def test_lever_problems_names_a_lever_that_did_not_apply() -> None:
+    """The bench refuses to measure a lever that left the model as it was: before the
+    levers are applied both are reported, after :func:`memory.apply_memory_levers` none;
+    diffusers' own checkpointing function (not the rebinding one) is reported too."""
+    from types import SimpleNamespace
+
+    from resalign.bench.sd import lever_problems
+    from resalign.models.tiny import build_tiny_sd3_transformer
+    from resalign.spec.schema.model import SD3_LORA_TARGETS, TinyModelSpec
+
+    tr = build_tiny_sd3_transformer(TinyModelSpec(architecture="sd3"), 1, 8)
+    apply_trainable(tr, {"kind": "lora", "rank": 2, "targets": SD3_LORA_TARGETS}, None)
+    levers = Levers.parse("bf16+half+ckpt")
+    problems = lever_problems(tr, levers)
+    assert [p.split(":")[0] for p in problems] == ["ckpt", "half"]
+    tr.enable_gradient_checkpointing()
+    assert "without the rebinding wrapper" in lever_problems(tr, levers)[0]
+    mem = SimpleNamespace(gradient_checkpointing=True, frozen_dtype="bfloat16", offload_idle=False)
+    memory.apply_memory_levers(tr, mem, "cpu")
+    assert lever_problems(tr, levers) == []

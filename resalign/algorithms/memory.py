@@ -294,17 +294,30 @@ def reset_peak_memory(device: torch.device | str) -> None:
             f.write("5")
 
 
+def current_memory(device: torch.device | str) -> int:
+    """Bytes in use now: CUDA allocated memory on a GPU, the resident set (VmRSS) of this
+    process on a CPU (0 where /proc is unavailable); the base a :func:`peak_memory` is
+    compared with."""
+    if _device_type(device) == "cuda":
+        return int(torch.cuda.memory_allocated())
+    return _proc_status_bytes("VmRSS:")
+
+
+def _proc_status_bytes(key: str) -> int:
+    try:
+        with open(f"/proc/{os.getpid()}/status") as f:
+            for line in f:
+                if line.startswith(key):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
 def peak_memory(device: torch.device | str) -> int:
     """Bytes at peak since :func:`reset_peak_memory`: CUDA allocator peak on a GPU, peak RSS
     (VmHWM) of this process on a CPU (0 where /proc is unavailable)."""
     if _device_type(device) == "cuda":
         torch.cuda.synchronize()
         return int(torch.cuda.max_memory_allocated())
-    try:
-        with open(f"/proc/{os.getpid()}/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 0
+    return _proc_status_bytes("VmHWM:")

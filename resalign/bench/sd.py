@@ -1,14 +1,19 @@
 """SD-scale benchmark of one ResAlign outer step per memory-lever combination.
 
-``python -m resalign.bench sd --arch sd14|sdxl [--latent 16] [--levers fp32,bf16+ckpt,...]
---json out.json``
+``python -m resalign.bench sd --arch sd14|sdxl|sd3-toy|flux-toy [--latent 16]
+[--levers fp32,bf16+ckpt,...] --json out.json``
 
-Builds the UNet of the architecture from its published config with random weights
-(:mod:`resalign.models.sd_arch`: memory and time depend on the architecture, not on the
-weights), adds the published trainable LoRA (rank 4 on to_q/to_k/to_v/to_out.0, published init),
-builds the :class:`~resalign.algorithms.methods.UnlearnProblem` the unlearn step would (random
-latents and text conditioning shaped as the encoders produce them: the VAE and text encoders
-take no part in an outer step once data are encoded) and calls ``step()`` of the real
+Builds the denoiser of the architecture with random weights (memory and time depend on the
+architecture, not on the weights): a UNet from its published config
+(:mod:`resalign.models.sd_arch`) with the published trainable LoRA (rank 4 on
+to_q/to_k/to_v/to_out.0, published init) and SD's DDPM objective, or a flow-matching
+transformer at the toy rehearsal's widths (``sd3-toy``: SD 3.5 Medium's block types;
+``flux-toy``: FLUX.1-dev's; ``sd3-tiny``: the tiny family's, test size) with its family's
+LoRA targets, flow-matching objective and conditioning, as a run of that family trains it
+(:func:`prepare`). It builds the :class:`~resalign.algorithms.methods.UnlearnProblem` the
+unlearn step would (random latents and text conditioning shaped as the encoders produce them:
+the VAE and text encoders take no part in an outer step once data are encoded) and calls
+``step()`` of the real
 ``resalign`` method once, on the published configuration (:func:`bench_spec`: J = 3 inner
 configurations sampled from lr {1e-4, 1e-5, 1e-6}, steps {5, 10, 20, 30}, SGD or Adam, batch 1;
 γ = 1, K = 5 with the published safeguards; β = 0.8, α = 1.6, meta_rate 0.3; AdamW 2e-4). The
@@ -20,7 +25,12 @@ measured is exactly what ``resalign run`` executes.
 Every combination runs in a fresh subprocess with the same seed, so the configurations, batches
 and noise are identical, and its peak memory is its own: the CUDA allocator peak on a GPU, the
 peak resident set (VmHWM, reset after the model is built) on a CPU; ``setup_peak`` and the
-child's ``ru_maxrss`` include building the model. Accuracy is reported against the ``fp32``
+child's ``ru_maxrss`` include building the model; ``step_base_bytes`` is what the process
+held when the step started, so ``step Δ`` (peak − base) is the step's own peak, the number
+that matters at toy size, where the torch runtime dwarfs the model. A lever that leaves the
+model as it was (checkpointing on no block or without the rebinding wrapper, frozen weights
+not in half: :func:`lever_problems`) makes its row an error, never a silent no-op
+measurement. Accuracy is reported against the ``fp32``
 combination: relative norm difference and cosine of the mean hypergradient and of the outer
 gradient; retries and fallbacks are reported per configuration, since a lever that flips one
 of these safeguard decisions changes the hypergradient discontinuously.
@@ -188,32 +198,45 @@ def bench_spec(
     )
 
 
-def bench_problem(
-    unet: Any, selection: Any, arch: str, *, latent: int, seed: int, device: str
-) -> Any:
+@dataclass
+class BenchModel:
+    """What an outer step needs from a benchmark architecture: the denoiser (a UNet or a
+    flow-matching transformer) carrying its trainable LoRA, its training objective (a
+    training scheduler or a :class:`~resalign.models.diffusion.FlowMatchObjective`), the
+    conditioning ``condition(n, generator, device)`` of ``n`` random captions shaped as the
+    architecture's text encoders produce it, its latent channels, and (``published``) the
+    second frozen copy made before the LoRA."""
+
+    arch: str
+    denoiser: Any
+    selection: Any
+    objective: Any
+    condition: Any
+    channels: int
+    original: Any = None
+
+
+def bench_problem(model: BenchModel, *, latent: int, seed: int, device: str) -> Any:
     """The :class:`~resalign.algorithms.methods.UnlearnProblem` the unlearn step would build,
-    with random latents and random text conditioning shaped as ``arch``'s encoders produce it
-    (the VAE and text encoders take no part in an outer step once data are encoded)."""
+    with random latents and random text conditioning shaped as ``model``'s encoders produce
+    it (the VAE and text encoders take no part in an outer step once data are encoded)."""
     import torch
 
     from ..algorithms.methods import UnlearnProblem
     from ..algorithms.objectives import EncodedPairs
-    from ..algorithms.toy import toy_scheduler
-    from ..models.sd_arch import conditioning
 
     gen = torch.Generator().manual_seed(seed)
-    in_ch = unet.config.in_channels
 
     def pairs(n: int) -> EncodedPairs:
-        cond = conditioning(arch, n, generator=gen, device=device)
-        lat = torch.randn(n, in_ch, latent, latent, generator=gen).to(device)
+        cond = model.condition(n, gen, device)
+        lat = torch.randn(n, model.channels, latent, latent, generator=gen).to(device)
         return EncodedPairs.from_condition(lat, cond)
 
     harmful, retain, benign = pairs(4), pairs(8), pairs(8)
     return UnlearnProblem(
-        unet,
-        toy_scheduler(),  # SD's DDPM training schedule (scaled_linear 0.00085-0.012)
-        selection,
+        model.denoiser,
+        model.objective,
+        model.selection,
         harmful=harmful,
         retain=retain,
         pools={"benign": benign},
@@ -222,9 +245,7 @@ def bench_problem(
 
 
 def outer_step(
-    unet: Any,
-    selection: Any,
-    arch: str,
+    model: BenchModel,
     levers: Levers,
     *,
     latent: int,
@@ -234,14 +255,14 @@ def outer_step(
     gamma: float | None = None,
     max_norm: float | None | str = "published",
     samples_per_step: int | None = None,
-    original_unet: Any = None,
 ) -> tuple[StepResult, Any, Any]:
     """One outer step of the real ``resalign`` method (:func:`bench_spec` on
     :func:`bench_problem`), each phase timed through the method's phase hook. Returns
     (measurements, flat mean hypergradient, flat outer gradient), both fp32 on the CPU: the
     mean over configs of what the method's ``hypergradient`` returned (a dropped one counts as
-    zero) and the gradient its ``step`` handed to the optimizer. ``original_unet``: the
-    ``published`` lever's second frozen copy."""
+    zero) and the gradient its ``step`` handed to the optimizer. ``model.original``: the
+    ``published`` lever's second frozen copy. Raises :class:`LeverNotApplied` when a lever
+    of ``levers`` left the model as it was (:func:`lever_problems`)."""
     import torch
 
     from ..algorithms import memory
@@ -265,7 +286,7 @@ def outer_step(
             res.phase_seconds[name] += time.perf_counter() - t0
             res.phase_peak_bytes[name] = max(res.phase_peak_bytes[name], memory.peak_memory(device))
 
-    problem = bench_problem(unet, selection, arch, latent=latent, seed=seed, device=device)
+    problem = bench_problem(model, latent=latent, seed=seed, device=device)
     spec = bench_spec(
         levers,
         inner_steps_cap=inner_steps_cap,
@@ -275,6 +296,9 @@ def outer_step(
     )
     seen: list[dict[str, Any]] = []
     method = build_method("resalign", problem, spec, seed, seen.append, phases=phase)
+    problems = lever_problems(method.unet, levers)
+    if problems:
+        raise LeverNotApplied("; ".join(problems))
     # observe (not change) what the step computes: the per-config hypergradients and the
     # outer gradient, copied to the CPU in fp32 outside every timed phase
     hypers: list[list[Any]] = []
@@ -291,14 +315,17 @@ def outer_step(
         outer.extend(t.detach().float().cpu() for t in g)
         return g, st
 
-    if original_unet is not None:
-        # ``published``: the regularizer's target comes from the second frozen copy
+    original = model.original
+    if original is not None:
+        # ``published``: the regularizer's target comes from the second frozen copy, called
+        # as every trainer calls the denoiser (Flux's transformer packed)
         from ..models.bundle import as_condition
+        from ..models.diffusion import predict
 
         def eps_original(nb: Any, cond: Any = None) -> Any:
             kwargs = nb.condition if cond is None else as_condition(cond)
             with torch.no_grad():
-                return original_unet(nb.noisy, nb.timesteps, **kwargs, return_dict=False)[0]
+                return predict(original, nb.noisy, nb.timesteps, kwargs)
 
         method.den.eps_original = eps_original  # type: ignore[method-assign]
     method.hypergradient = hypergradient  # type: ignore[method-assign]
@@ -334,28 +361,145 @@ def outer_step(
     return res, _flat(mean), _flat(outer)
 
 
-def prepare_unet(
-    arch: str, *, seed: int = 0, device: str = "cpu", dtype: Any = None, second_copy: bool = False
-) -> tuple[Any, Any, Any]:
-    """Build ``arch``'s UNet (random weights under ``seed``) with the published LoRA. Returns
-    (unet, trainable selection, frozen copy made before the LoRA or None); the method applies
-    the memory levers of its spec."""
-    import copy
+UNET_ARCHS = ("sd14", "sdxl", "tiny")
+# the flow-matching transformers: the toy rehearsal's (sd3-toy, flux-toy) and the tiny
+# family's SD3-shaped model (sd3-tiny, test size)
+FLOW_ARCHS = ("sd3-toy", "flux-toy", "sd3-tiny")
+ARCH_CHOICES = UNET_ARCHS + FLOW_ARCHS
 
+
+class LeverNotApplied(RuntimeError):
+    """A lever of the combination left the model as it was: nothing would be measured."""
+
+
+def lever_problems(denoiser: Any, levers: Levers) -> list[str]:
+    """What of ``levers`` did not take effect on ``denoiser`` once the method applied
+    ``unlearn.memory``: gradient checkpointing on no block, or blocks whose checkpointing
+    function is not the rebinding one of :mod:`resalign.algorithms.memory` (diffusers' own
+    recomputes with the module's parameters instead of θ*); frozen weights left in fp32.
+    Empty when every lever applied."""
     import torch
 
-    from ..models.sd_arch import build_unet
+    from ..algorithms import memory
+
+    problems = []
+    name = type(denoiser).__name__
+    if levers.gradient_checkpointing:
+        blocks = [m for m in denoiser.modules() if getattr(m, "gradient_checkpointing", False)]
+        if not blocks:
+            problems.append(f"ckpt: no module of {name} has gradient checkpointing on")
+        elif any(
+            getattr(m, "_gradient_checkpointing_func", None) is not memory._checkpoint_call
+            for m in blocks
+        ):
+            problems.append(f"ckpt: {name} checkpoints without the rebinding wrapper")
+    if levers.frozen_half:
+        want = torch.bfloat16 if levers.autocast == "bf16" else torch.float16
+        frozen = [p for p in denoiser.parameters() if not p.requires_grad]
+        if not frozen or any(p.dtype != want for p in frozen):
+            problems.append(f"half: frozen weights of {name} are not all {want}")
+    return problems
+
+
+def prepare(
+    arch: str,
+    *,
+    seed: int = 0,
+    device: str = "cpu",
+    latent: int = 8,
+    second_copy: bool = False,
+) -> BenchModel:
+    """``arch``'s denoiser with random weights under ``seed`` and its published LoRA (rank 4,
+    published init); the method applies the memory levers of its spec.
+
+    UNets (``sd14``, ``sdxl``, ``tiny``: :func:`resalign.models.sd_arch.build_unet`): LoRA on
+    to_q/to_k/to_v/to_out.0, SD's DDPM training schedule, conditioning shaped by
+    :func:`~resalign.models.sd_arch.conditioning`. Flow-matching transformers at the toy
+    rehearsal's widths (``sd3-toy``: :func:`resalign.rehearse.build_sd3_toy_pipeline`,
+    SD 3.5 Medium's block types; ``flux-toy``: :func:`resalign.rehearse.build_flux_pipeline`
+    of ``flux_configs("toy")``, FLUX.1-dev's): the pipeline is built, turned into the
+    bundle a run trains (:func:`~resalign.models.loading.bundle_from_pipeline`, with the
+    family's defaults of ``model``: LoRA targets, timestep sampling, Flux's training
+    guidance and resolution shift at ``latent`` × the VAE's scale), and its text encoders
+    are used once to shape the conditioning, then dropped."""
+    import torch
+
     from ..models.trainable import apply_trainable
 
-    unet = build_unet(arch, seed=seed, device=device, dtype=dtype or torch.float32)
-    original = copy.deepcopy(unet).requires_grad_(False) if second_copy else None
+    gen = torch.Generator().manual_seed(seed)
+    if arch in UNET_ARCHS:
+        from ..algorithms.toy import toy_scheduler
+        from ..models.sd_arch import build_unet, conditioning
+
+        denoiser = build_unet(arch, seed=seed, device=device)
+        targets = PUBLISHED["targets"]
+        objective: Any = toy_scheduler()  # SD's DDPM training schedule (scaled_linear)
+        channels = int(denoiser.config.in_channels)
+
+        def condition(n: int, g: Any, dev: str) -> dict[str, Any]:
+            return conditioning(arch, n, generator=g, device=dev)
+
+    elif arch in FLOW_ARCHS:
+        denoiser, objective, condition, channels, targets = _flow_parts(arch, seed, latent)
+        denoiser.to(device)
+    else:
+        raise ValueError(f"unknown architecture {arch!r}; known: {', '.join(ARCH_CHOICES)}")
+    import copy
+
+    original = copy.deepcopy(denoiser).requires_grad_(False) if second_copy else None
     sel = apply_trainable(
-        unet,
-        {"kind": "lora", "rank": PUBLISHED["rank"], "targets": PUBLISHED["targets"]},
-        torch.Generator().manual_seed(seed),
+        denoiser, {"kind": "lora", "rank": PUBLISHED["rank"], "targets": list(targets)}, gen
     )
-    unet.to(device=device, dtype=dtype or torch.float32)
-    return unet, sel, original
+    denoiser.to(device=device, dtype=torch.float32)
+    return BenchModel(arch, denoiser, sel, objective, condition, channels, original)
+
+
+def _flow_parts(arch: str, seed: int, latent: int) -> tuple[Any, Any, Any, int, list[str]]:
+    """(transformer, objective, condition, latent channels, LoRA targets) of a toy
+    flow-matching architecture (:func:`prepare`)."""
+    import torch
+
+    from ..models.loading import bundle_from_pipeline
+    from ..models.tiny import build_tiny_sd3_pipeline
+    from ..rehearse import build_flux_pipeline, build_sd3_toy_pipeline, flux_configs
+    from ..spec.schema.model import ModelSpec
+
+    with tempfile.TemporaryDirectory(prefix="resalign-bench-tok-") as tmp:
+        if arch == "flux-toy":
+            pipe = build_flux_pipeline(flux_configs("toy"), Path(tmp), seed=seed)
+            ms = ModelSpec(family="flux", pretrained=f"bench/{arch}")
+        elif arch == "sd3-toy":
+            pipe = build_sd3_toy_pipeline(Path(tmp), seed=seed)
+            ms = ModelSpec(family="sd3", pretrained=f"bench/{arch}")
+        else:
+            ms = ModelSpec(family="tiny", tiny={"architecture": "sd3"})
+            pipe = build_tiny_sd3_pipeline(ms.tiny, seed)
+        family = ms.family
+        # ms: the defaults a spec of this family gets (LoRA targets, timestep sampling,
+        # Flux's training guidance)
+        assert ms.timestep_sampling is not None
+        bundle = bundle_from_pipeline(
+            pipe,
+            family,
+            timestep_sampling=ms.timestep_sampling.model_dump(),
+            resolution=latent * int(pipe.vae_scale_factor),
+            guidance=ms.training_guidance,
+        )
+        shape = bundle.encode_condition(["a"])
+    channels = int(pipe.vae.config.latent_channels)
+    denoiser, objective = bundle.unet, bundle.objective
+    del pipe, bundle  # the VAE and text encoders take no part in an outer step
+
+    def condition(n: int, g: Any, dev: str) -> dict[str, Any]:
+        # random tensors shaped as the encoders' (sequence and pooled); guidance as trained
+        return {
+            k: v.expand(n).clone().to(dev)
+            if k == "guidance"
+            else torch.randn((n, *v.shape[1:]), generator=g).to(dev)
+            for k, v in shape.items()
+        }
+
+    return denoiser.requires_grad_(False), objective, condition, channels, ms.trainable.targets
 
 
 def _worker(args: argparse.Namespace) -> None:
@@ -367,38 +511,50 @@ def _worker(args: argparse.Namespace) -> None:
     device = args.device
     levers = Levers.parse(args.combo)
     t0 = time.perf_counter()
-    unet, sel, original = prepare_unet(
-        args.arch, seed=args.seed, device=device, second_copy=levers.second_copy
+    model = prepare(
+        args.arch,
+        seed=args.seed,
+        device=device,
+        latent=args.latent,
+        second_copy=levers.second_copy,
     )
     build_s = time.perf_counter() - t0
     setup_peak = memory.peak_memory(device)
     memory.reset_peak_memory(device)
-    # the method itself switches to the math attention path around its HVPs
-    res, hyper, outer = outer_step(
-        unet,
-        sel,
-        args.arch,
-        levers,
-        latent=args.latent,
-        inner_steps_cap=args.inner_steps,
-        seed=args.seed,
-        device=device,
-        samples_per_step=args.configs,
-        original_unet=original,
-    )
+    # what the process holds when the step starts (model, data, the torch runtime): at toy
+    # size it dwarfs the step's own allocations, so the table also shows peak - base
+    step_base = memory.current_memory(device)
+    sel = model.selection
+    try:
+        # the method itself switches to the math attention path around its HVPs
+        res, hyper, outer = outer_step(
+            model,
+            levers,
+            latent=args.latent,
+            inner_steps_cap=args.inner_steps,
+            seed=args.seed,
+            device=device,
+            samples_per_step=args.configs,
+        )
+    except LeverNotApplied as e:
+        report = {"combo": args.combo, "error": f"lever not applied: {e}"}
+        Path(args.report).write_text(json.dumps(report), encoding="utf-8")
+        return
     step_peak = max(res.phase_peak_bytes.values())
     torch.save({"hyper": hyper, "outer": outer}, args.tensors)
     report = {
         "combo": args.combo,
         "levers": asdict(levers),
         "arch": args.arch,
+        "denoiser": type(model.denoiser).__name__,
         "latent": args.latent,
         "device": device,
         "device_name": torch.cuda.get_device_name() if device.startswith("cuda") else "cpu",
         "trainable_params": sel.num_params,
-        "unet_params": sum(p.numel() for p in unet.parameters()) - sel.num_params,
+        "unet_params": sum(p.numel() for p in model.denoiser.parameters()) - sel.num_params,
         "build_seconds": build_s,
         "setup_peak_bytes": setup_peak,
+        "step_base_bytes": step_base,
         "step_peak_bytes": step_peak,
         **asdict(res),
     }
@@ -461,6 +617,8 @@ def _run_combo(args: argparse.Namespace, combo: str, tmp: Path) -> dict[str, Any
             why = f"killed after {args.combo_timeout:.0f} s"
         return {"combo": combo, "error": why, "wall_seconds": wall}
     out = json.loads(report.read_text(encoding="utf-8"))
+    if "error" in out:  # the worker's own diagnosis (a lever that did not apply)
+        return {"combo": combo, "error": out["error"], "wall_seconds": wall}
     # ru_maxrss is in KiB on Linux: the child's whole-life peak, model build included.
     out["child_maxrss_bytes"] = int(usage.ru_maxrss) * 1024
     out["wall_seconds"] = wall
@@ -472,26 +630,52 @@ def _gib(n: float) -> str:
     return f"{n / 2**30:.2f}"
 
 
+def _mib(n: float) -> str:
+    return f"{n / 2**20:.1f}"
+
+
+def _delta(r: dict[str, Any]) -> float:
+    """The step's own peak: peak minus what the process held when the step started."""
+    base = r.get("step_base_bytes")
+    return math.nan if base is None else float(r["step_peak_bytes"] - base)
+
+
 def table(results: list[dict[str, Any]]) -> str:
-    """A markdown table of the combinations (peak of the outer step, ratio to fp32)."""
+    """A markdown table of the combinations (peak of the outer step, ratio to fp32; the
+    step's own peak above its starting memory, ratio to fp32)."""
     base = next((r for r in results if r["combo"] == "fp32" and "error" not in r), None)
-    head = (
-        "| levers | step peak GiB | × fp32 | setup peak GiB | step s | direct s | inner s "
-        "| ∇L_harm(θ*) s | HVP/Richardson s | update s | hypergrad rel diff | cosine "
-        "| outer rel diff | safeguard flips |\n"
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"
-    )
-    rows = [head]
+    cols = [
+        "levers",
+        "step peak GiB",
+        "× fp32",
+        "step Δ MiB",
+        "Δ × fp32",
+        "setup peak GiB",
+        "step s",
+        "direct s",
+        "inner s",
+        "∇L_harm(θ*) s",
+        "HVP/Richardson s",
+        "update s",
+        "hypergrad rel diff",
+        "cosine",
+        "outer rel diff",
+        "safeguard flips",
+    ]
+    rows = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for r in results:
         if "error" in r:
-            rows.append(f"| {r['combo']} | {r['error']} | | | | | | | | | | | | |")
+            rows.append(f"| {r['combo']} | {r['error']} |" + " |" * (len(cols) - 2))
             continue
         ratio = r["step_peak_bytes"] / base["step_peak_bytes"] if base else math.nan
+        d, d0 = _delta(r), _delta(base) if base else math.nan
+        d_ratio = d / d0 if d0 and not math.isnan(d0) else math.nan
         acc = r.get("accuracy", {})
         hyp = acc.get("hyper", {})
         out = acc.get("outer", {})
         rows.append(
             f"| {r['combo']} | {_gib(r['step_peak_bytes'])} | {ratio:.2f} | "
+            f"{_mib(d)} | {d_ratio:.2f} | "
             f"{_gib(r['setup_peak_bytes'])} | {r['step_seconds']:.1f} | "
             + " | ".join(f"{r['phase_seconds'][p]:.1f}" for p in PHASES)
             + " | "
@@ -519,7 +703,13 @@ def _write_json(args: argparse.Namespace, results: list[dict[str, Any]]) -> None
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``python -m resalign.bench sd``."""
     ap = argparse.ArgumentParser(prog="resalign bench sd", description=__doc__.split("\n")[0])
-    ap.add_argument("--arch", choices=["sd14", "sdxl", "tiny"], default="sd14")
+    ap.add_argument(
+        "--arch",
+        choices=ARCH_CHOICES,
+        default="sd14",
+        help="UNets sd14, sdxl, tiny; flow-matching transformers at the toy rehearsal's "
+        "widths sd3-toy (SD 3.5 Medium's blocks), flux-toy (FLUX.1-dev's)",
+    )
     ap.add_argument(
         "--latent", type=int, default=None, help="latent side (default: 64 on GPU, 16 on CPU)"
     )
