@@ -154,18 +154,16 @@ def measure(
         with math_attention(unet):
             # building the double-backward HVP's graph (one forward and a create_graph
             # backward), which the Moreau solve pays once per step before its K HVPs
-            loss_fn = lambda ps: denoise_loss(den, dict(zip(names, ps)), nb)  # noqa: E731
+            def loss_fn(ps: list[torch.Tensor]) -> torch.Tensor:
+                return denoise_loss(den, dict(zip(names, ps)), nb)
+
             make_hvp(loss_fn, [theta[n] for n in names], "double_backward")
             tb = now()
             for _ in range(reps):
                 make_hvp(loss_fn, [theta[n] for n in names], "double_backward")
             out["hvp_graph_over_grad"] = (now() - tb) / reps / t_grad
             for backend in ("double_backward", "forward_over_reverse"):
-                hvp = make_hvp(
-                    lambda ps: denoise_loss(den, dict(zip(names, ps)), nb),
-                    [theta[n] for n in names],
-                    backend,
-                )
+                hvp = make_hvp(loss_fn, [theta[n] for n in names], backend)
                 v = [torch.randn_like(theta[n]) for n in names]
                 hvp(v)
                 th = now()

@@ -99,10 +99,11 @@ class RunOptions:
         call otherwise starts a fresh spawn pool whose workers import torch and diffusers
         and load their first model again (7 s of a worker's first node here, against
         0.07-0.16 s for a later load); nodes seed themselves, so a reused worker changes no
-        result. An in-process executor has nothing to keep: the options come back as they
-        are."""
+        result. An in-process executor has nothing to keep, and one an enclosing block
+        already shares is kept by that block: the options come back as they are."""
         pool = self.new_executor()
-        if getattr(pool, "in_process", False):
+        # in-process, or already shared by an enclosing block (a grid cell's searches)
+        if getattr(pool, "in_process", False) or isinstance(pool, _KeepAlive):
             yield self
             return
         kept = _KeepAlive(pool)

@@ -122,8 +122,10 @@ def markdown_table(table: Mapping[str, Any]) -> str:
 def notes(table: Mapping[str, Any]) -> list[str]:
     """What the cells are, as sentences under the table."""
     refs = list(dict.fromkeys(r["reference"] for r in table["table"] if r.get("reference")))
-    # a grid report pairs each cell's rows with that cell's own plain row
-    ref = refs[0] if len(refs) == 1 else ("the row it names (its cell's plain)" if refs else None)
+    # a grid report pairs each cell's rows with that cell's own reference row
+    names = sorted({r.rsplit("/", 1)[-1] for r in refs})
+    own = f"its cell's {names[0]}" if len(names) == 1 else "its cell's reference row"
+    ref = refs[0] if len(refs) == 1 else (f"the row it names ({own})" if refs else None)
     # a spec whose threats are all searched has no fixed attack in the table (the search
     # table below reports the trials); "attack seeds []" read as if nothing had been attacked
     seeds = table.get("seeds") or "none outside the searches"

@@ -8,8 +8,8 @@ post-fine-tuning column per threat (at the threat's last evaluation step; every 
 and the first relearn step, see :mod:`resalign.evaluation.stats`); utility metrics get their
 pre-fine-tuning column. A cell aggregates over units (unlearning seed × attack seed; see
 :mod:`..stats`): mean, 95 % interval (Student t, clipped to [0, 1] for rates) and n. Below
-each method row, its paired difference to the reference row (``report.reference``, default ``plain``) (``<cell>/plain`` in a grid
-report): same unlearning seed and attack seed. :func:`add_worst_case` adds the attacker
+each method row, its paired difference to the reference row (``report.reference``, default
+``plain``; ``<cell>/<reference>`` in a grid report): same unlearning seed and attack seed. :func:`add_worst_case` adds the attacker
 searches' worst-case columns.
 
 A perturbation threat (``algorithm: perturb``; its meta carries ``radii``) has steps 1..K,
