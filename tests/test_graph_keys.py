@@ -323,6 +323,18 @@ def test_what_no_step_reads_changes_no_key(root, old, new) -> None:
     assert keys_of(WITH_PLAIN.replace(old, new), root) == base
 
 
+def test_the_trainable_selection_is_an_unlearn_input_not_a_model_input(root) -> None:
+    """``model.trainable`` is read by the unlearn step (its ``trainable`` param), never by the
+    model step: a LoRA-unlearning variant re-keys the unlearning rows' nodes and keeps the
+    model, the original row and the report's inputs from the original as they were."""
+    base = keys_of(WITH_PLAIN, root)
+    new = "  device: cpu\n  trainable: {kind: full}\n"
+    changed = _changed(base, keys_of(WITH_PLAIN.replace("  device: cpu\n", new), root))
+    assert "model" not in changed
+    assert changed == UNLEARN_DOWN | PLAIN_DOWN  # both rows unlearn with the selection
+    assert not {n for n in changed if "/original/" in n or n.startswith("evaluate/original")}
+
+
 def test_the_concept_caption_enters_the_evaluations_keys(root) -> None:
     """Concept metrics build their prompts from the concept datasets' caption (steps/evaluate
     metric_context), so those specs are evaluate inputs: before issue 22 the step read them

@@ -53,8 +53,11 @@ def _objective_info(model: Any, bundle: Any) -> dict[str, Any]:
 class ModelStep(Step):
     kind = "model"
     version = "2"
-    # whether a hub id may be downloaded decides whether the model loads, never what it is
-    key_exclude = ("model.allow_download",)
+    # whether a hub id may be downloaded decides whether the model loads, never what it is;
+    # which parameters unlearning trains is the unlearn nodes' input (their ``trainable``
+    # param), never read here: in the model's key it re-ran pretraining (172 s on the demo)
+    # and every original-row node for a LoRA-vs-full variant
+    key_exclude = ("model.allow_download", "model.trainable")
 
     def run(self, ctx: StepContext) -> None:
         model = _model_spec(ctx.params)
