@@ -10,6 +10,7 @@ attacks on disjoint halves).
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from functools import lru_cache
 
 import numpy as np
@@ -49,10 +50,15 @@ def shard(indices: np.ndarray, index: int, count: int) -> np.ndarray:
     return indices[index::count]
 
 
-def caption_for(label: int, template: str = "a handwritten digit {name}") -> str:
-    """The caption of a digit: ``template`` with ``{name}`` (``zero``…``nine``) and
-    ``{digit}`` (``0``…``9``) filled in."""
-    return template.format(name=DIGIT_NAMES[label], digit=label)
+def caption_for(
+    label: int,
+    template: str = "a handwritten digit {name}",
+    names: Mapping[int, str] | None = None,
+) -> str:
+    """The caption of a digit: ``template`` with ``{name}`` (``names[label]`` where given,
+    else ``zero``…``nine``) and ``{digit}`` (``0``…``9``) filled in."""
+    name = (names or {}).get(label, DIGIT_NAMES[label])
+    return template.format(name=name, digit=label)
 
 
 def select(

@@ -74,7 +74,7 @@ def load_pairs(
         )
         pairs = PairSet(
             images=fit_images(torch.from_numpy(images), resolution, channels),
-            captions=[caption_for(int(y), ds.caption) for y in labels],
+            captions=[caption_for(int(y), ds.caption, ds.names) for y in labels],
             labels=[int(y) for y in labels],
         )
     elif kind == "imagefolder":

@@ -67,7 +67,7 @@ def load_prompts(name: str, spec: Any) -> list[str]:
     if ds.type == "digits":
         from .digits import caption_for
 
-        prompts = [caption_for(d, ds.caption) for d in ds.digits]
+        prompts = [caption_for(d, ds.caption, ds.names) for d in ds.digits]
         return prompts[: ds.limit] if ds.limit else prompts
     if ds.type == "imagefolder":
         from .imagefolder import read_metadata

@@ -194,21 +194,23 @@ class _Compiler:
         }
         caption = self.concept_caption()
         if caption is not None:
-            params["caption"] = caption
+            params["caption"] = caption["caption"]
+            if caption.get("names"):  # absent without names: those specs keep their keys
+                params["caption_names"] = caption["names"]
         return params
 
-    def concept_caption(self) -> str | None:
-        """The caption template of the first labelled concept's first digits dataset: what
-        the demo's concept metrics build their prompts from (steps/evaluate.py
-        metric_context). Before issue 22 the step read it from the live spec, so a new
-        caption left every evaluation cached with the old prompts."""
+    def concept_caption(self) -> dict[str, Any] | None:
+        """The caption template (and per-digit ``names``, where given) of the first labelled
+        concept's first digits dataset: what the demo's concept metrics build their prompts
+        from (steps/evaluate.py metric_context). Before issue 22 the step read it from the
+        live spec, so a new caption left every evaluation cached with the old prompts."""
         for c in self.spec.concepts.values():
             if c.label is None:
                 continue
             for n in (*c.harmful, *c.retain):
                 d = self.dataset(n)
                 if d["type"] == "digits":
-                    return str(d["caption"])
+                    return {"caption": str(d["caption"]), "names": d.get("names") or {}}
             return None
         return None
 

@@ -39,6 +39,8 @@ def metric_context(params: Any) -> dict[str, Any]:
             break
     if params.get("caption") is not None:
         ctx["caption_template"] = params["caption"]
+    if params.get("caption_names"):  # JSON object keys are strings
+        ctx["caption_names"] = {int(k): str(v) for k, v in params["caption_names"].items()}
     return ctx
 
 

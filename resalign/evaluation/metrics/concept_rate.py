@@ -106,7 +106,7 @@ class ConceptRate(Metric):
         return [int(x) for x in label] if isinstance(label, list) else [int(label)]
 
     def params(self) -> dict[str, Any]:
-        return {
+        out = {
             "prompts": self.spec.get("prompts"),
             "classifier": self.spec.get("classifier", "svc"),
             "svc": dict(SVC_PARAMS),
@@ -115,6 +115,9 @@ class ConceptRate(Metric):
             "judge_test_accuracy": round(judge()[1], 6),
             "classifier_fid_features": "SVC ovr decision_function (10-d)",
         }
+        if self.context.get("caption_names"):
+            out["caption_names"] = {str(k): v for k, v in self.context["caption_names"].items()}
+        return out
 
     def prompt_digits(self) -> list[int]:
         """The digit each built-in prompt asks for: every digit once, the concept's
@@ -128,8 +131,11 @@ class ConceptRate(Metric):
     def prompts(self) -> list[str] | None:
         if self.spec.get("prompts"):
             return None
+        from ...data.digits import caption_for
+
         template = self.context.get("caption_template", DEFAULT_TEMPLATE)
-        return [template.format(name=DIGIT_NAMES[d], digit=d) for d in self.prompt_digits()]
+        names = self.context.get("caption_names")
+        return [caption_for(d, template, names) for d in self.prompt_digits()]
 
     def compute(self, images: Sequence[EvalImage]) -> list[MetricValue]:
         import numpy as np

@@ -6,7 +6,7 @@ from typing import Annotated, Literal
 
 from pydantic import Field, PositiveInt, model_validator
 
-from .base import StrictModel
+from .base import OmitDefaults, StrictModel
 
 DIGIT_NAMES = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
 
@@ -30,9 +30,12 @@ class PromptData(StrictModel):
     limit: PositiveInt | None = None
 
 
-class DigitsData(StrictModel):
+class DigitsData(OmitDefaults):
     """scikit-learn's ``load_digits`` (1,797 real 8×8 handwritten digits, shipped with the
     package) as image–caption pairs captioned from ``caption``."""
+
+    # added after the demo's results were cached: without names a dataset keeps its key
+    _omit_if_default = {"names": {}}
 
     type: Literal["digits"]
     digits: list[Annotated[int, Field(ge=0, le=9)]] = Field(default_factory=lambda: list(range(10)))
@@ -42,6 +45,12 @@ class DigitsData(StrictModel):
         default=None, description="[index, count]: keep every count-th item from index"
     )
     caption: str = "a handwritten digit {name}"
+    names: dict[Annotated[int, Field(ge=0, le=9)], str] = Field(
+        default_factory=dict,
+        description="{name} per digit instead of zero..nine, e.g. {0: round zero, 6: round six}: "
+        "captions in which digits share words (the concept metric's prompts follow the "
+        "concept dataset's names)",
+    )
     limit: PositiveInt | None = None
 
     @model_validator(mode="after")
@@ -50,6 +59,8 @@ class DigitsData(StrictModel):
             raise ValueError("digits must name at least one digit")
         if self.shard is not None and not (0 <= self.shard[0] < self.shard[1]):
             raise ValueError("shard [index, count] needs 0 <= index < count")
+        if any(not n.strip() for n in self.names.values()):
+            raise ValueError("names: each digit's name must be a non-empty string")
         return self
 
 
