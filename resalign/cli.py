@@ -548,13 +548,15 @@ def grid(template: str, list_: bool, render_dir: str | None, run_: bool, estimat
     like `hypergradient=moreau,meta=data`. Every cell is rendered and validated before
     anything runs. --run runs the cells under one MLflow grid run with a child run per cell.
     """
+    from pathlib import Path
+
     from .spec.templates import load_template, render_grid, write_rendered
 
     if sum([list_, render_dir is not None, run_]) > 1:
         raise UserError("choose one of --list, --render DIR, --run")
     if render_dir is not None:
         rendered = render_grid(template, sets=_sets())
-        for p in write_rendered(rendered, render_dir):
+        for p in write_rendered(rendered, render_dir, base_dir=Path(template).parent):
             click.echo(f"wrote {p}")
         return
     if estimate and (run_ or render_dir is not None):

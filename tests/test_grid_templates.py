@@ -237,3 +237,28 @@ def test_invalid_spec_cell_is_reported_at_template_line_through_spec_loader(tmp_
     ok = render_grid(fixed)
     assert [rc.spec.name for rc in ok] == ["t-lr-1e-5__beta-0.8", "t-lr-1e-4__beta-0.8"]
     assert ok[0].spec.spec.unlearn.optimizer.lr == 1e-5
+
+
+def test_a_cell_rendered_to_another_folder_still_extends_its_base(tmp_path):
+    """``grid --render /elsewhere``: a relative ``extends:`` is relative to the template's
+    folder, so the written cell names its base from the folder it is written to (it named a
+    missing file before) and compiles to the same node keys as the cell rendered in place."""
+    from click.testing import CliRunner
+
+    from resalign.cli import cli
+    from resalign.graph.compile import compile_spec
+    from resalign.spec import load_spec
+
+    root = Path(__file__).resolve().parents[1]
+    tpl = root / "templates" / "esd_benign_digits.yaml.j2"
+    out = tmp_path / "deep" / "cells"
+    res = CliRunner().invoke(cli, ["grid", str(tpl), "--render", str(out)])
+    assert res.exit_code == 0, res.output
+    cell = out / "steps=10.yaml"
+    text = cell.read_text()
+    extends = next(ln for ln in text.splitlines() if ln.startswith("extends:"))
+    assert extends != "extends: ../specs/digits_demo.yaml"
+    assert (out / extends.split(":", 1)[1].strip()).resolve() == root / "specs/digits_demo.yaml"
+    (cell_in_place,) = [rc for rc in render_grid(tpl) if rc.cell.id == "steps=10"]
+    moved = {n.name: n.key for n in compile_spec(load_spec(cell))}
+    assert moved == {n.name: n.key for n in compile_spec(cell_in_place.spec)}

@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import difflib
 import itertools
+import os
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -874,14 +875,37 @@ class GridError(UserError):
         return self.render()
 
 
-def write_rendered(rendered: Sequence[RenderedCell], out_dir: str | Path) -> list[Path]:
-    """Write each cell's spec to ``<out_dir>/<cell id>.yaml`` atomically; return the paths."""
+_EXTENDS = re.compile(r"^(extends:[ \t]*)(['\"]?)([^'\"\s#]+)\2([ \t]*(?:#.*)?)$", re.M)
+
+
+def _rebase_extends(text: str, base_dir: Path, out: Path) -> str:
+    """``text`` with a relative top-level ``extends:`` path rewritten from ``base_dir`` (the
+    template's folder, which it is relative to) to ``out``: a cell rendered to another folder
+    (``--render /tmp/cells``) still finds its base spec (before, it named a missing file)."""
+
+    def fix(m: re.Match[str]) -> str:
+        written = m.group(3)
+        if Path(written).is_absolute():
+            return m.group(0)
+        new = os.path.relpath((base_dir / written).resolve(), out.resolve())
+        return f"{m.group(1)}{m.group(2)}{Path(new).as_posix()}{m.group(2)}{m.group(4)}"
+
+    return _EXTENDS.sub(fix, text)
+
+
+def write_rendered(
+    rendered: Sequence[RenderedCell], out_dir: str | Path, base_dir: str | Path | None = None
+) -> list[Path]:
+    """Write each cell's spec to ``<out_dir>/<cell id>.yaml`` atomically; return the paths.
+    ``base_dir``: the template's folder, which relative ``extends:`` paths are rewritten from
+    (None: left as written)."""
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths = []
     for rc in rendered:
         target = out / f"{rc.cell.id}.yaml"
-        atomic_write_text(target, rc.text)
+        text = rc.text if base_dir is None else _rebase_extends(rc.text, Path(base_dir), out)
+        atomic_write_text(target, text)
         paths.append(target)
     return paths
