@@ -102,6 +102,31 @@ def test_estimate_scales_recorded_nodes_and_says_when_a_kind_has_none():
     assert "peak RSS up to 900 MiB" in text
 
 
+def test_unlearn_nodes_with_and_without_a_resilience_term_are_fitted_apart():
+    """ResAlign's fixed costs are not plain's: fitted together, ResAlign's intercept landed on
+    every plain node (10 plain nodes of ~5 s predicted at 48 s each). Each group is fitted on
+    its own; a group with no history falls back to the kind's other records."""
+    from resalign.engine.estimate import group, node_work
+
+    g = _demo()
+    plain, res = g["unlearn/plain/seed0"], g["unlearn/resalign/seed0"]
+    assert group("unlearn", plain.params) == "direct"
+    assert group("unlearn", res.params) == "resilience"
+    assert group("attack", {}) == ""
+    wp, wr = node_work(g, plain)[1], node_work(g, res)[1]
+    # ResAlign records: 60 s + 1e-6 s per unit (work 1x-4x its node); plain: 1e-6 s per unit
+    rec = [Recorded("unlearn", "tiny", k * wr, 60 + 1e-6 * k * wr, None, "resilience")
+           for k in (0.5, 1, 2)]  # fmt: skip
+    rec += [Recorded("unlearn", "tiny", k * wp, 1e-6 * k * wp, None, "direct") for k in (1, 2)]
+    est = estimate(g, [plain.name, res.name], rec)
+    assert est.per_node[plain.name][0] == pytest.approx(1e-6 * wp)
+    assert est.per_node[res.name][0] == pytest.approx(60 + 1e-6 * wr)
+    # without plain's records, plain is scaled from ResAlign's (and says nothing is missing)
+    alone = estimate(g, [plain.name], rec[:3])
+    assert alone.per_node[plain.name][0] == pytest.approx(60 + 1e-6 * wp)
+    assert alone.without_history == 0
+
+
 def test_history_reads_the_cost_from_done_manifests(tmp_path):
     """Nodes committed by the store with a cost are read back (their work from node.json,
     the model size from their model input's node.json); a DONE without a cost is skipped."""
