@@ -91,10 +91,10 @@ def work(kind: str, params: Mapping[str, Any], prev_stop: int = 0) -> float:
     if kind == "unlearn":
         u = params.get("unlearn") or {}
         steps = float(u.get("steps") or 1)
-        res = u.get("resilience") or {}
-        meta = res.get("meta") or {}
-        if u.get("method") != "resalign" or not res or not meta.get("configs"):
+        if group(kind, params) == "direct":
             return steps
+        res = u["resilience"]
+        meta = res["meta"]
         inner = [float(c.get("steps") or 1) for c in meta["configs"].values()]
         j = float(meta.get("samples_per_step") or 1)
         hyper = res.get("hypergradient") or {}
