@@ -356,13 +356,16 @@ def run(spec: str, force: tuple[str, ...], store: str, tracking_uri: str | None,
     default=None,
     help="With --frontier: the threat whose relearning is plotted (default: the last).",
 )
+@click.option("--cell", "cells", multiple=True,
+              help="Grid templates: only this cell id (repeat), as `grid --run --cell`.")  # fmt: skip
 @_SET
 @click.option("--rehearse", is_flag=True,
               help="Report SPEC's rehearsal (run --rehearse) from STORE/rehearsal/.")  # fmt: skip
 @click.option("--rehearse-profile", type=click.Choice(["toy", "full"]), default="toy",
               show_default=True, help="With --rehearse: which rehearsal.")  # fmt: skip
 def report(spec: str, out: str | None, store: str, all_steps: bool, frontier: bool,
-           threat: str | None, rehearse: bool, rehearse_profile: str) -> None:  # fmt: skip
+           threat: str | None, cells: tuple[str, ...], rehearse: bool,
+           rehearse_profile: str) -> None:  # fmt: skip
     """Make the results table, curves and grids of a finished spec.
 
     Given a grid template (TEMPLATE.yaml.j2) instead: one table with a row per cell; with
@@ -391,11 +394,11 @@ def report(spec: str, out: str | None, store: str, all_steps: bool, frontier: bo
     if is_template(spec):
         folder = report_for_grid(
             spec, Path(store), target, all_steps=all_steps, frontier=frontier, threat=threat,
-            sets=_sets(),
+            sets=_sets(), only=cells,
         )  # fmt: skip
-    elif frontier or threat:
+    elif frontier or threat or cells:
         raise UserError(
-            f"{spec}: --frontier and --threat need a grid template (TEMPLATE.yaml.j2)",
+            f"{spec}: --frontier, --threat and --cell need a grid template (TEMPLATE.yaml.j2)",
             hint="the frontier compares methods across the cells of a grid over unlearning "
             "strength, e.g. templates/frontier_digits.yaml.j2",
         )

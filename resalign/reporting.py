@@ -101,20 +101,28 @@ class GridResults:
     reference: str | None = None
 
 
-def grid_results(template_path: str, store_root: Path, sets: Sequence[str] = ()) -> GridResults:
+def grid_results(
+    template_path: str,
+    store_root: Path,
+    sets: Sequence[str] = (),
+    only: Sequence[str] = (),
+) -> GridResults:
     """Every cell rendered and compiled as ``resalign grid --run`` did (same node keys), its
     evaluate results read from the store. A cell's row is named by the cell id (``<cell
     id>/<row>`` when the cell has several unlearned rows). The ``original`` row is shown once,
     first, when every cell shares its evaluate nodes (same keys); otherwise once per cell as
     ``<cell id>/original``; the oracle control's row (``controls.oracle``) likewise, after it.
     Control rows are never a cell's method (nor on the frontier). Threats are the union over
-    cells. ``sets``: the ``--set`` items the grid ran with (applied to every cell)."""
+    cells. ``sets``: the ``--set`` items the grid ran with (applied to every cell); ``only``:
+    these cell ids alone (``--cell``; default: every cell)."""
     from .graph.compile import compile_spec
-    from .spec.templates import load_template, render_grid
+    from .spec.templates import check_cell_ids, load_template, render_grid
 
     tpl = load_template(template_path)
+    rendered = render_grid(tpl, sets=sets)
+    check_cell_ids(tpl.name, [rc.cell.id for rc in rendered], only)
     cells = []
-    for rc in render_grid(tpl, sets=sets):
+    for rc in (r for r in rendered if not only or r.cell.id in only):
         graph = compile_spec(rc.spec)
         try:
             found = results_from_store(
@@ -197,16 +205,19 @@ def report_for_grid(
     frontier: bool = False,
     threat: str | None = None,
     sets: Sequence[str] = (),
+    only: Sequence[str] = (),
 ) -> Path:
     """``resalign report TEMPLATE.yaml.j2``: one table with a row per cell (see
-    :func:`grid_results`); a cell without a threat shows "–" in its columns. With
+    :func:`grid_results`; ``only``: these cells alone); a cell without a threat shows "–" in
+    its columns. With
     ``frontier``: also ``frontier.png``/``.json``/``.md`` (:mod:`resalign.evaluation.frontier`)
     for ``threat`` (default: the last threat). Default folder: ``<store>/reports/<grid>/``."""
-    g = grid_results(template_path, store_root, sets)
+    g = grid_results(template_path, store_root, sets, only)
     out = Path(out) if out else Path(store_root) / "reports" / g.name
     table = write_report(
         g.results,
         out,
+        transfer_matched=_matched_transfer(g),
         rows=g.rows,
         threats=g.threats or None,
         resurgence=g.resurgence,
@@ -218,6 +229,22 @@ def report_for_grid(
     if frontier:
         write_grid_frontier(g, table, out, threat)
     return out
+
+
+def _matched_transfer(g: GridResults) -> dict[str, Any] | None:
+    """The transfer view's utility-matched entries for a grid that varies both what its
+    methods simulate (their unlearn row labels) and the unlearning strength: every threat,
+    the first safety metric against retain accuracy (else the first utility metric)."""
+    from .evaluation.frontier import matched_transfer
+    from .evaluation.report.table import metric_info
+
+    info = metric_info(g.results)
+    safety = [m for m, i in info.items() if i.get("role", "safety") == "safety"]
+    utility = [m for m, i in info.items() if i.get("role") == "utility"]
+    if not g.threats or not safety or not utility:
+        return None
+    x = "retain_accuracy" if "retain_accuracy" in utility else utility[0]
+    return matched_transfer(g.results, g.groups, list(g.threats), safety[0], x, g.reference)
 
 
 def write_grid_frontier(

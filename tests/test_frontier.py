@@ -116,6 +116,81 @@ def test_frontier_says_when_the_common_range_is_empty(tmp_path):
     assert "widen" in cmp["sentence"]
 
 
+def transfer_results():
+    """A transfer grid's results: cells ``<sim>,s<k>`` with rows ``<cell>/<sim>`` and
+    ``<cell>/plain``; sim_a at three strengths, sim_b at two, sim_c at one; two threats. The
+    plain rows of sim_b's cells differ from sim_a's (another shift), so pairing a method with
+    the reference rows of *other* cells would change every number."""
+    out, groups = [], {}
+    runs = {"sim_a": [1, 2, 3], "sim_b": [1, 3], "sim_c": [2]}
+    for sim, strengths in runs.items():
+        for s in strengths:
+            cell = f"{sim},s{s}"
+            for m in (sim, "plain"):
+                row = f"{cell}/{m}"
+                groups.setdefault(m, []).append((row, cell))
+                shift = 0.02 * (sim == "sim_b") if m == "plain" else 0.0
+                for u in (0, 1):
+                    pre = {
+                        "concept_rate": {"value": 0.0, "role": "safety"},
+                        "retain_accuracy": {"value": retain(m, s, u) + shift, "role": "utility"},
+                    }
+                    out.append(EvalResult(row, None, None, 0, pre, Path("."), u))
+                    for t, k in (("poison", 1.0), ("benign", 0.5)):
+                        for a in (1, 2):
+                            y = k * final_rate(m, s, u, a) + shift
+                            post = {"concept_rate": {"value": y, "role": "safety"}}
+                            out.append(EvalResult(row, t, a, LAST, post, Path("."), u))
+    return out, groups, runs
+
+
+def test_matched_transfer_compares_each_simulation_with_the_plain_rows_of_its_own_cells():
+    from resalign.evaluation.frontier import matched_transfer
+
+    res, groups, runs = transfer_results()
+    view = matched_transfer(
+        res, groups, ["poison", "benign"], "concept_rate", "retain_accuracy", None
+    )
+    # sim_c ran one strength: no curve, no entry
+    assert [r["row"] for r in view["rows"]] == ["sim_a", "sim_b"]
+    for r in view["rows"]:
+        sim = r["row"]
+        assert r["reference"] == "plain"
+        assert r["strengths"] == [f"{sim},s{s}" for s in runs[sim]]
+        shift = 0.02 * (sim == "sim_b")
+        for t, k in (("poison", 1.0), ("benign", 0.5)):
+            gaps = []
+            for u, a in UNITS:
+                mine = (
+                    [retain(sim, s, u) for s in runs[sim]],
+                    [k * final_rate(sim, s, u, a) / 2 for s in runs[sim]],
+                )
+                ref = (
+                    [retain("plain", s, u) + shift for s in runs[sim]],
+                    [(k * final_rate("plain", s, u, a) + shift) / 2 for s in runs[sim]],
+                )
+                gaps.append(dense_gap(mine, ref))
+            d = r["matched"][t]
+            assert d["values"] == pytest.approx(gaps, abs=1e-6) and d["n"] == 4
+            lo, hi = stats.t.interval(0.95, 3, loc=np.mean(gaps), scale=stats.sem(gaps))
+            assert (d["lo"], d["hi"]) == pytest.approx((max(lo, -1), min(hi, 1)), abs=1e-6)
+            assert d["by_unlearn_seed"]["n"] == 2 and d["pairs_without_common_range"] == 0
+    # laid out by the transfer view, one table row per simulated configuration
+    from resalign.evaluation.report.render import fmt_diff
+    from resalign.evaluation.transfer import transfer_markdown, transfer_note
+
+    table = {"table": [], "threats": {"poison": {}, "benign": {}}, "columns": [], "metrics": {}}
+    from resalign.evaluation.transfer import transfer_view
+
+    tv = transfer_view(table, view)
+    md = transfer_markdown(tv, fmt_diff)
+    assert "Δ relearning area at equal retain_accuracy, poison" in md
+    line = next(x for x in md.splitlines() if x.startswith("| sim_b − plain"))
+    assert fmt_diff(view["rows"][1]["matched"]["benign"]) in line
+    assert "equal retain_accuracy" in transfer_note(tv)
+    assert transfer_view(table, None) is None
+
+
 def test_interpolation_helpers_by_hand():
     assert interpolate([0.0, 1.0], [0.0, 2.0], [0.25, -1.0, 3.0]) == [0.5, 0.0, 2.0]
     assert interpolate([1.0, 0.0, 1.0], [1.0, 0.0, 3.0], [1.0]) == [2.0]  # equal xs averaged
@@ -246,3 +321,12 @@ def test_report_frontier_on_a_tiny_grid(tmp_path, monkeypatch):
     # a spec is not a grid: --frontier is a user error
     bad = CliRunner().invoke(cli, ["report", "tests/specs/tiny.yaml", "--frontier"])
     assert bad.exit_code == 2 and "grid template" in bad.output and "Traceback" not in bad.output
+    # --cell: the report of some cells alone; an unknown id names the grid's cells
+    one = tmp_path / "one"
+    args = ["report", str(tpl), "--store", str(store), "--out", str(one), "--cell", "steps=3"]
+    res = CliRunner().invoke(cli, args)
+    assert res.exit_code == 0, res.output
+    rows = json.loads((one / "table.json").read_text())["rows"]
+    assert [r for r in rows if r.startswith("steps=")] == ["steps=3/resalign", "steps=3/plain"]
+    bad = CliRunner().invoke(cli, [*args[:-1], "steps=2"])
+    assert bad.exit_code == 2 and "no cell 'steps=2'" in bad.output and "steps=1" in bad.output

@@ -27,7 +27,13 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import UserError
-from ..spec.templates import GridTemplate, RenderedCell, load_template, render_grid
+from ..spec.templates import (
+    GridTemplate,
+    RenderedCell,
+    check_cell_ids,
+    load_template,
+    render_grid,
+)
 from .options import RunOptions
 
 
@@ -249,12 +255,7 @@ def run_grid(
     t0 = time.perf_counter()
     tpl, prepared = prepare(template, check_files=True, sets=o.sets)
     if cells:
-        unknown = [c for c in cells if c not in {rc.cell.id for rc, _ in prepared}]
-        if unknown:
-            raise UserError(
-                f"no cell {unknown[0]!r} in grid {tpl.name!r}",
-                hint="cells: " + ", ".join(rc.cell.id for rc, _ in prepared),
-            )
+        check_cell_ids(tpl.name, [rc.cell.id for rc, _ in prepared], cells)
         prepared = [(rc, g) for rc, g in prepared if rc.cell.id in cells]
     store = Path(o.store)
     store.mkdir(parents=True, exist_ok=True)

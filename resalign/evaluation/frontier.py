@@ -100,6 +100,47 @@ def build_frontier(
     }
 
 
+def matched_transfer(
+    results: Sequence[EvalResult],
+    groups: Mapping[str, Sequence[tuple[str, str]]],
+    threats: Sequence[str],
+    metric: str,
+    x_metric: str,
+    reference: str | None = None,
+) -> dict[str, Any] | None:
+    """The transfer view's utility-matched entries (issue 20.5): for every method (an unlearn
+    row label of ``groups``) other than the reference that a grid ran at two or more strengths,
+    and every threat, the frontier comparison of :func:`build_frontier` against the reference
+    rows *of the same cells* (one per strength, so each curve is a function of its strength):
+    ``{"metric", "x_metric", "threats", "rows": [{"row", "reference", "strengths",
+    "matched": {threat: difference}}]}``, a difference as the frontier's (mean, interval over
+    pairs, ``by_unlearn_seed``) plus its ``range`` and ``pairs_without_common_range``. None
+    when no method has two strengths and a reference to compare with."""
+    reference = reference or REFERENCE_ROW
+    ref_rows = dict((cell, row) for row, cell in groups.get(reference, ()))
+    out = []
+    for method, rows in groups.items():
+        cells = [cell for _, cell in rows]
+        mine = [(row, cell) for row, cell in rows if cell in ref_rows]
+        if method == reference or len(mine) < 2:
+            continue
+        pairs = {method: mine, reference: [(ref_rows[c], c) for _, c in mine]}
+        matched = {}
+        for threat in threats:
+            front = build_frontier(results, pairs, threat, metric, [x_metric], reference)
+            (c,) = front["comparisons"]
+            matched[threat] = {
+                **c["difference"],
+                "range": c["mean_curves"]["range"] if c["mean_curves"] else None,
+                "pairs_without_common_range": len(c["pairs_without_common_range"]),
+            }
+        out.append({"row": method, "reference": reference, "strengths": cells,
+                    "matched": matched})  # fmt: skip
+    if not out:
+        return None
+    return {"metric": metric, "x_metric": x_metric, "threats": list(threats), "rows": out}
+
+
 def _curve(pts: Sequence[Mapping[str, Any]], xm: str) -> tuple[list[float], list[float]]:
     ok = [p for p in pts if p["x"][xm]["n"] and p["y"]["n"]]
     return [p["x"][xm]["mean"] for p in ok], [p["y"]["mean"] for p in ok]

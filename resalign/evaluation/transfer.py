@@ -9,6 +9,12 @@ seeds), with the paired difference of each utility metric before fine-tuning bes
 entries compare the methods at the cell's own utility, so a cell whose utility interval
 excludes 0 is read with the frontier, not alone. Nothing is recomputed: every number is one
 of the table's own.
+
+When the grid also varies the unlearning strength, ``resalign report`` passes the
+utility-matched entries (:func:`resalign.evaluation.frontier.matched_transfer`, computed where
+the frontier is): a second table whose rows are the simulated configurations (the unlearn row
+labels) and whose entries are the frontier's difference to plain at equal utility, the number
+the issue asks for; this module only lays them out.
 """
 
 from __future__ import annotations
@@ -17,16 +23,21 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 
-def transfer_view(table: Mapping[str, Any]) -> dict[str, Any] | None:
+def transfer_view(
+    table: Mapping[str, Any], matched: Mapping[str, Any] | None = None
+) -> dict[str, Any] | None:
     """``{"metric", "threats", "utility", "rows": [{"row", "reference", "area": {threat:
-    diff}, "utility": {metric: diff}}]}`` for the first safety metric, or None when the table
-    has fewer than two method rows or fewer than two threats (nothing to pivot)."""
+    diff}, "utility": {metric: diff}}], "matched": matched}`` for the first safety metric, or
+    None when the table has fewer than two method rows or fewer than two threats (nothing to
+    pivot) and there are no utility-matched entries."""
     methods = [r for r in table["table"] if r.get("reference")]
     threats = list(table["threats"])
     areas = [c for c in table["columns"] if c["kind"] == "area"]
     if len(methods) < 2 or len(threats) < 2 or not areas:
-        return None
-    metric = areas[0]["metric"]
+        if not matched:
+            return None
+        methods = []
+    metric = areas[0]["metric"] if areas else matched["metric"]  # type: ignore[index]
     utility = [
         c["metric"]
         for c in table["columns"]
@@ -44,7 +55,8 @@ def transfer_view(table: Mapping[str, Any]) -> dict[str, Any] | None:
                 "utility": {m: diff.get(f"{m}/pre") for m in utility},
             }
         )
-    return {"metric": metric, "threats": threats, "utility": utility, "rows": rows}
+    return {"metric": metric, "threats": threats, "utility": utility, "rows": rows,
+            "matched": matched or None}  # fmt: skip
 
 
 def transfer_markdown(
@@ -56,12 +68,35 @@ def transfer_markdown(
         + [f"Δ relearning area, {t}" for t in view["threats"]]
         + [f"Δ {m} pre-FT" for m in view["utility"]]
     )
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    lines = []
+    if view["rows"]:
+        lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in view["rows"]:
         cells = [fmt_diff(r["area"][t]) for t in view["threats"]]
         cells += [fmt_diff(r["utility"][m]) for m in view["utility"]]
         lines.append("| " + " | ".join([f"{r['row']} − {r['reference']}", *cells]) + " |")
+    m = view.get("matched")
+    if m:
+        if lines:
+            lines.append("")
+        head = ["simulated (method)", "strengths"] + [
+            f"Δ relearning area at equal {m['x_metric']}, {t}" for t in m["threats"]
+        ]
+        lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        for r in m["rows"]:
+            cells = [_matched_cell(r["matched"].get(t), fmt_diff) for t in m["threats"]]
+            name = f"{r['row']} − {r['reference']}"
+            lines.append("| " + " | ".join([name, ", ".join(r["strengths"]), *cells]) + " |")
     return "\n".join(lines)
+
+
+def _matched_cell(d: Mapping[str, Any] | None, fmt_diff: Callable[[Any], str]) -> str:
+    if not d or not d.get("n"):
+        return "no common range"
+    rng = d.get("range")
+    where = f" over {rng[0]:.3f}–{rng[1]:.3f}" if rng else ""
+    left = d.get("pairs_without_common_range") or 0
+    return fmt_diff(d) + where + (f" ({left} pair(s) without a common range)" if left else "")
 
 
 def transfer_note(view: Mapping[str, Any]) -> str:
@@ -72,6 +107,21 @@ def transfer_note(view: Mapping[str, Any]) -> str:
         "and 'by seed' over the unlearning seeds; the last columns are the paired utility "
         "differences before fine-tuning. Entries compare at each row's own utility: where a "
         "utility interval excludes 0 the rows sit at different utility (see the frontier)."
+        + _matched_note(view.get("matched"))
+    )
+
+
+def _matched_note(m: Mapping[str, Any] | None) -> str:
+    if not m:
+        return ""
+    x = m["x_metric"]
+    return (
+        f" The second table compares at equal {x}: per method (what it simulated, over the "
+        "strengths it ran), the frontier's paired difference to the reference rows of the "
+        f"same cells, each pair's areas interpolated linearly in {x} across the strengths and "
+        "averaged over the range both reach (shown: that of the mean curves), with the "
+        "intervals over pairs and by unlearning seed; 'no common range' where the curves do "
+        "not overlap in utility."
     )
 
 

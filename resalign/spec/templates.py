@@ -804,6 +804,16 @@ def spec_validator(
 _DEFAULT: Any = object()
 
 
+def check_cell_ids(grid: str, known: Sequence[str], wanted: Sequence[str]) -> None:
+    """``--cell`` ids (``grid --run``, ``report``): each must be one of the grid's cells."""
+    unknown = [c for c in wanted if c not in set(known)]
+    if unknown:
+        raise UserError(
+            f"no cell {unknown[0]!r} in grid {grid!r}",
+            hint="cells: " + ", ".join(known),
+        )
+
+
 def render_grid(
     template: GridTemplate | str | Path,
     *,

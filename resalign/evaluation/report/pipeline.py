@@ -43,6 +43,7 @@ def write_report(
     resurgence: Mapping[str, Any] | None = None,
     predictors: Sequence[Any] = (),
     reference: str | None = None,
+    transfer_matched: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Write table.json, report.md, report.html, ``<metric>_vs_steps.png`` (one per safety
     metric, :func:`curve_file`) and grids.png to ``out``. report.html is self-contained (its
@@ -56,7 +57,9 @@ def write_report(
     (:class:`resalign.evaluation.predictors.Predictor`) tested against resurgence, a section
     and ``predictors.png`` (:func:`resalign.evaluation.predictors.predictor_section`).
     ``reference``: the spec's ``report.reference`` (None: its default); a
-    perturbation threat's values at each radius are added to them."""
+    perturbation threat's values at each radius are added to them. ``transfer_matched``: a
+    grid's utility-matched transfer entries
+    (:func:`resalign.evaluation.frontier.matched_transfer`), shown in the transfer section."""
     if not results:
         raise UserError("no evaluation results to report", hint="add metrics to 'evaluate'")
     out = Path(out)
@@ -79,7 +82,7 @@ def write_report(
     # after the sections above, which add their own keys: table.json's order stays
     table["seeds"] = sorted({r.seed for r in results if r.seed is not None})
     table["unlearn_seeds"] = sorted({r.unlearn_seed for r in results if r.unlearn_seed is not None})
-    transfer = transfer_view(table)
+    transfer = transfer_view(table, transfer_matched)
     if transfer:
         table["transfer"] = transfer
     atomic_text(out / "table.json", json.dumps(table, indent=2, default=str))
