@@ -117,3 +117,38 @@ def test_resurgence_specs_run_at_toy_size(spec, sets, options) -> None:
     o = options(sets)
     run_spec(ROOT / "specs" / f"{spec}.yaml", o)
     _every_row_has_its_values(_report(o.store), rows)
+
+
+@pytest.mark.slow
+def test_the_larger_unet_transfer_grid_runs_at_toy_size_and_reports_matched_entries(
+    options, tmp_path
+) -> None:
+    """One row of templates/transfer_larger_unet.yaml.j2 (both strengths, so the row has a
+    curve) against both attacks: the report's transfer section holds its utility-matched
+    entry per attack. The strengths stay as shipped (25 and 50 steps: a toy model takes
+    seconds), so the two cells are different models."""
+    from resalign.engine.grid import run_grid
+    from resalign.reporting import report_for_grid
+
+    sets = [
+        *[s for s in SHRINK if not s.startswith("unlearn.steps")],
+        *_threat("benign_adam_3e-4"),
+        *_threat("benign_lora_1e-3"),
+        "unlearn.seeds=[0]",
+        "unlearn.resilience.meta.configs.benign_adam_3e-4_50.steps=1",
+        "unlearn.resilience.hypergradient.iterations=1",
+    ]
+    o = options(sets)
+    tpl = ROOT / "templates" / "transfer_larger_unet.yaml.j2"
+    cells = ["sim=benign_long,steps=25", "sim=benign_long,steps=50"]
+    run_grid(tpl, o, cells=cells)
+    out = report_for_grid(str(tpl), o.store, tmp_path / "report", sets=sets, only=cells)
+    table = json.loads((out / "table.json").read_text())
+    matched = table["transfer"]["matched"]
+    assert matched["x_metric"] == "retain_accuracy"
+    (row,) = matched["rows"]
+    assert row["row"] == "sim-benign_long" and row["reference"] == "plain"
+    assert set(row["matched"]) == {"benign_adam_3e-4", "benign_lora_1e-3"}
+    for d in row["matched"].values():
+        assert d["n"] + d["pairs_without_common_range"] == 1  # one unlearning x attack seed
+    assert "equal retain_accuracy" in (out / "report.md").read_text()
