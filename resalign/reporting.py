@@ -116,11 +116,12 @@ def grid_results(
     cells. ``sets``: the ``--set`` items the grid ran with (applied to every cell); ``only``:
     these cell ids alone (``--cell``; default: every cell)."""
     from .graph.compile import compile_spec
-    from .spec.templates import check_cell_ids, load_template, render_grid
+    from .spec.templates import load_template, render_grid
 
     tpl = load_template(template_path)
+    for c in only:
+        tpl.cell(c)  # a user error naming the grid's cells when there is no such cell
     rendered = render_grid(tpl, sets=sets)
-    check_cell_ids(tpl.name, [rc.cell.id for rc in rendered], only)
     cells = []
     for rc in (r for r in rendered if not only or r.cell.id in only):
         graph = compile_spec(rc.spec)

@@ -27,13 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import UserError
-from ..spec.templates import (
-    GridTemplate,
-    RenderedCell,
-    check_cell_ids,
-    load_template,
-    render_grid,
-)
+from ..spec.templates import GridTemplate, RenderedCell, load_template, render_grid
 from .options import RunOptions
 
 
@@ -255,7 +249,8 @@ def run_grid(
     t0 = time.perf_counter()
     tpl, prepared = prepare(template, check_files=True, sets=o.sets)
     if cells:
-        check_cell_ids(tpl.name, [rc.cell.id for rc, _ in prepared], cells)
+        for c in cells:
+            tpl.cell(c)  # a user error naming the grid's cells when there is no such cell
         prepared = [(rc, g) for rc, g in prepared if rc.cell.id in cells]
     store = Path(o.store)
     store.mkdir(parents=True, exist_ok=True)
