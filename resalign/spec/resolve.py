@@ -2,7 +2,8 @@
 
 After schema validation a spec is resolved into a :class:`ResolvedSpec`:
 
-- every dataset name used anywhere must exist and be of a kind that fits its use;
+- every dataset name used anywhere must exist and be of a kind that fits its use
+  (:mod:`.references`);
 - a concept's (or a poison's) harmful dataset of type ``prompts`` is replaced by an implied
   ``harvest`` dataset named ``<prompts>__harvest`` (the original model generates the pairs);
 - relative paths (datasets, a local model, metric weight files) become absolute, relative to
@@ -23,24 +24,28 @@ from __future__ import annotations
 
 import copy
 import math
-from collections.abc import Iterator, Mapping, Set
+from collections.abc import Mapping, Set
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from pydantic import ValidationError
 
-from .errors import Issue, did_you_mean, join_allowed
+from .errors import Issue
+from .references import (
+    PROMPT_TYPES,
+    check_references,
+    check_search_metrics,
+    get_at,
+    items_of,
+    names_at,
+)
 from .schema import Spec
 from .schema.controls import ORACLE_ROW
 from .schema.data import HarvestData
 from .schema.unlearn import DistributionSpec, UnlearnSpec
 from .source import PathT, SourceMap, dotted
 from .validation import schema_issues
-
-# Dataset types that yield image–caption pairs, and those that yield prompts only.
-PAIR_TYPES = {"imagefolder", "digits", "harvest", "mix", "dreambooth"}
-PROMPT_TYPES = {"prompts"}
 
 ORIGINAL_ROW = "original"
 HARVEST_SUFFIX = "__harvest"
@@ -86,208 +91,6 @@ class ResolvedSpec:
         return self.spec.name
 
 
-# --------------------------------------------------------------------------- references
-
-
-def _get(data: Any, *path: Any) -> Any:
-    cur = data
-    for p in path:
-        if isinstance(cur, Mapping) and p in cur:
-            cur = cur[p]
-        elif isinstance(cur, list) and isinstance(p, int) and 0 <= p < len(cur):
-            cur = cur[p]
-        else:
-            return None
-    return cur
-
-
-def _items(value: Any) -> Iterator[tuple[Any, Any]]:
-    if isinstance(value, Mapping):
-        yield from value.items()
-    elif isinstance(value, list):
-        yield from enumerate(value)
-
-
-def _names(value: Any, path: PathT) -> Iterator[tuple[PathT, Any]]:
-    """A single name or a list of names at ``path``."""
-    if isinstance(value, list):
-        for i, v in enumerate(value):
-            yield (*path, i), v
-    elif value is not None:
-        yield path, value
-
-
-def _unlearn_refs(block: Any, path: PathT) -> Iterator[tuple[PathT, Any, str]]:
-    meta = _get(block, "resilience", "meta")
-    mp = (*path, "resilience", "meta")
-    for p, n in _names(_get(meta, "data"), (*mp, "data")):
-        yield p, n, "pairs"
-    for cname, cfg in _items(_get(meta, "configs")):
-        for p, n in _names(_get(cfg, "data"), (*mp, "configs", cname, "data")):
-            yield p, n, "pairs"
-    for p, n in _names(_get(meta, "distribution", "data"), (*mp, "distribution", "data")):
-        yield p, n, "pairs"
-
-
-def references(data: Any) -> Iterator[tuple[PathT, Any, str]]:
-    """Every dataset reference in raw spec data: (path, name, use) where use is ``pairs``
-    (image–caption pairs), ``prompts`` or ``harmful`` (pairs, or prompts to harvest)."""
-    for cname, c in _items(_get(data, "concepts")):
-        for p, n in _names(_get(c, "harmful"), ("concepts", cname, "harmful")):
-            yield p, n, "harmful"
-        for p, n in _names(_get(c, "retain"), ("concepts", cname, "retain")):
-            yield p, n, "pairs"
-    yield from _unlearn_refs(_get(data, "unlearn"), ("unlearn",))
-    for bname, b in _items(_get(data, "baselines")):
-        yield from _unlearn_refs(b, ("baselines", bname))
-    for tname, t in _items(_get(data, "threats")):
-        for p, n in _names(_get(t, "data"), ("threats", tname, "data")):
-            yield p, n, "pairs"
-        for p, n in _names(_get(t, "poison", "data"), ("threats", tname, "poison", "data")):
-            yield p, n, "harmful"
-        for p, n in _names(_get(t, "prior"), ("threats", tname, "prior")):
-            yield p, n, "pairs"
-        for i, stage in _items(_get(t, "stages")):
-            sp = ("threats", tname, "stages", i)
-            for p, n in _names(_get(stage, "data"), (*sp, "data")):
-                yield p, n, "pairs"
-            for p, n in _names(_get(stage, "poison", "data"), (*sp, "poison", "data")):
-                yield p, n, "harmful"
-        # datasets an attacker search may choose (issue 16): pairs, never harvested
-        for searched in ("data", "poison.data", "prior"):
-            sp = ("threats", tname, "search", "space", searched, "choice")
-            for p, n in _names(_get(t, "search", "space", searched, "choice"), sp):
-                yield p, n, "pairs"
-    for i, m in _items(_get(data, "evaluate", "metrics")):
-        for p, n in _names(_get(m, "prompts"), ("evaluate", "metrics", i, "prompts")):
-            yield p, n, "prompts"
-        for p, n in _names(_get(m, "reference"), ("evaluate", "metrics", i, "reference")):
-            yield p, n, "pairs"
-    for dname, d in _items(_get(data, "datasets")):
-        dp = ("datasets", dname)
-        kind = _get(d, "type")
-        if kind == "harvest":
-            for p, n in _names(_get(d, "prompts"), (*dp, "prompts")):
-                yield p, n, "prompts"
-        elif kind == "mix":
-            for p, n in _names(_get(d, "base"), (*dp, "base")):
-                yield p, n, "pairs"
-            for p, n in _names(_get(d, "poison"), (*dp, "poison")):
-                yield p, n, "harmful"
-        elif kind == "dreambooth":
-            for p, n in _names(_get(d, "instance"), (*dp, "instance")):
-                yield p, n, "pairs"
-            for p, n in _names(_get(d, "prior"), (*dp, "prior")):
-                yield p, n, "pairs"
-    for p, n in _names(
-        _get(data, "model", "tiny", "pretrain", "dataset"), ("model", "tiny", "pretrain", "dataset")
-    ):
-        yield p, n, "pairs"
-    for p, n in _names(_get(data, "probes", "data"), ("probes", "data")):
-        yield p, n, "pairs"
-
-
-_USE_TEXT = {
-    "pairs": "image–caption pairs (imagefolder, digits, harvest, mix, dreambooth)",
-    "prompts": "a prompt list (type: prompts)",
-    "harmful": "harmful image–caption pairs, or a prompt list to harvest images from",
-}
-
-
-def check_references(data: Any, smap: SourceMap) -> list[Issue]:
-    """Unknown dataset names, datasets of the wrong kind, and cycles among datasets."""
-    issues: list[Issue] = []
-    datasets = _get(data, "datasets")
-    datasets = datasets if isinstance(datasets, Mapping) else {}
-    types = {n: _get(d, "type") for n, d in datasets.items()}
-    for path, name, use in references(data):
-        if not isinstance(name, str):
-            continue  # the schema reports the wrong type
-        if name not in datasets:
-            issues.append(
-                smap.issue(
-                    path,
-                    f"{dotted(path)}: unknown dataset '{name}'"
-                    + ("" if datasets else " (the spec defines no 'datasets')"),
-                    allowed=join_allowed(datasets) if datasets else None,
-                    suggestion=did_you_mean(name, datasets),
-                )
-            )
-            continue
-        kind = types.get(name)
-        if not isinstance(kind, str):
-            continue
-        ok = (
-            kind in PAIR_TYPES
-            if use == "pairs"
-            else kind in PROMPT_TYPES
-            if use == "prompts"
-            else kind in PAIR_TYPES | PROMPT_TYPES
-        )
-        if not ok:
-            issues.append(
-                smap.issue(
-                    path,
-                    f"{dotted(path)}: dataset '{name}' is of type '{kind}', but this needs "
-                    f"{_USE_TEXT[use]}",
-                )
-            )
-    # Cycles (a mix whose base is itself, ...): the loaders would recurse forever.
-    edges: dict[str, list[str]] = {}
-    for path, name, _ in references(data):
-        if path[0] == "datasets" and isinstance(name, str):
-            edges.setdefault(path[1], []).append(name)
-    state: dict[str, int] = {}
-
-    def visit(n: str, trail: list[str]) -> None:
-        state[n] = 1
-        for m in edges.get(n, []):
-            if state.get(m) == 1:
-                cycle = " → ".join([*trail[trail.index(m) :], m]) if m in trail else m
-                issues.append(
-                    smap.issue(("datasets", n), f"datasets form a cycle: {cycle}", at_key=True)
-                )
-            elif m in edges and state.get(m) is None:
-                visit(m, [*trail, m])
-        state[n] = 2
-
-    for n in edges:
-        if state.get(n) is None:
-            visit(n, [n])
-    return issues
-
-
-def check_search_metrics(spec: Spec, smap: SourceMap) -> list[Issue]:
-    """A searched threat's objective and constraint must name values that ``evaluate.metrics``
-    writes (:data:`resalign.spec.schema.evaluate.METRIC_OUTPUTS`); caught here, not after the
-    first trial has run."""
-    from .schema.evaluate import METRIC_OUTPUTS
-
-    produced = {
-        name: m.kind for m in spec.evaluate.metrics for name in METRIC_OUTPUTS.get(m.kind, ())
-    }
-    issues: list[Issue] = []
-    for tname, t in spec.threats.items():
-        if t.search is None:
-            continue
-        for part in ("objective", "constraint"):
-            block = getattr(t.search, part)
-            if block is None or block.metric in produced:
-                continue
-            path = ("threats", tname, "search", part, "metric")
-            issues.append(
-                smap.issue(
-                    path,
-                    f"{dotted(path)}: no metric in evaluate.metrics writes '{block.metric}'; "
-                    "name a value the evaluation writes, or add the metric that writes it "
-                    "to evaluate.metrics",
-                    allowed=join_allowed(produced) if produced else "none",
-                    suggestion=did_you_mean(block.metric, produced),
-                )
-            )
-    return issues
-
-
 # --------------------------------------------------------------------------- rows
 
 
@@ -314,7 +117,7 @@ def _baseline_issues(
     on the ``unlearn`` block it inherited it from."""
 
     def prefix(path: PathT) -> PathT:
-        return ("baselines", name) if path and _get(over, path[0]) is not None else ("unlearn",)
+        return ("baselines", name) if path and get_at(over, path[0]) is not None else ("unlearn",)
 
     return schema_issues(err, merged, smap, root=UnlearnSpec, prefix=prefix)
 
@@ -400,8 +203,8 @@ def build_rows(
     issues: list[Issue] = []
     seed = data.get("seed") if isinstance(data.get("seed"), int) else 0
     pool: list[str] = []
-    for _, c in _items(data.get("concepts")):
-        for _, r in _names(_get(c, "retain"), ()):
+    for _, c in items_of(data.get("concepts")):
+        for _, r in names_at(get_at(c, "retain"), ()):
             if isinstance(r, str) and r not in pool:
                 pool.append(r)
     rows: dict[str, UnlearnSpec] = {
@@ -427,7 +230,7 @@ def build_rows(
             rows[main] = _fill_row(main_spec, seed, pool, main)
             issues += _check_meta(main, rows[main], ("unlearn",), smap)
     baselines = data.get("baselines")
-    for name, over in _items(baselines if isinstance(baselines, Mapping) else None):
+    for name, over in items_of(baselines if isinstance(baselines, Mapping) else None):
         if not isinstance(over, Mapping):
             continue  # the schema reports it
         if name in rows:
