@@ -142,10 +142,14 @@ def test_digits_templates_extend_the_demo_and_share_its_model_node(path):
     demo_model = compile_spec(demo)["model"].key
     _, prepared = prepare(path)
     assert prepared and all(g["model"].key == demo_model for _, g in prepared)
-    # and the cells keep the demo's unlearning strength and evaluation
+    # and the cells keep the demo's unlearning lr and evaluation, unless a cell's id says it
+    # changes the lr (plain_attempts' attempt=lora_lr1e-3)
     for rc, _ in prepared:
         spec = rc.spec.spec
-        assert spec.unlearn.optimizer.lr == demo.spec.unlearn.optimizer.lr
+        if "_lr" not in rc.cell.id:
+            assert spec.unlearn.optimizer.lr == demo.spec.unlearn.optimizer.lr
+        else:
+            assert spec.unlearn.optimizer.lr != demo.spec.unlearn.optimizer.lr
         assert spec.evaluate.generation == demo.spec.evaluate.generation.model_copy(
             update={"images_per_prompt": spec.evaluate.generation.images_per_prompt}
         )
