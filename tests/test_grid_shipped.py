@@ -142,11 +142,11 @@ def test_digits_templates_extend_the_demo_and_share_its_model_node(path):
     demo_model = compile_spec(demo)["model"].key
     _, prepared = prepare(path)
     assert prepared and all(g["model"].key == demo_model for _, g in prepared)
-    # and the cells keep the demo's unlearning lr and evaluation, unless a cell's id says it
-    # changes the lr (plain_attempts' attempt=lora_lr1e-3)
+    # and the cells keep the demo's unlearning lr and evaluation, unless the cell's attempt
+    # says it changes the lr (plain_attempts' attempt=lora_lr1e-3)
     for rc, _ in prepared:
         spec = rc.spec.spec
-        if "_lr" not in rc.cell.id:
+        if "_lr" not in str(rc.cell.axes.get("attempt", "")):
             assert spec.unlearn.optimizer.lr == demo.spec.unlearn.optimizer.lr
         else:
             assert spec.unlearn.optimizer.lr != demo.spec.unlearn.optimizer.lr
