@@ -87,6 +87,12 @@ def options(tmp_path, monkeypatch):
             {"original", "resalign_benign", "plain"},
         ),
         (
+            "lora_benign",
+            "steps=25",
+            [*BENIGN, *SIMULATED],
+            {"original", "resalign_benign", "plain"},
+        ),
+        (
             "esd_benign_digits",
             "steps=10",
             [*SHRINK, *_threat("benign_esd_worst"), *SIMULATED, "unlearn.seeds=[0]"],
