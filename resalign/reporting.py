@@ -235,7 +235,8 @@ def report_for_grid(
 def _matched_transfer(g: GridResults) -> dict[str, Any] | None:
     """The transfer view's utility-matched entries for a grid that varies both what its
     methods simulate (their unlearn row labels) and the unlearning strength: every threat,
-    the first safety metric against retain accuracy (else the first utility metric)."""
+    the first safety metric against retain accuracy (else the first utility metric). None for
+    one method under one threat (the frontier says that)."""
     from .evaluation.frontier import matched_transfer
     from .evaluation.report.table import metric_info
 
@@ -245,7 +246,11 @@ def _matched_transfer(g: GridResults) -> dict[str, Any] | None:
     if not g.threats or not safety or not utility:
         return None
     x = "retain_accuracy" if "retain_accuracy" in utility else utility[0]
-    return matched_transfer(g.results, g.groups, list(g.threats), safety[0], x, g.reference)
+    view = matched_transfer(g.results, g.groups, list(g.threats), safety[0], x, g.reference)
+    # one method under one threat: that is the frontier's own sentence, not a transfer table
+    if view is None or (len(view["rows"]) < 2 and len(view["threats"]) < 2):
+        return None
+    return view
 
 
 def write_grid_frontier(

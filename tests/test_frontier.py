@@ -297,6 +297,8 @@ def test_report_frontier_on_a_tiny_grid(tmp_path, monkeypatch):
     table = json.loads((out / "table.json").read_text())
     row = next(r for r in table["table"] if r["row"] == "steps=3/resalign")
     assert row["reference"] == "steps=3/plain"
+    # one method under one threat: the frontier's sentence, no transfer section repeating it
+    assert "transfer" not in table
     assert row["diff"]["concept_rate/benign/area"]["n"] == 2  # 2 unlearning x 1 attack seed
     # the frontier's number, recomputed from the table's per-unit values
     cells = {r["row"]: r["cells"] for r in table["table"]}
