@@ -238,14 +238,12 @@ def _matched_transfer(g: GridResults) -> dict[str, Any] | None:
     the first safety metric against retain accuracy (else the first utility metric). None for
     one method under one threat (the frontier says that)."""
     from .evaluation.frontier import matched_transfer
-    from .evaluation.report.table import metric_info
+    from .evaluation.report.table import metric_info, metric_roles
 
-    info = metric_info(g.results)
-    safety = [m for m, i in info.items() if i.get("role", "safety") == "safety"]
-    utility = [m for m, i in info.items() if i.get("role") == "utility"]
+    safety, utility = metric_roles(metric_info(g.results))
     if not g.threats or not safety or not utility:
         return None
-    x = "retain_accuracy" if "retain_accuracy" in utility else utility[0]
+    x = _x_metrics(utility)[0]
     view = matched_transfer(g.results, g.groups, list(g.threats), safety[0], x, g.reference)
     # one method under one threat: that is the frontier's own sentence, not a transfer table
     if view is None or (len(view["rows"]) < 2 and len(view["threats"]) < 2):
@@ -274,9 +272,9 @@ def write_grid_frontier(
             where=str(g.path),
             hint=f"one of: {', '.join(threats)}",
         )
-    info = table["metrics"]
-    safety = [m for m, i in info.items() if i.get("role", "safety") == "safety"]
-    utility = [m for m, i in info.items() if i.get("role") == "utility"]
+    from .evaluation.report.table import metric_roles
+
+    safety, utility = metric_roles(table["metrics"])
     if not safety or not utility:
         raise UserError(
             f"grid {g.name!r}: the frontier needs a safety and a utility metric "
@@ -284,11 +282,19 @@ def write_grid_frontier(
             where=str(g.path),
             hint="evaluate with concept_rate (it gives retain_accuracy and classifier_fid too)",
         )
+    front = build_frontier(
+        g.results, g.groups, threat, safety[0], _x_metrics(utility), reference=g.reference
+    )
+    return write_frontier(front, out)
+
+
+def _x_metrics(utility: Sequence[str]) -> list[str]:
+    """The utility axes a grid's methods are matched on: retain accuracy (else the first
+    utility metric), then classifier FID when it was measured."""
     xms = ["retain_accuracy"] if "retain_accuracy" in utility else [utility[0]]
     if "classifier_fid" in utility and "classifier_fid" not in xms:
         xms.append("classifier_fid")
-    front = build_frontier(g.results, g.groups, threat, safety[0], xms, reference=g.reference)
-    return write_frontier(front, out)
+    return xms
 
 
 __all__ = ["grid_results", "is_template", "report_for_grid", "report_for_spec"]

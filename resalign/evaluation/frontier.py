@@ -120,7 +120,6 @@ def matched_transfer(
     ref_rows = dict((cell, row) for row, cell in groups.get(reference, ()))
     out = []
     for method, rows in groups.items():
-        cells = [cell for _, cell in rows]
         mine = [(row, cell) for row, cell in rows if cell in ref_rows]
         if method == reference or len(mine) < 2:
             continue
@@ -134,8 +133,8 @@ def matched_transfer(
                 "range": c["mean_curves"]["range"] if c["mean_curves"] else None,
                 "pairs_without_common_range": len(c["pairs_without_common_range"]),
             }
-        out.append({"row": method, "reference": reference, "strengths": cells,
-                    "matched": matched})  # fmt: skip
+        out.append({"row": method, "reference": reference,
+                    "strengths": [c for _, c in mine], "matched": matched})  # fmt: skip
     if not out:
         return None
     return {"metric": metric, "x_metric": x_metric, "threats": list(threats), "rows": out}

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .report.results import EvalResult
-from .report.table import ValueIndex, build_table, relearning
+from .report.table import ValueIndex, build_table, metric_roles, relearning
 from .stats import first_step_summary
 
 
@@ -51,7 +51,7 @@ def row_summaries(
     """Per report row and unlearning seed, the metrics of the module docstring."""
     table = build_table(results, rows, threats, all_steps=True)
     info = table["metrics"]
-    safety = [m for m, i in info.items() if i.get("role", "safety") == "safety"]
+    safety, _ = metric_roles(info)
     idx = ValueIndex(results)
     steps_of = {t: sorted({r.step for r in results if r.threat == t}) for t in table["threats"]}
     cells = {r["row"]: r["cells"] for r in table["table"]}

@@ -28,7 +28,7 @@ from .plots import curve_file, image_grids, plot_best_so_far, plot_curves
 from .render import Figures, html_page, markdown_page
 from .results import EvalResult, results_from_dirs
 from .rows import CONTROL_ROWS, REFERENCE_ROW
-from .table import add_worst_case, build_table
+from .table import add_worst_case, build_table, metric_roles
 
 
 def write_report(
@@ -75,7 +75,7 @@ def write_report(
     grids = image_grids(results, table, out / "grids.png")
     resurgence_plot = plot_areas(table["resurgence"], out / "resurgence_areas.png")
     section = ("", "")
-    safety = [m for m, i in table["metrics"].items() if i.get("role", "safety") == "safety"]
+    safety, _ = metric_roles(table["metrics"])
     predictors = [*predictors, *perturb_predictors(results, table["threats"], safety)]
     if predictors:
         section = predictor_section(table, predictors, out, CONTROL_ROWS)

@@ -54,6 +54,14 @@ def metric_info(results: Iterable[EvalResult]) -> dict[str, dict[str, Any]]:
     return info
 
 
+def metric_roles(info: Mapping[str, Mapping[str, Any]]) -> tuple[list[str], list[str]]:
+    """``(safety, utility)`` metric names of :func:`metric_info`'s result (a metric without a
+    role is a safety metric), in order."""
+    safety = [m for m, i in info.items() if i.get("role", "safety") == "safety"]
+    utility = [m for m, i in info.items() if i.get("role") == "utility"]
+    return safety, utility
+
+
 class ValueIndex:
     """Values by (row, metric, threat, step) → {unit: value}."""
 
@@ -127,8 +135,7 @@ def build_table(
         names = dict.fromkeys(r.threat for r in results if r.threat)
         threats = {t: {} for t in names}
     info = metric_info(results)
-    safety = [m for m, i in info.items() if i.get("role", "safety") == "safety"]
-    utility = [m for m, i in info.items() if i.get("role") == "utility"]
+    safety, utility = metric_roles(info)
     idx = ValueIndex(results)
 
     steps_of = {t: sorted({r.step for r in results if r.threat == t}) for t in threats}
