@@ -257,3 +257,24 @@ def test_unlearn_step_outputs_and_resume_from_state(tmp_path):
     ta, tb = load_file(a / "trainable.safetensors"), load_file(b / "trainable.safetensors")
     assert set(ta) == set(tb) and all(torch.equal(ta[k], tb[k]) for k in ta)
     assert (b / "steps.jsonl").read_text() == (a / "steps.jsonl").read_text()
+
+
+@pytest.mark.parametrize("scope", ["update", "hypergradient"])
+def test_resilience_cosine_and_ratio_agree_with_the_applied_step(scope):
+    # The applied step is c·(direct + w·mean): its norm fixes the cosine between the two parts
+    # by the law of cosines, an independent path from the tensors the method compares.
+    seen = []
+    beta, rate = 0.5, 0.3
+    over = {**CHEAP["resilience"], "beta": beta, "meta": {
+        **CHEAP["resilience"]["meta"], "meta_rate": rate, "meta_rate_scope": scope}}  # fmt: skip
+    m = build_method("resalign", problem(), spec(resilience=over), 0, seen.append)
+    for _ in range(3):
+        m.step()
+    c, w = (rate, beta) if scope == "update" else (1.0, beta * rate)
+    for s in seen:
+        d, h, g = s["direct_grad_norm"], s["hypergrad_norm"], s["grad_norm"] / c
+        assert d > 0 and h > 0
+        cos = ((g * g) - d * d - (w * h) ** 2) / (2 * d * w * h)
+        assert s["resilience_cosine"] == pytest.approx(cos, abs=1e-9)
+        assert -1.0 <= s["resilience_cosine"] <= 1.0
+        assert s["resilience_ratio"] == pytest.approx(w * h / d, rel=1e-12)

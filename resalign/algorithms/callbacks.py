@@ -8,7 +8,10 @@ algorithm, optimizer, dataset). Keys:
   ``grad_norm`` (the applied outer gradient), ``direct_grad_norm``; ``lr``.
 - resilience (``resalign`` only): ``hypergrad_norm`` (norm of the mean hypergradient),
   ``retries``, ``fallbacks``, ``cosine`` (mean cosine between each hypergradient and the direct
-  gradient at θ*), ``inner_loss`` (mean final inner loss), ``residual_<i>`` (mean Richardson
+  gradient at θ*), ``resilience_cosine`` (cosine between the mean hypergradient and the direct
+  gradient at θ, the two parts of the applied step), ``resilience_ratio`` (the resilience
+  part's norm over the direct part's, β·‖mean‖/‖direct‖ times the meta rate where it scales
+  only the hypergradient), ``inner_loss`` (mean final inner loss), ``residual_<i>`` (mean Richardson
   residual after iteration i+1), and per sampled configuration j the same under ``meta<j>.``
   plus ``meta<j>.config``, ``.algorithm``, ``.optimizer``, ``.data`` (strings) and ``.lr``,
   ``.steps``, ``.batch_size`` (numbers).

@@ -350,6 +350,14 @@ class ResAlign(Method):
         else:
             grads = [d + self.beta * rate * m for d, m in zip(direct, mean)]
         stats["hypergrad_norm"] = tensors_norm(mean)
+        # How the two parts of the applied step meet: with LoRA θ on the digits ResAlign did
+        # not unlearn and these had to be inferred from the norms (README, ResAlign on LoRA).
+        stats["resilience_cosine"] = tensors_cosine(mean, direct)
+        resilience_weight = self.beta * (1.0 if whole else rate)
+        d_norm = float(stats["direct_grad_norm"])
+        stats["resilience_ratio"] = (
+            resilience_weight * float(stats["hypergrad_norm"]) / d_norm if d_norm > 0 else 0.0
+        )
         stats["retries"] = float(sum(float(s.get("retries", 0.0)) for s in per))
         stats["fallbacks"] = float(sum(float(s.get("fallback", 0.0)) for s in per))
         stats["cosine"] = sum(float(s["cosine"]) for s in per) / len(per)
