@@ -88,9 +88,9 @@ def options(tmp_path, monkeypatch):
         ),
         (
             "lora_benign",
-            "steps=25",
+            "beta=0.1,steps=25",
             [*BENIGN, *SIMULATED],
-            {"original", "resalign_benign", "plain"},
+            {"original", "resalign_beta0.1", "plain"},
         ),
         (
             "esd_benign_digits",
