@@ -584,7 +584,8 @@ def grid(template: str, list_: bool, render_dir: str | None, run_: bool, estimat
 
     options = RunOptions(
         store=store, tracking=not no_tracking, tracking_uri=tracking_uri, device=device,
-        workers=workers, executor=build, command=sys.argv, sets=_sets(),
+        # the resume line as a user types it (sys.argv[0] is a path: .venv/bin/resalign)
+        workers=workers, executor=build, command=["resalign", *sys.argv[1:]], sets=_sets(),
     )  # fmt: skip
     summary = run_grid(template, options, cells=cells or None)
     click.echo(

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import UserError
+from .evaluation.dynamics import dynamics_from_store
 from .evaluation.predictors import predictors_from_probes, probe_results_from_store
 from .evaluation.report import CONTROL_ROWS, EvalResult, results_from_store, write_report
 
@@ -52,6 +53,7 @@ def report_for_spec(
     graph = compile_spec(resolved)
     results = results_from_store(graph, Path(store_root), spec_path, _complete(store_root))
     probes = probe_results_from_store(graph, Path(store_root), spec_path, _complete(store_root))
+    steps = dynamics_from_store(graph, Path(store_root), spec_path, _complete(store_root))
     report_node = graph.of_kind("report")[0] if graph.of_kind("report") else None
     params = report_node.params if report_node is not None else {}
     out = Path(out) if out else Path(store_root) / "reports" / graph.spec_name
@@ -66,6 +68,7 @@ def report_for_spec(
         all_steps=all_steps,
         searches=_searches(resolved, graph, Path(store_root)),
         predictors=predictors_from_probes(probes),
+        dynamics=steps,
     )
     return out
 
@@ -99,6 +102,8 @@ class GridResults:
     # differ are an error)
     resurgence: dict[str, Any] | None = None
     reference: str | None = None
+    # the unlearned models' outer steps (resalign.evaluation.dynamics), rows renamed as above
+    dynamics: list[Any] = dataclasses.field(default_factory=list)
 
 
 def grid_results(
@@ -129,6 +134,8 @@ def grid_results(
             found = results_from_store(
                 graph, Path(store_root), template_path, _complete(store_root)
             )
+            steps = dynamics_from_store(graph, Path(store_root), template_path,
+                                        _complete(store_root))  # fmt: skip
         except UserError as e:
             raise UserError(
                 f"grid {tpl.name!r}, cell {rc.cell.id}: {e.message}",
@@ -144,7 +151,7 @@ def grid_results(
         }
         unlearned = list(dict.fromkeys(n.row for n in graph.of_kind("unlearn")))
         studies = _searches(rc.spec, graph, Path(store_root))
-        cells.append((rc.cell.id, found, params, controls, unlearned, studies))
+        cells.append((rc.cell.id, found, params, controls, unlearned, studies, steps))
     # a control row shown once: every cell has it with the same evaluate nodes
     shared = {c for c in CONTROL_ROWS if len({x[3][c] for x in cells}) == 1 and cells[0][3][c]}
     results: list[EvalResult] = []
@@ -167,7 +174,8 @@ def grid_results(
             where=str(tpl.path),
             hint="write report.reference in the template's body once, outside the matrix",
         )
-    for i, (cid, found, params, _, unlearned, studies) in enumerate(cells):
+    dynamics: list[Any] = []
+    for i, (cid, found, params, _, unlearned, studies, steps) in enumerate(cells):
         own = list(params.get("rows") or dict.fromkeys(x.row for x in found))
         methods = [r for r in own if r not in CONTROL_ROWS]
         names = {r: cid if len(methods) == 1 else f"{cid}/{r}" for r in methods}
@@ -184,6 +192,7 @@ def grid_results(
                 results.append(dataclasses.replace(res, row=names[res.row]))
             elif res.row in shared and i == 0:
                 results.append(res)
+        dynamics += [dataclasses.replace(m, row=names[m.row]) for m in steps if m.row in names]
         for t, meta in (params.get("threats") or {}).items():
             threats.setdefault(t, meta)
         for st in studies:
@@ -195,6 +204,7 @@ def grid_results(
         tpl.name, Path(tpl.path), results, rows, threats, groups, len(cells), searches,
         cells[0][2].get("resurgence") if cells else None,
         cells[0][2].get("reference") if cells else None,
+        dynamics,
     )  # fmt: skip
 
 
@@ -226,6 +236,7 @@ def report_for_grid(
         title=f"resalign report: grid {g.name} ({g.cells} cells)",
         all_steps=all_steps,
         searches=g.searches,
+        dynamics=g.dynamics,
     )
     if frontier:
         write_grid_frontier(g, table, out, threat)

@@ -4,6 +4,7 @@ logged to the default SQLite store; then a second run executes nothing."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -41,11 +42,20 @@ def test_tiny_spec_runs_end_to_end_then_is_cached(tmp_path):
     hist = c.get_metric_history(runs["unlearn/resalign/seed0"].info.run_id, "hypergrad_norm")
     assert [m.step for m in hist] == [1, 2]
     assert [m.value for m in hist] == [r["hypergrad_norm"] for r in local]
+    # the report's outer-step section: the resalign row's medians are its steps' (2 steps:
+    # the mean of the two), plain has no resilience term and no line
+    table = json.loads((st.node_dir(report.kind, report.key) / "table.json").read_text())
+    (line,) = table["dynamics"]["rows"]
+    assert line["row"] == "resalign" and line["models"] == 1 and line["steps"] == 2
+    for k in ("resilience_ratio", "resilience_cosine", "cosine", "hypergrad_norm"):
+        assert line[k]["median"] == pytest.approx((local[0][k] + local[1][k]) / 2, rel=1e-12)
+    assert "## Unlearning: the outer steps per row" in (
+        st.node_dir(report.kind, report.key) / "report.md"
+    ).read_text()
 
     summaries = check_mlflow_compares(c, exp.experiment_id, graph, store)
 
     # every node's DONE records what it cost, and its MLflow run has it as cost.* metrics
-    import json
     import re
 
     printed = {m[1]: float(m[2]) for m in re.finditer(r"^done (\S+) \(([0-9.]+)s\)", res.output,

@@ -75,7 +75,9 @@ def test_nodes_and_dependencies(tmp_path: Path) -> None:
     pre = g["evaluate/original/pre/step0"]
     assert dict(pre.deps) == {"model": "model"} and pre.threat is None and pre.step == 0
     assert pre.unlearn_seed is None
-    assert set(g["report"].deps.values()) == {n.name for n in evals}
+    # every evaluation, and the unlearned models (the report's outer-step section)
+    unlearned = {n.name for n in g.of_kind("unlearn")}
+    assert set(g["report"].deps.values()) == {n.name for n in evals} | unlearned
     assert "device" not in g["model"].params["model"]
     assert set(g["model"].params["pretrain_data"]) == {"all"}
 

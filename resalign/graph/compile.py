@@ -412,7 +412,10 @@ class _Compiler:
             "resurgence": self.spec.report.resurgence.model_dump(mode="json"),
             "reference": self.spec.report.reference,  # the row method rows are paired with
         }
-        self.add("report", "report", params, {e: e for e in evals} | {p: p for p in probes})
+        # the unlearned models too: the report summarises their outer steps (steps.jsonl)
+        unlearned = [n.name for n in self.graph.of_kind("unlearn")]
+        deps = {e: e for e in evals} | {p: p for p in probes} | {u: u for u in unlearned}
+        self.add("report", "report", params, deps)
         return self.graph
 
     def probe_params(self, quantities: Sequence[str]) -> dict[str, Any]:

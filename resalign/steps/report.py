@@ -21,7 +21,7 @@ from .base import Step, StepContext, register
 @register
 class ReportStep(Step):
     kind = "report"
-    version = "2"
+    version = "3"  # 3: the unlearned models are inputs (the outer-step section)
 
     def run(self, ctx: StepContext) -> None:
         from ..evaluation.report import report_from_inputs

@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from ..atomic import atomic_write_text
+from ..evaluation.dynamics import STEPS_FILE
 from .base import Step, StepContext, check_finite_stats, check_finite_weights, register
 
 # Methods whose objective has the resilience term (read unlearn.resilience): the others'
@@ -35,7 +36,7 @@ from .base import Step, StepContext, check_finite_stats, check_finite_weights, r
 RESILIENCE_METHODS = frozenset({"resalign"})
 # Per-step counts that are also logged as running totals (``<name>_total``).
 TOTALS = ("retries", "fallbacks")
-HISTORY = "steps.jsonl"
+HISTORY = STEPS_FILE  # read back by the report (resalign.evaluation.dynamics)
 # What to change when unlearning diverges (the NonFiniteError hint).
 DIVERGED = (
     "lower unlearn.optimizer.lr or set unlearn.optimizer.max_grad_norm; for resalign also "

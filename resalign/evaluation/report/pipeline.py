@@ -16,6 +16,7 @@ from typing import Any
 
 from ...atomic import atomic_write_text as atomic_text
 from ...errors import UserError
+from ..dynamics import ModelDynamics, dynamics_from_dirs, dynamics_table
 from ..predictors import (
     perturb_predictors,
     predictor_section,
@@ -44,6 +45,7 @@ def write_report(
     predictors: Sequence[Any] = (),
     reference: str | None = None,
     transfer_matched: Mapping[str, Any] | None = None,
+    dynamics: Sequence[ModelDynamics] = (),
 ) -> dict[str, Any]:
     """Write table.json, report.md, report.html, ``<metric>_vs_steps.png`` (one per safety
     metric, :func:`curve_file`) and grids.png to ``out``. report.html is self-contained (its
@@ -59,7 +61,9 @@ def write_report(
     ``reference``: the spec's ``report.reference`` (None: its default); a
     perturbation threat's values at each radius are added to them. ``transfer_matched``: a
     grid's utility-matched transfer entries
-    (:func:`resalign.evaluation.frontier.matched_transfer`), shown in the transfer section."""
+    (:func:`resalign.evaluation.frontier.matched_transfer`), shown in the transfer section.
+    ``dynamics``: the unlearned models' outer-step statistics
+    (:mod:`resalign.evaluation.dynamics`), a section for the rows with a resilience term."""
     if not results:
         raise UserError("no evaluation results to report", hint="add metrics to 'evaluate'")
     out = Path(out)
@@ -85,6 +89,9 @@ def write_report(
     transfer = transfer_view(table, transfer_matched)
     if transfer:
         table["transfer"] = transfer
+    steps = dynamics_table(dynamics, table["rows"])
+    if steps:
+        table["dynamics"] = steps
     atomic_text(out / "table.json", json.dumps(table, indent=2, default=str))
     figs = Figures(curves, grids, resurgence_plot, search_plot, section)
     atomic_text(out / "report.md", markdown_page(table, title, figs))
@@ -97,11 +104,13 @@ def report_from_inputs(
 ) -> dict[str, Any]:
     """The report step's report (``resalign.steps.report``): ``inputs`` its upstream folders
     by role (the node names: ``evaluate/...`` and ``probe/...``), ``params`` the report node's
-    (``rows``, ``threats``, ``resurgence``); every evaluated step shown, as ``resalign
+    (``rows``, ``threats``, ``resurgence``); ``unlearn/...`` roles: the unlearned models,
+    whose outer steps the report summarises; every evaluated step shown, as ``resalign
     report --all-steps`` (what ``make demo`` prints and writes to runs/reports/) shows it,
     so the report run's page is that same report."""
     evals = {role: Path(p) for role, p in inputs.items() if role.startswith("evaluate/")}
     probes = {role: Path(p) for role, p in inputs.items() if role.startswith("probe/")}
+    unlearned = {role: Path(p) for role, p in inputs.items() if role.startswith("unlearn/")}
     return write_report(
         results_from_dirs(evals),
         Path(out),
@@ -110,6 +119,7 @@ def report_from_inputs(
         resurgence=params.get("resurgence"),
         reference=params.get("reference"),
         predictors=predictors_from_probes(probe_results_from_dirs(probes)),
+        dynamics=dynamics_from_dirs(unlearned),
         title=title,
         all_steps=True,
     )

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ..dynamics import dynamics_markdown, dynamics_note
 from ..resurgence import resurgence_markdown, resurgence_note
 from ..transfer import transfer_markdown, transfer_note
 from .rows import ORACLE_ROW, sibling
@@ -307,7 +308,7 @@ class Figures:
 
 def markdown_page(table: Mapping[str, Any], title: str, figs: Figures) -> str:
     """report.md: the table, its notes, the transfer, resurgence, predictor, curve, sample,
-    search sections (those the table has) and the metric definitions."""
+    search and unlearning sections (those the table has) and the metric definitions."""
     md = [f"# {title}", "", markdown_table(table), ""]
     for line in notes(table):
         md += [line, ""]
@@ -332,6 +333,9 @@ def markdown_page(table: Mapping[str, Any], title: str, figs: Figures) -> str:
         md += [search_note(table), ""]
         if figs.search_plot:
             md += ["![best so far](search_best_so_far.png)", ""]
+    if table.get("dynamics"):
+        md += ["## Unlearning: the outer steps per row", ""]
+        md += [dynamics_markdown(table["dynamics"]), "", dynamics_note(), ""]
     md += ["## Metric definitions", "", _definitions_md(table), ""]
     return "\n".join(md)
 
@@ -400,6 +404,11 @@ def html_page(table: Mapping[str, Any], title: str, out: Path, figs: Figures) ->
             f"<pre>{e(search_markdown(table))}</pre>"
             f"<p>{e(search_note(table))}</p>"
             + (_img(out / "search_best_so_far.png") if figs.search_plot else "")
+        )
+    if table.get("dynamics"):
+        sections += (
+            "<h2>Unlearning: the outer steps per row</h2>"
+            f"<pre>{e(dynamics_markdown(table['dynamics']))}</pre><p>{e(dynamics_note())}</p>"
         )
     parts.append(
         f"{sections}<h2>Metric definitions</h2><table><tr><th>metric</th><th>measures</th>"
