@@ -65,6 +65,7 @@ def test_medians_per_model_and_per_row_match_numpy(tmp_path):
         "resilience_ratio", "resilience_cosine", "cosine", "hypergrad_norm",
         "direct_grad_norm", "fallbacks"]  # fmt: skip
     md = dynamics_markdown(table)
+    assert len({ln.count("|") for ln in md.splitlines()}) == 1  # no "|" inside a cell
     assert md.splitlines()[0].startswith("| row | models | resilience / direct |")
     assert f"| res | 3 | {line['resilience_ratio']['median']:.3g} (" in md
 

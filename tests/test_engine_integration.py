@@ -49,9 +49,10 @@ def test_tiny_spec_runs_end_to_end_then_is_cached(tmp_path):
     assert line["row"] == "resalign" and line["models"] == 1 and line["steps"] == 2
     for k in ("resilience_ratio", "resilience_cosine", "cosine", "hypergrad_norm"):
         assert line[k]["median"] == pytest.approx((local[0][k] + local[1][k]) / 2, rel=1e-12)
-    assert "## Unlearning: the outer steps per row" in (
-        st.node_dir(report.kind, report.key) / "report.md"
-    ).read_text()
+    assert (
+        "## Unlearning: the outer steps per row"
+        in (st.node_dir(report.kind, report.key) / "report.md").read_text()
+    )
 
     summaries = check_mlflow_compares(c, exp.experiment_id, graph, store)
 

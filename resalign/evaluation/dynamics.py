@@ -31,8 +31,8 @@ STATS = (
     ("resilience_ratio", "resilience / direct"),
     ("resilience_cosine", "cos(resilience, direct)"),
     ("cosine", "cos(hypergradient, first order)"),
-    ("hypergrad_norm", "|hypergradient|"),
-    ("direct_grad_norm", "|direct|"),
+    ("hypergrad_norm", "‖hypergradient‖"),
+    ("direct_grad_norm", "‖direct‖"),
 )
 COUNTS = (("fallbacks", "fallbacks"), ("retries", "retries"))  # summed over outer steps
 # statistics only a method with a resilience term reports: a row without any is left out
@@ -163,11 +163,12 @@ def dynamics_note() -> str:
         "Per unlearned model the median over its outer steps (fallbacks and retries: the "
         "total); per row the median over its models, with their range in brackets. "
         "resilience / direct: the norm of the resilience part of the applied step over the "
-        "direct part's (β·|mean hypergradient| / |direct gradient|, times the meta rate where "
+        "direct part's (β·‖mean hypergradient‖ / ‖direct gradient‖, times the meta rate where "
         "it scales the hypergradient alone); cos(resilience, direct): the cosine between the "
         "two; cos(hypergradient, first order): each hypergradient against ∇L_harm at the "
-        "fine-tuned weights, averaged over the step's simulated fine-tunes. Models unlearned "
-        "before these were logged (2026-12-07) show – for the first two."
+        "fine-tuned weights, averaged over the step's simulated fine-tunes. The first two "
+        "are logged since 2026-12-07: older models show – (a column no model has is left "
+        "out)."
     )
 
 
