@@ -63,26 +63,8 @@ from typing import Any
 
 from ..algorithms.callbacks import PHASES
 from ..atomic import atomic_write_text
-
-PUBLISHED = {
-    "rank": 4,
-    "targets": ["to_q", "to_k", "to_v", "to_out.0"],
-    "samples_per_step": 3,
-    "iterations": 5,
-    "gamma": 1.0,
-    "beta": 0.8,
-    "meta_rate": 0.3,
-    "alpha": 1.6,
-    "harm_batch": 1,
-    "retain_batch": 4,
-    "inner_batch": 1,
-    "lr": [1e-4, 1e-5, 1e-6],
-    "steps": [5, 10, 20, 30],
-    "optimizer": ["sgd", "adam"],
-    "max_norm": 0.2,
-    "divergence_ratio": 1.0,
-    "retries": 5,
-}
+from .sd_models import ARCH_CHOICES, PUBLISHED, BenchModel, prepare
+from .sd_table import table
 
 TOKENS = ("fp32", "published", "bf16", "fp16", "ckpt", "half", "fr")
 DEFAULT_COMBOS = "published,fp32,ckpt,bf16,bf16+ckpt,bf16+half,bf16+half+ckpt"
@@ -196,24 +178,6 @@ def bench_spec(
             },
         }
     )
-
-
-@dataclass
-class BenchModel:
-    """What an outer step needs from a benchmark architecture: the denoiser (a UNet or a
-    flow-matching transformer) carrying its trainable LoRA, its training objective (a
-    training scheduler or a :class:`~resalign.models.diffusion.FlowMatchObjective`), the
-    conditioning ``condition(n, generator, device)`` of ``n`` random captions shaped as the
-    architecture's text encoders produce it, its latent channels, and (``published``) the
-    second frozen copy made before the LoRA."""
-
-    arch: str
-    denoiser: Any
-    selection: Any
-    objective: Any
-    condition: Any
-    channels: int
-    original: Any = None
 
 
 def bench_problem(model: BenchModel, *, latent: int, seed: int, device: str) -> Any:
@@ -361,13 +325,6 @@ def outer_step(
     return res, _flat(mean), _flat(outer)
 
 
-UNET_ARCHS = ("sd14", "sdxl", "tiny")
-# the flow-matching transformers: the toy rehearsal's (sd3-toy, flux-toy) and the tiny
-# family's SD3-shaped model (sd3-tiny, test size)
-FLOW_ARCHS = ("sd3-toy", "flux-toy", "sd3-tiny")
-ARCH_CHOICES = UNET_ARCHS + FLOW_ARCHS
-
-
 class LeverNotApplied(RuntimeError):
     """A lever of the combination left the model as it was: nothing would be measured."""
 
@@ -399,107 +356,6 @@ def lever_problems(denoiser: Any, levers: Levers) -> list[str]:
         if not frozen or any(p.dtype != want for p in frozen):
             problems.append(f"half: frozen weights of {name} are not all {want}")
     return problems
-
-
-def prepare(
-    arch: str,
-    *,
-    seed: int = 0,
-    device: str = "cpu",
-    latent: int = 8,
-    second_copy: bool = False,
-) -> BenchModel:
-    """``arch``'s denoiser with random weights under ``seed`` and its published LoRA (rank 4,
-    published init); the method applies the memory levers of its spec.
-
-    UNets (``sd14``, ``sdxl``, ``tiny``: :func:`resalign.models.sd_arch.build_unet`): LoRA on
-    to_q/to_k/to_v/to_out.0, SD's DDPM training schedule, conditioning shaped by
-    :func:`~resalign.models.sd_arch.conditioning`. Flow-matching transformers at the toy
-    rehearsal's widths (``sd3-toy``: :func:`resalign.rehearse.build_sd3_toy_pipeline`,
-    SD 3.5 Medium's block types; ``flux-toy``: :func:`resalign.rehearse.build_flux_pipeline`
-    of ``flux_configs("toy")``, FLUX.1-dev's): the pipeline is built, turned into the
-    bundle a run trains (:func:`~resalign.models.loading.bundle_from_pipeline`, with the
-    family's defaults of ``model``: LoRA targets, timestep sampling, Flux's training
-    guidance and resolution shift at ``latent`` × the VAE's scale), and its text encoders
-    are used once to shape the conditioning, then dropped."""
-    import torch
-
-    from ..models.trainable import apply_trainable
-
-    gen = torch.Generator().manual_seed(seed)
-    if arch in UNET_ARCHS:
-        from ..algorithms.toy import toy_scheduler
-        from ..models.sd_arch import build_unet, conditioning
-
-        denoiser = build_unet(arch, seed=seed, device=device)
-        targets = PUBLISHED["targets"]
-        objective: Any = toy_scheduler()  # SD's DDPM training schedule (scaled_linear)
-        channels = int(denoiser.config.in_channels)
-
-        def condition(n: int, g: Any, dev: str) -> dict[str, Any]:
-            return conditioning(arch, n, generator=g, device=dev)
-
-    elif arch in FLOW_ARCHS:
-        denoiser, objective, condition, channels, targets = _flow_parts(arch, seed, latent)
-        denoiser.to(device)
-    else:
-        raise ValueError(f"unknown architecture {arch!r}; known: {', '.join(ARCH_CHOICES)}")
-    import copy
-
-    original = copy.deepcopy(denoiser).requires_grad_(False) if second_copy else None
-    sel = apply_trainable(
-        denoiser, {"kind": "lora", "rank": PUBLISHED["rank"], "targets": list(targets)}, gen
-    )
-    denoiser.to(device=device, dtype=torch.float32)
-    return BenchModel(arch, denoiser, sel, objective, condition, channels, original)
-
-
-def _flow_parts(arch: str, seed: int, latent: int) -> tuple[Any, Any, Any, int, list[str]]:
-    """(transformer, objective, condition, latent channels, LoRA targets) of a toy
-    flow-matching architecture (:func:`prepare`)."""
-    import torch
-
-    from ..models.loading import bundle_from_pipeline
-    from ..models.tiny import build_tiny_sd3_pipeline
-    from ..rehearse import build_flux_pipeline, build_sd3_toy_pipeline, flux_configs
-    from ..spec.schema.model import ModelSpec
-
-    with tempfile.TemporaryDirectory(prefix="resalign-bench-tok-") as tmp:
-        if arch == "flux-toy":
-            pipe = build_flux_pipeline(flux_configs("toy"), Path(tmp), seed=seed)
-            ms = ModelSpec(family="flux", pretrained=f"bench/{arch}")
-        elif arch == "sd3-toy":
-            pipe = build_sd3_toy_pipeline(Path(tmp), seed=seed)
-            ms = ModelSpec(family="sd3", pretrained=f"bench/{arch}")
-        else:
-            ms = ModelSpec(family="tiny", tiny={"architecture": "sd3"})
-            pipe = build_tiny_sd3_pipeline(ms.tiny, seed)
-        family = ms.family
-        # ms: the defaults a spec of this family gets (LoRA targets, timestep sampling,
-        # Flux's training guidance)
-        assert ms.timestep_sampling is not None
-        bundle = bundle_from_pipeline(
-            pipe,
-            family,
-            timestep_sampling=ms.timestep_sampling.model_dump(),
-            resolution=latent * int(pipe.vae_scale_factor),
-            guidance=ms.training_guidance,
-        )
-        shape = bundle.encode_condition(["a"])
-    channels = int(pipe.vae.config.latent_channels)
-    denoiser, objective = bundle.unet, bundle.objective
-    del pipe, bundle  # the VAE and text encoders take no part in an outer step
-
-    def condition(n: int, g: Any, dev: str) -> dict[str, Any]:
-        # random tensors shaped as the encoders' (sequence and pooled); guidance as trained
-        return {
-            k: v.expand(n).clone().to(dev)
-            if k == "guidance"
-            else torch.randn((n, *v.shape[1:]), generator=g).to(dev)
-            for k, v in shape.items()
-        }
-
-    return denoiser.requires_grad_(False), objective, condition, channels, ms.trainable.targets
 
 
 def _worker(args: argparse.Namespace) -> None:
@@ -624,65 +480,6 @@ def _run_combo(args: argparse.Namespace, combo: str, tmp: Path) -> dict[str, Any
     out["wall_seconds"] = wall
     out["tensors"] = str(tensors)
     return out
-
-
-def _gib(n: float) -> str:
-    return f"{n / 2**30:.2f}"
-
-
-def _mib(n: float) -> str:
-    return f"{n / 2**20:.1f}"
-
-
-def _delta(r: dict[str, Any]) -> float:
-    """The step's own peak: peak minus what the process held when the step started."""
-    base = r.get("step_base_bytes")
-    return math.nan if base is None else float(r["step_peak_bytes"] - base)
-
-
-def table(results: list[dict[str, Any]]) -> str:
-    """A markdown table of the combinations (peak of the outer step, ratio to fp32; the
-    step's own peak above its starting memory, ratio to fp32)."""
-    base = next((r for r in results if r["combo"] == "fp32" and "error" not in r), None)
-    cols = [
-        "levers",
-        "step peak GiB",
-        "× fp32",
-        "step Δ MiB",
-        "Δ × fp32",
-        "setup peak GiB",
-        "step s",
-        "direct s",
-        "inner s",
-        "∇L_harm(θ*) s",
-        "HVP/Richardson s",
-        "update s",
-        "hypergrad rel diff",
-        "cosine",
-        "outer rel diff",
-        "safeguard flips",
-    ]
-    rows = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-    for r in results:
-        if "error" in r:
-            rows.append(f"| {r['combo']} | {r['error']} |" + " |" * (len(cols) - 2))
-            continue
-        ratio = r["step_peak_bytes"] / base["step_peak_bytes"] if base else math.nan
-        d, d0 = _delta(r), _delta(base) if base else math.nan
-        d_ratio = d / d0 if d0 and not math.isnan(d0) else math.nan
-        acc = r.get("accuracy", {})
-        hyp = acc.get("hyper", {})
-        out = acc.get("outer", {})
-        rows.append(
-            f"| {r['combo']} | {_gib(r['step_peak_bytes'])} | {ratio:.2f} | "
-            f"{_mib(d)} | {d_ratio:.2f} | "
-            f"{_gib(r['setup_peak_bytes'])} | {r['step_seconds']:.1f} | "
-            + " | ".join(f"{r['phase_seconds'][p]:.1f}" for p in PHASES)
-            + " | "
-            f"{hyp.get('rel_diff', math.nan):.2e} | {hyp.get('cosine', math.nan):.6f} | "
-            f"{out.get('rel_diff', math.nan):.2e} | {acc.get('safeguard_flips', '')} |"
-        )
-    return "\n".join(rows)
 
 
 def _write_json(args: argparse.Namespace, results: list[dict[str, Any]]) -> None:
