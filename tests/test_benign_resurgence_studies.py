@@ -158,3 +158,9 @@ def test_the_larger_unet_transfer_grid_runs_at_toy_size_and_reports_matched_entr
     for d in row["matched"].values():
         assert d["n"] + d["pairs_without_common_range"] == 1  # one unlearning x attack seed
     assert "equal retain_accuracy" in (out / "report.md").read_text()
+    # the outer-step section: one line per cell's ResAlign row, under the cell's row name, each
+    # from its own model's steps (25 and 50 outer steps); plain has no resilience term
+    steps = {r["row"]: r for r in table["dynamics"]["rows"]}
+    assert set(steps) == {f"{c}/sim-benign_long" for c in cells}
+    assert [steps[f"{c}/sim-benign_long"]["steps"] for c in cells] == [25, 50]
+    assert all(0.0 < r["resilience_ratio"]["median"] for r in steps.values())
