@@ -93,6 +93,12 @@ def options(tmp_path, monkeypatch):
             {"original", "resalign_beta0.1", "plain"},
         ),
         (
+            "lora_direct_part",
+            "beta=0.5,steps=25",
+            [*SHRINK, "unlearn.seeds=[0]"],  # no threat: evaluated before fine-tuning only
+            {"original", "plain_as_beta0.5"},
+        ),
+        (
             "esd_benign_digits",
             "steps=10",
             [*SHRINK, *_threat("benign_esd_worst"), *SIMULATED, "unlearn.seeds=[0]"],
