@@ -141,9 +141,10 @@ def dynamics_table(
 def _fmt(c: Mapping[str, Any] | None, count: bool) -> str:
     if c is None:
         return "–"
+    # "to", not a dash: the ranges of cosines are often negative ("-0.141 to -0.043")
     if count:
-        return f"{c['median']:g} ({c['lo']:g}–{c['hi']:g})"
-    return f"{c['median']:.3g} ({c['lo']:.3g}–{c['hi']:.3g})"
+        return f"{c['median']:g} ({c['lo']:g} to {c['hi']:g})"
+    return f"{c['median']:.3g} ({c['lo']:.3g} to {c['hi']:.3g})"
 
 
 def dynamics_markdown(table: Mapping[str, Any]) -> str:
