@@ -93,3 +93,10 @@ def test_a_damaged_line_is_a_user_error_naming_file_and_line(tmp_path, bad):
         read_dynamics("unlearn/res/seed0", "res", 0, folder)
     assert "line 3" in e.value.message and str(folder / "steps.jsonl") in e.value.message
     assert e.value.where == f"{folder / 'steps.jsonl'}:3"
+
+
+def test_a_model_without_its_steps_file_is_left_out_not_an_error(tmp_path):
+    (tmp_path / "none").mkdir()
+    kept = _write(tmp_path / "a", [{"hypergrad_norm": 1.0, "resilience_ratio": 0.5}])
+    models = dynamics_from_dirs({"unlearn/res/seed0": kept, "unlearn/res/seed1": tmp_path / "none"})
+    assert [(m.row, m.unlearn_seed) for m in models] == [("res", 0)]

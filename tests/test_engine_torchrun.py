@@ -191,5 +191,7 @@ def test_failing_rank_is_reported_not_hung(tmp_path, mode):
         state = Store(tmp_path).state_dir(node.kind, node.key)
         assert read_metrics(state / "metrics.jsonl") == [{"step": 1, "sum": 3.0, "rank": 0.0}]
         assert (logs / "rank1.out" / "written_by_rank1.txt").read_text() == "3.0\n"
-        recs = {r: json.loads((logs / f"rank{r}.json").read_text()) for r in (0, 1)}
-        assert recs[1]["ok"] is False and not recs[1]["user_error"]
+        # rank 1's own record; rank 0's may be missing: stopped in the all-reduce, it can be
+        # killed before it writes one (seen under load 4), which the driver reports as death
+        rec = json.loads((logs / "rank1.json").read_text())
+        assert rec["ok"] is False and not rec["user_error"]

@@ -23,7 +23,7 @@ from types import SimpleNamespace
 from typing import Any
 
 from ..errors import UserError
-from .store_read import completed_folders, stored_location
+from .store_read import stored_location
 
 STEPS_FILE = "steps.jsonl"  # the unlearn step's per-step statistics (resalign.steps.unlearn)
 # (key in steps.jsonl, column title), in the report's order; medians over outer steps
@@ -86,9 +86,12 @@ def read_dynamics(name: str, row: str, unlearn_seed: int | None, folder: Path) -
 
 def dynamics_from_dirs(dirs: Mapping[str, Path]) -> list[ModelDynamics]:
     """The models of unlearn nodes given as ``{node name: folder}`` (the report step's
-    inputs), located by their ``node.json``, else by their name ``unlearn/<row>/seed<u>``."""
+    inputs), located by their ``node.json``, else by their name ``unlearn/<row>/seed<u>``.
+    A folder without ``steps.jsonl`` is left out (as :func:`dynamics_from_store` does)."""
     out = []
     for n, p in dirs.items():
+        if not (Path(p) / STEPS_FILE).is_file():
+            continue
         stored = stored_location(p)
         if stored is not None:
             loc = SimpleNamespace(**stored)
@@ -103,11 +106,18 @@ def dynamics_from_dirs(dirs: Mapping[str, Path]) -> list[ModelDynamics]:
 def dynamics_from_store(
     graph: Any, store_root: Path, spec_path: str = "SPEC", complete: Any = None
 ) -> list[ModelDynamics]:
-    """The models of every unlearn node of ``graph`` in ``store_root`` (a missing one is the
-    :class:`UserError` of :func:`completed_folders`)."""
-    found = completed_folders(graph, store_root, "unlearn", STEPS_FILE, "unlearning", spec_path,
-                              complete)  # fmt: skip
-    return [read_dynamics(n, graph[n].row, graph[n].unlearn_seed, p) for n, p in found.items()]
+    """The models of every complete unlearn node of ``graph`` in ``store_root`` that holds a
+    ``steps.jsonl``; the others are left out, not an error: the section is an addition to a
+    report whose evaluations (read by :func:`completed_folders`, which names what is missing)
+    are what it is about. ``complete(kind, key)``: the store's completeness test (default: a
+    ``DONE`` marker), so a damaged node is never read."""
+    out = []
+    for node in graph.of_kind("unlearn"):
+        folder = Path(store_root) / "unlearn" / node.key
+        done = complete("unlearn", node.key) if complete else (folder / "DONE").is_file()
+        if done and (folder / STEPS_FILE).is_file():
+            out.append(read_dynamics(node.name, node.row, node.unlearn_seed, folder))
+    return out
 
 
 def dynamics_table(
