@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import UserError
-from .evaluation.dynamics import dynamics_from_store
+from .evaluation.dynamics import ModelDynamics, dynamics_from_store
 from .evaluation.predictors import predictors_from_probes, probe_results_from_store
 from .evaluation.report import CONTROL_ROWS, EvalResult, results_from_store, write_report
 
@@ -53,7 +53,7 @@ def report_for_spec(
     graph = compile_spec(resolved)
     results = results_from_store(graph, Path(store_root), spec_path, _complete(store_root))
     probes = probe_results_from_store(graph, Path(store_root), spec_path, _complete(store_root))
-    steps = dynamics_from_store(graph, Path(store_root), spec_path, _complete(store_root))
+    steps = dynamics_from_store(graph, Path(store_root), _complete(store_root))
     report_node = graph.of_kind("report")[0] if graph.of_kind("report") else None
     params = report_node.params if report_node is not None else {}
     out = Path(out) if out else Path(store_root) / "reports" / graph.spec_name
@@ -103,7 +103,7 @@ class GridResults:
     resurgence: dict[str, Any] | None = None
     reference: str | None = None
     # the unlearned models' outer steps (resalign.evaluation.dynamics), rows renamed as above
-    dynamics: list[Any] = dataclasses.field(default_factory=list)
+    dynamics: list[ModelDynamics] = dataclasses.field(default_factory=list)
 
 
 def grid_results(
@@ -134,8 +134,7 @@ def grid_results(
             found = results_from_store(
                 graph, Path(store_root), template_path, _complete(store_root)
             )
-            steps = dynamics_from_store(graph, Path(store_root), template_path,
-                                        _complete(store_root))  # fmt: skip
+            steps = dynamics_from_store(graph, Path(store_root), _complete(store_root))
         except UserError as e:
             raise UserError(
                 f"grid {tpl.name!r}, cell {rc.cell.id}: {e.message}",
@@ -174,7 +173,7 @@ def grid_results(
             where=str(tpl.path),
             hint="write report.reference in the template's body once, outside the matrix",
         )
-    dynamics: list[Any] = []
+    dynamics: list[ModelDynamics] = []
     for i, (cid, found, params, _, unlearned, studies, steps) in enumerate(cells):
         own = list(params.get("rows") or dict.fromkeys(x.row for x in found))
         methods = [r for r in own if r not in CONTROL_ROWS]

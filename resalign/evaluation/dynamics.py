@@ -19,11 +19,10 @@ import statistics
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 from ..errors import UserError
-from .store_read import stored_location
+from .store_read import completed_folders, stored_location
 
 STEPS_FILE = "steps.jsonl"  # the unlearn step's per-step statistics (resalign.steps.unlearn)
 # (key in steps.jsonl, column title), in the report's order; medians over outer steps
@@ -94,30 +93,23 @@ def dynamics_from_dirs(dirs: Mapping[str, Path]) -> list[ModelDynamics]:
             continue
         stored = stored_location(p)
         if stored is not None:
-            loc = SimpleNamespace(**stored)
-            row, seed = loc.row, loc.unlearn_seed
-        else:
-            _, row, s = n.rsplit("/", 2) if n.count("/") >= 2 else (n, n, "")
-            seed = int(s[4:]) if s.startswith("seed") and s[4:].isdigit() else None
+            row, seed = stored["row"], stored["unlearn_seed"]
+        else:  # unlearn/<row>/seed<u>, as resalign.graph.compile names it
+            _, row, s = n.split("/")
+            seed = int(s.removeprefix("seed"))
         out.append(read_dynamics(n, row, seed, p))
     return out
 
 
-def dynamics_from_store(
-    graph: Any, store_root: Path, spec_path: str = "SPEC", complete: Any = None
-) -> list[ModelDynamics]:
+def dynamics_from_store(graph: Any, store_root: Path, complete: Any = None) -> list[ModelDynamics]:
     """The models of every complete unlearn node of ``graph`` in ``store_root`` that holds a
     ``steps.jsonl``; the others are left out, not an error: the section is an addition to a
     report whose evaluations (read by :func:`completed_folders`, which names what is missing)
     are what it is about. ``complete(kind, key)``: the store's completeness test (default: a
     ``DONE`` marker), so a damaged node is never read."""
-    out = []
-    for node in graph.of_kind("unlearn"):
-        folder = Path(store_root) / "unlearn" / node.key
-        done = complete("unlearn", node.key) if complete else (folder / "DONE").is_file()
-        if done and (folder / STEPS_FILE).is_file():
-            out.append(read_dynamics(node.name, node.row, node.unlearn_seed, folder))
-    return out
+    found = completed_folders(graph, store_root, "unlearn", STEPS_FILE, "unlearning",
+                              complete=complete, skip_missing=True)  # fmt: skip
+    return [read_dynamics(n, graph[n].row, graph[n].unlearn_seed, p) for n, p in found.items()]
 
 
 def dynamics_table(

@@ -21,13 +21,16 @@ def completed_folders(
     what: str,
     spec_path: str = "SPEC",
     complete: Callable[[str, str], bool] | None = None,
+    *,
+    skip_missing: bool = False,
 ) -> dict[str, Path]:
     """``{node name: folder}`` of every ``kind`` node of ``graph`` whose result is complete
     in ``store_root`` and holds ``filename``. ``complete(kind, key)``: the store's own test
     (``Store.is_complete``, which checks the files against the ``DONE`` manifest, so a
     damaged result counts as missing, never read); default: a ``DONE`` marker exists. A node
     without a completed result is a :class:`UserError` naming every missing node (``what``:
-    how the message calls them, e.g. "evaluation")."""
+    how the message calls them, e.g. "evaluation"); with ``skip_missing`` such nodes are left
+    out instead (a reader of something optional)."""
     found, missing = {}, []
     for node in graph.of_kind(kind):
         folder = Path(store_root) / kind / node.key
@@ -36,7 +39,7 @@ def completed_folders(
             found[node.name] = folder
         else:
             missing.append(node.name)
-    if missing:
+    if missing and not skip_missing:
         shown = ", ".join(missing[:6]) + (
             f" and {len(missing) - 6} more" if len(missing) > 6 else ""
         )

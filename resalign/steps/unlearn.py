@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from ..atomic import atomic_write_text
-from ..evaluation.dynamics import STEPS_FILE
+from ..evaluation.dynamics import STEPS_FILE  # read back by the report
 from .base import Step, StepContext, check_finite_stats, check_finite_weights, register
 
 # Methods whose objective has the resilience term (read unlearn.resilience): the others'
@@ -36,7 +36,6 @@ from .base import Step, StepContext, check_finite_stats, check_finite_weights, r
 RESILIENCE_METHODS = frozenset({"resalign"})
 # Per-step counts that are also logged as running totals (``<name>_total``).
 TOTALS = ("retries", "fallbacks")
-HISTORY = STEPS_FILE  # read back by the report (resalign.evaluation.dynamics)
 # What to change when unlearning diverges (the NonFiniteError hint).
 DIVERGED = (
     "lower unlearn.optimizer.lr or set unlearn.optimizer.max_grad_norm; for resalign also "
@@ -217,7 +216,7 @@ class UnlearnStep(Step):
         if selection.kind == "lora":
             save_lora(bundle.unet, out / "lora")
         save_merged_unet(bundle.unet, out / "unet")
-        atomic_write_text(out / HISTORY, "".join(json.dumps(h) + "\n" for h in history))
+        atomic_write_text(out / STEPS_FILE, "".join(json.dumps(h) + "\n" for h in history))
         summary = {
             "method": un.method,
             "seed": seed,
