@@ -171,6 +171,18 @@ def check_mlflow_compares(c, exp_id, graph, store):
     assert un.data.params["unlearn.resilience.beta"] == "0.8"
     assert not [k for k in un.data.metrics if k.startswith("meta0.") and k[6:] in un.data.metrics]
     assert {"retries_total", "fallbacks_total"} <= set(un.data.metrics)
+    # the summary run carries the unlearn run's outer-step medians (read from steps.jsonl),
+    # here recomputed from MLflow's own metric history of that run
+    import statistics
+
+    for row, run in (("resalign", un), ("plain", pl)):
+        m = rows[row].data.metrics
+        for key in ("resilience_ratio", "resilience_cosine", "direct_grad_norm"):
+            hist = [x.value for x in c.get_metric_history(run.info.run_id, key)]
+            assert (f"unlearn/{key}" in m) == bool(hist), (row, key)
+            if hist:
+                assert m[f"unlearn/{key}"] == pytest.approx(statistics.median(hist)), key
+    assert "unlearn/resilience_ratio" in rows["resalign"].data.metrics
     assert "lr" not in un.data.metrics
     assert un.data.params["lr_used"] == un.data.params["unlearn.optimizer.lr"] == "0.001"
 

@@ -387,6 +387,28 @@ def test_row_summaries_per_unlearning_seed_by_hand(tmp_path):
     assert got[("plain", 1)]["first_relearn_step/benign"] == 2  # 0.46, 0.47 > 0.45 at step 2
 
 
+def test_row_summaries_carry_each_models_outer_step_medians(tmp_path):
+    """The ``unlearn/`` keys are the model's own outer-step values, on its own row and seed
+    only, after the report's numbers (rows without a model's steps get none)."""
+    from resalign.evaluation.dynamics import ModelDynamics
+    from resalign.evaluation.summary import row_summaries
+
+    graph = make_store(tmp_path / "runs")
+    results = results_from_store(graph, tmp_path / "runs")
+    models = [ModelDynamics("resalign", 1, 2, {"resilience_ratio": 0.4, "fallbacks": 3.0}),
+              ModelDynamics("resalign", 7, 2, {"resilience_ratio": 9.0})]  # fmt: skip
+    plain = {(s.row, s.unlearn_seed): s.metrics for s in row_summaries(results, ROWS, THREATS)}
+    got = {(s.row, s.unlearn_seed): s.metrics
+           for s in row_summaries(results, ROWS, THREATS, models)}  # fmt: skip
+    assert list(got) == list(plain)  # no row for a seed the report has no results of
+    want = dict(plain[("resalign", 1)], **{"unlearn/resilience_ratio": 0.4,
+                                          "unlearn/fallbacks": 3.0})  # fmt: skip
+    assert list(got[("resalign", 1)].items()) == list(want.items())
+    assert {k: v for k, v in got.items() if k != ("resalign", 1)} == {
+        k: v for k, v in plain.items() if k != ("resalign", 1)
+    }
+
+
 def test_html_is_self_contained_split_by_threat_with_correct_definitions(report):
     import base64
     import io

@@ -12,7 +12,12 @@ step):
   attack seeds; ``first_relearn_step/<t>``: the lower median over attack seeds of the first
   step above half the original's pre-FT value (absent when that median never relearned) and
   ``relearned/<t>`` the share of attack seeds that relearned. With several safety metrics
-  these three carry the metric too: ``relearning_area/<m>/<t>``.
+  these three carry the metric too: ``relearning_area/<m>/<t>``;
+- ``unlearn/<stat>``: how the model unlearned, from its unlearn node's outer steps
+  (:mod:`.dynamics`: the median over outer steps of ``resilience_ratio``,
+  ``resilience_cosine``, ``cosine``, the gradient norms; the total of ``fallbacks`` and
+  ``retries``), where the method logged them; so the parallel-coordinates plot can set the
+  resilience part's size beside the relearning it was meant to prevent.
 
 Means over attack seeds, not intervals: a run is one unlearning seed, and MLflow's own
 grouping (Group by ``resalign.row``) aggregates over seeds. The numbers are those of the
@@ -25,6 +30,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from .dynamics import ModelDynamics
 from .report.results import EvalResult
 from .report.table import ValueIndex, build_table, metric_roles, relearning
 from .stats import first_step_summary
@@ -47,8 +53,11 @@ def row_summaries(
     results: Sequence[EvalResult],
     rows: Sequence[str] | None = None,
     threats: Mapping[str, Mapping[str, Any]] | None = None,
+    dynamics: Sequence[ModelDynamics] = (),
 ) -> list[RowSummary]:
-    """Per report row and unlearning seed, the metrics of the module docstring."""
+    """Per report row and unlearning seed, the metrics of the module docstring;
+    ``dynamics``: the unlearned models' outer steps, for the ``unlearn/`` keys."""
+    outer = {(m.row, m.unlearn_seed): m.values for m in dynamics}
     table = build_table(results, rows, threats, all_steps=True)
     info = table["metrics"]
     safety, _ = metric_roles(info)
@@ -91,6 +100,8 @@ def row_summaries(
             for m in info:
                 if m not in safety:
                     pre(m)
+            for k, v in outer.get((row, useed), {}).items():
+                s.metrics[f"unlearn/{k}"] = float(v)
             if s.metrics:
                 out.append(s)
     return out

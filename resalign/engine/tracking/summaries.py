@@ -4,7 +4,8 @@ node to the run that holds its result.
 **Summary runs.** When an invocation computes its ``report`` node, it adds one MLflow run per
 report row and unlearning seed (:func:`resalign.evaluation.summary.row_summaries`: short keys
 such as ``concept_rate/pre``, ``concept_rate/<threat>/step100``, ``relearning_area/<threat>``,
-``retain_accuracy/pre``), tagged ``resalign.kind = summary`` with the node tags' row, method
+``retain_accuracy/pre``, and ``unlearn/resilience_ratio`` and the other outer-step medians),
+tagged ``resalign.kind = summary`` with the node tags' row, method
 and unlearning seed, the row's unlearn params, and links to the invocation and the report
 run. They are top-level runs of the experiment, not children of the invocation's run: MLflow
 3.17's runs table shows child runs collapsed under their parent (also under a search filter),
@@ -88,6 +89,7 @@ def summary_runs(
 ) -> list[dict[str, Any]]:
     """The summary runs of ``graph``'s report (see the module docstring) as
     ``{"name", "tags", "params", "metrics"}``, from the evaluation results in the store."""
+    from ...evaluation.dynamics import dynamics_from_store
     from ...evaluation.report import results_from_store
     from ...evaluation.summary import row_summaries
     from ..store import Store
@@ -96,10 +98,12 @@ def summary_runs(
     if not reports:
         return []
     params = reports[0].params
-    results = results_from_store(graph, Path(store_root), complete=Store(store_root).is_complete)
+    complete = Store(store_root).is_complete
+    results = results_from_store(graph, Path(store_root), complete=complete)
+    outer = dynamics_from_store(graph, Path(store_root), complete)
     unlearn = {(n.row, n.unlearn_seed): n for n in graph.of_kind("unlearn")}
     runs = []
-    for s in row_summaries(results, params.get("rows"), params.get("threats")):
+    for s in row_summaries(results, params.get("rows"), params.get("threats"), outer):
         seed = "" if s.unlearn_seed is None else f" u{s.unlearn_seed}"
         method = methods.get(s.row, "none")
         tags = {"resalign.kind": KIND_SUMMARY, ROW: s.row, METHOD: method,
