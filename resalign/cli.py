@@ -146,6 +146,7 @@ def plan(spec: str, mermaid: bool, store: str, force: tuple[str, ...], check_fil
     whether it is cached or will run and why (new, parameter changed, upstream changed,
     forced). --estimate adds what the nodes to run will take, per kind and in total, scaled
     from the cost the store's finished nodes recorded (resalign.engine.estimate)."""
+    from .engine.plan import changed_params
     from .engine.runner import plan_status
     from .graph.compile import compile_spec
     from .graph.plan import render_mermaid, render_plan
@@ -156,7 +157,7 @@ def plan(spec: str, mermaid: bool, store: str, force: tuple[str, ...], check_fil
     check_sanity(resolved, graph, strict=strict, warn=_warn)
     states = plan_status(graph, store, force)
     status = {name: st.describe() for name, st in states.items()}
-    status.update(_changed_params(graph, store, status))
+    status.update(changed_params(graph, store, status))
     click.echo(render_mermaid(graph, status) if mermaid else render_plan(graph, status))
     if not mermaid:
         from .graph.compile import search_plans
@@ -170,73 +171,10 @@ def plan(spec: str, mermaid: bool, store: str, force: tuple[str, ...], check_fil
                 "above"
             )
     if estimate:
-        click.echo(_estimate_text(resolved, graph, [n for n, st in states.items()
-                                                     if st.state == "run"], store))  # fmt: skip
+        from .engine.estimate import plan_estimate_text
 
-
-def _estimate_text(resolved: Any, graph: Any, to_run: list[str], store: str) -> str:
-    """The estimate lines of ``plan --estimate``: per kind, the total, each search."""
-    from .engine.estimate import (
-        duration,
-        estimate,
-        history,
-        load_note,
-        render,
-        search_estimates,
-    )
-    from .engine.store import Store
-
-    recorded = history(Store(store))
-    est = estimate(graph, to_run, recorded)
-    lines = [render(est, title=f"estimate for {graph.spec_name}")]
-    for plan, trials, one in search_estimates(resolved, graph, recorded):
-        name = plan.name
-        if one.without_history:
-            lines.append(f"search {name}: {trials} trials; no recorded attack/evaluate node "
-                         "in the store: no estimate")  # fmt: skip
-            continue
-        lines.append(
-            f"search {name}: {trials} trials x {duration(one.seconds)} [{duration(one.low)}, "
-            f"{duration(one.high)}] per trial (the middle of every searched range, to its "
-            f"last step) = {duration(trials * one.seconds)}; with a pruner at most that"
-        )
-    if note := load_note():
-        lines.append(note)
-    return "\n".join(lines)
-
-
-def _changed_params(graph: Any, store: str, status: dict[str, str]) -> dict[str, str]:
-    """Status texts naming the key parameters that changed, for nodes to run whose name had
-    another key in the store's last run of this spec (its index, else the old node.json)."""
-    import json
-    from pathlib import Path
-
-    from .engine.store import Store
-    from .graph.plan import describe_changes, param_changes
-
-    st = Store(store)
-    index = st.read_index(graph.spec_name)
-    out = {}
-    for n in graph:
-        prev = index.get(n.name)
-        if not status[n.name].startswith("to run") or not prev or prev.get("key") == n.key:
-            continue
-        old = prev.get("params")
-        if old is None:
-            node_json = Path(st.node_dir(n.kind, prev["key"])) / "node.json"
-            if not node_json.is_file():
-                continue
-            try:  # a damaged node.json explains nothing; plan goes on
-                old = json.loads(node_json.read_bytes()).get("params") or {}
-            except (OSError, ValueError, RecursionError, AttributeError):
-                continue
-        if not isinstance(old, dict):
-            continue
-        changes = param_changes(n.kind, old, n.params)
-        if changes:
-            resumes = ", resumes from checkpoint" if "resumes" in status[n.name] else ""
-            out[n.name] = f"to run (parameter changed: {describe_changes(changes)}{resumes})"
-    return out
+        to_run = [n for n, st in states.items() if st.state == "run"]
+        click.echo(plan_estimate_text(resolved, graph, to_run, store))
 
 
 # ----------------------------------------------------------------------------- schema

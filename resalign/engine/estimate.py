@@ -439,3 +439,26 @@ def search_estimates(
         names = [n.name for n in tg if n.kind in ("attack", "evaluate")]
         out.append((plan, int(t.search.trials), estimate(tg, names, recorded)))
     return out
+
+
+def plan_estimate_text(
+    resolved: Any, graph: Graph, to_run: Sequence[str], store: str | Path
+) -> str:
+    """The lines ``resalign plan --estimate`` prints: per kind, the total, each search."""
+    recorded = history(Store(store))
+    est = estimate(graph, list(to_run), recorded)
+    lines = [render(est, title=f"estimate for {graph.spec_name}")]
+    for plan, trials, one in search_estimates(resolved, graph, recorded):
+        name = plan.name
+        if one.without_history:
+            lines.append(f"search {name}: {trials} trials; no recorded attack/evaluate node "
+                         "in the store: no estimate")  # fmt: skip
+            continue
+        lines.append(
+            f"search {name}: {trials} trials x {duration(one.seconds)} [{duration(one.low)}, "
+            f"{duration(one.high)}] per trial (the middle of every searched range, to its "
+            f"last step) = {duration(trials * one.seconds)}; with a pruner at most that"
+        )
+    if note := load_note():
+        lines.append(note)
+    return "\n".join(lines)

@@ -11,13 +11,14 @@ from __future__ import annotations
 import fnmatch
 import importlib
 import json
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from ..errors import UserError
 from ..graph.nodes import Graph, Node
+from ..graph.plan import describe_changes, param_changes
 from .store import REHASH_BELOW, Store
 
 NEW = "new"
@@ -156,6 +157,35 @@ def recheck_reads(
             if damage is not None:
                 out[dep] = NodeStatus(dep, d.kind, d.key, "run", f"{DAMAGED}: {damage}",
                                       store.has_state(d.kind, d.key))  # fmt: skip
+    return out
+
+
+def changed_params(graph: Graph, store: str | Path, status: Mapping[str, str]) -> dict[str, str]:
+    """Status texts naming the key parameters that changed, for nodes to run whose name had
+    another key in the store's last run of this spec (its index, else the old node.json), for
+    ``resalign plan``; ``status``: each node's :meth:`NodeStatus.describe`."""
+    st = Store(store)
+    index = st.read_index(graph.spec_name)
+    out = {}
+    for n in graph:
+        prev = index.get(n.name)
+        if not status[n.name].startswith("to run") or not prev or prev.get("key") == n.key:
+            continue
+        old = prev.get("params")
+        if old is None:
+            node_json = Path(st.node_dir(n.kind, prev["key"])) / "node.json"
+            if not node_json.is_file():
+                continue
+            try:  # a damaged node.json explains nothing; plan goes on
+                old = json.loads(node_json.read_bytes()).get("params") or {}
+            except (OSError, ValueError, RecursionError, AttributeError):
+                continue
+        if not isinstance(old, dict):
+            continue
+        changes = param_changes(n.kind, old, n.params)
+        if changes:
+            resumes = ", resumes from checkpoint" if "resumes" in status[n.name] else ""
+            out[n.name] = f"to run (parameter changed: {describe_changes(changes)}{resumes})"
     return out
 
 
