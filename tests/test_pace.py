@@ -63,7 +63,10 @@ def test_time_left_is_the_estimate_overlapped_by_workers_times_the_pace(tmp_path
     rest = secs[1:] + [per_eval, per_eval]
     assert left == pytest.approx(3 * max(sum(rest) / 2, max(rest)))
 
-    for name in attacks[1:] + ev[1:]:
+    # a node another invocation computed: its wait is not a pace
+    r.finished(attacks[1], None)
+    assert r.pace == pytest.approx(3.0)
+    for name in attacks[2:] + ev[1:]:
         r.finished(name, 1.0)
     assert r.line() == f"{len(attacks) + 3}/{len(attacks) + 3}"
 

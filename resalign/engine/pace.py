@@ -50,14 +50,15 @@ class Remaining:
         """Wall seconds per estimated second, over the finished nodes (1 before any)."""
         return self._wall / self._predicted if self._predicted > 0 else 1.0
 
-    def finished(self, name: str, wall_s: float, folder: str | Path | None = None) -> None:
-        """Node ``name`` finished in ``wall_s`` seconds; ``folder``: its folder in the store,
-        whose ``DONE`` cost record joins the history."""
+    def finished(self, name: str, wall_s: float | None, folder: str | Path | None = None) -> None:
+        """Node ``name`` finished in ``wall_s`` seconds (None: another invocation computed
+        it, so its wait says nothing of the pace); ``folder``: its folder in the store, whose
+        ``DONE`` cost record joins the history."""
         if name in self.pending:
             self.pending.remove(name)
         # its estimate from what was recorded before it (this run's earlier nodes included)
         mine = estimate(self.graph, [name], self.recorded).per_node.get(name)
-        if mine is not None and mine[0] > 0:
+        if mine is not None and mine[0] > 0 and wall_s is not None:
             self._predicted += mine[0]
             self._wall += max(0.0, float(wall_s))
         if folder is not None:

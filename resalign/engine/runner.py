@@ -295,7 +295,8 @@ def run_graph(graph: Graph, spec: Any, options: RunOptions | None = None) -> Run
                             summary.executed.append(n.name)
                             summary.node_seconds[n.name] = res.seconds
                         index_updates[n.name] = index_entry(n)
-                        remaining.finished(n.name, res.seconds, store.node_dir(n.kind, n.key))
+                        wall = None if res.already_done else res.seconds
+                        remaining.finished(n.name, wall, store.node_dir(n.kind, n.key))
                         ui.line(
                             (
                                 f"done {n.name} ({res.seconds:.1f}s)"
