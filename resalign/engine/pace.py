@@ -21,14 +21,11 @@ overlap up to the number of workers, and no schedule finishes before its longest
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Any
 
 from ..graph.nodes import Graph
-from .estimate import Recorded, busy_seconds, duration, estimate, group, node_work
-from .store import DONE
+from .estimate import Recorded, duration, estimate, node_work, record, recorded_cost
 
 
 class Remaining:
@@ -61,25 +58,10 @@ class Remaining:
         if mine is not None and mine[0] > 0 and wall_s is not None:
             self._predicted += mine[0]
             self._wall += max(0.0, float(wall_s))
-        if folder is not None:
-            rec = self._record(name, Path(folder))
-            if rec is not None:
-                self.recorded.append(rec)
-
-    def _record(self, name: str, folder: Path) -> Recorded | None:
-        try:
-            done = json.loads((folder / DONE).read_text(encoding="utf-8"))
-        except (OSError, ValueError):
-            return None
-        cost: Any = done.get("cost") if isinstance(done, dict) else None
-        if not isinstance(cost, dict) or not isinstance(cost.get("wall_s"), int | float):
-            return None
-        n = self.graph[name]
-        fam, w = node_work(self.graph, n)
-        peak = cost.get("peak_rss_mb")
-        return Recorded(n.kind, fam, w, busy_seconds(cost),
-                        float(peak) if isinstance(peak, int | float) else None,
-                        group(n.kind, n.params))  # fmt: skip
+        cost = recorded_cost(Path(folder)) if folder is not None else None
+        if cost is not None:
+            n = self.graph[name]
+            self.recorded.append(record(n.kind, *node_work(self.graph, n), n.params, cost))
 
     def left_seconds(self) -> tuple[float | None, int]:
         """(wall seconds left for the estimated nodes, None when none is; the number of
